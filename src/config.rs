@@ -1,0 +1,880 @@
+//! Configuration: the one TOML file ops write, read in two stages.
+//!
+//! Stage one is serde into [`RawConfig`], which mirrors the file exactly and
+//! refuses unknown keys. Stage two, [`RawConfig::validate`], checks every
+//! value and builds the [`Config`] the daemon runs on, collecting *every*
+//! error with its key path so an operator fixes the file in one go.
+//! `crmgate check-config` runs exactly this code, before any socket is bound.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+/// Where the configuration is looked for when neither `--config` nor
+/// `$CRMGATE_CONFIG` names a file.
+pub const SYSTEM_CONFIG_PATH: &str = "/etc/crmgate/crmgate.toml";
+
+/// One problem in the configuration, with the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted key path, e.g. `smtp.listen` or `agents[2].email`.
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {problem}")]
+    Syntax { origin: String, problem: ConfigProblem },
+    #[error("{origin}: {}", join_problems(.problems))]
+    Invalid {
+        origin: String,
+        problems: Vec<ConfigProblem>,
+    },
+}
+
+fn join_problems(problems: &[ConfigProblem]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+// ---------------------------------------------------------------------------
+// Stage one: the file as written.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConfig {
+    pub gateway: RawGateway,
+    pub smtp: RawSmtp,
+    pub addresses: RawAddresses,
+    pub ticket: RawTicket,
+    pub watch: RawWatch,
+    pub relay: RawRelay,
+    pub auto: RawAuto,
+    pub security: RawSecurity,
+    pub agents: Vec<RawAgent>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawGateway {
+    pub hostname: String,
+    pub state_dir: String,
+    pub language: String,
+    pub display_name: String,
+    pub operator: String,
+}
+
+impl Default for RawGateway {
+    fn default() -> Self {
+        Self {
+            hostname: "localhost".into(),
+            state_dir: "./crmgate-data".into(),
+            language: "fr".into(),
+            display_name: "Soutien TI".into(),
+            operator: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawSmtp {
+    pub listen: String,
+    pub max_message_bytes: i64,
+    pub max_recipients: i64,
+    pub max_sessions: i64,
+    pub tls_cert: String,
+    pub tls_key: String,
+}
+
+impl Default for RawSmtp {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:2525".into(),
+            max_message_bytes: 26_214_400,
+            max_recipients: 100,
+            max_sessions: 256,
+            tls_cert: String::new(),
+            tls_key: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAddresses {
+    pub public: String,
+    pub internal: String,
+}
+
+impl Default for RawAddresses {
+    fn default() -> Self {
+        Self {
+            public: "support@localhost".into(),
+            internal: "support-notes@localhost".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawTicket {
+    pub prefix: String,
+    pub digits: i64,
+    pub pattern: String,
+    pub reopen_on_reply: bool,
+}
+
+impl Default for RawTicket {
+    fn default() -> Self {
+        Self {
+            prefix: "TKT".into(),
+            digits: 7,
+            pattern: String::new(),
+            reopen_on_reply: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawWatch {
+    pub add_cc_on_open: bool,
+}
+
+impl Default for RawWatch {
+    fn default() -> Self {
+        Self {
+            add_cc_on_open: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRelay {
+    pub url: String,
+    pub username: String,
+    pub password_file: String,
+    pub retry_initial_seconds: i64,
+    pub retry_max_seconds: i64,
+    pub give_up_after_hours: i64,
+}
+
+impl Default for RawRelay {
+    fn default() -> Self {
+        Self {
+            url: "file://./crmgate-data/sent".into(),
+            username: String::new(),
+            password_file: String::new(),
+            retry_initial_seconds: 30,
+            retry_max_seconds: 3600,
+            give_up_after_hours: 72,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAuto {
+    pub receipt: String,
+    pub closure: bool,
+    pub max_per_address_per_hour: i64,
+    pub max_per_address_per_day: i64,
+    pub max_resends_per_ticket_hour: i64,
+    pub templates_dir: String,
+}
+
+impl Default for RawAuto {
+    fn default() -> Self {
+        Self {
+            receipt: "all".into(),
+            closure: true,
+            max_per_address_per_hour: 10,
+            max_per_address_per_day: 30,
+            max_resends_per_ticket_hour: 20,
+            templates_dir: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawSecurity {
+    pub trusted_relays: Vec<String>,
+    pub authserv_id: String,
+    pub reply_secret_file: String,
+}
+
+impl Default for RawSecurity {
+    fn default() -> Self {
+        Self {
+            trusted_relays: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            authserv_id: String::new(),
+            reply_secret_file: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAgent {
+    pub name: String,
+    pub email: String,
+    pub default_notes_list: bool,
+}
+
+// ---------------------------------------------------------------------------
+// Stage two: checked values.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    Fr,
+    En,
+}
+
+impl Language {
+    pub fn code(self) -> &'static str {
+        match self {
+            Language::Fr => "fr",
+            Language::En => "en",
+        }
+    }
+}
+
+/// When a receipt confirmation goes to the requester of a ticket opened by mail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReceiptPolicy {
+    All,
+    Forward,
+    None,
+}
+
+/// Where outgoing mail goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayTarget {
+    /// One `.eml` file per message in this directory: the embedded default,
+    /// so a fresh machine needs no mail server to see what crmgate sends.
+    File(PathBuf),
+    Smtp {
+        host: String,
+        port: u16,
+        tls: RelayTls,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayTls {
+    /// Plain SMTP, STARTTLS used when the relay offers it.
+    Opportunistic,
+    /// `?tls=required`: STARTTLS or give up.
+    Required,
+    /// `smtps://`: TLS from the first byte.
+    Wrapper,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agent {
+    pub name: String,
+    /// Lower-cased: every comparison of addresses in crmgate is case-insensitive.
+    pub email: String,
+    pub default_notes_list: bool,
+}
+
+/// The validated configuration. Addresses are stored lower-cased.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the configuration came from, for messages: a path or "embedded default".
+    pub origin: String,
+    pub hostname: String,
+    pub state_dir: PathBuf,
+    pub language: Language,
+    pub display_name: String,
+    pub operator: Option<String>,
+
+    pub listen: SocketAddr,
+    pub max_message_bytes: usize,
+    pub max_recipients: usize,
+    pub max_sessions: usize,
+    pub tls: Option<TlsFiles>,
+
+    pub public_address: String,
+    pub internal_address: String,
+
+    pub ticket_prefix: String,
+    pub ticket_digits: usize,
+    /// Finds a ticket number in a Subject; has a group named `number`.
+    pub ticket_pattern: Regex,
+    pub reopen_on_reply: bool,
+
+    pub add_cc_on_open: bool,
+
+    pub relay: RelayTarget,
+    pub relay_username: Option<String>,
+    pub relay_password_file: Option<PathBuf>,
+    pub retry_initial_seconds: u64,
+    pub retry_max_seconds: u64,
+    pub give_up_after_hours: u64,
+
+    pub receipt: ReceiptPolicy,
+    pub closure: bool,
+    pub max_per_address_per_hour: u32,
+    pub max_per_address_per_day: u32,
+    pub max_resends_per_ticket_hour: u32,
+    pub templates_dir: Option<PathBuf>,
+
+    pub trusted_relays: Vec<IpNet>,
+    pub authserv_id: Option<String>,
+    pub reply_secret_file: Option<PathBuf>,
+
+    pub agents: Vec<Agent>,
+    /// The raw form, printed by `check-config` as the effective configuration.
+    pub raw: RawConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Config {
+    /// The database file inside the state directory.
+    pub fn database_path(&self) -> PathBuf {
+        self.state_dir.join("crmgate.db")
+    }
+
+    /// The embedded default: every key at its default, no agents.
+    pub fn embedded_default() -> Config {
+        match RawConfig::default().validate("embedded default") {
+            Ok(config) => config,
+            // The defaults are constants checked by a unit test.
+            Err(e) => unreachable!("embedded default is invalid: {e}"),
+        }
+    }
+
+    /// Parse and validate a configuration text.
+    ///
+    /// # Errors
+    /// `Syntax` for TOML that does not parse or an unknown key / wrong type
+    /// (the first one: serde stops there), `Invalid` with every bad value.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw = RawConfig::parse(text, origin)?;
+        raw.validate(origin)
+    }
+
+    /// Read the configuration a command runs on, in the SPEC's lookup order:
+    /// `--config FILE`, `$CRMGATE_CONFIG`, `/etc/crmgate/crmgate.toml`, then
+    /// the embedded default. A file named explicitly must exist.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let from_env = std::env::var_os("CRMGATE_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        let path = match explicit.map(Path::to_path_buf).or(from_env) {
+            Some(path) => path,
+            None => {
+                let system = PathBuf::from(SYSTEM_CONFIG_PATH);
+                if !system.exists() {
+                    return Ok(Config::embedded_default());
+                }
+                system
+            }
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    pub fn agent(&self, address: &str) -> Option<&Agent> {
+        let address = address.to_ascii_lowercase();
+        self.agents.iter().find(|a| a.email == address)
+    }
+}
+
+impl RawConfig {
+    /// # Errors
+    /// `Syntax` naming the key path of the first unknown key or wrong type.
+    pub fn parse(text: &str, origin: &str) -> Result<RawConfig, ConfigError> {
+        let syntax = |key: String, reason: String| ConfigError::Syntax {
+            origin: origin.to_string(),
+            problem: ConfigProblem { key, reason },
+        };
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| syntax("(file)".into(), e.message().to_string()))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { "(file)".to_string() } else { key };
+            syntax(key, e.into_inner().message().to_string())
+        })
+    }
+
+    /// Check every value, collecting all problems.
+    ///
+    /// # Errors
+    /// `Invalid` with one [`ConfigProblem`] per bad key.
+    pub fn validate(self, origin: &str) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, reason: String| {
+            problems.push(ConfigProblem {
+                key: key.to_string(),
+                reason,
+            })
+        };
+
+        let g = &self.gateway;
+        if !is_domain(&g.hostname) {
+            bad("gateway.hostname", format!("{:?} is not a host name", g.hostname));
+        }
+        if g.state_dir.trim().is_empty() {
+            bad("gateway.state_dir", "must not be empty".into());
+        }
+        let language = match g.language.as_str() {
+            "fr" => Language::Fr,
+            "en" => Language::En,
+            other => {
+                bad("gateway.language", format!("{other:?} is not \"fr\" or \"en\""));
+                Language::Fr
+            }
+        };
+        if g.display_name.trim().is_empty() || g.display_name.contains(['\r', '\n']) {
+            bad("gateway.display_name", "must be one non-empty line".into());
+        }
+        let operator = if g.operator.is_empty() {
+            None
+        } else if is_address(&g.operator) {
+            Some(g.operator.to_ascii_lowercase())
+        } else {
+            bad("gateway.operator", format!("{:?} is not a mail address", g.operator));
+            None
+        };
+
+        let s = &self.smtp;
+        let listen = s.listen.parse::<SocketAddr>().unwrap_or_else(|e| {
+            bad("smtp.listen", format!("{:?} is not an address:port ({e})", s.listen));
+            SocketAddr::from(([127, 0, 0, 1], 2525))
+        });
+        let max_message_bytes = positive(&mut bad, "smtp.max_message_bytes", s.max_message_bytes);
+        let max_recipients = positive(&mut bad, "smtp.max_recipients", s.max_recipients);
+        let max_sessions = positive(&mut bad, "smtp.max_sessions", s.max_sessions);
+        let tls = match (s.tls_cert.is_empty(), s.tls_key.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some(TlsFiles {
+                cert: s.tls_cert.clone().into(),
+                key: s.tls_key.clone().into(),
+            }),
+            (true, false) => {
+                bad("smtp.tls_cert", "tls_key is set but tls_cert is empty".into());
+                None
+            }
+            (false, true) => {
+                bad("smtp.tls_key", "tls_cert is set but tls_key is empty".into());
+                None
+            }
+        };
+        if let Some(files) = &tls {
+            for (key, path) in [("smtp.tls_cert", &files.cert), ("smtp.tls_key", &files.key)] {
+                if let Err(e) = std::fs::metadata(path) {
+                    bad(key, format!("cannot read {}: {e}", path.display()));
+                }
+            }
+        }
+
+        let a = &self.addresses;
+        for (key, value) in [("addresses.public", &a.public), ("addresses.internal", &a.internal)] {
+            if !is_address(value) {
+                bad(key, format!("{value:?} is not a mail address"));
+            } else if value.split('@').next().is_some_and(|l| l.contains('+')) {
+                bad(key, format!("{value:?}: a CRM address takes no +tag, crmgate adds its own"));
+            }
+        }
+        if a.public.eq_ignore_ascii_case(&a.internal) {
+            bad("addresses.internal", "must differ from addresses.public".into());
+        }
+
+        let t = &self.ticket;
+        if t.prefix.is_empty() || !t.prefix.chars().all(|c| c.is_ascii_alphanumeric()) {
+            bad("ticket.prefix", format!("{:?} must be letters or digits", t.prefix));
+        }
+        let digits = match t.digits {
+            1..=18 => t.digits as usize,
+            other => {
+                bad("ticket.digits", format!("{other} is not between 1 and 18"));
+                7
+            }
+        };
+        let pattern_text = if t.pattern.is_empty() {
+            default_pattern(&t.prefix, digits)
+        } else {
+            t.pattern.clone()
+        };
+        let ticket_pattern = match regex::RegexBuilder::new(&pattern_text)
+            .case_insensitive(t.pattern.is_empty())
+            .build()
+        {
+            Ok(re) if re.capture_names().any(|n| n == Some("number")) => re,
+            Ok(_) => {
+                bad("ticket.pattern", "has no group named `number`, e.g. (?P<number>...)".into());
+                fallback_pattern()
+            }
+            Err(e) => {
+                bad("ticket.pattern", format!("is not a valid regex: {e}"));
+                fallback_pattern()
+            }
+        };
+
+        let r = &self.relay;
+        let relay = parse_relay_url(&r.url).unwrap_or_else(|reason| {
+            bad("relay.url", reason);
+            RelayTarget::File(PathBuf::from("./crmgate-data/sent"))
+        });
+        let relay_username = (!r.username.is_empty()).then(|| r.username.clone());
+        let relay_password_file = (!r.password_file.is_empty()).then(|| PathBuf::from(&r.password_file));
+        if let Some(path) = &relay_password_file {
+            if let Err(e) = std::fs::metadata(path) {
+                bad("relay.password_file", format!("cannot read {}: {e}", path.display()));
+            }
+        }
+        if relay_username.is_some() != relay_password_file.is_some() {
+            bad("relay.username", "username and password_file go together".into());
+        }
+        let retry_initial_seconds = positive(&mut bad, "relay.retry_initial_seconds", r.retry_initial_seconds);
+        let retry_max_seconds = positive(&mut bad, "relay.retry_max_seconds", r.retry_max_seconds);
+        if r.retry_max_seconds < r.retry_initial_seconds {
+            bad("relay.retry_max_seconds", "must not be below retry_initial_seconds".into());
+        }
+        let give_up_after_hours = positive(&mut bad, "relay.give_up_after_hours", r.give_up_after_hours);
+
+        let au = &self.auto;
+        let receipt = match au.receipt.as_str() {
+            "all" => ReceiptPolicy::All,
+            "forward" => ReceiptPolicy::Forward,
+            "none" => ReceiptPolicy::None,
+            other => {
+                bad("auto.receipt", format!("{other:?} is not \"all\", \"forward\" or \"none\""));
+                ReceiptPolicy::All
+            }
+        };
+        let max_per_address_per_hour = positive(&mut bad, "auto.max_per_address_per_hour", au.max_per_address_per_hour);
+        let max_per_address_per_day = positive(&mut bad, "auto.max_per_address_per_day", au.max_per_address_per_day);
+        let max_resends_per_ticket_hour =
+            positive(&mut bad, "auto.max_resends_per_ticket_hour", au.max_resends_per_ticket_hour);
+        let templates_dir = (!au.templates_dir.is_empty()).then(|| PathBuf::from(&au.templates_dir));
+        if let Some(dir) = &templates_dir {
+            if !dir.is_dir() {
+                bad("auto.templates_dir", format!("{} is not a directory", dir.display()));
+            }
+        }
+
+        let sec = &self.security;
+        let mut trusted_relays = Vec::new();
+        for (i, net) in sec.trusted_relays.iter().enumerate() {
+            match parse_net(net) {
+                Some(n) => trusted_relays.push(n),
+                None => bad(
+                    &format!("security.trusted_relays[{i}]"),
+                    format!("{net:?} is not an address or CIDR network"),
+                ),
+            }
+        }
+        let authserv_id = (!sec.authserv_id.is_empty()).then(|| sec.authserv_id.to_ascii_lowercase());
+        let reply_secret_file = (!sec.reply_secret_file.is_empty()).then(|| PathBuf::from(&sec.reply_secret_file));
+        if let Some(path) = &reply_secret_file {
+            match std::fs::read(path) {
+                Ok(key) if key.iter().filter(|b| !b.is_ascii_whitespace()).count() >= 16 => {}
+                Ok(_) => bad("security.reply_secret_file", "holds fewer than 16 bytes of key".into()),
+                Err(e) => bad("security.reply_secret_file", format!("cannot read {}: {e}", path.display())),
+            }
+        }
+
+        let mut agents = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (i, raw) in self.agents.iter().enumerate() {
+            let email = raw.email.trim().to_ascii_lowercase();
+            if !is_address(&email) {
+                bad(&format!("agents[{i}].email"), format!("{:?} is not a mail address", raw.email));
+                continue;
+            }
+            if email == a.public.to_ascii_lowercase() || email == a.internal.to_ascii_lowercase() {
+                bad(&format!("agents[{i}].email"), "is a CRM address".into());
+                continue;
+            }
+            if !seen.insert(email.clone()) {
+                bad(&format!("agents[{i}].email"), format!("{email} is listed twice"));
+                continue;
+            }
+            if raw.name.contains(['\r', '\n']) {
+                bad(&format!("agents[{i}].name"), "must be one line".into());
+            }
+            agents.push(Agent {
+                name: raw.name.trim().to_string(),
+                email,
+                default_notes_list: raw.default_notes_list,
+            });
+        }
+
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                problems,
+            });
+        }
+        Ok(Config {
+            origin: origin.to_string(),
+            hostname: g.hostname.to_ascii_lowercase(),
+            state_dir: PathBuf::from(&g.state_dir),
+            language,
+            display_name: g.display_name.trim().to_string(),
+            operator,
+            listen,
+            max_message_bytes,
+            max_recipients,
+            max_sessions,
+            tls,
+            public_address: a.public.to_ascii_lowercase(),
+            internal_address: a.internal.to_ascii_lowercase(),
+            ticket_prefix: t.prefix.clone(),
+            ticket_digits: digits,
+            ticket_pattern,
+            reopen_on_reply: t.reopen_on_reply,
+            add_cc_on_open: self.watch.add_cc_on_open,
+            relay,
+            relay_username,
+            relay_password_file,
+            retry_initial_seconds,
+            retry_max_seconds,
+            give_up_after_hours,
+            receipt,
+            closure: au.closure,
+            max_per_address_per_hour,
+            max_per_address_per_day,
+            max_resends_per_ticket_hour,
+            templates_dir,
+            trusted_relays,
+            authserv_id,
+            reply_secret_file,
+            agents,
+            raw: self,
+        })
+    }
+}
+
+/// The pattern derived from prefix and digits: the prefix, any case, then
+/// exactly `digits` digits not followed by another digit.
+fn default_pattern(prefix: &str, digits: usize) -> String {
+    format!(r"\b(?P<number>{}[0-9]{{{digits}}})(?:[^0-9]|$)", regex::escape(prefix))
+}
+
+fn fallback_pattern() -> Regex {
+    match Regex::new(&default_pattern("TKT", 7)) {
+        Ok(re) => re,
+        Err(e) => unreachable!("constant pattern: {e}"),
+    }
+}
+
+fn positive<T: TryFrom<i64> + Default>(bad: &mut impl FnMut(&str, String), key: &str, value: i64) -> T {
+    match T::try_from(value) {
+        Ok(v) if value > 0 => v,
+        _ => {
+            bad(key, format!("{value} must be a positive whole number"));
+            T::default()
+        }
+    }
+}
+
+fn parse_net(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+}
+
+/// Parse `smtp://host:port`, `smtp://host:587?tls=required`,
+/// `smtps://host:465` or `file://DIR`.
+pub fn parse_relay_url(url: &str) -> Result<RelayTarget, String> {
+    if let Some(dir) = url.strip_prefix("file://") {
+        if dir.is_empty() {
+            return Err("file:// needs a directory, e.g. file://./crmgate-data/sent".into());
+        }
+        return Ok(RelayTarget::File(PathBuf::from(dir)));
+    }
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("{url:?} is not smtp://host:port, smtps://host:port or file://DIR"))?;
+    let (authority, query) = match rest.split_once('?') {
+        Some((a, q)) => (a, Some(q)),
+        None => (rest, None),
+    };
+    let authority = authority.trim_end_matches('/');
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+            let port = p.parse::<u16>().map_err(|_| format!("{p:?} is not a port number"))?;
+            (h.trim_start_matches('[').trim_end_matches(']').to_string(), Some(port))
+        }
+        _ => (authority.to_string(), None),
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?} names no host"));
+    }
+    let mut tls = match scheme {
+        "smtp" => RelayTls::Opportunistic,
+        "smtps" => RelayTls::Wrapper,
+        other => return Err(format!("unknown scheme {other:?}: use smtp, smtps or file")),
+    };
+    if let Some(query) = query {
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair {
+                "tls=required" if scheme == "smtp" => tls = RelayTls::Required,
+                "tls=opportunistic" if scheme == "smtp" => tls = RelayTls::Opportunistic,
+                other => return Err(format!("unknown option {other:?}: only tls=required is understood")),
+            }
+        }
+    }
+    let port = port.unwrap_or(match tls {
+        RelayTls::Wrapper => 465,
+        _ => 25,
+    });
+    Ok(RelayTarget::Smtp { host, port, tls })
+}
+
+/// A rough check that catches typos, not a full RFC 5322 parser.
+pub fn is_address(text: &str) -> bool {
+    match text.rsplit_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && !local.chars().any(|c| c.is_whitespace() || c == '<' || c == '>' || c == ',')
+                && is_domain(domain)
+        }
+        None => false,
+    }
+}
+
+fn is_domain(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 253
+        && text
+            .split('.')
+            .all(|label| !label.is_empty() && label.chars().all(|c| c.is_alphanumeric() || c == '-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<ConfigProblem> {
+        match Config::from_toml(text, "test") {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            Err(ConfigError::Syntax { problem, .. }) => vec![problem],
+            Err(other) => panic!("unexpected {other}"),
+            Ok(_) => vec![],
+        }
+    }
+
+    #[test]
+    fn embedded_default_is_valid_and_matches_spec() {
+        let c = Config::embedded_default();
+        assert_eq!(c.listen, "127.0.0.1:2525".parse().unwrap());
+        assert_eq!(c.state_dir, PathBuf::from("./crmgate-data"));
+        assert_eq!(c.relay, RelayTarget::File(PathBuf::from("./crmgate-data/sent")));
+        assert_eq!(c.public_address, "support@localhost");
+        assert_eq!(c.language, Language::Fr);
+        assert!(c.agents.is_empty());
+        assert_eq!(c.trusted_relays.len(), 2);
+    }
+
+    #[test]
+    fn repository_config_file_equals_embedded_default() {
+        let text = include_str!("../config/crmgate.toml");
+        let c = Config::from_toml(text, "config/crmgate.toml").unwrap();
+        let d = Config::embedded_default();
+        // Compare everything but the agents: the sample shows one, commented out.
+        let mut raw = c.raw.clone();
+        raw.agents.clear();
+        assert_eq!(toml::to_string(&raw).unwrap(), toml::to_string(&d.raw).unwrap());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_path() {
+        let p = problems("[smtp]\nlisten = \"127.0.0.1:25\"\nlsten = 1\n");
+        assert_eq!(p[0].key, "smtp.lsten");
+        let p = problems("[[agents]]\nemail = \"a@b.c\"\nmail = \"x\"\n");
+        assert_eq!(p[0].key, "agents[0].mail");
+    }
+
+    #[test]
+    fn bad_values_are_all_reported_with_their_keys() {
+        let p = problems(
+            "[gateway]\nlanguage = \"de\"\n[smtp]\nlisten = \"nowhere\"\nmax_sessions = 0\n\
+             [ticket]\npattern = \"TKT[0-9]+\"\n[relay]\nurl = \"ftp://x\"\n\
+             [security]\ntrusted_relays = [\"10.0.0.0/33\"]\n",
+        );
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "gateway.language",
+                "smtp.listen",
+                "smtp.max_sessions",
+                "ticket.pattern",
+                "relay.url",
+                "security.trusted_relays[0]"
+            ]
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let p = problems("[smtp]\nmax_recipients = \"many\"\n");
+        assert_eq!(p[0].key, "smtp.max_recipients");
+    }
+
+    #[test]
+    fn relay_urls() {
+        assert_eq!(
+            parse_relay_url("smtp://127.0.0.1:2526").unwrap(),
+            RelayTarget::Smtp { host: "127.0.0.1".into(), port: 2526, tls: RelayTls::Opportunistic }
+        );
+        assert_eq!(
+            parse_relay_url("smtp://mx.example.org:587?tls=required").unwrap(),
+            RelayTarget::Smtp { host: "mx.example.org".into(), port: 587, tls: RelayTls::Required }
+        );
+        assert_eq!(
+            parse_relay_url("smtps://mx.example.org").unwrap(),
+            RelayTarget::Smtp { host: "mx.example.org".into(), port: 465, tls: RelayTls::Wrapper }
+        );
+        assert!(parse_relay_url("smtp://:25").is_err());
+        assert!(parse_relay_url("smtp://h:25?tls=maybe").is_err());
+    }
+
+    #[test]
+    fn default_pattern_finds_numbers_in_any_case_and_not_longer_ones() {
+        let c = Config::embedded_default();
+        let caps = c.ticket_pattern.captures("Re: [tkt0000042] imprimante").unwrap();
+        assert_eq!(&caps["number"], "tkt0000042");
+        assert!(c.ticket_pattern.captures("TKT00000421").is_none());
+    }
+}

@@ -1,0 +1,44 @@
+//! crmgate: the mail gateway of a helpdesk CRM.
+//!
+//! Every exchange about a ticket passes through crmgate, so the whole
+//! conversation stays on the ticket and no agent's personal address ever
+//! reaches a requester. A message travels through these stages, one module
+//! each:
+//!
+//! ```text
+//!  SMTP client ──► smtp      receive: ESMTP sessions, limits, replies
+//!                   │
+//!                   ▼
+//!                 parse      raw bytes → Inbound (mail-parser)
+//!                   │
+//!                   ▼
+//!                 thread     which ticket: Subject number, +tag, References
+//!                   │
+//!                   ▼
+//!                 decide     the helpdesk's rules, pure: Inbound + ticket → Decision
+//!                   │
+//!                   ▼
+//!                 store      one SQLite transaction: entries, lists, outbox
+//!                   │        (group commit; 250 only after it is durable)
+//!                   ▼
+//!                 compose    Decision → outgoing messages (mail-builder), scrubbed
+//!                   │
+//!                   ▼
+//!                 relay      outbox worker: SMTP or .eml files (lettre), retries
+//! ```
+//!
+//! [`intake`] ties parse → thread → decide → compose → store together for one
+//! inbound message; the SMTP listener and `crmgate deliver` both call it.
+//! [`cli`] holds the command line; [`daemon`] starts and stops the pieces.
+
+pub mod cli;
+pub mod compose;
+pub mod config;
+pub mod daemon;
+pub mod decide;
+pub mod intake;
+pub mod parse;
+pub mod relay;
+pub mod smtp;
+pub mod store;
+pub mod thread;

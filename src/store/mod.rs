@@ -1,0 +1,94 @@
+//! Store: the ticket log in SQLite.
+//!
+//! One database file holds tickets, their entries and lists, the raw
+//! messages, the outbox and the quarantine. WAL mode lets the CLI write while
+//! the daemon runs; `synchronous=FULL` makes a commit durable, which is what
+//! the SMTP `250` promises. In the daemon, one writer thread owns the
+//! connection that writes inbound mail and commits in batches
+//! ([`writer`]); the relay worker and the CLI use connections of their own.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use rusqlite_migration::{Migrations, M};
+
+pub mod outbox;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database schema: {0}")]
+    Migration(#[from] rusqlite_migration::Error),
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// How long a connection waits for another writer before giving up: the CLI
+/// and the daemon share the file.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(include_str!("schema.sql"))])
+}
+
+/// Open (creating if needed) the database, bring its schema up to date, and
+/// set the pragmas every connection needs.
+///
+/// # Errors
+/// The directory cannot be created, the file cannot be opened, or the
+/// schema is from a newer crmgate.
+pub fn open(path: &Path) -> Result<Connection> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::StateDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
+    let mut conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    migrations().to_latest(&mut conn)?;
+    Ok(conn)
+}
+
+/// Unix seconds now. The store is the only place that reads the clock for
+/// the log; `decide` receives the time as a value.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_valid() {
+        migrations().validate().unwrap();
+    }
+
+    #[test]
+    fn open_twice_keeps_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/crmgate.db");
+        drop(open(&path).unwrap());
+        let conn = open(&path).unwrap();
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+    }
+}

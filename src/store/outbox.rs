@@ -1,0 +1,1 @@
+//! The outbox: outgoing mail waiting for the relay, as rows.

@@ -1,0 +1,240 @@
+//! Thread: which ticket a message belongs to.
+//!
+//! In the SPEC's order: the ticket number in the Subject (after decoding and
+//! whatever reply or forward prefixes), then a `+NUMBER` recipient tag, then
+//! an In-Reply-To or References naming a message in the log. This module
+//! produces the candidates as plain values; the store says which exists.
+//! It also owns the shape of crmgate's own tagged addresses (`+NUMBER`,
+//! `+bounce-ID-MAC`), since recognising them is part of threading.
+
+use hmac::{Hmac, Mac};
+use regex::Regex;
+use sha2::Sha256;
+
+/// What to look up, in order; the first that names a ticket wins.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Candidates {
+    /// Ticket numbers from the Subject, normalised to the configured case.
+    pub subject_numbers: Vec<String>,
+    /// Ticket numbers from `+NUMBER` recipient tags.
+    pub tag_numbers: Vec<String>,
+    /// In-Reply-To first, then References newest first.
+    pub message_ids: Vec<String>,
+}
+
+/// Every ticket number the pattern finds in a subject, upper-cased as the
+/// configured prefix is (numbers are stored as `TKT0000042`).
+pub fn subject_numbers(subject: &str, pattern: &Regex) -> Vec<String> {
+    pattern
+        .captures_iter(subject)
+        .filter_map(|c| c.name("number"))
+        .map(|m| m.as_str().to_ascii_uppercase())
+        .collect()
+}
+
+/// The `+tag` of a CRM address, if `address` is `local+tag@domain` for one of
+/// the `bases` (lower-cased CRM addresses).
+pub fn plus_tag<'a>(address: &'a str, bases: &[&str]) -> Option<&'a str> {
+    let (local, domain) = address.rsplit_once('@')?;
+    let (base_local, tag) = local.split_once('+')?;
+    bases
+        .iter()
+        .any(|b| {
+            b.rsplit_once('@')
+                .is_some_and(|(bl, bd)| bl.eq_ignore_ascii_case(base_local) && bd.eq_ignore_ascii_case(domain))
+        })
+        .then_some(tag)
+}
+
+/// The address without its `+tag`, lower-cased.
+pub fn strip_tag(address: &str) -> String {
+    let address = address.to_ascii_lowercase();
+    match address.rsplit_once('@') {
+        Some((local, domain)) => match local.split_once('+') {
+            Some((base, _)) => format!("{base}@{domain}"),
+            None => address,
+        },
+        None => address,
+    }
+}
+
+/// Gather the candidates of one message.
+pub fn candidates(
+    subject: &str,
+    rcpt_to: &[String],
+    crm_addresses: &[&str],
+    in_reply_to: &[String],
+    references: &[String],
+    pattern: &Regex,
+) -> Candidates {
+    let tag_numbers = rcpt_to
+        .iter()
+        .filter_map(|r| plus_tag(r, crm_addresses))
+        .flat_map(|tag| subject_numbers(tag, pattern))
+        .collect();
+    let mut message_ids: Vec<String> = in_reply_to.to_vec();
+    message_ids.extend(references.iter().rev().cloned());
+    message_ids.dedup();
+    Candidates {
+        subject_numbers: subject_numbers(subject, pattern),
+        tag_numbers,
+        message_ids,
+    }
+}
+
+/// Reply and forward prefixes of every language the helpdesk meets, and
+/// `[2]`-style counters. Matched at the start, any case, repeated.
+fn prefix_regex() -> &'static Regex {
+    static RE: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
+    RE.get_or_init(|| {
+        match Regex::new(
+            r"(?i)^\s*(?:(?:re|tr|fwd?|aw|wg|sv|vs|antw|rv|réf\.?|ref\.?|r|i|enc|res|odp|pd|vb|doorst|ynt|ilt|sv|svar|vl|atb|tr\s?:?)\s*(?:\[\d+\]|\(\d+\))?\s*[:：]|\[\d+\])\s*",
+        ) {
+            Ok(re) => re,
+            Err(e) => unreachable!("constant regex: {e}"),
+        }
+    })
+}
+
+/// The subject a ticket shows and outgoing mail carries after `[NUMBER]`:
+/// without reply/forward prefixes and without old ticket tags.
+pub fn clean_subject(subject: &str, pattern: &Regex) -> String {
+    let mut s = subject.replace(['\r', '\n', '\t'], " ");
+    loop {
+        let before = s.len();
+        // Prefixes, then a bracketed or bare ticket tag at the start.
+        while let Some(m) = prefix_regex().find(&s) {
+            if m.end() == 0 {
+                break;
+            }
+            s = s[m.end()..].to_string();
+        }
+        let trimmed = s.trim_start();
+        if let Some(c) = pattern.captures(trimmed) {
+            if let Some(n) = c.name("number") {
+                let start = n.start();
+                let lead = &trimmed[..start];
+                if lead.trim().is_empty() || lead.trim() == "[" || lead.trim() == "(" {
+                    let mut rest = &trimmed[n.end()..];
+                    if !lead.trim().is_empty() {
+                        rest = rest.trim_start_matches([']', ')']);
+                    }
+                    s = rest.trim_start_matches([':', '-', ' ']).to_string();
+                }
+            }
+        }
+        if s.len() == before {
+            break;
+        }
+    }
+    // Tags left in the middle, e.g. "Imprimante [TKT0000042]".
+    let mut out = s.clone();
+    for c in pattern.captures_iter(&s) {
+        if let Some(n) = c.name("number") {
+            for wrapped in [format!("[{}]", n.as_str()), format!("({})", n.as_str())] {
+                out = out.replace(&wrapped, "");
+            }
+        }
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// A short MAC over `text`, or a fixed marker when no key is configured
+/// (addresses still parse; they are then only as strong as the outbox id).
+pub fn mac(key: Option<&[u8]>, text: &str) -> String {
+    match key {
+        Some(key) => match HmacSha256::new_from_slice(key) {
+            Ok(mut m) => {
+                m.update(text.as_bytes());
+                hex::encode(&m.finalize().into_bytes()[..5])
+            }
+            Err(_) => "0".into(),
+        },
+        None => "0".into(),
+    }
+}
+
+/// crmgate's envelope sender for one outbox row: `public+bounce-ID-MAC@domain`
+/// (VERP), so a delivery report names the row it is about.
+pub fn bounce_address(public: &str, outbox_id: i64, key: Option<&[u8]>) -> String {
+    let (local, domain) = public.rsplit_once('@').unwrap_or((public, "localhost"));
+    let tag = format!("bounce-{outbox_id}");
+    format!("{local}+{tag}-{}@{domain}", mac(key, &tag))
+}
+
+/// The outbox id of a bounce address of ours, when its MAC checks.
+pub fn parse_bounce_address(address: &str, public: &str, key: Option<&[u8]>) -> Option<i64> {
+    let tag = plus_tag(address, &[public])?.to_ascii_lowercase();
+    let rest = tag.strip_prefix("bounce-")?;
+    let (id, given) = rest.rsplit_once('-')?;
+    let id: i64 = id.parse().ok()?;
+    (mac(key, &format!("bounce-{id}")) == given).then_some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn pattern() -> Regex {
+        Config::embedded_default().ticket_pattern
+    }
+
+    #[test]
+    fn numbers_behind_prefixes_of_every_language() {
+        for s in [
+            "RE: [TKT0000042] imprimante",
+            "Réf. : TKT0000042 imprimante",
+            "TR: Fwd: AW: WG: SV: VS: Antw: RV: tkt0000042",
+            "Re[2]: RE: TKT0000042",
+            "=?utf-8?q?ignored?= TKT0000042",
+        ] {
+            assert_eq!(subject_numbers(s, &pattern()), vec!["TKT0000042"], "{s}");
+        }
+        assert!(subject_numbers("TKT00000421 too long", &pattern()).is_empty());
+        assert!(subject_numbers("XTKT0000042", &pattern()).is_empty());
+    }
+
+    #[test]
+    fn clean_subject_drops_prefixes_and_tags() {
+        let p = pattern();
+        assert_eq!(clean_subject("RE: TR: [TKT0000042] Imprimante", &p), "Imprimante");
+        assert_eq!(clean_subject("Re[2]: AW: Fwd: Imprimante en panne", &p), "Imprimante en panne");
+        assert_eq!(clean_subject("Réf. : Imprimante [TKT0000042]", &p), "Imprimante");
+        assert_eq!(clean_subject("[2] RV: SV: VS: WG: Antw: sujet", &p), "sujet");
+        assert_eq!(clean_subject("Relance du serveur", &p), "Relance du serveur");
+        assert_eq!(clean_subject("", &p), "");
+    }
+
+    #[test]
+    fn plus_tags_only_on_crm_addresses() {
+        let bases = ["support@example.org", "support-notes@example.org"];
+        assert_eq!(plus_tag("support+TKT0000042@example.org", &bases), Some("TKT0000042"));
+        assert_eq!(plus_tag("SUPPORT+x@EXAMPLE.org", &bases), Some("x"));
+        assert_eq!(plus_tag("other+TKT0000042@example.org", &bases), None);
+        let c = candidates(
+            "sans numéro",
+            &["support+tkt0000042@example.org".into()],
+            &bases,
+            &["a@x".into()],
+            &["first@x".into(), "last@x".into()],
+            &pattern(),
+        );
+        assert_eq!(c.tag_numbers, ["TKT0000042"]);
+        assert_eq!(c.message_ids, ["a@x", "last@x", "first@x"]);
+    }
+
+    #[test]
+    fn bounce_addresses_round_trip_and_refuse_forged_macs() {
+        let key = b"0123456789abcdef0123".as_slice();
+        let a = bounce_address("support@example.org", 42, Some(key));
+        assert!(a.starts_with("support+bounce-42-"));
+        assert_eq!(parse_bounce_address(&a, "support@example.org", Some(key)), Some(42));
+        let forged = "support+bounce-43-0000000000@example.org";
+        assert_eq!(parse_bounce_address(forged, "support@example.org", Some(key)), None);
+        let plain = bounce_address("support@example.org", 7, None);
+        assert_eq!(parse_bounce_address(&plain, "support@example.org", None), Some(7));
+    }
+}
