@@ -1,1 +1,653 @@
-//! The command line: clap definitions and dispatch.
+//! The command line: clap definitions (what the user typed) and dispatch
+//! (checked values, then the store). Commands that change a ticket write to
+//! the same database as the running daemon; the daemon's relay worker sends
+//! what they queue within a second.
+
+use std::io::Read;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::compose::SendKind;
+use crate::config::Config;
+use crate::decide::{self, EntryKind, Facts, PlannedSend, TicketState};
+use crate::intake::{self, Arrival, Runtime};
+use crate::parse::{Attachment, Inbound, Mailbox};
+use crate::smtp::{Envelope, Verdict};
+use crate::store::{self, outbox, tickets};
+
+#[derive(Debug, Parser)]
+#[command(name = "crmgate", version, about = "Mail gateway of a helpdesk CRM")]
+pub struct Cli {
+    /// Configuration file (default: $CRMGATE_CONFIG, then /etc/crmgate/crmgate.toml,
+    /// then the embedded default).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: SMTP listener and relay worker.
+    Serve,
+    /// Validate the configuration and print the effective values.
+    CheckConfig,
+    /// Take one message on stdin, for an MTA's pipe transport (sysexits codes).
+    Deliver {
+        #[arg(long = "recipient", required = true, num_args = 1.., value_name = "ADDR")]
+        recipients: Vec<String>,
+        #[arg(long, value_name = "ADDR")]
+        sender: Option<String>,
+    },
+    /// Tickets.
+    #[command(subcommand)]
+    Ticket(TicketCommand),
+    /// A ticket's requesters.
+    #[command(subcommand)]
+    Requester(ListChange),
+    /// A ticket's watch list.
+    #[command(subcommand)]
+    Watch(ListCommand),
+    /// A ticket's work-notes list.
+    #[command(subcommand, name = "notes-list")]
+    NotesList(ListCommand),
+    /// Outgoing mail.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+    /// Mail that went to no ticket.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct Body {
+    #[arg(long, conflicts_with = "body_file", required_unless_present = "body_file")]
+    pub body: Option<String>,
+    #[arg(long, value_name = "FILE")]
+    pub body_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TicketCommand {
+    List {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    Show {
+        number: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish a comment, as if the agent had mailed it.
+    Comment {
+        number: String,
+        #[arg(long, value_name = "AGENT")]
+        by: String,
+        #[command(flatten)]
+        body: Body,
+    },
+    /// Publish a work note, as if the agent had mailed it.
+    #[command(name = "work-note")]
+    WorkNote {
+        number: String,
+        #[arg(long, value_name = "AGENT")]
+        by: String,
+        #[command(flatten)]
+        body: Body,
+    },
+    /// The ticket's e-mail function: mail anyone, attachments included; logged.
+    Email {
+        number: String,
+        #[arg(long, value_name = "AGENT")]
+        by: String,
+        #[arg(long = "to", required = true, value_name = "ADDR")]
+        to: Vec<String>,
+        #[arg(long = "cc", value_name = "ADDR")]
+        cc: Vec<String>,
+        #[arg(long)]
+        subject: String,
+        #[command(flatten)]
+        body: Body,
+        #[arg(long = "attach", value_name = "FILE")]
+        attach: Vec<PathBuf>,
+    },
+    Resolve {
+        number: String,
+        #[arg(long, value_name = "AGENT")]
+        by: Option<String>,
+    },
+    Reopen {
+        number: String,
+        #[arg(long, value_name = "AGENT")]
+        by: Option<String>,
+    },
+    Assign {
+        number: String,
+        agent: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ListChange {
+    Add { number: String, address: String },
+    Remove { number: String, address: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ListCommand {
+    Add {
+        number: String,
+        address: String,
+    },
+    Remove {
+        number: String,
+        address: String,
+    },
+    List {
+        number: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue failed rows again (all, or one).
+    Retry { id: Option<i64> },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QuarantineCommand {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// sysexits.h codes of `crmgate deliver`.
+pub mod sysexits {
+    pub const OK: i32 = 0;
+    pub const DATAERR: i32 = 65;
+    pub const NOUSER: i32 = 67;
+    pub const TEMPFAIL: i32 = 75;
+    pub const NOPERM: i32 = 77;
+}
+
+/// Run a parsed command line; the exit code on success.
+///
+/// # Errors
+/// Anything that makes the command fail: `main` prints it on one line and exits 1.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::CheckConfig => {
+            Runtime::new(Arc::new(config.clone()))?;
+            let text = toml::to_string_pretty(&config.raw).context("printing the configuration")?;
+            println!("# effective configuration ({})\n{text}", config.origin);
+            Ok(0)
+        }
+        Command::Serve => {
+            crate::daemon::run(config)?;
+            Ok(0)
+        }
+        Command::Deliver { recipients, sender } => Ok(deliver(config, recipients, sender)),
+        command => {
+            let runtime = Runtime::new(Arc::new(config))?;
+            let mut conn = store::open(&runtime.config.database_path())?;
+            dispatch(&mut conn, &runtime, command)?;
+            Ok(0)
+        }
+    }
+}
+
+fn deliver(config: Config, recipients: Vec<String>, sender: Option<String>) -> i32 {
+    let mut raw = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut raw) {
+        eprintln!("crmgate: cannot read the message: {e}");
+        return sysexits::TEMPFAIL;
+    }
+    if raw.iter().all(u8::is_ascii_whitespace) {
+        eprintln!("crmgate: empty message");
+        return sysexits::DATAERR;
+    }
+    if let Some(bad) = recipients.iter().find(|r| !decide::accepts_recipient(&config, r)) {
+        eprintln!("crmgate: {bad}: no such address here");
+        return sysexits::NOUSER;
+    }
+    let runtime = match Runtime::new(Arc::new(config)) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("crmgate: {e:#}");
+            return sysexits::TEMPFAIL;
+        }
+    };
+    let envelope = Envelope {
+        // A pipe transport runs on the MTA's own machine: the peer is local,
+        // and whether that is trusted is `trusted_relays`' say.
+        peer: IpAddr::from([127, 0, 0, 1]),
+        helo: "localhost".into(),
+        mail_from: sender.filter(|s| !s.is_empty() && s != "<>").map(|s| s.to_ascii_lowercase()),
+        rcpt_to: recipients.iter().map(|r| r.to_ascii_lowercase()).collect(),
+    };
+    let arrival = Arrival::new(envelope, raw);
+    if arrival.parsed.is_err() {
+        eprintln!("crmgate: not an RFC 5322 message");
+        return sysexits::DATAERR;
+    }
+    let mut conn = match store::open(&runtime.config.database_path()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("crmgate: {e}");
+            return sysexits::TEMPFAIL;
+        }
+    };
+    match intake::deliver_once(&mut conn, &runtime, &arrival) {
+        Ok(outcome) => match outcome.verdict {
+            Verdict::Stored => sysexits::OK,
+            Verdict::Refused(sentence) => {
+                eprintln!("crmgate: {sentence}");
+                sysexits::NOPERM
+            }
+            Verdict::TempFailure => sysexits::TEMPFAIL,
+        },
+        Err(e) => {
+            eprintln!("crmgate: {e}");
+            sysexits::TEMPFAIL
+        }
+    }
+}
+
+fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Result<()> {
+    let config = &rt.config;
+    match command {
+        Command::Ticket(TicketCommand::List { state, json }) => {
+            let state = match state.as_deref() {
+                None => None,
+                Some(s) => Some(TicketState::parse(s).with_context(|| format!("--state {s}: use new, open or resolved"))?),
+            };
+            let list = tickets::list(conn, state)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for t in list {
+                    println!("{}  {:<8}  {}  {}", t.number, t.state, t.requesters.join(","), t.subject);
+                }
+            }
+        }
+        Command::Ticket(TicketCommand::Show { number, json }) => {
+            let id = tickets::require(conn, &number)?;
+            let info = tickets::info(conn, id)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                println!("{}  [{}]  {}", info.number, info.state, info.subject);
+                println!("owner: {}", info.owner.as_deref().unwrap_or("-"));
+                println!("requesters: {}", info.requesters.join(", "));
+                println!("watch list: {}", info.watch_list.join(", "));
+                println!("work-notes list: {}", info.work_notes_list.join(", "));
+                for e in info.entries {
+                    println!("\n--- {} by {} at {}", e.kind, e.from, e.at);
+                    println!("{}", e.body.trim_end());
+                    for a in e.attachments {
+                        println!("[attachment {} ({}, {} bytes)]", a.filename, a.content_type, a.size);
+                    }
+                }
+            }
+        }
+        Command::Ticket(TicketCommand::Comment { number, by, body }) => publish(conn, rt, &number, &by, EntryKind::Comment, &body)?,
+        Command::Ticket(TicketCommand::WorkNote { number, by, body }) => {
+            publish(conn, rt, &number, &by, EntryKind::WorkNote, &body)?
+        }
+        Command::Ticket(TicketCommand::Email {
+            number,
+            by,
+            to,
+            cc,
+            subject,
+            body,
+            attach,
+        }) => email(conn, rt, &number, &by, &to, &cc, &subject, &body, &attach)?,
+        Command::Ticket(TicketCommand::Resolve { number, by }) => {
+            let by = by.map(|b| require_agent(config, &b)).transpose()?;
+            in_transaction(conn, |tx| {
+                let id = tickets::require(tx, &number)?;
+                let view = tickets::view(tx, id)?;
+                if view.state == TicketState::Resolved {
+                    bail!("{number} is already resolved");
+                }
+                let former = tickets::former_agents(tx)?;
+                let facts = facts(rt, &former);
+                let mut plan = decide::resolve(&facts, &view);
+                if let Some(agent) = &by {
+                    plan.entries[0].text = format!("resolved by {}", agent.address);
+                }
+                intake::apply(tx, rt, &facts, &plan, Some(&view), &Inbound::default(), "", None, store::now())?;
+                println!("{} resolved", view.number);
+                Ok(())
+            })?;
+        }
+        Command::Ticket(TicketCommand::Reopen { number, by }) => {
+            let by = by.map(|b| require_agent(config, &b)).transpose()?;
+            in_transaction(conn, |tx| {
+                let id = tickets::require(tx, &number)?;
+                let view = tickets::view(tx, id)?;
+                if view.state != TicketState::Resolved {
+                    bail!("{number} is not resolved");
+                }
+                let now = store::now();
+                tickets::set_state(tx, id, TicketState::Open, now)?;
+                system_entry(tx, rt, id, &format!("reopened{}", by.map(|a| format!(" by {}", a.address)).unwrap_or_default()), now)?;
+                println!("{} reopened", view.number);
+                Ok(())
+            })?;
+        }
+        Command::Ticket(TicketCommand::Assign { number, agent }) => {
+            let agent = require_agent(config, &agent)?;
+            in_transaction(conn, |tx| {
+                let id = tickets::require(tx, &number)?;
+                let now = store::now();
+                tickets::set_owner(tx, id, Some(&agent.address), now)?;
+                tickets::add_participant(tx, id, "notes", &agent, now)?;
+                system_entry(tx, rt, id, &format!("assigned to {}", agent.address), now)?;
+                println!("{number} assigned to {}", agent.address);
+                Ok(())
+            })?;
+        }
+        Command::Requester(change) => {
+            let (number, address, add) = match change {
+                ListChange::Add { number, address } => (number, address, true),
+                ListChange::Remove { number, address } => (number, address, false),
+            };
+            change_list(conn, rt, &number, "requester", &address, add)?;
+        }
+        Command::Watch(ListCommand::Add { number, address }) => change_list(conn, rt, &number, "watch", &address, true)?,
+        Command::Watch(ListCommand::Remove { number, address }) => change_list(conn, rt, &number, "watch", &address, false)?,
+        Command::Watch(ListCommand::List { number, json }) => print_list(conn, &number, "watch", json)?,
+        Command::NotesList(ListCommand::Add { number, address }) => {
+            require_agent(config, &address)?;
+            change_list(conn, rt, &number, "notes", &address, true)?
+        }
+        Command::NotesList(ListCommand::Remove { number, address }) => change_list(conn, rt, &number, "notes", &address, false)?,
+        Command::NotesList(ListCommand::List { number, json }) => print_list(conn, &number, "notes", json)?,
+        Command::Outbox(OutboxCommand::List { json }) => {
+            let rows = outbox::list(conn)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                for r in rows {
+                    println!(
+                        "{}  {}  {}  {}  attempts={}  {}",
+                        r.id,
+                        r.ticket.as_deref().unwrap_or("-"),
+                        r.kind,
+                        r.status,
+                        r.attempts,
+                        r.recipients.join(",")
+                    );
+                }
+            }
+        }
+        Command::Outbox(OutboxCommand::Retry { id }) => {
+            let n = outbox::retry(conn, id, store::now())?;
+            if n == 0 {
+                bail!("no failed outbox row{}", id.map(|i| format!(" with id {i}")).unwrap_or_default());
+            }
+            println!("{n} row(s) queued again");
+        }
+        Command::Quarantine(QuarantineCommand::List { json }) => {
+            let rows = tickets::quarantine_list(conn)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                for q in rows {
+                    println!(
+                        "{}  {}  {:<10}  {}  {}",
+                        q.id,
+                        q.at,
+                        q.reason,
+                        q.sender.as_deref().unwrap_or("-"),
+                        q.subject.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        Command::Serve | Command::CheckConfig | Command::Deliver { .. } => {}
+    }
+    Ok(())
+}
+
+fn facts<'a>(rt: &'a Runtime, former: &'a std::collections::BTreeSet<String>) -> Facts<'a> {
+    Facts {
+        config: &rt.config,
+        former_agents: former,
+        reply_key: rt.reply_key.as_deref(),
+    }
+}
+
+fn in_transaction<T>(conn: &mut Connection, f: impl FnOnce(&Connection) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let value = f(&tx)?;
+    tx.commit()?;
+    Ok(value)
+}
+
+fn require_agent(config: &Config, address: &str) -> anyhow::Result<Mailbox> {
+    match config.agent(address) {
+        Some(agent) => Ok(Mailbox::new(Some(&agent.name), &agent.email)),
+        None => bail!("{address} is not an agent: add it under [[agents]] in {}", config.origin),
+    }
+}
+
+fn read_body(body: &Body) -> anyhow::Result<String> {
+    match (&body.body, &body.body_file) {
+        (Some(text), _) => Ok(text.clone()),
+        (None, Some(path)) => std::fs::read_to_string(path).with_context(|| format!("--body-file {}", path.display())),
+        (None, None) => bail!("give --body or --body-file"),
+    }
+}
+
+fn system_entry(conn: &Connection, rt: &Runtime, ticket_id: i64, text: &str, now: i64) -> anyhow::Result<()> {
+    let config = &rt.config;
+    let subject: String = conn.query_row("SELECT subject FROM tickets WHERE id = ?1", [ticket_id], |r| r.get(0))?;
+    tickets::insert_entry(
+        conn,
+        &tickets::EntryRow {
+            ticket_id,
+            kind: EntryKind::System,
+            from: &Mailbox::new(Some(&config.display_name), &config.public_address),
+            at: now,
+            subject: &subject,
+            body: text,
+            html: None,
+            message_id: None,
+            by_agent: false,
+            sender: None,
+            body_hash: None,
+            raw_id: None,
+        },
+    )?;
+    Ok(())
+}
+
+fn publish(conn: &mut Connection, rt: &Runtime, number: &str, by: &str, kind: EntryKind, body: &Body) -> anyhow::Result<()> {
+    let agent = require_agent(&rt.config, by)?;
+    let text = read_body(body)?;
+    in_transaction(conn, |tx| {
+        let id = tickets::require(tx, number)?;
+        let view = tickets::view(tx, id)?;
+        let former = tickets::former_agents(tx)?;
+        let facts = facts(rt, &former);
+        let plan = decide::publish(&facts, &view, &agent, kind, &text);
+        let applied = intake::apply(tx, rt, &facts, &plan, Some(&view), &Inbound::default(), &agent.address, None, store::now())?;
+        println!("{} {} published, {} message(s) queued", view.number, kind.as_str(), applied.queued);
+        Ok(())
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn email(
+    conn: &mut Connection,
+    rt: &Runtime,
+    number: &str,
+    by: &str,
+    to: &[String],
+    cc: &[String],
+    subject: &str,
+    body: &Body,
+    attach: &[PathBuf],
+) -> anyhow::Result<()> {
+    let config = &rt.config;
+    let agent = require_agent(config, by)?;
+    let text = read_body(body)?;
+    for a in to.iter().chain(cc) {
+        if !crate::config::is_address(a) {
+            bail!("{a} is not a mail address");
+        }
+    }
+    let attachments = attach.iter().map(|p| read_attachment(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    in_transaction(conn, |tx| {
+        let now = store::now();
+        let id = tickets::require(tx, number)?;
+        let view = tickets::view(tx, id)?;
+        let former = tickets::former_agents(tx)?;
+        let facts = facts(rt, &former);
+        let clean = crate::thread::clean_subject(subject, &config.ticket_pattern);
+        let entry_id = tickets::insert_entry(
+            tx,
+            &tickets::EntryRow {
+                ticket_id: id,
+                kind: EntryKind::Email,
+                from: &agent,
+                at: now,
+                subject: &clean,
+                body: &text,
+                html: None,
+                message_id: None,
+                by_agent: true,
+                sender: None,
+                body_hash: None,
+                raw_id: None,
+            },
+        )?;
+        for a in &attachments {
+            tickets::insert_attachment(tx, entry_id, a)?;
+        }
+        let to_boxes: Vec<Mailbox> = to.iter().map(|a| Mailbox::new(None, a)).collect();
+        let cc_boxes: Vec<Mailbox> = cc.iter().map(|a| Mailbox::new(None, a)).collect();
+        let send = PlannedSend {
+            kind: SendKind::Email,
+            entry: 0,
+            from_name: format!("{} via {}", agent.name.as_deref().unwrap_or(&agent.address), config.display_name),
+            from_address: config.public_address.clone(),
+            envelope: to_boxes.iter().chain(&cc_boxes).map(|m| m.address.clone()).collect(),
+            to: to_boxes,
+            cc: cc_boxes,
+            agents_only: false,
+        };
+        let content = intake::Content {
+            subject: clean,
+            text: text.clone(),
+            html: None,
+            listed_attachments: Vec::new(),
+            attachments: attachments.clone(),
+        };
+        let outbox_id = intake::queue(tx, rt, &facts, &view, &view.thread, &send, content, Some(entry_id), now)?;
+        tickets::touch(tx, id, now)?;
+        println!("{} e-mail queued (outbox {outbox_id})", view.number);
+        Ok(())
+    })
+}
+
+fn read_attachment(path: &Path) -> anyhow::Result<Attachment> {
+    let data = std::fs::read(path).with_context(|| format!("--attach {}", path.display()))?;
+    let filename = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "attachment".into());
+    Ok(Attachment {
+        content_type: content_type_of(&filename).to_string(),
+        filename,
+        data,
+    })
+}
+
+fn content_type_of(filename: &str) -> &'static str {
+    let ext = filename.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    match ext.as_str() {
+        "pdf" => "application/pdf",
+        "txt" | "log" => "text/plain",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "csv" => "text/csv",
+        "zip" => "application/zip",
+        "doc" => "application/msword",
+        "docx" => "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        "xlsx" => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        "eml" => "message/rfc822",
+        _ => "application/octet-stream",
+    }
+}
+
+fn change_list(conn: &mut Connection, rt: &Runtime, number: &str, role: &str, address: &str, add: bool) -> anyhow::Result<()> {
+    let config = &rt.config;
+    let address = address.trim().to_ascii_lowercase();
+    if !crate::config::is_address(&address) {
+        bail!("{address} is not a mail address");
+    }
+    in_transaction(conn, |tx| {
+        let id = tickets::require(tx, number)?;
+        let now = store::now();
+        let name = match role {
+            "requester" => "requesters",
+            "watch" => "watch list",
+            _ => "work-notes list",
+        };
+        if add && role != "notes" {
+            let former = tickets::former_agents(tx)?;
+            if config.agent(&address).is_some() || former.contains(&address) {
+                bail!("{address} is an agent: agents go on the work-notes list, never in the watch group");
+            }
+            if decide::accepts_recipient(config, &address) {
+                bail!("{address} is a CRM address");
+            }
+        }
+        let changed = if add {
+            tickets::add_participant(tx, id, role, &Mailbox::new(None, &address), now)?
+        } else {
+            tickets::remove_participant(tx, id, role, &address)?
+        };
+        if !changed {
+            bail!("{address} is {} the {name} of {number}", if add { "already on" } else { "not on" });
+        }
+        tickets::touch(tx, id, now)?;
+        system_entry(tx, rt, id, &format!("{address} {} {name}", if add { "added to" } else { "removed from" }), now)?;
+        println!("{number}: {address} {} {name}", if add { "added to" } else { "removed from" });
+        Ok(())
+    })
+}
+
+fn print_list(conn: &Connection, number: &str, role: &str, json: bool) -> anyhow::Result<()> {
+    let id = tickets::require(conn, number)?;
+    let info = tickets::info(conn, id)?;
+    let list = if role == "watch" { info.watch_list } else { info.work_notes_list };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        for a in list {
+            println!("{a}");
+        }
+    }
+    Ok(())
+}

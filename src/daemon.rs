@@ -1,2 +1,189 @@
 //! Daemon: starts the writer, the relay worker and the SMTP listener, and
-//! stops them in order on SIGTERM.
+//! stops them in order.
+//!
+//! [`serve`] takes a listener that is already bound, so the tests start the
+//! very code the binary runs on `127.0.0.1:0`. SIGTERM (or SIGINT) stops
+//! accepting, lets the sessions in flight finish, lets the relay worker
+//! finish the message it is sending, and returns. SIGHUP re-reads the
+//! configuration file: the agents list (former agents leave every
+//! work-notes list) and the templates change without dropping a
+//! connection; the listen address, the database and the relay need a restart.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::intake::{Intake, Runtime, Writer};
+use crate::store::{self, tickets};
+
+/// Run the daemon until SIGTERM/SIGINT: the `crmgate serve` command.
+///
+/// # Errors
+/// The configuration, the database or the listen address cannot be used.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("smtp.listen: cannot listen on {}", config.listen))?;
+        let shutdown = CancellationToken::new();
+        let config_path = reload_path(&config);
+        let reload = Arc::new(Notify::new());
+        spawn_signals(shutdown.clone(), reload.clone())?;
+        serve(config, listener, shutdown, Some((config_path, reload)), true).await
+    })
+}
+
+/// The file SIGHUP re-reads: where this configuration came from.
+fn reload_path(config: &Config) -> Option<PathBuf> {
+    (config.origin != "embedded default").then(|| PathBuf::from(&config.origin))
+}
+
+fn spawn_signals(shutdown: CancellationToken, reload: Arc<Notify>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: stopping"); shutdown.cancel(); break; }
+                _ = int.recv() => { tracing::info!("SIGINT: stopping"); shutdown.cancel(); break; }
+                _ = hup.recv() => { tracing::info!("SIGHUP: reloading"); reload.notify_one(); }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Serve on a bound listener until `shutdown` is cancelled.
+///
+/// `reload`: the configuration file and the signal to re-read it.
+/// `notify_systemd`: tell systemd we are ready once the listener is up.
+///
+/// # Errors
+/// The database cannot be opened, or a part stops with an error.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    reload: Option<(Option<PathBuf>, Arc<Notify>)>,
+    notify_systemd: bool,
+) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let db_path = config.database_path();
+    let conn = store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
+    let removed = tickets::sync_agents(&conn, &config.agents, store::now())?;
+    if !removed.is_empty() {
+        tracing::info!(?removed, "former agents taken off every work-notes list");
+    }
+    let runtime = Arc::new(RwLock::new(Arc::new(Runtime::new(config.clone())?)));
+    let wake = Arc::new(Notify::new());
+    let writer = Writer::spawn(conn, runtime.clone(), wake.clone()).context("starting the writer thread")?;
+
+    let mut settings = crate::smtp::Settings::from_config(&config);
+    if let Some(files) = &config.tls {
+        settings.tls = Some(crate::smtp::load_tls(&files.cert, &files.key).context("smtp.tls_cert / smtp.tls_key")?);
+    }
+    let intake = Arc::new(Intake {
+        runtime: runtime.clone(),
+        writer,
+    });
+
+    let on_failed = failure_hook(runtime.clone());
+    let relay = tokio::spawn(crate::relay::run(
+        config.clone(),
+        db_path.clone(),
+        wake.clone(),
+        shutdown.clone(),
+        on_failed,
+    ));
+
+    if let Some((path, signal)) = reload {
+        let runtime = runtime.clone();
+        let db_path = db_path.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = signal.notified() => reload_runtime(path.as_deref(), &runtime, &db_path),
+                }
+            }
+        });
+    }
+
+    tracing::info!(listen = %listener.local_addr()?, relay = ?config.relay, "crmgate ready");
+    if notify_systemd {
+        // Not under systemd this is a no-op.
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    }
+    let listened = crate::smtp::run(listener, Arc::new(settings), intake, shutdown.clone()).await;
+    shutdown.cancel();
+    match relay.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "relay worker stopped with an error"),
+        Err(e) => tracing::error!(error = %e, "relay worker panicked"),
+    }
+    if let Ok(conn) = store::open(&db_path) {
+        if let Ok(pending) = conn.query_row("SELECT COUNT(*) FROM outbox WHERE status = 'queued'", [], |r| r.get::<_, i64>(0)) {
+            tracing::info!(pending, "stopped; queued mail is sent at the next start");
+        }
+    }
+    listened.context("SMTP listener")?;
+    Ok(())
+}
+
+fn reload_runtime(path: Option<&std::path::Path>, runtime: &Arc<RwLock<Arc<Runtime>>>, db_path: &std::path::Path) {
+    let Some(path) = path else {
+        tracing::info!("running on the embedded default: nothing to reload");
+        return;
+    };
+    let result = (|| -> anyhow::Result<()> {
+        let config = Config::load(Some(path))?;
+        let new = Runtime::new(Arc::new(config))?;
+        let conn = store::open(db_path)?;
+        let removed = tickets::sync_agents(&conn, &new.config.agents, store::now())?;
+        tracing::info!(agents = new.config.agents.len(), ?removed, "configuration reloaded");
+        match runtime.write() {
+            Ok(mut guard) => *guard = Arc::new(new),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(new),
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays");
+    }
+}
+
+/// A permanent delivery failure: a system entry and a notice to the
+/// work-notes list, in the transaction that marks the row failed.
+fn failure_hook(runtime: Arc<RwLock<Arc<Runtime>>>) -> crate::relay::FailureHook {
+    Arc::new(move |conn, row, error| {
+        let rt = match runtime.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let Some(ticket_id) = row.ticket_id else {
+            return Ok(());
+        };
+        // Never a notice about a failed notice: no loop of notices.
+        if matches!(row.kind.as_str(), "failure_notice" | "reply_all_notice") {
+            return Ok(());
+        }
+        let view = tickets::view(conn, ticket_id)?;
+        if view.work_notes_list.is_empty() {
+            return Ok(());
+        }
+        crate::intake::failure_notice(conn, &rt, &view, &row.recipients.join(", "), error, store::now())
+            .map_err(|e| store::StoreError::Invalid(e.to_string()))
+    })
+}

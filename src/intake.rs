@@ -1,3 +1,774 @@
-//! Intake: one inbound message through parse → thread → decide → compose →
-//! store, inside the store's transaction. The SMTP listener and `crmgate
-//! deliver` both end here.
+//! Intake: one inbound message through thread → decide → compose → store,
+//! inside the store's transaction. The SMTP listener and `crmgate deliver`
+//! both end here.
+//!
+//! In the daemon, a single writer thread owns the connection and commits in
+//! batches (group commit): each SMTP session waits for the commit that holds
+//! its message, so `250` still means "on disk" while one fsync serves many
+//! messages. Each message runs in a savepoint of its own, so one that fails
+//! is answered `451` without taking its batch down with it.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+
+use rusqlite::{Connection, TransactionBehavior};
+use tokio::sync::{oneshot, Notify};
+
+use crate::compose::{self, Draft, Scrub, SendKind};
+use crate::config::Config;
+use crate::decide::{self, Decision, EntryKind, Facts, Plan, PlannedSend, TicketState, TicketTarget, TicketView};
+use crate::parse::{self, Inbound, Mailbox, ParseError};
+use crate::smtp::{Deliver, Envelope, Verdict};
+use crate::store::{self, tickets, StoreError};
+use crate::templates::{self, Templates};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Compose(#[from] compose::ComposeError),
+    #[error(transparent)]
+    Template(#[from] templates::TemplateError),
+}
+
+impl From<rusqlite_migration::Error> for IntakeError {
+    fn from(e: rusqlite_migration::Error) -> Self {
+        IntakeError::Store(StoreError::Migration(e))
+    }
+}
+
+/// What the rules run on; replaced as a whole on reload (SIGHUP).
+#[derive(Debug)]
+pub struct Runtime {
+    pub config: Arc<Config>,
+    pub templates: Templates,
+    /// Content of `reply_secret_file`, trimmed.
+    pub reply_key: Option<Vec<u8>>,
+}
+
+impl Runtime {
+    /// # Errors
+    /// A template that does not compile, or an unreadable key file.
+    pub fn new(config: Arc<Config>) -> Result<Runtime, anyhow::Error> {
+        let templates = Templates::load(config.templates_dir.as_deref())?;
+        let reply_key = match &config.reply_secret_file {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("security.reply_secret_file: {}: {e}", path.display()))?
+                    .trim_ascii()
+                    .to_vec(),
+            ),
+            None => None,
+        };
+        Ok(Runtime {
+            config,
+            templates,
+            reply_key,
+        })
+    }
+}
+
+/// A message as it arrives: envelope, raw bytes, and the parse result
+/// (parsed before it reaches the writer, off the single writer thread).
+pub struct Arrival {
+    pub envelope: Envelope,
+    pub raw: Vec<u8>,
+    pub parsed: Result<Inbound, ParseError>,
+}
+
+impl Arrival {
+    pub fn new(envelope: Envelope, raw: Vec<u8>) -> Arrival {
+        let parsed = parse::parse(&raw);
+        Arrival { envelope, raw, parsed }
+    }
+}
+
+/// What became of one message: its verdict and the words of its log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub verdict: Verdict,
+    pub ticket: Option<String>,
+    pub decision: &'static str,
+    /// Outgoing messages queued.
+    pub queued: usize,
+}
+
+/// Process one message on `conn`, which the caller has put in a transaction
+/// (or savepoint).
+///
+/// # Errors
+/// Any database or composing failure: the caller rolls back and answers
+/// `451 4.3.0`.
+pub fn process(conn: &Connection, rt: &Runtime, arrival: &Arrival, now: i64) -> Result<Outcome, IntakeError> {
+    let config = &rt.config;
+    let env = &arrival.envelope;
+    let peer = env.peer.to_string();
+    let inbound = match &arrival.parsed {
+        Ok(inbound) => inbound,
+        Err(ParseError::Unparseable) => {
+            let raw_id = tickets::insert_raw(conn, now, Some(&peer), env.mail_from.as_deref(), &env.rcpt_to, &arrival.raw)?;
+            tickets::insert_quarantine(conn, now, "unparseable", env.mail_from.as_deref(), None, None, Some(raw_id))?;
+            return Ok(Outcome {
+                verdict: Verdict::Stored,
+                ticket: None,
+                decision: "unparseable",
+                queued: 0,
+            });
+        }
+    };
+
+    let ticket = find_ticket(conn, rt, env, inbound)?;
+    let sender = inbound
+        .from
+        .as_ref()
+        .map(|m| m.address.clone())
+        .or_else(|| env.mail_from.clone())
+        .unwrap_or_default();
+    let duplicate_of = tickets::duplicate_of(
+        conn,
+        &sender,
+        inbound.message_id.as_deref(),
+        &inbound.subject,
+        &inbound.body_hash,
+        now,
+    )?;
+    let former_agents = tickets::former_agents(conn)?;
+    let facts = Facts {
+        config,
+        former_agents: &former_agents,
+        reply_key: rt.reply_key.as_deref(),
+    };
+    let decision = decide::decide(&facts, env, inbound, ticket.as_ref(), duplicate_of);
+    let quarantine = |reason: &str| -> Result<(), IntakeError> {
+        let raw_id = tickets::insert_raw(conn, now, Some(&peer), env.mail_from.as_deref(), &env.rcpt_to, &arrival.raw)?;
+        tickets::insert_quarantine(
+            conn,
+            now,
+            reason,
+            Some(&sender).filter(|s| !s.is_empty()).map(String::as_str),
+            Some(&inbound.subject),
+            inbound.message_id.as_deref(),
+            Some(raw_id),
+        )?;
+        Ok(())
+    };
+    let number = ticket.as_ref().map(|t| t.number.clone());
+    match decision {
+        Decision::Quarantine(reason) => {
+            quarantine(reason.as_str())?;
+            Ok(Outcome {
+                verdict: Verdict::Stored,
+                ticket: number,
+                decision: reason.as_str(),
+                queued: 0,
+            })
+        }
+        Decision::Duplicate { entry_id } => {
+            tickets::count_duplicate(conn, entry_id)?;
+            Ok(Outcome {
+                verdict: Verdict::Stored,
+                ticket: number,
+                decision: "duplicate",
+                queued: 0,
+            })
+        }
+        Decision::Refuse(sentence) => {
+            // Kept so an operator can see who tried; the sender gets the 550.
+            quarantine("refused")?;
+            Ok(Outcome {
+                verdict: Verdict::Refused(sentence),
+                ticket: number,
+                decision: "refused",
+                queued: 0,
+            })
+        }
+        Decision::Record(plan) => {
+            let raw_id = tickets::insert_raw(conn, now, Some(&peer), env.mail_from.as_deref(), &env.rcpt_to, &arrival.raw)?;
+            let applied = apply(conn, rt, &facts, &plan, ticket.as_ref(), inbound, &sender, Some(raw_id), now)?;
+            Ok(Outcome {
+                verdict: Verdict::Stored,
+                ticket: Some(applied.number),
+                decision: plan.decision,
+                queued: applied.queued,
+            })
+        }
+    }
+}
+
+/// Threading: our bounce address, then the Subject's number, a `+NUMBER`
+/// tag, In-Reply-To/References, and the Message-ID a delivery report returns.
+fn find_ticket(conn: &Connection, rt: &Runtime, env: &Envelope, inbound: &Inbound) -> Result<Option<TicketView>, IntakeError> {
+    let config = &rt.config;
+    let mut found = None;
+    for rcpt in &env.rcpt_to {
+        if let Some(id) = crate::thread::parse_bounce_address(rcpt, &config.public_address, rt.reply_key.as_deref()) {
+            found = tickets::find_by_outbox_id(conn, id)?;
+            if found.is_some() {
+                break;
+            }
+        }
+    }
+    if found.is_none() {
+        let crm = [config.public_address.as_str(), config.internal_address.as_str()];
+        let c = crate::thread::candidates(
+            &inbound.subject,
+            &env.rcpt_to,
+            &crm,
+            &inbound.in_reply_to,
+            &inbound.references,
+            &config.ticket_pattern,
+        );
+        for number in c.subject_numbers.iter().chain(&c.tag_numbers) {
+            if let Some(id) = tickets::find_by_number(conn, number)? {
+                found = Some(id);
+                break;
+            }
+        }
+        let returned = inbound.report.as_ref().and_then(|r| r.original_message_id.clone());
+        if found.is_none() {
+            for id in c.message_ids.iter().chain(returned.as_ref()) {
+                if let Some(t) = tickets::find_by_message_id(conn, id)? {
+                    found = Some(t);
+                    break;
+                }
+            }
+        }
+    }
+    Ok(match found {
+        Some(id) => Some(tickets::view(conn, id)?),
+        None => None,
+    })
+}
+
+/// What applying a plan wrote.
+pub struct Applied {
+    pub ticket_id: i64,
+    pub number: String,
+    pub queued: usize,
+}
+
+/// Write a plan: the ticket and its lists, the entries, the outbox rows.
+///
+/// # Errors
+/// Database, template or composing failures.
+#[allow(clippy::too_many_arguments)]
+pub fn apply(
+    conn: &Connection,
+    rt: &Runtime,
+    facts: &Facts<'_>,
+    plan: &Plan,
+    ticket: Option<&TicketView>,
+    inbound: &Inbound,
+    sender: &str,
+    raw_id: Option<i64>,
+    now: i64,
+) -> Result<Applied, IntakeError> {
+    let config = &rt.config;
+    let view = match &plan.ticket {
+        TicketTarget::New(new) => {
+            let state = plan.state.unwrap_or(TicketState::New);
+            let (id, _) = tickets::create(conn, new, state, &config.ticket_prefix, config.ticket_digits, now)?;
+            tickets::view(conn, id)?
+        }
+        TicketTarget::Existing(id) => {
+            if let Some(state) = plan.state {
+                tickets::set_state(conn, *id, state, now)?;
+            } else {
+                tickets::touch(conn, *id, now)?;
+            }
+            for agent in &plan.join_work_notes {
+                tickets::add_participant(conn, *id, "notes", &Mailbox::new(None, agent), now)?;
+            }
+            match ticket {
+                Some(t) if t.id == *id => t.clone(),
+                _ => tickets::view(conn, *id)?,
+            }
+        }
+    };
+
+    // Entries, in order; the inbound message's attachments go on the first
+    // entry that keeps them.
+    let mut entry_ids = Vec::with_capacity(plan.entries.len());
+    let mut entry_texts = Vec::with_capacity(plan.entries.len());
+    let mut attachments_kept = false;
+    let listed: Vec<(String, u64)> = inbound
+        .attachments
+        .iter()
+        .map(|a| (a.filename.clone(), a.data.len() as u64))
+        .collect();
+    for entry in &plan.entries {
+        let text = match entry.kind {
+            EntryKind::Receipt => render(rt, "receipt", &view, "", "")?,
+            EntryKind::Closure => render(rt, "closure", &view, "", "")?,
+            _ => entry.text.clone(),
+        };
+        let stands_for_message = entry.message_id.is_some() || (entry.keeps_attachments && !attachments_kept);
+        let id = tickets::insert_entry(
+            conn,
+            &tickets::EntryRow {
+                ticket_id: view.id,
+                kind: entry.kind,
+                from: &entry.author,
+                at: now,
+                subject: &entry.subject,
+                body: &text,
+                html: entry.html.as_deref(),
+                message_id: entry.message_id.as_deref(),
+                by_agent: entry.by_agent,
+                sender: stands_for_message.then_some(sender),
+                body_hash: stands_for_message.then_some(inbound.body_hash.as_str()),
+                raw_id: if matches!(entry.kind, EntryKind::Receipt | EntryKind::Closure) { None } else { raw_id },
+            },
+        )?;
+        if entry.keeps_attachments && !attachments_kept {
+            for a in &inbound.attachments {
+                tickets::insert_attachment(conn, id, a)?;
+            }
+            attachments_kept = true;
+        }
+        if let Some(mid) = &entry.message_id {
+            tickets::insert_thread_id(conn, mid, view.id, entry.by_agent, now)?;
+        }
+        entry_ids.push(id);
+        entry_texts.push(text);
+    }
+
+    let mut queued = 0;
+    if let Some(bounce) = &plan.bounce {
+        queued += apply_bounce(conn, rt, &view, bounce, now)?;
+    }
+
+    let mut thread = view.thread.clone();
+    for entry in &plan.entries {
+        if let Some(mid) = &entry.message_id {
+            thread.push(crate::decide::ThreadRef {
+                message_id: mid.clone(),
+                agent_inbound: entry.by_agent,
+            });
+        }
+    }
+    for send in &plan.sends {
+        if send.kind == SendKind::ReplyAllNotice && !first_notice_today(conn, view.id, &send.envelope, now)? {
+            continue;
+        }
+        let Some(entry) = plan.entries.get(send.entry) else {
+            continue;
+        };
+        let (subject, text, html) = match send.kind {
+            SendKind::ReplyAllNotice => (
+                templates::subject("reply_all", config.language, &view.subject),
+                render(rt, "reply_all", &view, "", "")?,
+                None,
+            ),
+            SendKind::Receipt | SendKind::Closure => (
+                templates::subject(
+                    if send.kind == SendKind::Receipt { "receipt" } else { "closure" },
+                    config.language,
+                    &view.subject,
+                ),
+                entry_texts[send.entry].clone(),
+                None,
+            ),
+            _ => (
+                if entry.subject.is_empty() { view.subject.clone() } else { entry.subject.clone() },
+                entry_texts[send.entry].clone(),
+                entry.html.clone(),
+            ),
+        };
+        let listed_attachments = if entry.keeps_attachments && send.kind != SendKind::Receipt {
+            listed.clone()
+        } else {
+            Vec::new()
+        };
+        let content = Content {
+            subject,
+            text,
+            html,
+            listed_attachments,
+            attachments: Vec::new(),
+        };
+        queue(conn, rt, facts, &view, &thread, send, content, Some(entry_ids[send.entry]), now)?;
+        queued += 1;
+    }
+    Ok(Applied {
+        ticket_id: view.id,
+        number: view.number,
+        queued,
+    })
+}
+
+fn render(rt: &Runtime, name: &str, view: &TicketView, recipients: &str, reason: &str) -> Result<String, IntakeError> {
+    let config = &rt.config;
+    Ok(rt.templates.render(
+        name,
+        config.language,
+        &templates::Context {
+            number: &view.number,
+            subject: &view.subject,
+            display_name: &config.display_name,
+            public_address: &config.public_address,
+            recipients,
+            reason,
+        },
+    )?)
+}
+
+/// One "reply to the CRM only" notice per agent, ticket and day.
+fn first_notice_today(conn: &Connection, ticket_id: i64, agents: &[String], now: i64) -> Result<bool, IntakeError> {
+    let day = now / 86_400;
+    let mut first = false;
+    for agent in agents {
+        first |= conn.execute(
+            "INSERT OR IGNORE INTO reply_all_notices (ticket_id, agent, day) VALUES (?1, ?2, ?3)",
+            rusqlite::params![ticket_id, agent, day.to_string()],
+        )? > 0;
+    }
+    Ok(first)
+}
+
+/// A delivery report about our mail: mark the row failed and tell the
+/// work-notes list (never for a failed notice itself: no loop of notices).
+fn apply_bounce(conn: &Connection, rt: &Runtime, view: &TicketView, bounce: &decide::Bounce, now: i64) -> Result<usize, IntakeError> {
+    let row: Option<(i64, String, String)> = match (bounce.outbox_id, &bounce.original_message_id) {
+        (Some(id), _) => conn
+            .query_row("SELECT id, kind, recipients FROM outbox WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .ok(),
+        (None, Some(mid)) => conn
+            .query_row(
+                "SELECT id, kind, recipients FROM outbox WHERE message_id = ?1 ORDER BY id LIMIT 1",
+                [mid],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .ok(),
+        (None, None) => None,
+    };
+    let Some((id, kind, recipients)) = row else {
+        return Ok(0);
+    };
+    let failed = if bounce.failed_recipients.is_empty() {
+        serde_json::from_str::<Vec<String>>(&recipients).unwrap_or_default().join(", ")
+    } else {
+        bounce.failed_recipients.join(", ")
+    };
+    let reason = if bounce.diagnostic.is_empty() { "delivery report".to_string() } else { bounce.diagnostic.clone() };
+    conn.execute(
+        "UPDATE outbox SET status = 'failed', last_error = ?2 WHERE id = ?1",
+        rusqlite::params![id, format!("bounced: {failed}: {reason}")],
+    )?;
+    if kind == SendKind::FailureNotice.as_str() || kind == SendKind::ReplyAllNotice.as_str() || view.work_notes_list.is_empty() {
+        return Ok(0);
+    }
+    failure_notice(conn, rt, view, &failed, &reason, now)?;
+    Ok(1)
+}
+
+/// Tell the work-notes list that mail of the ticket could not be delivered.
+///
+/// # Errors
+/// Database, template or composing failures.
+pub fn failure_notice(conn: &Connection, rt: &Runtime, view: &TicketView, failed: &str, reason: &str, now: i64) -> Result<(), IntakeError> {
+    let config = &rt.config;
+    let text = render(rt, "failure", view, failed, reason)?;
+    let system = Mailbox::new(Some(&config.display_name), &config.public_address);
+    let entry_id = tickets::insert_entry(
+        conn,
+        &tickets::EntryRow {
+            ticket_id: view.id,
+            kind: EntryKind::System,
+            from: &system,
+            at: now,
+            subject: &templates::subject("failure", config.language, &view.subject),
+            body: &text,
+            html: None,
+            message_id: None,
+            by_agent: false,
+            sender: None,
+            body_hash: None,
+            raw_id: None,
+        },
+    )?;
+    let notes: Vec<Mailbox> = view
+        .work_notes_list
+        .iter()
+        .map(|a| Mailbox::new(config.agent(a).map(|x| x.name.as_str()), a))
+        .collect();
+    let send = PlannedSend {
+        kind: SendKind::FailureNotice,
+        entry: 0,
+        from_name: config.display_name.clone(),
+        from_address: config.internal_address.clone(),
+        envelope: notes.iter().map(|m| m.address.clone()).collect(),
+        to: notes,
+        cc: Vec::new(),
+        agents_only: true,
+    };
+    let former = tickets::former_agents(conn)?;
+    let facts = Facts {
+        config,
+        former_agents: &former,
+        reply_key: rt.reply_key.as_deref(),
+    };
+    let subject = templates::subject("failure", config.language, &view.subject);
+    let content = Content {
+        subject,
+        text,
+        html: None,
+        listed_attachments: Vec::new(),
+        attachments: Vec::new(),
+    };
+    queue(conn, rt, &facts, view, &view.thread, &send, content, Some(entry_id), now)?;
+    Ok(())
+}
+
+/// What one outgoing message says.
+pub struct Content {
+    pub subject: String,
+    pub text: String,
+    pub html: Option<String>,
+    /// Kept on the ticket, named in the body.
+    pub listed_attachments: Vec<(String, u64)>,
+    /// Sent along: the e-mail function only.
+    pub attachments: Vec<crate::parse::Attachment>,
+}
+
+/// Compose one planned message and put it in the outbox.
+///
+/// # Errors
+/// Database or composing failures.
+#[allow(clippy::too_many_arguments)]
+pub fn queue(
+    conn: &Connection,
+    rt: &Runtime,
+    facts: &Facts<'_>,
+    view: &TicketView,
+    thread: &[crate::decide::ThreadRef],
+    send: &PlannedSend,
+    content: Content,
+    entry_id: Option<i64>,
+    now: i64,
+) -> Result<i64, IntakeError> {
+    let config = &rt.config;
+    // Mail to non-agents never threads on an agent's own Message-ID.
+    let visible: Vec<&str> = thread
+        .iter()
+        .filter(|r| send.agents_only || !r.agent_inbound)
+        .map(|r| r.message_id.as_str())
+        .collect();
+    let mut references: Vec<String> = Vec::new();
+    if let Some(first) = visible.first() {
+        references.push((*first).to_string());
+    }
+    let tail_start = visible.len().saturating_sub(10).max(1);
+    references.extend(visible.iter().skip(tail_start).map(|s| s.to_string()));
+    let scrub = (!send.agents_only).then(|| {
+        let mut addresses: BTreeSet<String> = config.agents.iter().map(|a| a.email.clone()).collect();
+        addresses.extend(facts.former_agents.iter().cloned());
+        Scrub {
+            addresses: addresses.into_iter().collect(),
+            replacement: config.public_address.clone(),
+        }
+    });
+    let message_id = format!("{}.{:016x}@{}", view.number, rand::random::<u64>(), config.hostname);
+    let draft = Draft {
+        kind: send.kind,
+        ticket_number: view.number.clone(),
+        language: config.language,
+        from_name: send.from_name.clone(),
+        from_address: send.from_address.clone(),
+        to: send.to.clone(),
+        cc: send.cc.clone(),
+        subject: content.subject,
+        text: content.text,
+        html: content.html,
+        listed_attachments: content.listed_attachments,
+        attachments: content.attachments,
+        message_id: message_id.clone(),
+        in_reply_to: references.last().cloned(),
+        references,
+        date: now,
+        loop_host: config.hostname.clone(),
+        scrub,
+    };
+    let bytes = compose::compose(&draft)?;
+    let id = tickets::insert_outbox(conn, Some(view.id), entry_id, send.kind.as_str(), &send.envelope, &message_id, &bytes, now)?;
+    tickets::insert_thread_id(conn, &message_id, view.id, false, now)?;
+    Ok(id)
+}
+
+// ---------------------------------------------------------------------------
+// The writer thread: group commit.
+// ---------------------------------------------------------------------------
+
+/// How many messages one commit may hold at most.
+const MAX_BATCH: usize = 256;
+
+struct Job {
+    arrival: Arrival,
+    reply: oneshot::Sender<Verdict>,
+}
+
+/// The handle SMTP sessions use to hand messages to the writer thread.
+#[derive(Clone)]
+pub struct Writer {
+    jobs: std::sync::mpsc::SyncSender<Job>,
+}
+
+impl Writer {
+    /// Start the writer thread on its own connection.
+    ///
+    /// # Errors
+    /// The thread cannot be spawned.
+    pub fn spawn(mut conn: Connection, runtime: Arc<RwLock<Arc<Runtime>>>, wake: Arc<Notify>) -> std::io::Result<Writer> {
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(4 * MAX_BATCH);
+        std::thread::Builder::new().name("crmgate-writer".into()).spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                let rt = match runtime.read() {
+                    Ok(guard) => guard.clone(),
+                    Err(poisoned) => poisoned.into_inner().clone(),
+                };
+                let outcomes = write_batch(&mut conn, &rt, &batch);
+                let mut queued = 0;
+                for (job, outcome) in batch.into_iter().zip(outcomes) {
+                    queued += outcome.queued;
+                    log_outcome(&job.arrival, &outcome);
+                    let _ = job.reply.send(outcome.verdict);
+                }
+                if queued > 0 {
+                    wake.notify_one();
+                }
+            }
+        })?;
+        Ok(Writer { jobs })
+    }
+
+    /// Hand a message over and wait for the commit that holds it.
+    pub async fn submit(&self, arrival: Arrival) -> Verdict {
+        let (reply, answer) = oneshot::channel();
+        let jobs = self.jobs.clone();
+        // The channel is bounded: a full queue blocks, which must not block
+        // tokio's worker thread.
+        let sent = tokio::task::spawn_blocking(move || jobs.send(Job { arrival, reply }).is_ok()).await;
+        if !matches!(sent, Ok(true)) {
+            return Verdict::TempFailure;
+        }
+        answer.await.unwrap_or(Verdict::TempFailure)
+    }
+}
+
+fn log_outcome(arrival: &Arrival, outcome: &Outcome) {
+    let message_id = arrival.parsed.as_ref().ok().and_then(|i| i.message_id.as_deref()).unwrap_or("-");
+    tracing::info!(
+        ticket = outcome.ticket.as_deref().unwrap_or("-"),
+        message_id,
+        decision = outcome.decision,
+        queued = outcome.queued,
+        verdict = ?outcome.verdict,
+        "message"
+    );
+}
+
+/// One transaction for the whole batch, one savepoint per message.
+fn write_batch(conn: &mut Connection, rt: &Runtime, batch: &[Job]) -> Vec<Outcome> {
+    let temp = |decision| Outcome {
+        verdict: Verdict::TempFailure,
+        ticket: None,
+        decision,
+        queued: 0,
+    };
+    let now = store::now();
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot begin a transaction");
+            return batch.iter().map(|_| temp("error")).collect();
+        }
+    };
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for job in batch {
+        let outcome = match tx.savepoint() {
+            Ok(mut sp) => match process(&sp, rt, &job.arrival, now) {
+                Ok(outcome) => match sp.commit() {
+                    Ok(()) => outcome,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot release a savepoint");
+                        temp("error")
+                    }
+                },
+                Err(e) => {
+                    tracing::error!(error = %e, "message not stored");
+                    let _ = sp.rollback();
+                    temp("error")
+                }
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open a savepoint");
+                temp("error")
+            }
+        };
+        outcomes.push(outcome);
+    }
+    if let Err(e) = tx.commit() {
+        tracing::error!(error = %e, "commit failed: the whole batch is answered 451");
+        return batch.iter().map(|_| temp("error")).collect();
+    }
+    outcomes
+}
+
+/// The [`Deliver`] the SMTP listener hands messages to.
+pub struct Intake {
+    pub runtime: Arc<RwLock<Arc<Runtime>>>,
+    pub writer: Writer,
+}
+
+impl Intake {
+    fn config(&self) -> Arc<Config> {
+        match self.runtime.read() {
+            Ok(guard) => guard.config.clone(),
+            Err(poisoned) => poisoned.into_inner().config.clone(),
+        }
+    }
+}
+
+/// Above this size a message is parsed on a blocking thread, so a 25 MB
+/// attachment does not stall the other sessions of the same worker.
+const PARSE_INLINE_MAX: usize = 256 * 1024;
+
+impl Deliver for Intake {
+    fn accepts_recipient(&self, address: &str) -> bool {
+        decide::accepts_recipient(&self.config(), address)
+    }
+
+    async fn deliver(&self, envelope: Envelope, raw: Vec<u8>) -> Verdict {
+        let arrival = if raw.len() <= PARSE_INLINE_MAX {
+            Arrival::new(envelope, raw)
+        } else {
+            match tokio::task::spawn_blocking(move || Arrival::new(envelope, raw)).await {
+                Ok(arrival) => arrival,
+                Err(_) => return Verdict::TempFailure,
+            }
+        };
+        self.writer.submit(arrival).await
+    }
+}
+
+/// `crmgate deliver` and tests: one message, one transaction, no thread.
+///
+/// # Errors
+/// Database failures (the caller answers 75, temporary).
+pub fn deliver_once(conn: &mut Connection, rt: &Runtime, arrival: &Arrival) -> Result<Outcome, IntakeError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let outcome = process(&tx, rt, arrival, store::now())?;
+    tx.commit()?;
+    log_outcome(arrival, &outcome);
+    Ok(outcome)
+}

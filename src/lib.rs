@@ -41,4 +41,5 @@ pub mod parse;
 pub mod relay;
 pub mod smtp;
 pub mod store;
+pub mod templates;
 pub mod thread;

@@ -14,6 +14,7 @@ use rusqlite::Connection;
 use rusqlite_migration::{Migrations, M};
 
 pub mod outbox;
+pub mod tickets;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

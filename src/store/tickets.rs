@@ -1,0 +1,525 @@
+//! Tickets, their lists and their log: the queries threading and the rules
+//! need, and the writes a plan makes. Every function takes a connection (or
+//! a transaction, which derefs to one) so the caller decides the transaction.
+
+use std::collections::BTreeSet;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use super::{Result, StoreError};
+use crate::decide::{EntryKind, NewTicket, TicketState, TicketView, ThreadRef};
+use crate::parse::{Attachment, Mailbox};
+
+/// How many of a ticket's most recent Message-IDs threading headers use
+/// (the SPEC: the first message and the last ten; a few more are read so
+/// that ten remain after agents' own are left out of mail to non-agents).
+const THREAD_TAIL: i64 = 30;
+
+pub fn find_by_number(conn: &Connection, number: &str) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached("SELECT id FROM tickets WHERE number = ?1")?
+        .query_row([number], |r| r.get(0))
+        .optional()?)
+}
+
+/// The ticket a Message-ID (inbound or outbound) belongs to.
+pub fn find_by_message_id(conn: &Connection, message_id: &str) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached("SELECT ticket_id FROM thread_ids WHERE message_id = ?1 ORDER BY seq LIMIT 1")?
+        .query_row([message_id], |r| r.get(0))
+        .optional()?)
+}
+
+/// The ticket of one of our outbox rows (a bounce names it).
+pub fn find_by_outbox_id(conn: &Connection, outbox_id: i64) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached("SELECT ticket_id FROM outbox WHERE id = ?1")?
+        .query_row([outbox_id], |r| r.get::<_, Option<i64>>(0))
+        .optional()?
+        .flatten())
+}
+
+pub fn view(conn: &Connection, ticket_id: i64) -> Result<TicketView> {
+    let (number, subject, state, owner): (String, String, String, Option<String>) = conn
+        .prepare_cached("SELECT number, subject, state, owner FROM tickets WHERE id = ?1")?
+        .query_row([ticket_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("no ticket with id {ticket_id}")))?;
+    let mut requesters = Vec::new();
+    let mut watch_list = Vec::new();
+    let mut work_notes_list = Vec::new();
+    let mut stmt = conn.prepare_cached(
+        "SELECT role, address, name FROM participants WHERE ticket_id = ?1 ORDER BY added_at, rowid",
+    )?;
+    let rows = stmt.query_map([ticket_id], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?))
+    })?;
+    for row in rows {
+        let (role, address, name) = row?;
+        let mailbox = Mailbox { name, address };
+        match role.as_str() {
+            "requester" => requesters.push(mailbox),
+            "watch" => watch_list.push(mailbox),
+            _ => work_notes_list.push(mailbox.address),
+        }
+    }
+    let thread = thread_refs(conn, ticket_id)?;
+    Ok(TicketView {
+        id: ticket_id,
+        number,
+        subject,
+        state: TicketState::parse(&state).unwrap_or(TicketState::Open),
+        owner,
+        requesters,
+        watch_list,
+        work_notes_list,
+        thread,
+    })
+}
+
+/// The first Message-ID of the ticket and its most recent ones, oldest first.
+pub fn thread_refs(conn: &Connection, ticket_id: i64) -> Result<Vec<ThreadRef>> {
+    let map = |r: &rusqlite::Row<'_>| {
+        Ok(ThreadRef {
+            message_id: r.get(0)?,
+            agent_inbound: r.get(1)?,
+        })
+    };
+    let mut refs: Vec<ThreadRef> = conn
+        .prepare_cached(
+            "SELECT message_id, agent_inbound FROM thread_ids WHERE ticket_id = ?1 ORDER BY seq DESC LIMIT ?2",
+        )?
+        .query_map(params![ticket_id, THREAD_TAIL], map)?
+        .collect::<rusqlite::Result<_>>()?;
+    refs.reverse();
+    let first: Vec<ThreadRef> = conn
+        .prepare_cached(
+            "SELECT message_id, agent_inbound FROM thread_ids WHERE ticket_id = ?1 AND agent_inbound = 0 ORDER BY seq LIMIT 1",
+        )?
+        .query_map([ticket_id], map)?
+        .collect::<rusqlite::Result<_>>()?;
+    for f in first {
+        if !refs.iter().any(|r| r.message_id == f.message_id) {
+            refs.insert(0, f);
+        }
+    }
+    Ok(refs)
+}
+
+/// The entry that already holds this message, if any (SPEC rule 2): same
+/// Message-ID, sender and body; without a Message-ID, same sender, subject
+/// and body within 24 hours.
+pub fn duplicate_of(
+    conn: &Connection,
+    sender: &str,
+    message_id: Option<&str>,
+    subject: &str,
+    body_hash: &str,
+    now: i64,
+) -> Result<Option<i64>> {
+    match message_id {
+        Some(id) => Ok(conn
+            .prepare_cached(
+                "SELECT id FROM entries WHERE message_id = ?1 AND sender = ?2 AND body_hash = ?3 ORDER BY id LIMIT 1",
+            )?
+            .query_row(params![id, sender, body_hash], |r| r.get(0))
+            .optional()?),
+        None => Ok(conn
+            .prepare_cached(
+                "SELECT e.id FROM entries e JOIN raw_messages m ON m.id = e.raw_id
+                 WHERE e.sender = ?1 AND e.body_hash = ?2 AND e.at >= ?3 AND e.message_id IS NULL
+                   AND e.subject = ?4 ORDER BY e.id LIMIT 1",
+            )?
+            .query_row(params![sender, body_hash, now - 86_400, subject], |r| r.get(0))
+            .optional()?),
+    }
+}
+
+pub fn count_duplicate(conn: &Connection, entry_id: i64) -> Result<()> {
+    conn.prepare_cached("UPDATE entries SET duplicates = duplicates + 1 WHERE id = ?1")?
+        .execute([entry_id])?;
+    Ok(())
+}
+
+/// Addresses that were agents once and are no longer configured.
+pub fn former_agents(conn: &Connection) -> Result<BTreeSet<String>> {
+    Ok(conn
+        .prepare_cached("SELECT address FROM known_agents WHERE removed_at IS NOT NULL")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?)
+}
+
+/// Record the configured agents; those no longer configured become former
+/// agents and leave every work-notes list and ownership (SPEC: at the next
+/// start or reload). Returns the addresses removed this time.
+pub fn sync_agents(conn: &Connection, agents: &[crate::config::Agent], now: i64) -> Result<Vec<String>> {
+    let configured: BTreeSet<&str> = agents.iter().map(|a| a.email.as_str()).collect();
+    for a in agents {
+        conn.execute(
+            "INSERT INTO known_agents (address, name, first_seen) VALUES (?1, ?2, ?3)
+             ON CONFLICT (address) DO UPDATE SET name = excluded.name, removed_at = NULL",
+            params![a.email, a.name, now],
+        )?;
+    }
+    let active: Vec<String> = conn
+        .prepare("SELECT address FROM known_agents WHERE removed_at IS NULL")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut removed = Vec::new();
+    for address in active.into_iter().filter(|a| !configured.contains(a.as_str())) {
+        conn.execute("UPDATE known_agents SET removed_at = ?2 WHERE address = ?1", params![address, now])?;
+        conn.execute("DELETE FROM participants WHERE role = 'notes' AND address = ?1", [&address])?;
+        conn.execute("UPDATE tickets SET owner = NULL WHERE owner = ?1", [&address])?;
+        removed.push(address);
+    }
+    Ok(removed)
+}
+
+/// Create a ticket; its number is the prefix and the row id, zero-padded.
+pub fn create(
+    conn: &Connection,
+    new: &NewTicket,
+    state: TicketState,
+    prefix: &str,
+    digits: usize,
+    now: i64,
+) -> Result<(i64, String)> {
+    let id: i64 = conn
+        .prepare_cached("SELECT COALESCE(MAX(id), 0) + 1 FROM tickets")?
+        .query_row([], |r| r.get(0))?;
+    let number = format!("{prefix}{id:0digits$}");
+    conn.prepare_cached(
+        "INSERT INTO tickets (id, number, subject, state, owner, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+    )?
+    .execute(params![id, number, new.subject, state.as_str(), new.owner, now])?;
+    for m in &new.requesters {
+        add_participant(conn, id, "requester", m, now)?;
+    }
+    for m in &new.watch_list {
+        add_participant(conn, id, "watch", m, now)?;
+    }
+    for a in &new.work_notes_list {
+        add_participant(conn, id, "notes", &Mailbox::new(None, a), now)?;
+    }
+    if let Some(owner) = &new.owner {
+        add_participant(conn, id, "notes", &Mailbox::new(None, owner), now)?;
+    }
+    Ok((id, number))
+}
+
+/// Add someone to a list; `true` when they were not on it yet.
+pub fn add_participant(conn: &Connection, ticket_id: i64, role: &str, who: &Mailbox, now: i64) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO participants (ticket_id, role, address, name, added_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![ticket_id, role, who.address, who.name, now])?
+        > 0)
+}
+
+/// Take someone off a list; `true` when they were on it.
+pub fn remove_participant(conn: &Connection, ticket_id: i64, role: &str, address: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("DELETE FROM participants WHERE ticket_id = ?1 AND role = ?2 AND address = ?3")?
+        .execute(params![ticket_id, role, address])?
+        > 0)
+}
+
+pub fn set_state(conn: &Connection, ticket_id: i64, state: TicketState, now: i64) -> Result<()> {
+    conn.prepare_cached("UPDATE tickets SET state = ?2, updated_at = ?3 WHERE id = ?1")?
+        .execute(params![ticket_id, state.as_str(), now])?;
+    Ok(())
+}
+
+pub fn set_owner(conn: &Connection, ticket_id: i64, owner: Option<&str>, now: i64) -> Result<()> {
+    conn.prepare_cached("UPDATE tickets SET owner = ?2, updated_at = ?3 WHERE id = ?1")?
+        .execute(params![ticket_id, owner, now])?;
+    Ok(())
+}
+
+pub fn touch(conn: &Connection, ticket_id: i64, now: i64) -> Result<()> {
+    conn.prepare_cached("UPDATE tickets SET updated_at = ?2 WHERE id = ?1")?
+        .execute(params![ticket_id, now])?;
+    Ok(())
+}
+
+/// Store a raw message once; entries and quarantine rows point at it.
+pub fn insert_raw(
+    conn: &Connection,
+    now: i64,
+    peer: Option<&str>,
+    mail_from: Option<&str>,
+    rcpt_to: &[String],
+    data: &[u8],
+) -> Result<i64> {
+    let rcpt = serde_json::to_string(rcpt_to).unwrap_or_else(|_| "[]".into());
+    conn.prepare_cached("INSERT INTO raw_messages (received_at, peer, mail_from, rcpt_to, data) VALUES (?1, ?2, ?3, ?4, ?5)")?
+        .execute(params![now, peer, mail_from, rcpt, data])?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// One log entry to write.
+pub struct EntryRow<'a> {
+    pub ticket_id: i64,
+    pub kind: EntryKind,
+    pub from: &'a Mailbox,
+    pub at: i64,
+    pub subject: &'a str,
+    pub body: &'a str,
+    pub html: Option<&'a str>,
+    pub message_id: Option<&'a str>,
+    pub by_agent: bool,
+    /// The sender as the duplicate check knows it (envelope or From).
+    pub sender: Option<&'a str>,
+    pub body_hash: Option<&'a str>,
+    pub raw_id: Option<i64>,
+}
+
+pub fn insert_entry(conn: &Connection, e: &EntryRow<'_>) -> Result<i64> {
+    conn.prepare_cached(
+        "INSERT INTO entries (ticket_id, kind, from_addr, from_name, at, subject, body, html, message_id,
+                              by_agent, sender, body_hash, raw_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )?
+    .execute(params![
+        e.ticket_id,
+        e.kind.as_str(),
+        e.from.address,
+        e.from.name,
+        e.at,
+        e.subject,
+        e.body,
+        e.html,
+        e.message_id,
+        e.by_agent,
+        e.sender,
+        e.body_hash,
+        e.raw_id
+    ])?;
+    Ok(conn.last_insert_rowid())
+}
+
+pub fn insert_attachment(conn: &Connection, entry_id: i64, a: &Attachment) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO attachments (entry_id, filename, content_type, size, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![entry_id, a.filename, a.content_type, a.data.len() as i64, a.data])?;
+    Ok(())
+}
+
+/// Remember a Message-ID on a ticket, for threading both ways.
+pub fn insert_thread_id(conn: &Connection, message_id: &str, ticket_id: i64, agent_inbound: bool, now: i64) -> Result<()> {
+    conn.prepare_cached("INSERT INTO thread_ids (message_id, ticket_id, agent_inbound, at) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![message_id, ticket_id, agent_inbound, now])?;
+    Ok(())
+}
+
+pub fn insert_quarantine(
+    conn: &Connection,
+    now: i64,
+    reason: &str,
+    sender: Option<&str>,
+    subject: Option<&str>,
+    message_id: Option<&str>,
+    raw_id: Option<i64>,
+) -> Result<i64> {
+    conn.prepare_cached(
+        "INSERT INTO quarantine (at, reason, sender, subject, message_id, raw_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![now, reason, sender, subject, message_id, raw_id])?;
+    Ok(conn.last_insert_rowid())
+}
+
+// ---------------------------------------------------------------------------
+// Reading for the command line.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Serialize)]
+pub struct AttachmentInfo {
+    pub filename: String,
+    pub content_type: String,
+    pub size: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EntryInfo {
+    pub id: i64,
+    pub kind: String,
+    pub from: String,
+    pub at: String,
+    pub subject: String,
+    pub body: String,
+    pub message_id: Option<String>,
+    pub duplicates: i64,
+    pub attachments: Vec<AttachmentInfo>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TicketInfo {
+    pub number: String,
+    pub subject: String,
+    pub state: String,
+    pub owner: Option<String>,
+    pub requesters: Vec<String>,
+    pub watch_list: Vec<String>,
+    pub work_notes_list: Vec<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub entries: Vec<EntryInfo>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TicketSummary {
+    pub number: String,
+    pub subject: String,
+    pub state: String,
+    pub requesters: Vec<String>,
+    pub updated_at: String,
+}
+
+pub fn rfc3339(at: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(at)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+fn addresses(conn: &Connection, ticket_id: i64, role: &str) -> Result<Vec<String>> {
+    Ok(conn
+        .prepare_cached("SELECT address FROM participants WHERE ticket_id = ?1 AND role = ?2 ORDER BY added_at, rowid")?
+        .query_map(params![ticket_id, role], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?)
+}
+
+/// Resolve a ticket number as typed by a user (any case) to its id.
+///
+/// # Errors
+/// `NotFound` naming the number.
+pub fn require(conn: &Connection, number: &str) -> Result<i64> {
+    find_by_number(conn, number)?.ok_or_else(|| StoreError::NotFound(format!("no ticket {number}")))
+}
+
+pub fn info(conn: &Connection, ticket_id: i64) -> Result<TicketInfo> {
+    let (number, subject, state, owner, created_at, updated_at): (String, String, String, Option<String>, i64, i64) =
+        conn.query_row(
+            "SELECT number, subject, state, owner, created_at, updated_at FROM tickets WHERE id = ?1",
+            [ticket_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+        )?;
+    let mut entries: Vec<EntryInfo> = conn
+        .prepare_cached(
+            "SELECT id, kind, from_addr, at, subject, body, message_id, duplicates FROM entries WHERE ticket_id = ?1 ORDER BY id",
+        )?
+        .query_map([ticket_id], |r| {
+            Ok(EntryInfo {
+                id: r.get(0)?,
+                kind: r.get(1)?,
+                from: r.get(2)?,
+                at: rfc3339(r.get(3)?),
+                subject: r.get(4)?,
+                body: r.get(5)?,
+                message_id: r.get(6)?,
+                duplicates: r.get(7)?,
+                attachments: Vec::new(),
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT filename, content_type, size FROM attachments WHERE entry_id = ?1 ORDER BY id",
+    )?;
+    for e in &mut entries {
+        e.attachments = stmt
+            .query_map([e.id], |r| {
+                Ok(AttachmentInfo {
+                    filename: r.get(0)?,
+                    content_type: r.get(1)?,
+                    size: r.get(2)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+    }
+    Ok(TicketInfo {
+        number,
+        subject,
+        state,
+        owner,
+        requesters: addresses(conn, ticket_id, "requester")?,
+        watch_list: addresses(conn, ticket_id, "watch")?,
+        work_notes_list: addresses(conn, ticket_id, "notes")?,
+        created_at: rfc3339(created_at),
+        updated_at: rfc3339(updated_at),
+        entries,
+    })
+}
+
+pub fn list(conn: &Connection, state: Option<TicketState>) -> Result<Vec<TicketSummary>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, number, subject, state, updated_at FROM tickets
+         WHERE ?1 IS NULL OR state = ?1 ORDER BY id",
+    )?;
+    let rows: Vec<(i64, String, String, String, i64)> = stmt
+        .query_map([state.map(TicketState::as_str)], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    rows.into_iter()
+        .map(|(id, number, subject, state, updated_at)| {
+            Ok(TicketSummary {
+                number,
+                subject,
+                state,
+                requesters: addresses(conn, id, "requester")?,
+                updated_at: rfc3339(updated_at),
+            })
+        })
+        .collect()
+}
+
+#[derive(Debug, Serialize)]
+pub struct QuarantineInfo {
+    pub id: i64,
+    pub at: String,
+    pub reason: String,
+    pub sender: Option<String>,
+    pub subject: Option<String>,
+    pub message_id: Option<String>,
+}
+
+pub fn quarantine_list(conn: &Connection) -> Result<Vec<QuarantineInfo>> {
+    Ok(conn
+        .prepare("SELECT id, at, reason, sender, subject, message_id FROM quarantine ORDER BY id")?
+        .query_map([], |r| {
+            Ok(QuarantineInfo {
+                id: r.get(0)?,
+                at: rfc3339(r.get(1)?),
+                reason: r.get(2)?,
+                sender: r.get(3)?,
+                subject: r.get(4)?,
+                message_id: r.get(5)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?)
+}
+
+/// Queue an outgoing message; the relay worker picks it up.
+#[allow(clippy::too_many_arguments)]
+pub fn insert_outbox(
+    conn: &Connection,
+    ticket_id: Option<i64>,
+    entry_id: Option<i64>,
+    kind: &str,
+    recipients: &[String],
+    message_id: &str,
+    message: &[u8],
+    now: i64,
+) -> Result<i64> {
+    let recipients = serde_json::to_string(recipients).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    conn.prepare_cached(
+        "INSERT INTO outbox (ticket_id, entry_id, kind, recipients, message_id, message, next_attempt_at, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+    )?
+    .execute(params![ticket_id, entry_id, kind, recipients, message_id, message, now])?;
+    Ok(conn.last_insert_rowid())
+}

@@ -1,0 +1,158 @@
+//! Templates of the automatic messages: receipt, closure, the "reply to the
+//! CRM only" notice and the delivery-failure notice, in French and English.
+//!
+//! Built-in copies are compiled in; `[auto] templates_dir` may hold files of
+//! the same names (`receipt.fr.txt`, …) that replace them. Every template is
+//! compiled when the configuration is loaded, so a broken one is a
+//! `check-config` error and never a surprise at the first new ticket.
+
+use std::path::Path;
+
+use minijinja::Environment;
+use serde::Serialize;
+
+use crate::config::Language;
+
+/// The kinds of automatic message that have a template.
+pub const NAMES: [&str; 4] = ["receipt", "closure", "reply_all", "failure"];
+
+const BUILT_IN: [(&str, &str); 8] = [
+    ("receipt.fr.txt", include_str!("receipt.fr.txt")),
+    ("receipt.en.txt", include_str!("receipt.en.txt")),
+    ("closure.fr.txt", include_str!("closure.fr.txt")),
+    ("closure.en.txt", include_str!("closure.en.txt")),
+    ("reply_all.fr.txt", include_str!("reply_all.fr.txt")),
+    ("reply_all.en.txt", include_str!("reply_all.en.txt")),
+    ("failure.fr.txt", include_str!("failure.fr.txt")),
+    ("failure.en.txt", include_str!("failure.en.txt")),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("auto.templates_dir: cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("auto.templates_dir: template {name}: {source}")]
+    Syntax { name: String, source: minijinja::Error },
+    #[error("template {name}: {source}")]
+    Render { name: String, source: minijinja::Error },
+}
+
+/// What a template can use.
+#[derive(Debug, Serialize)]
+pub struct Context<'a> {
+    pub number: &'a str,
+    pub subject: &'a str,
+    pub display_name: &'a str,
+    pub public_address: &'a str,
+    /// Failure notice only.
+    pub recipients: &'a str,
+    /// Failure notice only.
+    pub reason: &'a str,
+}
+
+pub struct Templates {
+    env: Environment<'static>,
+}
+
+impl std::fmt::Debug for Templates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Templates")
+    }
+}
+
+impl Templates {
+    /// The built-in templates, overridden by the files of `dir`.
+    ///
+    /// # Errors
+    /// A file that exists but cannot be read, or a template that does not compile.
+    pub fn load(dir: Option<&Path>) -> Result<Templates, TemplateError> {
+        let mut env = Environment::new();
+        env.set_keep_trailing_newline(true);
+        for (name, built_in) in BUILT_IN {
+            let source = match dir.map(|d| d.join(name)).filter(|p| p.exists()) {
+                Some(path) => std::fs::read_to_string(&path).map_err(|source| TemplateError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+                None => built_in.to_string(),
+            };
+            env.add_template_owned(name, source).map_err(|source| TemplateError::Syntax {
+                name: name.to_string(),
+                source,
+            })?;
+        }
+        Ok(Templates { env })
+    }
+
+    /// # Errors
+    /// A template that fails at render time (e.g. an unknown filter).
+    pub fn render(&self, name: &str, language: Language, context: &Context<'_>) -> Result<String, TemplateError> {
+        let file = format!("{name}.{}.txt", language.code());
+        self.env
+            .get_template(&file)
+            .and_then(|t| t.render(context))
+            .map_err(|source| TemplateError::Render { name: file, source })
+    }
+}
+
+/// The subject of an automatic message, before compose adds `[NUMBER]`.
+pub fn subject(name: &str, language: Language, ticket_subject: &str) -> String {
+    let prefix = match (name, language) {
+        ("receipt", Language::Fr) => "Accusé de réception",
+        ("receipt", Language::En) => "Receipt confirmation",
+        ("closure", Language::Fr) => "Billet résolu",
+        ("closure", Language::En) => "Ticket resolved",
+        ("reply_all", Language::Fr) => "Ne répondre qu'au CRM",
+        ("reply_all", Language::En) => "Reply to the CRM only",
+        ("failure", Language::Fr) => "Échec de remise",
+        _ => "Delivery failure",
+    };
+    if ticket_subject.is_empty() {
+        prefix.to_string()
+    } else {
+        let separator = if language == Language::Fr { " : " } else { ": " };
+        format!("{prefix}{separator}{ticket_subject}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context() -> Context<'static> {
+        Context {
+            number: "TKT0000042",
+            subject: "Imprimante",
+            display_name: "Soutien TI",
+            public_address: "support@example.org",
+            recipients: "a@example.org",
+            reason: "550 5.1.1 no such user",
+        }
+    }
+
+    #[test]
+    fn built_in_templates_render_in_both_languages() {
+        let t = Templates::load(None).unwrap();
+        for name in NAMES {
+            for lang in [Language::Fr, Language::En] {
+                let text = t.render(name, lang, &context()).unwrap();
+                assert!(text.contains("TKT0000042"), "{name}.{lang:?}: {text}");
+            }
+        }
+        let fr = t.render("receipt", Language::Fr, &context()).unwrap();
+        assert!(fr.contains("billet TKT0000042"));
+        assert_eq!(subject("closure", Language::En, "Imprimante"), "Ticket resolved: Imprimante");
+        assert_eq!(subject("closure", Language::Fr, "Imprimante"), "Billet résolu : Imprimante");
+    }
+
+    #[test]
+    fn a_directory_overrides_and_a_broken_template_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("receipt.en.txt"), "Got {{ number }}.").unwrap();
+        let t = Templates::load(Some(dir.path())).unwrap();
+        assert_eq!(t.render("receipt", Language::En, &context()).unwrap(), "Got TKT0000042.");
+        std::fs::write(dir.path().join("closure.fr.txt"), "{% if %}").unwrap();
+        let err = Templates::load(Some(dir.path())).unwrap_err();
+        assert!(err.to_string().contains("closure.fr.txt"), "{err}");
+    }
+}
