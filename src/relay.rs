@@ -1,2 +1,678 @@
-//! Relay: the outbox worker. Sends queued rows through the configured relay
-//! (SMTP via lettre, or `.eml` files), retries with backoff, marks failures.
+//! Relay: the outbox worker, the last stage of the pipeline. It sends the
+//! rows the store queued through the configured relay (SMTP via lettre, or
+//! `.eml` files), in id order, and records each outcome back in the row:
+//! sent, retried later with backoff (4xx, relay unreachable), or failed
+//! (5xx, or given up after `give_up_after_hours`), in which case the
+//! [`FailureHook`] logs it on the ticket in the same transaction.
+//!
+//! One long-lived task owns the relay session; the database work runs on
+//! tokio's blocking pool with a connection of its own, so a busy SQLite
+//! never stalls the SMTP listener.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, info_span, warn, Instrument};
+
+use crate::config::{Config, RelayTarget};
+use crate::store::outbox::{self, OutboxRow};
+use crate::store::{self, StoreError};
+
+mod file;
+mod smtp;
+
+/// Called when a row fails for good (or some of its recipients do), inside
+/// the transaction that records it, with the reason; the daemon uses it to
+/// log a `system` entry on the ticket and tell the work-notes list. An
+/// error from the hook is logged and the failure recorded without it: a
+/// failed hook must not make the worker resend the message.
+pub type FailureHook =
+    Arc<dyn Fn(&Connection, &OutboxRow, &str) -> Result<(), StoreError> + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("relay worker: {0}")]
+    Store(#[from] StoreError),
+    #[error("relay worker: cannot read the reply secret {path}: {source}")]
+    Secret {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("relay worker: a database task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// At most this many rows are read per query; the worker loops until none is due.
+const BATCH: usize = 100;
+/// The longest the worker sleeps without looking at the table: the CLI
+/// queues rows from another process, and the SPEC promises they leave
+/// within a second.
+const POLL: Duration = Duration::from_secs(1);
+/// After a database error, wait this long before trying again.
+const STORE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Run the outbox worker until `shutdown` is cancelled; then finish the
+/// message in flight, close the relay session and return.
+///
+/// It wakes when the next row is due, when `wake` is notified (the writer
+/// committed rows), at least every [`POLL`], and at shutdown.
+///
+/// # Errors
+/// The database cannot be opened or the reply secret read. Errors while
+/// running (database busy, relay down) are logged and retried, never
+/// returned: the queue is durable and the worker keeps draining it.
+pub async fn run(
+    config: Arc<Config>,
+    db_path: PathBuf,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+    on_failed: FailureHook,
+) -> Result<(), RelayError> {
+    let key = read_reply_secret(&config)?;
+    let conn = tokio::task::spawn_blocking(move || store::open(&db_path)).await??;
+    let mut worker = Worker {
+        db: Db(Arc::new(Mutex::new(conn))),
+        transport: Transport::new(&config),
+        policy: RetryPolicy::from_config(&config),
+        public_address: config.public_address.clone(),
+        key,
+        on_failed,
+        unrecorded: Vec::new(),
+    };
+    worker.run(&wake, &shutdown).await;
+    worker.transport.close().await;
+    Ok(())
+}
+
+/// The key of signed bounce addresses: the content of `reply_secret_file`,
+/// trimmed, as everywhere else in crmgate.
+fn read_reply_secret(config: &Config) -> Result<Option<Vec<u8>>, RelayError> {
+    let Some(path) = &config.reply_secret_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read(path).map_err(|source| RelayError::Secret {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Some(text.trim_ascii().to_vec()))
+}
+
+/// How long to wait before the next attempt, and when to stop trying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub initial_seconds: i64,
+    pub max_seconds: i64,
+    pub give_up_after_seconds: i64,
+}
+
+impl RetryPolicy {
+    pub fn from_config(config: &Config) -> RetryPolicy {
+        let seconds = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        RetryPolicy {
+            initial_seconds: seconds(config.retry_initial_seconds),
+            max_seconds: seconds(config.retry_max_seconds),
+            give_up_after_seconds: seconds(config.give_up_after_hours).saturating_mul(3600),
+        }
+    }
+
+    /// The delay after a failed attempt when `attempts` were made before
+    /// it: the initial delay, doubling, capped at the maximum.
+    pub fn delay(&self, attempts: i64) -> i64 {
+        let doublings = u32::try_from(attempts.clamp(0, 62)).unwrap_or(62);
+        self.initial_seconds
+            .saturating_mul(1_i64 << doublings)
+            .min(self.max_seconds)
+    }
+}
+
+/// What the relay said about one recipient of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecipientOutcome {
+    Delivered,
+    /// 4xx, or the session broke: try again later.
+    Deferred(String),
+    /// 5xx: never try this recipient again.
+    Refused(String),
+}
+
+/// What to record for a row after an attempt: a pure function of the row,
+/// the per-recipient outcomes, the time and the policy ([`dispose`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    Sent,
+    Retry {
+        next_at: i64,
+        error: String,
+        /// The recipients left for next time, when fewer than the row has:
+        /// the others were delivered or refused.
+        narrow_to: Option<Vec<String>>,
+        /// Recipients refused for good in this attempt, for the hook.
+        refused: Option<String>,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// Decide what an attempt means for the row.
+///
+/// All delivered: sent. None deferred but some refused: failed, naming the
+/// refused (the others did get it). Some deferred: retry those only, after
+/// the backoff, unless the row is older than the give-up time. The next
+/// attempt is never scheduled past the give-up time, so the last try
+/// happens then and not up to `retry_max_seconds` later.
+pub fn dispose(
+    row: &OutboxRow,
+    outcomes: &[(String, RecipientOutcome)],
+    now: i64,
+    policy: &RetryPolicy,
+) -> Disposition {
+    let mut deferred = Vec::new();
+    let mut refused = Vec::new();
+    let mut delivered = 0;
+    for (recipient, outcome) in outcomes {
+        match outcome {
+            RecipientOutcome::Delivered => delivered += 1,
+            RecipientOutcome::Deferred(why) => deferred.push((recipient.clone(), why.clone())),
+            RecipientOutcome::Refused(why) => refused.push((recipient.clone(), why.clone())),
+        }
+    }
+    let name = |list: &[(String, String)]| {
+        list.iter()
+            .map(|(recipient, why)| {
+                if why.contains(recipient.as_str()) {
+                    why.clone()
+                } else {
+                    format!("{recipient}: {why}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let refused_text = (!refused.is_empty()).then(|| format!("refused: {}", name(&refused)));
+    let delivered_note = if delivered > 0 && (!refused.is_empty() || !deferred.is_empty()) {
+        format!(" (delivered to the {delivered} other recipient(s))")
+    } else {
+        String::new()
+    };
+
+    if deferred.is_empty() {
+        return match refused_text {
+            None => Disposition::Sent,
+            Some(text) => Disposition::Failed {
+                error: format!("{text}{delivered_note}"),
+            },
+        };
+    }
+
+    let mut error = format!("deferred: {}", name(&deferred));
+    if let Some(text) = &refused_text {
+        error = format!("{error}; {text}");
+    }
+    error.push_str(&delivered_note);
+    let give_up_at = row.created_at.saturating_add(policy.give_up_after_seconds);
+    if now >= give_up_at {
+        let hours = policy.give_up_after_seconds / 3600;
+        return Disposition::Failed {
+            error: format!(
+                "gave up after {hours} h and {} attempt(s): {error}",
+                row.attempts + 1
+            ),
+        };
+    }
+    let next_at = now
+        .saturating_add(policy.delay(row.attempts))
+        .min(give_up_at)
+        .max(now + 1);
+    let narrow_to = (deferred.len() < row.recipients.len())
+        .then(|| deferred.iter().map(|(r, _)| r.clone()).collect());
+    Disposition::Retry {
+        next_at,
+        error,
+        narrow_to,
+        refused: refused_text,
+    }
+}
+
+/// Record a disposition in one transaction, with the hook for failures.
+///
+/// # Errors
+/// A database error; the transaction is then rolled back.
+fn record(
+    conn: &mut Connection,
+    row: &OutboxRow,
+    disposition: &Disposition,
+    now: i64,
+    on_failed: &FailureHook,
+) -> Result<(), StoreError> {
+    let mut tx = conn.transaction()?;
+    let hook_reason = match disposition {
+        Disposition::Sent => {
+            outbox::mark_sent(&tx, row.id, now)?;
+            None
+        }
+        Disposition::Retry {
+            next_at,
+            error,
+            narrow_to,
+            refused,
+        } => {
+            if let Some(keep) = narrow_to {
+                outbox::narrow_recipients(&tx, row.id, keep)?;
+            }
+            outbox::mark_retry(&tx, row.id, *next_at, error)?;
+            refused.as_deref()
+        }
+        Disposition::Failed { error } => {
+            outbox::mark_failed(&tx, row.id, error)?;
+            Some(error.as_str())
+        }
+    };
+    if let Some(reason) = hook_reason {
+        // A savepoint, so that a hook failing half-way leaves nothing behind
+        // while the outcome itself is still committed.
+        let mut savepoint = tx.savepoint()?;
+        match on_failed(&savepoint, row, reason) {
+            Ok(()) => savepoint.commit()?,
+            Err(e) => {
+                error!(outbox_id = row.id, error = %e, "failure hook failed; failure recorded without it");
+                savepoint.rollback()?;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// The worker's connection, shared with the blocking pool.
+#[derive(Clone)]
+struct Db(Arc<Mutex<Connection>>);
+
+impl Db {
+    /// Run `f` on the blocking pool with the connection.
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, RelayError> {
+        let conn = Arc::clone(&self.0);
+        let result = tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&mut conn)
+        })
+        .await?;
+        Ok(result?)
+    }
+}
+
+enum Transport {
+    File(file::FileRelay),
+    /// Boxed: the session is large, the file relay is a path.
+    Smtp(Box<smtp::SmtpRelay>),
+}
+
+impl Transport {
+    fn new(config: &Config) -> Transport {
+        match &config.relay {
+            RelayTarget::File(dir) => Transport::File(file::FileRelay::new(dir.clone())),
+            RelayTarget::Smtp { host, port, tls } => {
+                let credentials = config
+                    .relay_username
+                    .clone()
+                    .zip(config.relay_password_file.clone());
+                Transport::Smtp(Box::new(smtp::SmtpRelay::new(
+                    host.clone(),
+                    *port,
+                    *tls,
+                    &config.hostname,
+                    credentials,
+                )))
+            }
+        }
+    }
+
+    async fn close(&mut self) {
+        if let Transport::Smtp(relay) = self {
+            relay.close().await;
+        }
+    }
+}
+
+/// The result of one attempt at a row.
+enum Attempt {
+    Outcomes(Vec<(String, RecipientOutcome)>),
+    /// The relay could not be used at all: the rest of the batch waits too.
+    RelayDown(String),
+}
+
+struct Worker {
+    db: Db,
+    transport: Transport,
+    policy: RetryPolicy,
+    public_address: String,
+    key: Option<Vec<u8>>,
+    on_failed: FailureHook,
+    /// Outcomes the database refused to record (busy, disk full): retried
+    /// before anything else, and their rows are not sent again meanwhile.
+    unrecorded: Vec<(OutboxRow, Disposition)>,
+}
+
+impl Worker {
+    async fn run(&mut self, wake: &Notify, shutdown: &CancellationToken) {
+        while !shutdown.is_cancelled() {
+            self.record_unrecorded().await;
+            let now = store::now();
+            let batch = match self.db.call(move |c| outbox::due(c, now, BATCH)).await {
+                Ok(batch) => batch,
+                Err(e) => {
+                    error!(error = %e, "cannot read the outbox");
+                    pause(STORE_PAUSE, shutdown).await;
+                    continue;
+                }
+            };
+            let skip: HashSet<i64> = self.unrecorded.iter().map(|(r, _)| r.id).collect();
+            let batch: Vec<OutboxRow> = batch
+                .into_iter()
+                .filter(|r| !skip.contains(&r.id))
+                .collect();
+            if batch.is_empty() {
+                if !self.unrecorded.is_empty() {
+                    pause(STORE_PAUSE, shutdown).await;
+                    continue;
+                }
+                self.idle(wake, shutdown).await;
+                continue;
+            }
+            self.send_batch(batch, shutdown).await;
+        }
+    }
+
+    /// Sleep until the next row is due, at most [`POLL`], or until woken.
+    async fn idle(&mut self, wake: &Notify, shutdown: &CancellationToken) {
+        if let Transport::Smtp(relay) = &mut self.transport {
+            relay.close_if_idle().await;
+        }
+        let next_due = self
+            .db
+            .call(|c| outbox::next_due_at(c))
+            .await
+            .unwrap_or_else(|e| {
+                error!(error = %e, "cannot read the outbox");
+                None
+            });
+        let wait = match next_due {
+            Some(at) => until(at).min(POLL),
+            None => POLL,
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = wake.notified() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+
+    async fn send_batch(&mut self, batch: Vec<OutboxRow>, shutdown: &CancellationToken) {
+        let mut rows = batch.into_iter();
+        while let Some(row) = rows.next() {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let span = info_span!(
+                "delivery",
+                outbox_id = row.id,
+                message_id = %row.message_id,
+                recipients = %row.recipients.join(","),
+                attempt = row.attempts + 1,
+            );
+            match self.attempt(&row).instrument(span.clone()).await {
+                Attempt::Outcomes(outcomes) => {
+                    self.settle(row, &outcomes).instrument(span).await;
+                }
+                Attempt::RelayDown(reason) => {
+                    // Defer this row and the rest of the batch without a
+                    // connection attempt each: one failure says the relay
+                    // is down for all of them.
+                    warn!(parent: &span, error = %reason, "relay unreachable");
+                    for row in std::iter::once(row).chain(rows.by_ref()) {
+                        let outcomes: Vec<_> = row
+                            .recipients
+                            .iter()
+                            .map(|r| (r.clone(), RecipientOutcome::Deferred(reason.clone())))
+                            .collect();
+                        let span = info_span!("delivery", outbox_id = row.id, message_id = %row.message_id);
+                        self.settle(row, &outcomes).instrument(span).await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Hand one row to the transport.
+    async fn attempt(&mut self, row: &OutboxRow) -> Attempt {
+        let mail_from =
+            crate::thread::bounce_address(&self.public_address, row.id, self.key.as_deref());
+        match &mut self.transport {
+            Transport::Smtp(relay) => {
+                match relay.send(&mail_from, &row.recipients, &row.message).await {
+                    Ok(outcomes) => Attempt::Outcomes(outcomes),
+                    Err(smtp::SessionFailure(reason)) => Attempt::RelayDown(reason),
+                }
+            }
+            Transport::File(relay) => {
+                let relay = relay.clone();
+                let (id, recipients, message) =
+                    (row.id, row.recipients.clone(), row.message.clone());
+                let from = mail_from.clone();
+                let written = tokio::task::spawn_blocking(move || {
+                    relay.write(id, &from, &recipients, &message)
+                })
+                .await;
+                let outcome = match written {
+                    Ok(Ok(_)) => RecipientOutcome::Delivered,
+                    Ok(Err(e)) => {
+                        RecipientOutcome::Deferred(format!("cannot write the .eml file: {e}"))
+                    }
+                    Err(e) => RecipientOutcome::Deferred(format!("file relay task failed: {e}")),
+                };
+                Attempt::Outcomes(
+                    row.recipients
+                        .iter()
+                        .map(|r| (r.clone(), outcome.clone()))
+                        .collect(),
+                )
+            }
+        }
+    }
+
+    /// Decide and record what an attempt means for the row; log it.
+    async fn settle(&mut self, row: OutboxRow, outcomes: &[(String, RecipientOutcome)]) {
+        let now = store::now();
+        let disposition = dispose(&row, outcomes, now, &self.policy);
+        match &disposition {
+            Disposition::Sent => info!(outcome = "sent", "delivered"),
+            Disposition::Retry { next_at, error, .. } => {
+                info!(outcome = "retry", retry_in = next_at - now, error = %error, "deferred")
+            }
+            Disposition::Failed { error } => warn!(outcome = "failed", error = %error, "failed"),
+        }
+        if let Err(e) = self.record(row.clone(), disposition.clone(), now).await {
+            error!(error = %e, "cannot record the outcome; will try again");
+            self.unrecorded.push((row, disposition));
+        }
+    }
+
+    async fn record(
+        &self,
+        row: OutboxRow,
+        disposition: Disposition,
+        now: i64,
+    ) -> Result<(), RelayError> {
+        let hook = Arc::clone(&self.on_failed);
+        self.db
+            .call(move |c| record(c, &row, &disposition, now, &hook))
+            .await
+    }
+
+    async fn record_unrecorded(&mut self) {
+        let pending = std::mem::take(&mut self.unrecorded);
+        for (row, disposition) in pending {
+            if let Err(e) = self
+                .record(row.clone(), disposition.clone(), store::now())
+                .await
+            {
+                error!(outbox_id = row.id, error = %e, "still cannot record the outcome");
+                self.unrecorded.push((row, disposition));
+            }
+        }
+    }
+}
+
+/// How long until the Unix second `at` begins (zero if it has).
+fn until(at: i64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let at = Duration::from_secs(u64::try_from(at).unwrap_or(0));
+    at.saturating_sub(now)
+}
+
+async fn pause(duration: Duration, shutdown: &CancellationToken) {
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = tokio::time::sleep(duration) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::outbox::OutboxStatus;
+
+    const POLICY: RetryPolicy = RetryPolicy {
+        initial_seconds: 30,
+        max_seconds: 3600,
+        give_up_after_seconds: 72 * 3600,
+    };
+
+    fn row(recipients: &[&str], attempts: i64, created_at: i64) -> OutboxRow {
+        OutboxRow {
+            id: 7,
+            ticket_id: Some(1),
+            entry_id: Some(2),
+            kind: "public_copy".into(),
+            recipients: recipients.iter().map(|r| r.to_string()).collect(),
+            message_id: "<m@h>".into(),
+            message: b"x\r\n".to_vec(),
+            status: OutboxStatus::Queued,
+            attempts,
+            next_attempt_at: created_at,
+            last_error: None,
+            created_at,
+        }
+    }
+
+    fn outcomes(list: &[(&str, RecipientOutcome)]) -> Vec<(String, RecipientOutcome)> {
+        list.iter()
+            .map(|(r, o)| (r.to_string(), o.clone()))
+            .collect()
+    }
+
+    use RecipientOutcome::{Deferred, Delivered, Refused};
+
+    #[test]
+    fn backoff_doubles_from_the_initial_delay_up_to_the_maximum() {
+        let delays: Vec<i64> = (0..9).map(|a| POLICY.delay(a)).collect();
+        assert_eq!(delays, [30, 60, 120, 240, 480, 960, 1920, 3600, 3600]);
+        assert_eq!(POLICY.delay(10_000), 3600);
+    }
+
+    #[test]
+    fn all_delivered_is_sent() {
+        let r = row(&["a@x", "b@x"], 0, 1000);
+        let o = outcomes(&[("a@x", Delivered), ("b@x", Delivered)]);
+        assert_eq!(dispose(&r, &o, 1000, &POLICY), Disposition::Sent);
+    }
+
+    #[test]
+    fn one_refused_recipient_fails_the_row_naming_it() {
+        let r = row(&["a@x", "b@x"], 0, 1000);
+        let o = outcomes(&[
+            ("a@x", Delivered),
+            ("b@x", Refused("RCPT TO:<b@x>: 550 5.1.1 unknown".into())),
+        ]);
+        match dispose(&r, &o, 1000, &POLICY) {
+            Disposition::Failed { error } => {
+                assert!(
+                    error.contains("RCPT TO:<b@x>: 550 5.1.1 unknown"),
+                    "{error}"
+                );
+                assert!(!error.contains("a@x"), "{error}");
+                assert!(error.contains("delivered to the 1 other"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_deferral_retries_after_the_backoff_for_that_attempt() {
+        let r = row(&["a@x"], 3, 1000);
+        let o = outcomes(&[("a@x", Deferred("451 4.3.0 later".into()))]);
+        match dispose(&r, &o, 2000, &POLICY) {
+            Disposition::Retry {
+                next_at,
+                error,
+                narrow_to,
+                refused,
+            } => {
+                assert_eq!(next_at, 2000 + 240);
+                assert!(error.contains("451 4.3.0 later"));
+                assert_eq!((narrow_to, refused), (None, None));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_partial_deferral_retries_only_the_deferred_recipients() {
+        let r = row(&["a@x", "b@x", "c@x"], 0, 1000);
+        let o = outcomes(&[
+            ("a@x", Delivered),
+            ("b@x", Deferred("452 4.2.2 mailbox full".into())),
+            ("c@x", Refused("550 5.1.1 unknown".into())),
+        ]);
+        match dispose(&r, &o, 1000, &POLICY) {
+            Disposition::Retry {
+                narrow_to, refused, ..
+            } => {
+                assert_eq!(narrow_to, Some(vec!["b@x".to_string()]));
+                assert_eq!(refused.as_deref(), Some("refused: c@x: 550 5.1.1 unknown"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn deferrals_give_up_after_the_configured_hours_and_never_schedule_past_it() {
+        let created = 1000;
+        let deadline = created + 72 * 3600;
+        let o = outcomes(&[("a@x", Deferred("421 4.4.2 down".into()))]);
+        match dispose(&row(&["a@x"], 20, created), &o, deadline - 10, &POLICY) {
+            Disposition::Retry { next_at, .. } => assert_eq!(next_at, deadline),
+            other => panic!("{other:?}"),
+        }
+        match dispose(&row(&["a@x"], 21, created), &o, deadline, &POLICY) {
+            Disposition::Failed { error } => {
+                assert!(
+                    error.starts_with("gave up after 72 h and 22 attempt(s)"),
+                    "{error}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

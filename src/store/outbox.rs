@@ -1,1 +1,546 @@
 //! The outbox: outgoing mail waiting for the relay, as rows.
+//!
+//! The writer queues a row in the same transaction as the entry it belongs
+//! to; the relay worker ([`crate::relay`]) picks the rows that are due, in
+//! id order, and records each attempt here. The retry schedule lives in the
+//! `next_attempt_at` and `attempts` columns rather than in sleeps, so a
+//! restart, or a `crmgate outbox retry` from another process, simply
+//! changes what the next query returns.
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::Serialize;
+
+use super::{Result, StoreError};
+
+/// Where a row stands. Only `Queued` rows are ever sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboxStatus {
+    /// Waiting for its `next_attempt_at`.
+    Queued,
+    /// Accepted by the relay (or written to the file relay) for every
+    /// recipient left on the row.
+    Sent,
+    /// Refused permanently, or given up after `give_up_after_hours`; stays
+    /// until an operator runs `crmgate outbox retry`.
+    Failed,
+}
+
+impl OutboxStatus {
+    /// The value of the `status` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxStatus::Queued => "queued",
+            OutboxStatus::Sent => "sent",
+            OutboxStatus::Failed => "failed",
+        }
+    }
+
+    fn from_column(text: &str) -> Result<OutboxStatus> {
+        match text {
+            "queued" => Ok(OutboxStatus::Queued),
+            "sent" => Ok(OutboxStatus::Sent),
+            "failed" => Ok(OutboxStatus::Failed),
+            other => Err(StoreError::Invalid(format!(
+                "outbox status {other:?} is not queued, sent or failed"
+            ))),
+        }
+    }
+}
+
+/// One outgoing message as the relay worker needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub ticket_id: Option<i64>,
+    pub entry_id: Option<i64>,
+    /// What the message is (`public_copy`, `receipt`, …): for logs, and so
+    /// the failure hook can refuse to notify about a failed notice.
+    pub kind: String,
+    /// Envelope recipients still to deliver. Narrowed when some recipients
+    /// were accepted and others deferred, so a retry never sends twice.
+    pub recipients: Vec<String>,
+    pub message_id: String,
+    /// The full RFC 5322 message, CRLF line ends.
+    pub message: Vec<u8>,
+    pub status: OutboxStatus,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+    /// Unix seconds; the give-up clock starts here.
+    pub created_at: i64,
+}
+
+/// A row as `crmgate outbox list` shows it: no message bytes, the ticket by
+/// its number. Serializes to the SPEC's `outbox list --json` object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutboxSummary {
+    pub id: i64,
+    /// The ticket number (`TKT0000042`), when the row belongs to a ticket.
+    pub ticket: Option<String>,
+    pub kind: String,
+    pub recipients: Vec<String>,
+    pub status: OutboxStatus,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    #[serde(skip)]
+    pub next_attempt_at: i64,
+    #[serde(skip)]
+    pub created_at: i64,
+}
+
+const ROW_COLUMNS: &str = "id, ticket_id, entry_id, kind, recipients, message_id, message, \
+     status, attempts, next_attempt_at, last_error, created_at";
+
+/// Column values as read, before the JSON and the status are checked: a
+/// rusqlite row closure cannot return our error type.
+type RawRow = (
+    i64,
+    Option<i64>,
+    Option<i64>,
+    String,
+    String,
+    String,
+    Vec<u8>,
+    String,
+    i64,
+    i64,
+    Option<String>,
+    i64,
+);
+
+fn raw_row(r: &Row<'_>) -> rusqlite::Result<RawRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+        r.get(11)?,
+    ))
+}
+
+fn parse_recipients(id: i64, json: &str) -> Result<Vec<String>> {
+    serde_json::from_str(json).map_err(|e| {
+        StoreError::Invalid(format!(
+            "outbox row {id}: recipients are not a JSON array of strings: {e}"
+        ))
+    })
+}
+
+fn into_row(raw: RawRow) -> Result<OutboxRow> {
+    let (
+        id,
+        ticket_id,
+        entry_id,
+        kind,
+        recipients,
+        message_id,
+        message,
+        status,
+        attempts,
+        next_attempt_at,
+        last_error,
+        created_at,
+    ) = raw;
+    Ok(OutboxRow {
+        id,
+        ticket_id,
+        entry_id,
+        kind,
+        recipients: parse_recipients(id, &recipients)?,
+        message_id,
+        message,
+        status: OutboxStatus::from_column(&status)?,
+        attempts,
+        next_attempt_at,
+        last_error,
+        created_at,
+    })
+}
+
+/// Queued rows whose time has come, oldest first: the relay sends them in
+/// this order so a ticket's mail arrives in the order it was written.
+///
+/// # Errors
+/// A database error, or a row whose recipients or status column is corrupt.
+pub fn due(conn: &Connection, now: i64, limit: usize) -> Result<Vec<OutboxRow>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {ROW_COLUMNS} FROM outbox
+         WHERE status = 'queued' AND next_attempt_at <= ?1
+         ORDER BY id LIMIT ?2"
+    ))?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let raws = stmt
+        .query_map(params![now, limit], raw_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    raws.into_iter().map(into_row).collect()
+}
+
+/// When the earliest queued row is due (possibly in the past), or `None`
+/// when nothing is queued: the worker sleeps until then.
+///
+/// # Errors
+/// A database error.
+pub fn next_due_at(conn: &Connection) -> Result<Option<i64>> {
+    Ok(conn.query_row(
+        "SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'queued'",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+/// One row by id.
+///
+/// # Errors
+/// `NotFound` when there is no such row; a database error.
+pub fn get(conn: &Connection, id: i64) -> Result<OutboxRow> {
+    let raw = conn
+        .query_row(
+            &format!("SELECT {ROW_COLUMNS} FROM outbox WHERE id = ?1"),
+            [id],
+            raw_row,
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("no outbox row {id}")))?;
+    into_row(raw)
+}
+
+/// Fails with `NotFound` when an update touched no row, so a caller never
+/// believes it recorded an outcome it did not.
+fn one_row(changed: usize, id: i64) -> Result<()> {
+    if changed == 0 {
+        return Err(StoreError::NotFound(format!("no queued outbox row {id}")));
+    }
+    Ok(())
+}
+
+/// The relay accepted the message for every recipient left on the row.
+///
+/// # Errors
+/// `NotFound` when the row is not queued; a database error.
+pub fn mark_sent(conn: &Connection, id: i64, now: i64) -> Result<()> {
+    let changed = conn.execute(
+        "UPDATE outbox SET status = 'sent', sent_at = ?2, attempts = attempts + 1,
+                last_error = NULL
+         WHERE id = ?1 AND status = 'queued'",
+        params![id, now],
+    )?;
+    one_row(changed, id)
+}
+
+/// A temporary failure: count the attempt and try again at `next_at`.
+///
+/// # Errors
+/// `NotFound` when the row is not queued; a database error.
+pub fn mark_retry(conn: &Connection, id: i64, next_at: i64, error: &str) -> Result<()> {
+    let changed = conn.execute(
+        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3
+         WHERE id = ?1 AND status = 'queued'",
+        params![id, next_at, error],
+    )?;
+    one_row(changed, id)
+}
+
+/// A permanent failure, or the give-up time passed: the row stays failed
+/// until an operator retries it.
+///
+/// # Errors
+/// `NotFound` when the row is not queued; a database error.
+pub fn mark_failed(conn: &Connection, id: i64, error: &str) -> Result<()> {
+    let changed = conn.execute(
+        "UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = ?2
+         WHERE id = ?1 AND status = 'queued'",
+        params![id, error],
+    )?;
+    one_row(changed, id)
+}
+
+/// Keep only `recipients` on a queued row: the others were delivered (or
+/// refused for good) in an attempt that deferred these, and a retry must
+/// not send the message to them again.
+///
+/// # Errors
+/// `NotFound` when the row is not queued; a database error.
+pub fn narrow_recipients(conn: &Connection, id: i64, recipients: &[String]) -> Result<()> {
+    let json = serde_json::to_string(recipients)
+        .map_err(|e| StoreError::Invalid(format!("outbox row {id}: recipients: {e}")))?;
+    let changed = conn.execute(
+        "UPDATE outbox SET recipients = ?2 WHERE id = ?1 AND status = 'queued'",
+        params![id, json],
+    )?;
+    one_row(changed, id)
+}
+
+/// Every row, newest first, for `crmgate outbox list`.
+///
+/// # Errors
+/// A database error, or a row whose recipients or status column is corrupt.
+pub fn list(conn: &Connection) -> Result<Vec<OutboxSummary>> {
+    let mut stmt = conn.prepare(
+        "SELECT o.id, t.number, o.kind, o.recipients, o.status, o.attempts, o.last_error,
+                o.next_attempt_at, o.created_at
+         FROM outbox o LEFT JOIN tickets t ON t.id = o.ticket_id
+         ORDER BY o.id DESC",
+    )?;
+    let raws = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, i64>(7)?,
+                r.get::<_, i64>(8)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    raws.into_iter()
+        .map(
+            |(id, ticket, kind, recipients, status, attempts, last_error, next, created)| {
+                Ok(OutboxSummary {
+                    id,
+                    ticket,
+                    kind,
+                    recipients: parse_recipients(id, &recipients)?,
+                    status: OutboxStatus::from_column(&status)?,
+                    attempts,
+                    last_error,
+                    next_attempt_at: next,
+                    created_at: created,
+                })
+            },
+        )
+        .collect()
+}
+
+/// `crmgate outbox retry [ID]`: put failed rows back in the queue, due now,
+/// with their attempt count reset so the backoff starts over. With an id,
+/// that row only (a queued row is just made due now); without, every failed
+/// row and every queued row waiting for a backoff. Returns how many rows
+/// were changed.
+///
+/// The give-up clock still runs from `created_at`: a row retried after
+/// `give_up_after_hours` gets one more attempt, then fails again on a
+/// temporary error.
+///
+/// # Errors
+/// `NotFound` for an id with no row, `Invalid` for a row already sent; a
+/// database error.
+pub fn retry(conn: &Connection, id: Option<i64>, now: i64) -> Result<usize> {
+    match id {
+        Some(id) => {
+            let row = get(conn, id)?;
+            if row.status == OutboxStatus::Sent {
+                return Err(StoreError::Invalid(format!(
+                    "outbox row {id} was sent already; nothing to retry"
+                )));
+            }
+            Ok(conn.execute(
+                "UPDATE outbox SET status = 'queued', next_attempt_at = ?2,
+                        attempts = CASE status WHEN 'failed' THEN 0 ELSE attempts END
+                 WHERE id = ?1 AND status IN ('queued', 'failed')",
+                params![id, now],
+            )?)
+        }
+        None => Ok(conn.execute(
+            "UPDATE outbox SET status = 'queued', next_attempt_at = ?1,
+                    attempts = CASE status WHEN 'failed' THEN 0 ELSE attempts END
+             WHERE status = 'failed' OR (status = 'queued' AND next_attempt_at > ?1)",
+            params![now],
+        )?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh database with the real schema, and a way to queue rows the
+    /// way the writer does.
+    struct Db {
+        _dir: tempfile::TempDir,
+        conn: Connection,
+    }
+
+    impl Db {
+        fn new() -> Db {
+            let dir = tempfile::tempdir().unwrap();
+            let conn = crate::store::open(&dir.path().join("crmgate.db")).unwrap();
+            Db { _dir: dir, conn }
+        }
+
+        fn queue(&self, recipients: &[&str], next_at: i64) -> i64 {
+            self.conn
+                .execute(
+                    "INSERT INTO outbox (kind, recipients, message_id, message, next_attempt_at, created_at)
+                     VALUES ('public_copy', ?1, '<m@x>', X'610D0A', ?2, 100)",
+                    params![serde_json::to_string(recipients).unwrap(), next_at],
+                )
+                .unwrap();
+            self.conn.last_insert_rowid()
+        }
+    }
+
+    #[test]
+    fn due_returns_queued_rows_whose_time_has_come_in_id_order() {
+        let db = Db::new();
+        let late = db.queue(&["a@x"], 500);
+        let first = db.queue(&["b@x"], 100);
+        let second = db.queue(&["c@x", "d@x"], 200);
+        let sent = db.queue(&["e@x"], 100);
+        mark_sent(&db.conn, sent, 150).unwrap();
+
+        let rows = due(&db.conn, 200, 10).unwrap();
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [first, second]);
+        assert_eq!(rows[1].recipients, ["c@x", "d@x"]);
+        assert_eq!(rows[1].message, b"a\r\n");
+        assert_eq!(rows[1].status, OutboxStatus::Queued);
+        assert_eq!(due(&db.conn, 200, 1).unwrap().len(), 1);
+        assert_eq!(due(&db.conn, 1000, 10).unwrap()[0].id, late);
+    }
+
+    #[test]
+    fn next_due_at_is_the_earliest_queued_row() {
+        let db = Db::new();
+        assert_eq!(next_due_at(&db.conn).unwrap(), None);
+        let a = db.queue(&["a@x"], 300);
+        db.queue(&["b@x"], 400);
+        assert_eq!(next_due_at(&db.conn).unwrap(), Some(300));
+        mark_failed(&db.conn, a, "550 no").unwrap();
+        assert_eq!(next_due_at(&db.conn).unwrap(), Some(400));
+    }
+
+    #[test]
+    fn outcomes_count_attempts_and_only_touch_queued_rows() {
+        let db = Db::new();
+        let id = db.queue(&["a@x"], 100);
+        mark_retry(&db.conn, id, 160, "451 later").unwrap();
+        let row = get(&db.conn, id).unwrap();
+        assert_eq!((row.attempts, row.next_attempt_at), (1, 160));
+        assert_eq!(row.last_error.as_deref(), Some("451 later"));
+
+        mark_sent(&db.conn, id, 170).unwrap();
+        let row = get(&db.conn, id).unwrap();
+        assert_eq!(
+            (row.status, row.attempts, row.last_error),
+            (OutboxStatus::Sent, 2, None)
+        );
+        // A sent row cannot be failed or retried by a late outcome.
+        assert!(matches!(
+            mark_failed(&db.conn, id, "x"),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            mark_retry(&db.conn, id, 1, "x"),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(get(&db.conn, 999), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn narrowing_keeps_only_the_deferred_recipients() {
+        let db = Db::new();
+        let id = db.queue(&["a@x", "b@x", "c@x"], 100);
+        narrow_recipients(&db.conn, id, &["c@x".to_string()]).unwrap();
+        assert_eq!(get(&db.conn, id).unwrap().recipients, ["c@x"]);
+    }
+
+    #[test]
+    fn retry_requeues_failed_rows_due_now_with_a_fresh_backoff() {
+        let db = Db::new();
+        let failed = db.queue(&["a@x"], 100);
+        mark_retry(&db.conn, failed, 100, "451").unwrap();
+        mark_failed(&db.conn, failed, "550").unwrap();
+        let waiting = db.queue(&["b@x"], 9_000);
+        let sent = db.queue(&["c@x"], 100);
+        mark_sent(&db.conn, sent, 100).unwrap();
+
+        assert_eq!(retry(&db.conn, None, 1_000).unwrap(), 2);
+        let row = get(&db.conn, failed).unwrap();
+        assert_eq!(
+            (row.status, row.attempts, row.next_attempt_at),
+            (OutboxStatus::Queued, 0, 1_000)
+        );
+        assert_eq!(get(&db.conn, waiting).unwrap().next_attempt_at, 1_000);
+        assert_eq!(get(&db.conn, sent).unwrap().status, OutboxStatus::Sent);
+    }
+
+    #[test]
+    fn retry_of_one_row_names_missing_and_sent_rows() {
+        let db = Db::new();
+        let a = db.queue(&["a@x"], 100);
+        let b = db.queue(&["b@x"], 100);
+        mark_failed(&db.conn, a, "550").unwrap();
+        mark_failed(&db.conn, b, "550").unwrap();
+        assert_eq!(retry(&db.conn, Some(a), 500).unwrap(), 1);
+        assert_eq!(get(&db.conn, a).unwrap().status, OutboxStatus::Queued);
+        assert_eq!(get(&db.conn, b).unwrap().status, OutboxStatus::Failed);
+
+        mark_sent(&db.conn, a, 600).unwrap();
+        assert!(matches!(
+            retry(&db.conn, Some(a), 700),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(
+            retry(&db.conn, Some(42), 700),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn list_shows_ticket_numbers_and_serializes_like_the_spec() {
+        let db = Db::new();
+        db.conn
+            .execute(
+                "INSERT INTO tickets (number, subject, state, created_at, updated_at)
+                 VALUES ('TKT0000042', 's', 'new', 1, 1)",
+                [],
+            )
+            .unwrap();
+        let ticket = db.conn.last_insert_rowid();
+        let id = db.queue(&["a@x"], 100);
+        db.conn
+            .execute(
+                "UPDATE outbox SET ticket_id = ?1 WHERE id = ?2",
+                [ticket, id],
+            )
+            .unwrap();
+        let other = db.queue(&["b@x"], 100);
+        mark_failed(&db.conn, other, "550 5.1.1 unknown").unwrap();
+
+        let rows = list(&db.conn).unwrap();
+        assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), [other, id]);
+        assert_eq!(rows[1].ticket.as_deref(), Some("TKT0000042"));
+        let json = serde_json::to_value(&rows[0]).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"id": other, "ticket": null, "kind": "public_copy",
+                "recipients": ["b@x"], "status": "failed", "attempts": 1,
+                "last_error": "550 5.1.1 unknown"})
+        );
+    }
+
+    #[test]
+    fn corrupt_recipients_are_an_error_not_a_panic() {
+        let db = Db::new();
+        let id = db.queue(&["a@x"], 100);
+        db.conn
+            .execute("UPDATE outbox SET recipients = 'a@x' WHERE id = ?1", [id])
+            .unwrap();
+        assert!(matches!(
+            due(&db.conn, 100, 10),
+            Err(StoreError::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,520 @@
+//! The SMTP side of the relay: one long-lived session with the relay host,
+//! reused from message to message so a burst drains over one connection.
+//!
+//! lettre's high-level transport gives one answer per message and stops at
+//! the first refused recipient, and its own sockets never set TCP_NODELAY
+//! (each message then waits ~40 ms for Nagle and the peer's delayed ACK).
+//! So this module opens the TCP connection itself, sets `nodelay`, hands it
+//! to [`AsyncSmtpConnection::connect_with_transport`], and drives MAIL, RCPT
+//! and DATA with lettre's command API, keeping one outcome per recipient.
+
+use std::borrow::Cow;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use lettre::address::Address;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::response::Response;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+
+use super::RecipientOutcome;
+use crate::config::RelayTls;
+
+/// How long to wait for the TCP connection and TLS handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for one reply; RFC 5321 §4.5.3.2 suggests minutes, and
+/// the end of DATA may take a while on a relay that scans content.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+/// A session unused this long is closed: relays drop idle clients anyway
+/// (Postfix after 300 s), and an idle socket holds a slot on theirs.
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The session could not be used at all (connect, greeting, EHLO, TLS,
+/// AUTH, or the connection dropped mid-transaction): the message is
+/// deferred, and so is every other message of the batch, since the relay
+/// is the problem, not the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SessionFailure(pub String);
+
+/// Where and how to reach the relay; see [`crate::config::RelayTarget::Smtp`].
+pub(crate) struct SmtpRelay {
+    host: String,
+    port: u16,
+    tls: RelayTls,
+    hello: ClientId,
+    /// Username and the file whose first line is the password; the file is
+    /// read at each connection so an operator can rotate it without a restart.
+    credentials: Option<(String, PathBuf)>,
+    session: Option<Session>,
+}
+
+struct Session {
+    conn: AsyncSmtpConnection,
+    last_used: Instant,
+}
+
+/// A failed SMTP step: either a reply from the relay (the session goes on,
+/// except for 421), or a broken session.
+enum StepError {
+    Reply { code: u16, text: String },
+    Broken(String),
+}
+
+impl SmtpRelay {
+    pub(crate) fn new(
+        host: String,
+        port: u16,
+        tls: RelayTls,
+        hostname: &str,
+        credentials: Option<(String, PathBuf)>,
+    ) -> SmtpRelay {
+        SmtpRelay {
+            host,
+            port,
+            tls,
+            hello: ClientId::Domain(hostname.to_string()),
+            credentials,
+            session: None,
+        }
+    }
+
+    /// Deliver one message, reusing the open session when there is one.
+    ///
+    /// # Errors
+    /// [`SessionFailure`] when the relay cannot be reached or the session
+    /// breaks; replies to MAIL, RCPT and DATA are outcomes, not errors.
+    pub(crate) async fn send(
+        &mut self,
+        mail_from: &str,
+        recipients: &[String],
+        message: &[u8],
+    ) -> Result<Vec<(String, RecipientOutcome)>, SessionFailure> {
+        let body = wire_body(message);
+        if let Some(session) = self.session.take() {
+            let mut conn = session.conn;
+            match transaction(&mut conn, mail_from, recipients, &body).await {
+                Ok(outcomes) => {
+                    self.keep(conn);
+                    return Ok(outcomes);
+                }
+                // The relay may have closed the idle session on its side
+                // before we reused it: nothing was sent, start over once on
+                // a fresh connection.
+                Err(Failed::BeforeMail(_)) => abort(conn).await,
+                Err(Failed::During(e)) => {
+                    abort(conn).await;
+                    return Err(e);
+                }
+            }
+        }
+        let mut conn = self.connect().await?;
+        match transaction(&mut conn, mail_from, recipients, &body).await {
+            Ok(outcomes) => {
+                self.keep(conn);
+                Ok(outcomes)
+            }
+            Err(Failed::BeforeMail(e) | Failed::During(e)) => {
+                abort(conn).await;
+                Err(e)
+            }
+        }
+    }
+
+    fn keep(&mut self, conn: AsyncSmtpConnection) {
+        if !conn.has_broken() {
+            self.session = Some(Session {
+                conn,
+                last_used: Instant::now(),
+            });
+        }
+    }
+
+    /// Close the session if it has been idle for [`IDLE_TIMEOUT`].
+    pub(crate) async fn close_if_idle(&mut self) {
+        if self
+            .session
+            .as_ref()
+            .is_some_and(|s| s.last_used.elapsed() >= IDLE_TIMEOUT)
+        {
+            self.close().await;
+        }
+    }
+
+    /// QUIT the session, if any (at shutdown, or when idle).
+    pub(crate) async fn close(&mut self) {
+        if let Some(mut session) = self.session.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), session.conn.quit()).await;
+        }
+    }
+
+    /// Open a session: TCP (nodelay), TLS per the configuration, EHLO, AUTH.
+    async fn connect(&self) -> Result<AsyncSmtpConnection, SessionFailure> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            SessionFailure(format!("{what} {}:{}: {e}", self.host, self.port))
+        };
+        let tcp = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| fail("timed out connecting to", &"no answer"))?
+        .map_err(|e| fail("cannot connect to", &e))?;
+        tcp.set_nodelay(true)
+            .map_err(|e| fail("cannot set TCP_NODELAY towards", &e))?;
+
+        let stream: Box<dyn AsyncTokioStream> = match self.tls {
+            RelayTls::Wrapper => {
+                let tls = tokio::time::timeout(CONNECT_TIMEOUT, wrap_tls(&self.host, tcp))
+                    .await
+                    .map_err(|_| fail("TLS handshake timed out with", &"no answer"))?
+                    .map_err(|e| fail("TLS handshake failed with", &e))?;
+                Box::new(tls)
+            }
+            RelayTls::Opportunistic | RelayTls::Required => Box::new(tcp),
+        };
+        let mut conn = tokio::time::timeout(
+            REPLY_TIMEOUT,
+            AsyncSmtpConnection::connect_with_transport(stream, &self.hello),
+        )
+        .await
+        .map_err(|_| fail("no greeting from", &"timeout"))?
+        .map_err(|e| fail("greeting or EHLO refused by", &describe(&e)))?;
+
+        let starttls = match self.tls {
+            RelayTls::Wrapper => false,
+            RelayTls::Opportunistic => conn.can_starttls(),
+            RelayTls::Required if conn.can_starttls() => true,
+            RelayTls::Required => {
+                abort(conn).await;
+                return Err(fail(
+                    "tls=required but STARTTLS is not offered by",
+                    &"plain text refused",
+                ));
+            }
+        };
+        if starttls {
+            let parameters = TlsParameters::new(self.host.clone())
+                .map_err(|e| fail("cannot prepare TLS for", &describe(&e)))?;
+            let upgraded =
+                tokio::time::timeout(CONNECT_TIMEOUT, conn.starttls(parameters, &self.hello)).await;
+            match upgraded {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    abort(conn).await;
+                    return Err(fail("STARTTLS failed with", &describe(&e)));
+                }
+                Err(_) => {
+                    abort(conn).await;
+                    return Err(fail("STARTTLS timed out with", &"no answer"));
+                }
+            }
+        }
+
+        if let Some((username, password_file)) = &self.credentials {
+            let password = read_password(password_file)
+                .await
+                .map_err(|e| fail("no password for", &e))?;
+            let credentials = Credentials::new(username.clone(), password);
+            let authed = tokio::time::timeout(
+                REPLY_TIMEOUT,
+                conn.auth(&[Mechanism::Plain, Mechanism::Login], &credentials),
+            )
+            .await;
+            // A refused login is a session failure, hence a retry: the
+            // operator fixes the password, the queue waits for it.
+            let problem = match authed {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(describe(&e)),
+                Err(_) => Some("timeout".to_string()),
+            };
+            if let Some(problem) = problem {
+                abort(conn).await;
+                return Err(fail("login refused by", &problem));
+            }
+        }
+        Ok(conn)
+    }
+}
+
+/// Why a transaction stopped before all its replies were in.
+enum Failed {
+    /// The session broke at MAIL: nothing was handed over yet.
+    BeforeMail(SessionFailure),
+    /// The session broke later, possibly after the message was sent.
+    During(SessionFailure),
+}
+
+/// One SMTP transaction: MAIL, one RCPT per recipient, DATA, the message.
+/// Each recipient ends `Delivered`, `Deferred` (4xx) or `Refused` (5xx).
+async fn transaction(
+    conn: &mut AsyncSmtpConnection,
+    mail_from: &str,
+    recipients: &[String],
+    body: &[u8],
+) -> Result<Vec<(String, RecipientOutcome)>, Failed> {
+    let all = |outcome: RecipientOutcome| {
+        recipients
+            .iter()
+            .map(|r| (r.clone(), outcome.clone()))
+            .collect::<Vec<_>>()
+    };
+    let from: Address = match mail_from.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            return Ok(all(RecipientOutcome::Refused(format!(
+                "bounce address {mail_from:?} is not valid: {e}"
+            ))))
+        }
+    };
+
+    let mut parameters = Vec::new();
+    let info = conn.server_info();
+    if !body.is_ascii() && info.supports_feature(Extension::EightBitMime) {
+        parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    if recipients.iter().any(|r| !r.is_ascii()) && info.supports_feature(Extension::SmtpUtfEight) {
+        parameters.push(MailParameter::SmtpUtfEight);
+    }
+
+    match step(conn.command(Mail::new(Some(from), parameters))).await {
+        Ok(_) => {}
+        Err(StepError::Reply { code, text }) if code != 421 => {
+            let reply = format!("MAIL FROM: {code} {text}");
+            reset(conn).await.map_err(Failed::During)?;
+            return Ok(all(outcome_for(code, reply)));
+        }
+        Err(e) => return Err(Failed::BeforeMail(broken(e))),
+    }
+
+    let mut outcomes = Vec::with_capacity(recipients.len());
+    let mut accepted = Vec::new();
+    for recipient in recipients {
+        let address: Address = match recipient.parse() {
+            Ok(a) => a,
+            Err(e) => {
+                let reason = format!("{recipient:?} is not a valid address: {e}");
+                outcomes.push((recipient.clone(), RecipientOutcome::Refused(reason)));
+                continue;
+            }
+        };
+        match step(conn.command(Rcpt::new(address, Vec::new()))).await {
+            Ok(_) => accepted.push(recipient.clone()),
+            Err(StepError::Reply { code, text }) if code != 421 => {
+                let reply = format!("RCPT TO:<{recipient}>: {code} {text}");
+                outcomes.push((recipient.clone(), outcome_for(code, reply)));
+            }
+            Err(e) => return Err(Failed::During(broken(e))),
+        }
+    }
+    if accepted.is_empty() {
+        reset(conn).await.map_err(Failed::During)?;
+        return Ok(outcomes);
+    }
+
+    let data_outcome = match step(conn.command(Data)).await {
+        Ok(_) => match step(conn.message(body)).await {
+            Ok(_) => RecipientOutcome::Delivered,
+            Err(StepError::Reply { code, text }) if code != 421 => {
+                outcome_for(code, format!("end of DATA: {code} {text}"))
+            }
+            Err(e) => return Err(Failed::During(broken(e))),
+        },
+        Err(StepError::Reply { code, text }) if code != 421 => {
+            reset(conn).await.map_err(Failed::During)?;
+            outcome_for(code, format!("DATA: {code} {text}"))
+        }
+        Err(e) => return Err(Failed::During(broken(e))),
+    };
+    outcomes.extend(accepted.into_iter().map(|r| (r, data_outcome.clone())));
+    Ok(outcomes)
+}
+
+fn outcome_for(code: u16, reply: String) -> RecipientOutcome {
+    if code >= 500 {
+        RecipientOutcome::Refused(reply)
+    } else {
+        RecipientOutcome::Deferred(reply)
+    }
+}
+
+fn broken(e: StepError) -> SessionFailure {
+    match e {
+        StepError::Reply { code, text } => SessionFailure(format!("{code} {text}")),
+        StepError::Broken(reason) => SessionFailure(reason),
+    }
+}
+
+/// RSET after a transaction the relay refused, so the session is clean for
+/// the next message.
+async fn reset(conn: &mut AsyncSmtpConnection) -> Result<(), SessionFailure> {
+    step(conn.command(Rset)).await.map(drop).map_err(broken)
+}
+
+/// Await one reply with [`REPLY_TIMEOUT`], sorting lettre's errors into a
+/// reply with a code or a broken session.
+async fn step(
+    reply: impl std::future::Future<Output = Result<Response, lettre::transport::smtp::Error>>,
+) -> Result<Response, StepError> {
+    match tokio::time::timeout(REPLY_TIMEOUT, reply).await {
+        Err(_) => Err(StepError::Broken(
+            "no reply from the relay (timeout)".into(),
+        )),
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(e)) => match e.status() {
+            Some(code) => Err(StepError::Reply {
+                code: u16::from(code),
+                text: reply_text(&e),
+            }),
+            None => Err(StepError::Broken(describe(&e))),
+        },
+    }
+}
+
+/// The text of a negative reply (lettre keeps it as the error's source).
+fn reply_text(e: &lettre::transport::smtp::Error) -> String {
+    std::error::Error::source(e)
+        .map(ToString::to_string)
+        .unwrap_or_default()
+}
+
+/// lettre's error with its cause, on one line.
+fn describe(e: &lettre::transport::smtp::Error) -> String {
+    e.to_string().replace(['\r', '\n'], " ")
+}
+
+async fn abort(mut conn: AsyncSmtpConnection) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.abort()).await;
+}
+
+async fn read_password(path: &PathBuf) -> Result<String, String> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(text.lines().next().unwrap_or_default().to_string())
+}
+
+/// The message as it goes after DATA: CRLF line ends (a bare LF would let
+/// a relay end the data early or refuse it), without its last CRLF because
+/// lettre appends `CRLF . CRLF` itself. lettre does the dot-stuffing.
+pub(crate) fn wire_body(message: &[u8]) -> Cow<'_, [u8]> {
+    let bare_lf = message
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || message[i - 1] != b'\r'));
+    let mut body = if bare_lf {
+        let mut out = Vec::with_capacity(message.len() + message.len() / 32);
+        for (i, &b) in message.iter().enumerate() {
+            if b == b'\n' && (i == 0 || message[i - 1] != b'\r') {
+                out.push(b'\r');
+            }
+            out.push(b);
+        }
+        Cow::Owned(out)
+    } else {
+        Cow::Borrowed(message)
+    };
+    if body.ends_with(b"\r\n") {
+        body = match body {
+            Cow::Borrowed(b) => Cow::Borrowed(&b[..b.len() - 2]),
+            Cow::Owned(mut v) => {
+                v.truncate(v.len() - 2);
+                Cow::Owned(v)
+            }
+        };
+    }
+    body
+}
+
+/// TLS from the first byte (`smtps://`), over our own nodelay socket:
+/// lettre's implicit-TLS connect would open a socket of its own.
+async fn wrap_tls(host: &str, tcp: TcpStream) -> Result<WrappedTls, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| format!("{host:?} is not a TLS server name: {e}"))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(WrappedTls(stream))
+}
+
+/// A client TLS stream that lettre can drive as its transport.
+#[derive(Debug)]
+struct WrappedTls(tokio_rustls::client::TlsStream<TcpStream>);
+
+impl AsyncRead for WrappedTls {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WrappedTls {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl AsyncTokioStream for WrappedTls {
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().0.peer_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_body_ends_lines_with_crlf_and_leaves_the_final_one_to_lettre() {
+        assert_eq!(&*wire_body(b"a: b\r\n\r\nbody\r\n"), b"a: b\r\n\r\nbody");
+        assert_eq!(&*wire_body(b"a: b\n\nbody\n"), b"a: b\r\n\r\nbody");
+        assert_eq!(&*wire_body(b"\nx\r\ny"), b"\r\nx\r\ny");
+        assert!(matches!(wire_body(b"x\r\ny\r\n"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn reply_codes_sort_into_deferred_and_refused() {
+        assert!(matches!(
+            outcome_for(451, "x".into()),
+            RecipientOutcome::Deferred(_)
+        ));
+        assert!(matches!(
+            outcome_for(550, "x".into()),
+            RecipientOutcome::Refused(_)
+        ));
+    }
+}
