@@ -391,7 +391,7 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
                         r.id,
                         r.ticket.as_deref().unwrap_or("-"),
                         r.kind,
-                        r.status,
+                        r.status.as_str(),
                         r.attempts,
                         r.recipients.join(",")
                     );

@@ -965,7 +965,7 @@ default_notes_list = true
     #[test]
     fn a_requester_opens_a_ticket_with_cc_on_the_watch_list_and_a_receipt() {
         let env = envelope("alice@u.example", &["support@example.org"], false);
-        let inbound = mail("alice@u.example", &["support@example.org"], &["carol@u.example", AGENT, "support-notes@example.org"], "Imprimante");
+        let inbound = mail("alice@u.example", &["support@example.org"], &["carol@u.example", AGENT, "support+tkt@example.org"], "Imprimante");
         let p = plan(run(&env, &inbound, None));
         let TicketTarget::New(new) = &p.ticket else { panic!() };
         assert_eq!(new.requesters[0].address, "alice@u.example");

@@ -1,0 +1,479 @@
+//! The whole daemon, end to end: the real listener on 127.0.0.1:0, a real
+//! SQLite file, a real SMTP sink as the relay, and the real `crmgate`
+//! binary for `ticket show --json`, as a user would drive it.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::client::Client;
+use common::sink::{Received, Sink};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const JANE: &str = "jane.doe@example.org";
+const BOB: &str = "bob.agent@example.org";
+const PUBLIC: &str = "support@example.org";
+const INTERNAL: &str = "support-notes@example.org";
+
+struct Gateway {
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    sink: Sink,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    extra: String,
+}
+
+fn config_text(dir: &std::path::Path, relay: &str, extra: &str) -> String {
+    let trusted = if extra.contains("trusted_relays") { "" } else { "trusted_relays = [\"127.0.0.0/8\"]\n" };
+    format!(
+        r#"
+[gateway]
+hostname = "crm.example.org"
+state_dir = "{state}"
+language = "fr"
+display_name = "Soutien TI"
+
+[smtp]
+listen = "127.0.0.1:0"
+
+[addresses]
+public = "{PUBLIC}"
+internal = "{INTERNAL}"
+
+[relay]
+url = "{relay}"
+retry_initial_seconds = 1
+retry_max_seconds = 2
+
+[security]
+{trusted}{extra}
+
+[[agents]]
+name = "Jane Doe"
+email = "Jane.Doe@example.org"
+default_notes_list = true
+
+[[agents]]
+name = "Bob Agent"
+email = "{BOB}"
+default_notes_list = true
+"#,
+        state = dir.join("state").display(),
+    )
+}
+
+impl Gateway {
+    async fn start(extra: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Sink::start().await;
+        let mut g = Gateway {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            dir,
+            sink,
+            shutdown: CancellationToken::new(),
+            task: None,
+            extra: extra.to_string(),
+        };
+        g.boot().await;
+        g
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("crmgate.toml")
+    }
+
+    async fn boot(&mut self) {
+        let text = config_text(self.dir.path(), &self.sink.url(), &self.extra);
+        std::fs::write(self.config_path(), &text).unwrap();
+        let config = crmgate::config::Config::from_toml(&text, "test").unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.addr = listener.local_addr().unwrap();
+        self.shutdown = CancellationToken::new();
+        let shutdown = self.shutdown.clone();
+        self.task = Some(tokio::spawn(crmgate::daemon::serve(config, listener, shutdown, None, false)));
+    }
+
+    async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("the daemon stops within 20 s")
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    /// One SMTP transaction; returns the reply to the end of data (or to
+    /// the first refused RCPT).
+    async fn send(&self, from: &str, rcpt: &[&str], message: &str) -> String {
+        let mut c = Client::connect(self.addr).await;
+        c.expect("220").await;
+        c.cmd("EHLO client.example.net", "250").await;
+        c.cmd(&format!("MAIL FROM:<{from}>"), "250").await;
+        for r in rcpt {
+            let reply = c.cmd(&format!("RCPT TO:<{r}>"), "").await;
+            if !reply.starts_with("250") {
+                return reply;
+            }
+        }
+        c.cmd("DATA", "354").await;
+        c.send(&common::client::dot_stuff(message.replace('\n', "\r\n").replace("\r\r\n", "\r\n").as_bytes()))
+            .await;
+        c.send(b".\r\n").await;
+        let reply = c.read_reply().await;
+        c.cmd("QUIT", "221").await;
+        reply
+    }
+
+    fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_crmgate"))
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let (code, out, err) = self.cli(args);
+        assert_eq!(code, 0, "crmgate {args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
+    fn show(&self, number: &str) -> Value {
+        self.json(&["ticket", "show", number, "--json"])
+    }
+
+    /// Wait until the outbox has no queued row, then return what the relay got.
+    async fn settle(&self) -> Vec<Received> {
+        let start = Instant::now();
+        loop {
+            let rows = self.json(&["outbox", "list", "--json"]);
+            let queued = rows.as_array().unwrap().iter().filter(|r| r["status"] == "queued").count();
+            if queued == 0 {
+                return self.sink.messages();
+            }
+            assert!(start.elapsed() < Duration::from_secs(15), "outbox did not drain: {rows}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Open a ticket as Alice with Carol in Cc; returns its number.
+    async fn open_ticket(&self) -> String {
+        let reply = self
+            .send(
+                "alice@u.example",
+                &[PUBLIC],
+                "From: Alice Martin <alice@u.example>\nTo: support@example.org\nCc: carol@u.example\n\
+                 Subject: Imprimante en panne\nMessage-ID: <open-1@u.example>\n\nElle ne marche plus.\n",
+            )
+            .await;
+        assert!(reply.starts_with("250"), "{reply}");
+        let list = self.json(&["ticket", "list", "--json"]);
+        list[0]["number"].as_str().unwrap().to_string()
+    }
+}
+
+fn to(messages: &[Received], address: &str) -> Vec<Received> {
+    messages.iter().filter(|m| m.rcpt_to.iter().any(|r| r == address)).cloned().collect()
+}
+
+fn header<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    let head = text.split("\r\n\r\n").next()?;
+    head.lines()
+        .find(|l| l.to_ascii_lowercase().starts_with(&format!("{}:", name.to_ascii_lowercase())))
+        .map(|l| l[name.len() + 1..].trim())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requester_opens_a_ticket_and_gets_a_receipt() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    assert_eq!(number, "TKT0000001");
+    let t = g.show(&number);
+    assert_eq!(t["state"], "new");
+    assert_eq!(t["subject"], "Imprimante en panne");
+    assert_eq!(t["requesters"], serde_json::json!(["alice@u.example"]));
+    assert_eq!(t["watch_list"], serde_json::json!(["carol@u.example"]));
+    assert_eq!(t["work_notes_list"], serde_json::json!([JANE, BOB]));
+    assert_eq!(t["entries"][0]["kind"], "comment");
+    assert_eq!(t["entries"][0]["body"].as_str().unwrap().trim(), "Elle ne marche plus.");
+
+    let sent = g.settle().await;
+    let receipt = to(&sent, "alice@u.example");
+    assert_eq!(receipt.len(), 1, "{sent:?}");
+    let text = receipt[0].text();
+    assert!(header(&text, "Subject").unwrap().contains("[TKT0000001]"), "{text}");
+    assert_eq!(header(&text, "Auto-Submitted"), Some("auto-replied"));
+    assert_eq!(header(&text, "Precedence"), Some("bulk"));
+    assert_eq!(header(&text, "X-Crmgate-Loop"), Some("crm.example.org"));
+    assert!(receipt[0].mail_from.starts_with("support+bounce-"), "{}", receipt[0].mail_from);
+    // The agents get the comment; Carol had it in Cc.
+    assert_eq!(to(&sent, JANE).len(), 1);
+    assert!(to(&sent, "carol@u.example").is_empty());
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_comment_reaches_requesters_without_any_agent_address() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    let before = g.sink.messages().len();
+    let reply = g
+        .send(
+            JANE,
+            &[PUBLIC],
+            &format!(
+                "From: Jane Doe <Jane.Doe@example.org>\nTo: support@example.org\nSubject: RE: [{number}] Imprimante en panne\n\
+                 Message-ID: <jane-1@example.org>\nIn-Reply-To: <open-1@u.example>\n\n\
+                 Bonjour, redémarrez-la.\n--\nJane Doe, jane.doe@example.org, mailto:JANE.DOE@EXAMPLE.ORG\n\n\
+                 Le 3 mars, Alice <alice@u.example> a écrit :\n> Elle ne marche plus.\n"
+            ),
+        )
+        .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let sent = g.settle().await;
+    let new: Vec<Received> = sent[before..].to_vec();
+    let public = to(&new, "alice@u.example");
+    assert_eq!(public.len(), 1, "{new:?}");
+    assert_eq!(public[0].rcpt_to, ["alice@u.example", "carol@u.example"]);
+    let raw = public[0].text().to_ascii_lowercase();
+    assert!(!raw.contains("jane.doe@example.org"), "{raw}");
+    assert!(!raw.contains("jane-1@example.org"), "an agent's Message-ID leaked: {raw}");
+    assert!(raw.contains("jane doe via soutien ti"), "{raw}");
+    assert!(raw.contains("support@example.org"));
+    // Bob gets the agent copy; Jane does not get her own mail back.
+    assert_eq!(to(&new, BOB).len(), 1);
+    assert!(to(&new, JANE).is_empty());
+    assert_eq!(g.show(&number)["state"], "open");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_note_reaches_only_the_other_agents_and_outsiders_are_refused() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    let before = g.sink.messages().len();
+    let note = |from: &str| {
+        format!("From: {from}\nTo: support-notes@example.org\nSubject: [{number}] note interne\nMessage-ID: <note-{from}>\n\nVoir le pilote.\n")
+    };
+    let reply = g.send(JANE, &[INTERNAL], &note(JANE)).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let sent = g.settle().await;
+    let new = &sent[before..];
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert_eq!(new[0].rcpt_to, [BOB]);
+    assert!(header(&new[0].text(), "From").unwrap().contains(INTERNAL));
+
+    let reply = g.send("mallory@evil.example", &[INTERNAL], &note("mallory@evil.example")).await;
+    assert!(reply.starts_with("550 5.7.1"), "{reply}");
+    let kinds: Vec<Value> = g.show(&number)["entries"].as_array().unwrap().iter().map(|e| e["kind"].clone()).collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "work_note").count(), 1);
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_from_from_an_untrusted_peer_cannot_write_a_work_note() {
+    let mut g = Gateway::start("trusted_relays = [\"192.0.2.0/24\"]\nauthserv_id = \"mx.example.org\"").await;
+    let message = "From: Jane Doe <jane.doe@example.org>\nTo: support-notes@example.org\nSubject: note\n\nx\n";
+    let reply = g.send(JANE, &[INTERNAL], message).await;
+    assert!(reply.starts_with("550 5.7.1"), "{reply}");
+    // A forged Authentication-Results of another authserv-id does not help.
+    let forged = format!("Authentication-Results: evil.example; dmarc=pass header.from=example.org\n{message}");
+    assert!(g.send(JANE, &[INTERNAL], &forged).await.starts_with("550 5.7.1"));
+    // Our own authserv-id with dmarc=pass does.
+    let real = format!("Authentication-Results: mx.example.org; dkim=pass header.d=example.org; dmarc=pass header.from=example.org\n{message}");
+    let reply = g.send(JANE, &[INTERNAL], &real).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_on_a_ticket_reaches_only_the_agents() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    let before = g.sink.messages().len();
+    let reply = g
+        .send(
+            "stranger@else.example",
+            &[PUBLIC],
+            &format!("From: stranger@else.example\nTo: support@example.org\nSubject: Re: {number}\n\nJe devine des numéros.\n"),
+        )
+        .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let sent = g.settle().await;
+    let new = &sent[before..];
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert_eq!(new[0].rcpt_to, [JANE, BOB]);
+    let entries = g.show(&number)["entries"].clone();
+    assert_eq!(entries.as_array().unwrap().last().unwrap()["kind"], "email");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_recipient_is_refused() {
+    let mut g = Gateway::start("").await;
+    let reply = g.send("alice@u.example", &["someone@elsewhere.example"], "Subject: x\n\nx\n").await;
+    assert!(reply.starts_with("550 5.1.1"), "{reply}");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_all_and_the_same_message_id_twice_make_one_entry_and_no_second_copy() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    let before = g.sink.messages().len();
+    let reply_all = format!(
+        "From: Alice Martin <alice@u.example>\nTo: support@example.org\nCc: carol@u.example\n\
+         Subject: RE: [{number}] Imprimante en panne\nMessage-ID: <reply-all@u.example>\n\nToujours en panne.\n"
+    );
+    // The requester's client sends once to the CRM, and the MTA delivers it twice.
+    assert!(g.send("alice@u.example", &[PUBLIC], &reply_all).await.starts_with("250"));
+    assert!(g.send("alice@u.example", &[PUBLIC], &reply_all).await.starts_with("250"));
+    let sent = g.settle().await;
+    let new = &sent[before..];
+    // Carol had it in Cc and Alice sent it: only the agents get a copy, once.
+    assert!(to(new, "carol@u.example").is_empty(), "{new:?}");
+    assert_eq!(to(new, JANE).len(), 1, "{new:?}");
+    let entries = g.show(&number)["entries"].clone();
+    let same: Vec<&Value> = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["message_id"] == "reply-all@u.example")
+        .collect();
+    assert_eq!(same.len(), 1);
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_office_is_logged_and_never_answered() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    let before = g.sink.messages().len();
+    let ooo = format!(
+        "From: alice@u.example\nTo: support@example.org\nSubject: Automatic reply: [{number}] Imprimante\n\
+         Auto-Submitted: auto-replied\nX-Auto-Response-Suppress: All\n\nJe suis absente.\n"
+    );
+    assert!(g.send("alice@u.example", &[PUBLIC], &ooo).await.starts_with("250"));
+    assert_eq!(g.settle().await.len(), before);
+    let entries = g.show(&number)["entries"].clone();
+    assert_eq!(entries.as_array().unwrap().last().unwrap()["kind"], "system");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pdf_stays_on_the_ticket_and_is_only_named_in_notifications() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    let before = g.sink.messages().len();
+    let message = format!(
+        "From: Alice Martin <alice@u.example>\nTo: support@example.org\nSubject: RE: [{number}] Imprimante\n\
+         MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"b1\"\n\n--b1\nContent-Type: text/plain; charset=utf-8\n\n\
+         Voici le rapport.\n--b1\nContent-Type: application/pdf; name=\"rapport.pdf\"\nContent-Disposition: attachment; filename=\"rapport.pdf\"\n\
+         Content-Transfer-Encoding: base64\n\nJVBERi0xLjQKJcfsj6IKMSAwIG9iago8PC9UeXBlL0NhdGFsb2c+PgplbmRvYmoKdHJhaWxlcgo8PC9Sb290IDEgMCBSPj4KJSVFT0YK\n--b1--\n"
+    );
+    assert!(g.send("alice@u.example", &[PUBLIC], &message).await.starts_with("250"));
+    let sent = g.settle().await;
+    let copies = &sent[before..];
+    let agent_copy = to(copies, JANE);
+    assert_eq!(agent_copy.len(), 1, "{copies:?}");
+    let text = agent_copy[0].text();
+    assert!(text.contains("rapport.pdf"), "{text}");
+    assert!(!text.to_ascii_lowercase().contains("application/pdf"), "the PDF was attached: {text}");
+    let entries = g.show(&number)["entries"].clone();
+    let last = entries.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["attachments"][0]["filename"], "rapport.pdf");
+    assert_eq!(last["attachments"][0]["content_type"], "application/pdf");
+    assert_eq!(last["attachments"][0]["size"], 78);
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_threads_by_in_reply_to_alone_and_survives_a_restart() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    let sent = g.settle().await;
+    let receipt = to(&sent, "alice@u.example");
+    let receipt_id = header(&receipt[0].text(), "Message-ID").unwrap().trim_matches(['<', '>']).to_string();
+    assert!(receipt_id.starts_with(&format!("{number}.")), "{receipt_id}");
+
+    g.stop().await;
+    g.boot().await;
+
+    let reply = format!(
+        "From: alice@u.example\nTo: support@example.org\nSubject: sans numero\nIn-Reply-To: <{receipt_id}>\n\nMerci.\n"
+    );
+    assert!(g.send("alice@u.example", &[PUBLIC], &reply).await.starts_with("250"));
+    let list = g.json(&["ticket", "list", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let entries = g.show(&number)["entries"].clone();
+    assert_eq!(entries.as_array().unwrap().last().unwrap()["body"].as_str().unwrap().trim(), "Merci.");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_corpus_message_is_accepted_and_logged() {
+    let mut g = Gateway::start("").await;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/corpus");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.retain(|p| p.extension().is_some_and(|e| e == "eml"));
+    files.sort();
+    assert!(files.len() >= 100, "{} fixtures", files.len());
+    let mut c = Client::connect(g.addr).await;
+    c.expect("220").await;
+    c.cmd("EHLO client.example.net", "250").await;
+    for file in &files {
+        let raw = std::fs::read(file).unwrap();
+        // Normalise line ends to CRLF as an MTA would send them.
+        let mut crlf = Vec::with_capacity(raw.len() + raw.len() / 20);
+        for (i, b) in raw.iter().enumerate() {
+            if *b == b'\n' && (i == 0 || raw[i - 1] != b'\r') {
+                crlf.push(b'\r');
+            }
+            crlf.push(*b);
+        }
+        if !crlf.ends_with(b"\r\n") {
+            crlf.extend_from_slice(b"\r\n");
+        }
+        c.cmd("MAIL FROM:<sender@corpus.example>", "250").await;
+        c.cmd(&format!("RCPT TO:<{PUBLIC}>"), "250").await;
+        let reply = c.data(&crlf, "").await;
+        assert!(reply.starts_with("250"), "{}: {reply}", file.display());
+    }
+    c.cmd("QUIT", "221").await;
+    let tickets = g.json(&["ticket", "list", "--json"]).as_array().unwrap().len();
+    let quarantined = g.json(&["quarantine", "list", "--json"]).as_array().unwrap().len();
+    assert!(tickets > 0 && quarantined > 0, "tickets {tickets}, quarantined {quarantined}");
+    // Every file is exactly once either an entry, a duplicate counted on
+    // its first entry, or a quarantine row.
+    let mut logged = 0;
+    for t in g.json(&["ticket", "list", "--json"]).as_array().unwrap() {
+        for e in g.show(t["number"].as_str().unwrap())["entries"].as_array().unwrap() {
+            if e["kind"] != "receipt" {
+                logged += 1 + e["duplicates"].as_u64().unwrap() as usize;
+            }
+        }
+    }
+    assert_eq!(logged + quarantined, files.len(), "entries {logged} + quarantined {quarantined}");
+    g.stop().await;
+}
