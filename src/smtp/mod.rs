@@ -275,3 +275,26 @@ async fn starttls<D: Deliver>(stream: TcpStream, mut session: Session<D>) {
         Err(error) => debug!(%error, "session ended"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn settings_take_the_smtp_section_and_leave_tls_to_load_tls() {
+        let config = Config::from_toml(
+            "[gateway]\nhostname = \"mx.example.org\"\n\
+             [smtp]\nmax_message_bytes = 1000\nmax_recipients = 7\nmax_sessions = 9\n",
+            "test",
+        )
+        .unwrap();
+        let settings = Settings::from_config(&config);
+        assert_eq!(settings.hostname, "mx.example.org");
+        assert_eq!(settings.max_message_bytes, 1000);
+        assert_eq!(settings.max_recipients, 7);
+        assert_eq!(settings.max_sessions, 9);
+        assert_eq!(settings.idle_timeout, Duration::from_secs(300));
+        assert!(settings.tls.is_none());
+    }
+}
