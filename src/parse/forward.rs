@@ -304,6 +304,180 @@ mod tests {
         assert_eq!(header_line("Note: call back tomorrow"), None);
     }
 
+    /// The forward found in a hand-made fixture of `fixtures/forwards/`.
+    fn forward_of(raw: &[u8]) -> Forward {
+        match crate::parse::parse(raw) {
+            Ok(inbound) => match inbound.forward {
+                Some(forward) => forward,
+                None => panic!("no forward found in:\n{}", inbound.text),
+            },
+            Err(e) => panic!("fixture does not parse: {e}"),
+        }
+    }
+
+    #[test]
+    fn gmail_forwarded_message_block() {
+        let f = forward_of(include_bytes!("../../fixtures/forwards/gmail.eml"));
+        assert_eq!(
+            f.original_from,
+            mailbox(Some("Marie Dupont"), "marie.dupont@example.com")
+        );
+        assert_eq!(f.original_subject, "Imprimante en panne");
+        assert_eq!(f.agent_text, "Peux-tu regarder ? Elle est au 2e.");
+        assert_eq!(
+            f.original_text,
+            "Bonjour,\n\nL'imprimante du 2e étage ne répond plus depuis ce matin.\n\nMerci,\nMarie"
+        );
+    }
+
+    #[test]
+    fn gmail_in_german_weitergeleitete_nachricht() {
+        let f = forward_of(include_bytes!("../../fixtures/forwards/gmail-de.eml"));
+        assert_eq!(
+            f.original_from,
+            mailbox(Some("Hans Müller"), "hans.mueller@example.de")
+        );
+        assert_eq!(f.original_subject, "Drucker druckt nicht");
+        assert_eq!(f.agent_text, "Bitte ein Ticket anlegen.");
+        assert!(f.original_text.starts_with("Guten Tag,\n\nder Drucker"));
+    }
+
+    #[test]
+    fn outlook_english_underscore_rule() {
+        let f = forward_of(include_bytes!("../../fixtures/forwards/outlook-en.eml"));
+        assert_eq!(
+            f.original_from,
+            mailbox(Some("Mary Smith"), "mary.smith@example.com")
+        );
+        assert_eq!(f.original_subject, "Printer out of order");
+        assert_eq!(
+            f.agent_text,
+            "Can you take this one? She is on the 3rd floor.\n\nJohn"
+        );
+        assert_eq!(
+            f.original_text,
+            "Hello,\n\nThe printer on the 3rd floor shows error 59.\n\nRegards,\nMary"
+        );
+    }
+
+    #[test]
+    fn outlook_original_message_with_mailto_brackets() {
+        let f = forward_of(include_bytes!(
+            "../../fixtures/forwards/outlook-original-message.eml"
+        ));
+        assert_eq!(
+            f.original_from,
+            mailbox(Some("Mary Smith"), "mary.smith@example.com")
+        );
+        assert_eq!(f.original_subject, "VPN does not connect");
+        assert_eq!(f.agent_text, "Please open a ticket for this.");
+        assert!(f.original_text.starts_with("Hi John,\nthe VPN client"));
+    }
+
+    #[test]
+    fn outlook_french_without_rule_and_non_breaking_spaces() {
+        let f = forward_of(include_bytes!("../../fixtures/forwards/outlook-fr.eml"));
+        assert_eq!(
+            f.original_from,
+            mailbox(Some("Sophie Martin"), "sophie.martin@example.com")
+        );
+        assert_eq!(f.original_subject, "Écran noir au démarrage");
+        assert_eq!(
+            f.agent_text,
+            "Bonjour,\n\nPeux-tu ouvrir un ticket pour Mme Martin ?\n\nCordialement,\nJean"
+        );
+        assert_eq!(
+            f.original_text,
+            "Bonjour Jean,\n\nMon écran reste noir au démarrage depuis la mise à jour.\n\nMerci d'avance,\nSophie Martin"
+        );
+    }
+
+    #[test]
+    fn apple_mail_begin_forwarded_message() {
+        let f = forward_of(include_bytes!("../../fixtures/forwards/apple-mail.eml"));
+        assert_eq!(
+            f.original_from,
+            mailbox(Some("Paul Bernard"), "paul.bernard@example.net")
+        );
+        assert_eq!(f.original_subject, "Mot de passe oublié");
+        assert_eq!(f.agent_text, "Voir ci-dessous.\n\nJean");
+        assert_eq!(
+            f.original_text,
+            "Bonjour,\n\nJe n'arrive plus à me connecter à l'intranet.\n\nPaul"
+        );
+    }
+
+    #[test]
+    fn thunderbird_tab_separated_header_lines() {
+        let f = forward_of(include_bytes!("../../fixtures/forwards/thunderbird.eml"));
+        assert_eq!(
+            f.original_from,
+            mailbox(Some("Luc Petit"), "luc.petit@example.com")
+        );
+        assert_eq!(f.original_subject, "Accès au partage réseau");
+        assert_eq!(f.agent_text, "Pour info, à traiter en priorité.");
+        assert_eq!(
+            f.original_text,
+            "Bonjour,\n\nJe n'ai plus accès au partage \\\\serveur\\compta.\n\nLuc"
+        );
+    }
+
+    #[test]
+    fn thunderbird_french_html_header_table() {
+        let f = forward_of(include_bytes!(
+            "../../fixtures/forwards/thunderbird-fr-html.eml"
+        ));
+        assert_eq!(
+            f.original_from,
+            mailbox(Some("Claire Roux"), "claire.roux@example.com")
+        );
+        assert_eq!(f.original_subject, "Clavier défectueux");
+        assert_eq!(f.agent_text, "Nouvelle demande, merci.");
+        assert_eq!(
+            f.original_text,
+            "Bonjour,\nLa touche Entrée de mon clavier ne fonctionne plus.\nClaire"
+        );
+    }
+
+    #[test]
+    fn attached_message_rfc822() {
+        let f = forward_of(include_bytes!(
+            "../../fixtures/corpus/170-phpmime-issue158a.eml"
+        ));
+        assert_eq!(
+            f.original_from,
+            mailbox(Some("Example Name"), "example@example.com")
+        );
+        assert_eq!(f.original_subject, "Test 5");
+        assert_eq!(f.agent_text, "An RFC 822 forward with a HTML body");
+        assert!(f
+            .original_text
+            .starts_with("An original PLAIN TEXT message body"));
+    }
+
+    #[test]
+    fn mutt_forwarded_message_from_block() {
+        let text = "FYI\n\n----- Forwarded message from Ann Lee <ann@example.com> -----\n\n\
+                    Date: Mon, 4 Mar 2024 10:12:00 +0100\nFrom: Ann Lee <ann@example.com>\n\
+                    To: jean@example.org\nSubject: Scanner\n\nThe scanner is jammed.\n\n\
+                    ----- End forwarded message -----\n";
+        let f = inline(text, "Fwd: Scanner").expect("mutt block");
+        assert_eq!(f.original_from, mailbox(Some("Ann Lee"), "ann@example.com"));
+        assert_eq!(f.original_subject, "Scanner");
+        assert_eq!(f.original_text, "The scanner is jammed.");
+        assert_eq!(f.agent_text, "FYI");
+    }
+
+    #[test]
+    fn a_subject_prefix_alone_is_not_a_forward_fixture() {
+        let inbound = crate::parse::parse(include_bytes!(
+            "../../fixtures/forwards/subject-prefix-only.eml"
+        ))
+        .expect("parses");
+        assert_eq!(inbound.subject, "TR: Imprimante");
+        assert_eq!(inbound.forward, None);
+    }
+
     #[test]
     fn a_subject_prefix_alone_is_not_a_forward() {
         assert_eq!(inline("Voir ci-dessous.\n\nMerci", "TR: Panne"), None);
