@@ -6,7 +6,17 @@
 //! body, attachments, the signals of automatic mail, Authentication-Results,
 //! forwarded mail), so that `decide` stays a pure function of plain values.
 
+mod forward;
+mod html;
+mod report;
+
+use std::borrow::Cow;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use mail_parser::decoders::charsets::map::charset_decoder;
+use mail_parser::{Address, Header, HeaderValue, Message, MessageParser, MimeHeaders, PartType};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// A mailbox from a header: display name and lower-cased address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +89,10 @@ pub struct DeliveryReport {
     /// Message-ID of the returned message (the `message/rfc822` or
     /// `text/rfc822-headers` part), where present.
     pub original_message_id: Option<String>,
+    /// The `X-Crmgate-Outbox` header of the returned message: the outbox row
+    /// the report is about, even when the remote MTA rewrote the envelope
+    /// sender and the VERP address was lost.
+    pub outbox_id: Option<i64>,
 }
 
 /// A forwarded message found inside an agent's mail (SPEC rule 6).
@@ -136,9 +150,483 @@ pub enum ParseError {
 
 /// Parse one message.
 ///
+/// Never panics and is lenient: a missing From, Date or Message-ID, broken
+/// MIME structure or unknown charsets still give an [`Inbound`] (the SPEC
+/// refuses nothing for those), with the fields that could be read.
+///
 /// # Errors
-/// [`ParseError::Unparseable`] when there is no header block to speak of.
+/// [`ParseError::Unparseable`] when there is no header block to speak of:
+/// empty input, or bytes without a single `Name: value` header line.
 pub fn parse(raw: &[u8]) -> Result<Inbound, ParseError> {
-    let _ = raw;
-    Err(ParseError::Unparseable)
+    let raw = repair_header_block(raw);
+    if !has_header_line(&raw) {
+        return Err(ParseError::Unparseable);
+    }
+    // mail-parser never panics in release builds, but a few of its internal
+    // `debug_assert!`s and offset subtractions can fire in debug builds on
+    // hostile input. A message that trips them is one we cannot read anyway:
+    // it goes to quarantine instead of taking the SMTP session down.
+    let message = catch_unwind(AssertUnwindSafe(|| {
+        MessageParser::default().parse(&raw[..])
+    }))
+    .ok()
+    .flatten()
+    .ok_or(ParseError::Unparseable)?;
+    Ok(extract(&message))
+}
+
+/// Everything the later stages need, read once from the parsed message.
+fn extract(message: &Message<'_>) -> Inbound {
+    let headers = message.headers();
+    let subject = message.subject().map(unfold).unwrap_or_default();
+    let (text, html) = bodies(message);
+    let attachments = attachments(message);
+    let is_report = is_content_type(message, "multipart", "report");
+    // A delivery report carries the bounced message as `message/rfc822`:
+    // that is a returned copy, not something an agent forwarded.
+    let forward = if is_report {
+        None
+    } else {
+        forward::attached(message, &text, &subject).or_else(|| forward::inline(&text, &subject))
+    };
+    Inbound {
+        from: mailboxes(message.from()).into_iter().next(),
+        to: message.all_to().flat_map(|a| mailboxes(Some(a))).collect(),
+        cc: message.all_cc().flat_map(|a| mailboxes(Some(a))).collect(),
+        reply_to: mailboxes(message.reply_to()),
+        subject,
+        message_id: message.message_id().and_then(clean_id),
+        in_reply_to: ids(message.in_reply_to()),
+        references: ids(message.references()),
+        date: message
+            .date()
+            .filter(|d| d.is_valid())
+            .map(|d| d.to_timestamp()),
+        body_hash: body_hash(&text),
+        text,
+        html,
+        attachments,
+        auto: auto_signal(headers, is_report),
+        report: if is_report {
+            report::delivery_report(message)
+        } else {
+            None
+        },
+        loop_hosts: header_texts(headers, "X-Crmgate-Loop")
+            .filter(|v| !v.is_empty())
+            .collect(),
+        auth_results: header_texts(headers, "Authentication-Results")
+            .map(|v| auth_result(&v))
+            .collect(),
+        spam_flag: header_texts(headers, "X-Spam-Flag").any(|v| v.eq_ignore_ascii_case("yes")),
+        forward,
+    }
+}
+
+/// Raw 8-bit header lines that are not UTF-8 re-encoded from windows-1252.
+///
+/// Old clients (Outlook, Eudora) put Latin-1 straight into Subject and
+/// display names. mail-parser reads header bytes as UTF-8 and would turn
+/// each accented letter into U+FFFD; re-encoding the top-level header block
+/// first keeps "Réunion" readable. Windows-1252 is a superset of the
+/// printable Latin-1 range, so it is the better guess for both. UTF-8 lines
+/// (RFC 6532) are left alone, and so is the body: its charset is declared.
+fn repair_header_block(raw: &[u8]) -> Cow<'_, [u8]> {
+    let end = header_block_end(raw);
+    let block = &raw[..end];
+    if std::str::from_utf8(block).is_ok() {
+        return Cow::Borrowed(raw);
+    }
+    let Some(decode) = charset_decoder(b"windows-1252") else {
+        return Cow::Borrowed(raw);
+    };
+    let mut out = Vec::with_capacity(raw.len() + 64);
+    for line in block.split_inclusive(|&b| b == b'\n') {
+        if std::str::from_utf8(line).is_ok() {
+            out.extend_from_slice(line);
+        } else {
+            out.extend_from_slice(decode(line).as_bytes());
+        }
+    }
+    out.extend_from_slice(&raw[end..]);
+    Cow::Owned(out)
+}
+
+/// Offset just past the top-level header block (its blank line excluded),
+/// or the whole input when there is no blank line.
+fn header_block_end(raw: &[u8]) -> usize {
+    let mut offset = 0;
+    for line in raw.split_inclusive(|&b| b == b'\n') {
+        if line == b"\n" || line == b"\r\n" {
+            return offset;
+        }
+        offset += line.len();
+    }
+    raw.len()
+}
+
+/// Whether the header block holds at least one `Name: value` line.
+///
+/// mail-parser accepts almost anything as a header; the SPEC wants input
+/// that has no header at all (binary garbage, an empty DATA) quarantined,
+/// so a field name of printable ASCII followed by a colon is required.
+fn has_header_line(raw: &[u8]) -> bool {
+    raw[..header_block_end(raw)]
+        .split(|&b| b == b'\n')
+        .any(|line| {
+            let name_len = line
+                .iter()
+                .take_while(|&&b| (0x21..=0x7e).contains(&b) && b != b':')
+                .count();
+            let rest = line.get(name_len..).unwrap_or_default();
+            let rest = rest.trim_ascii_start();
+            name_len > 0 && rest.first() == Some(&b':')
+        })
+}
+
+/// Folded header text on one line: CR/LF and the folding whitespace become
+/// one space.
+fn unfold(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut pending_space = false;
+    for ch in value.chars() {
+        match ch {
+            '\r' | '\n' => pending_space = true,
+            ' ' | '\t' if pending_space => {}
+            _ => {
+                if pending_space && !out.is_empty() && !out.ends_with(' ') {
+                    out.push(' ');
+                }
+                pending_space = false;
+                out.push(ch);
+            }
+        }
+    }
+    out.trim().to_string()
+}
+
+/// The values of every top-level header named `name` (case-insensitive),
+/// unfolded, in order of appearance.
+fn header_texts<'a>(headers: &'a [Header<'a>], name: &'a str) -> impl Iterator<Item = String> + 'a {
+    headers
+        .iter()
+        .filter(move |h| h.name.as_str().eq_ignore_ascii_case(name))
+        .map(|h| header_value_text(&h.value))
+}
+
+/// A header value as one line of text, whatever mail-parser made of it.
+fn header_value_text(value: &HeaderValue<'_>) -> String {
+    match value {
+        HeaderValue::Text(t) => unfold(t),
+        HeaderValue::TextList(list) => unfold(&list.join(", ")),
+        HeaderValue::Address(a) => a
+            .iter()
+            .filter_map(|m| m.address.as_deref())
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => String::new(),
+    }
+}
+
+/// The mailboxes of an address header, groups flattened; entries without an
+/// address (a bare group name, an empty list item) are dropped.
+fn mailboxes(address: Option<&Address<'_>>) -> Vec<Mailbox> {
+    address
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| {
+                    let addr = m.address.as_deref()?.trim();
+                    (!addr.is_empty()).then(|| Mailbox::new(m.name.as_deref(), addr))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A message id without angle brackets or surrounding space, if any is left.
+fn clean_id(id: &str) -> Option<String> {
+    let id = id
+        .trim()
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .trim();
+    (!id.is_empty()).then(|| id.to_string())
+}
+
+/// The ids of In-Reply-To or References, in order.
+fn ids(value: &HeaderValue<'_>) -> Vec<String> {
+    match value {
+        HeaderValue::Text(t) => clean_id(t).into_iter().collect(),
+        HeaderValue::TextList(list) => list.iter().filter_map(|t| clean_id(t)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn is_content_type(message: &Message<'_>, ctype: &str, subtype: &str) -> bool {
+    message.root_part().is_content_type(ctype, subtype)
+}
+
+/// The text body (text/plain parts joined, HTML rendered as text when there
+/// is no plain part) and the HTML body, both with `\n` line endings.
+fn bodies(message: &Message<'_>) -> (String, Option<String>) {
+    let mut texts = Vec::new();
+    for part in message.text_bodies() {
+        match &part.body {
+            PartType::Text(t) => texts.push(t.replace("\r\n", "\n")),
+            PartType::Html(h) => texts.push(html::to_text(h)),
+            _ => {}
+        }
+    }
+    let htmls: Vec<String> = message
+        .html_bodies()
+        .filter_map(|part| match &part.body {
+            PartType::Html(h) => Some(h.replace("\r\n", "\n")),
+            _ => None,
+        })
+        .collect();
+    let html = (!htmls.is_empty()).then(|| htmls.join("\n"));
+    (texts.join("\n"), html)
+}
+
+/// The attachments kept on the ticket.
+///
+/// Named parts of any type, attached messages (`message/rfc822`, named
+/// after their subject when unnamed) and unnamed binary parts the sender
+/// attached (given a neutral name). Unnamed inline images (signature logos
+/// referenced by `cid:`) and unnamed text parts (alternative bodies, the
+/// headers of a returned message) are left out: nobody attached them.
+fn attachments(message: &Message<'_>) -> Vec<Attachment> {
+    let raw = message.raw_message();
+    let mut out = Vec::new();
+    for (index, part) in message.attachments().enumerate() {
+        let content_type = part
+            .content_type()
+            .map(|ct| match ct.subtype() {
+                Some(sub) => format!("{}/{}", ct.ctype(), sub).to_ascii_lowercase(),
+                None => ct.ctype().to_ascii_lowercase(),
+            })
+            .unwrap_or_else(|| "application/octet-stream".to_string());
+        let name = part
+            .attachment_name()
+            .map(|n| unfold(n).replace(['/', '\\'], "_"))
+            .filter(|n| !n.is_empty());
+        let explicit = part
+            .content_disposition()
+            .is_some_and(|cd| cd.is_attachment());
+        let (filename, data) = match &part.body {
+            PartType::Message(nested) => {
+                // An unencoded attached message shares the outer buffer:
+                // its own bytes are the part's body range.
+                let data = match part.encoding {
+                    mail_parser::Encoding::None => raw
+                        .get(part.offset_body as usize..part.offset_end as usize)
+                        .unwrap_or_default()
+                        .to_vec(),
+                    _ => nested.raw_message().to_vec(),
+                };
+                let filename = name.unwrap_or_else(|| {
+                    let subject = nested.subject().map(unfold).unwrap_or_default();
+                    let stem = subject.replace(['/', '\\', ':'], "_");
+                    let stem = stem.trim();
+                    format!("{}.eml", if stem.is_empty() { "message" } else { stem })
+                });
+                (filename, data)
+            }
+            PartType::Binary(bytes) => {
+                let filename = name.unwrap_or_else(|| {
+                    format!("attachment-{}.{}", index + 1, extension(&content_type))
+                });
+                (filename, bytes.to_vec())
+            }
+            PartType::InlineBinary(bytes) => match name {
+                Some(filename) => (filename, bytes.to_vec()),
+                None => continue,
+            },
+            PartType::Text(t) | PartType::Html(t) => match name {
+                Some(filename) => (filename, t.as_bytes().to_vec()),
+                None if explicit => (
+                    format!("attachment-{}.{}", index + 1, extension(&content_type)),
+                    t.as_bytes().to_vec(),
+                ),
+                None => continue,
+            },
+            PartType::Multipart(_) => continue,
+        };
+        let content_type = if matches!(part.body, PartType::Message(_)) {
+            "message/rfc822".to_string()
+        } else {
+            content_type
+        };
+        out.push(Attachment {
+            filename,
+            content_type,
+            data,
+        });
+    }
+    out
+}
+
+/// A file extension for a generated attachment name.
+fn extension(content_type: &str) -> &'static str {
+    match content_type {
+        "application/pdf" => "pdf",
+        "message/rfc822" => "eml",
+        "message/delivery-status" | "text/plain" => "txt",
+        "text/html" => "html",
+        "text/calendar" => "ics",
+        "image/png" => "png",
+        "image/jpeg" => "jpg",
+        "image/gif" => "gif",
+        _ => "bin",
+    }
+}
+
+/// The first signal of automatic mail (SPEC rule 4), checked in the SPEC's
+/// order so the logged reason is stable.
+fn auto_signal(headers: &[Header<'_>], is_report: bool) -> Option<AutoSignal> {
+    let first_token = |v: &str| {
+        v.split([';', '(', ' ', '\t'])
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase()
+    };
+    if let Some(v) = header_texts(headers, "Auto-Submitted").find(|v| first_token(v) != "no") {
+        return Some(AutoSignal::AutoSubmitted(v));
+    }
+    if let Some(v) = header_texts(headers, "Precedence")
+        .find(|v| matches!(first_token(v).as_str(), "bulk" | "junk" | "list"))
+    {
+        return Some(AutoSignal::Precedence(v));
+    }
+    let present = |name: &str| {
+        headers
+            .iter()
+            .any(|h| h.name.as_str().eq_ignore_ascii_case(name))
+    };
+    for name in [
+        "X-Autoreply",
+        "X-Autorespond",
+        "X-MS-Exchange-Inbox-Rules-Loop",
+    ] {
+        if present(name) {
+            return Some(AutoSignal::Header(name.to_string()));
+        }
+    }
+    // Outlook puts `All` on its own automatic replies; notifications (ours
+    // included) say `OOF, AutoReply`, which must not count.
+    if header_texts(headers, "X-Auto-Response-Suppress").any(|v| {
+        v.split(',')
+            .any(|item| item.trim().eq_ignore_ascii_case("all"))
+    }) {
+        return Some(AutoSignal::Header("X-Auto-Response-Suppress".to_string()));
+    }
+    for name in ["List-Id", "List-Unsubscribe"] {
+        if present(name) {
+            return Some(AutoSignal::Header(name.to_string()));
+        }
+    }
+    is_report.then_some(AutoSignal::Report)
+}
+
+/// One `Authentication-Results` header (RFC 8601), read strictly.
+///
+/// Comments are removed first, so `(dkim=pass would be nice)` counts for
+/// nothing; a result counts only when its own `method=result` token says
+/// `pass`.
+fn auth_result(value: &str) -> AuthResult {
+    let value = strip_comments(value);
+    let mut segments = value.split(';');
+    let authserv_id = segments
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let mut result = AuthResult {
+        authserv_id,
+        ..AuthResult::default()
+    };
+    for segment in segments {
+        let mut tokens = segment.split_whitespace();
+        let Some((method, outcome)) = tokens.next().and_then(|t| t.split_once('=')) else {
+            continue;
+        };
+        let method = method.split('/').next().unwrap_or_default();
+        if !outcome.eq_ignore_ascii_case("pass") {
+            continue;
+        }
+        if method.eq_ignore_ascii_case("dmarc") {
+            result.dmarc_pass = true;
+        } else if method.eq_ignore_ascii_case("dkim") {
+            let mut d = None;
+            let mut i = None;
+            for token in tokens {
+                if let Some((key, val)) = token.split_once('=') {
+                    let val = val.trim_matches('"').to_ascii_lowercase();
+                    if key.eq_ignore_ascii_case("header.d") {
+                        d = Some(val);
+                    } else if key.eq_ignore_ascii_case("header.i") {
+                        i = val.rsplit_once('@').map(|(_, domain)| domain.to_string());
+                    }
+                }
+            }
+            if let Some(domain) = d.or(i).filter(|d| !d.is_empty()) {
+                result.dkim_pass_domains.push(domain);
+            }
+        }
+    }
+    result
+}
+
+/// The text with RFC 5322 comments (nested parentheses, outside quoted
+/// strings) removed.
+fn strip_comments(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut depth = 0usize;
+    let mut quoted = false;
+    let mut escaped = false;
+    for ch in value.chars() {
+        if escaped {
+            escaped = false;
+            if depth == 0 {
+                out.push(ch);
+            }
+            continue;
+        }
+        match ch {
+            '\\' => {
+                escaped = true;
+                if depth == 0 {
+                    out.push(ch);
+                }
+            }
+            '"' if depth == 0 => {
+                quoted = !quoted;
+                out.push(ch);
+            }
+            '(' if !quoted => depth += 1,
+            ')' if !quoted && depth > 0 => {
+                depth -= 1;
+                out.push(' ');
+            }
+            _ if depth == 0 => out.push(ch),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Hex SHA-256 of the text body with `\n` line endings, each line's trailing
+/// whitespace and the trailing blank lines removed: the same message relayed
+/// twice (CRLF vs LF, a signature's trailing space stripped by one MTA) gets
+/// the same hash.
+fn body_hash(text: &str) -> String {
+    let normalised = text
+        .replace("\r\n", "\n")
+        .replace('\r', "\n")
+        .lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .join("\n");
+    hex::encode(Sha256::digest(normalised.trim_end().as_bytes()))
 }
