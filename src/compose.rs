@@ -437,3 +437,429 @@ pub fn human_size(language: Language, size: u64) -> String {
     };
     format!("{number} {}", units[unit])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mail_parser::{Message, MessageParser, MimeHeaders};
+
+    fn draft(kind: SendKind) -> Draft {
+        Draft {
+            kind,
+            ticket_number: "TKT0000042".into(),
+            language: Language::Fr,
+            from_name: "Hélène Côté via Soutien TI".into(),
+            from_address: "support@example.com".into(),
+            to: vec![Mailbox::new(Some("Zoé Ménard"), "zoe@client.example")],
+            cc: vec![],
+            subject: "Imprimante en panne à l'étage".into(),
+            text: "Bonjour,\nL'imprimante est réparée.\n".into(),
+            html: None,
+            listed_attachments: vec![],
+            attachments: vec![],
+            message_id: "TKT0000042.abc123@crm.example.com".into(),
+            in_reply_to: None,
+            references: vec![],
+            date: 1_780_000_000,
+            loop_host: "crm.example.com".into(),
+            scrub: None,
+        }
+    }
+
+    fn parse(raw: &[u8]) -> Message<'_> {
+        MessageParser::default()
+            .parse(raw)
+            .expect("compose output parses")
+    }
+
+    /// mail-builder writes line breaks as CRLF; compare texts with LF.
+    fn lf(text: Option<std::borrow::Cow<'_, str>>) -> Option<String> {
+        text.map(|t| t.replace("\r\n", "\n"))
+    }
+
+    fn header<'a>(message: &'a Message<'_>, name: &'a str) -> Option<&'a str> {
+        message.header_raw(name).map(str::trim)
+    }
+
+    const NOTIFICATIONS: [SendKind; 6] = [
+        SendKind::PublicCopy,
+        SendKind::AgentCopy,
+        SendKind::WorkNote,
+        SendKind::PartnerCopy,
+        SendKind::ReplyAllNotice,
+        SendKind::FailureNotice,
+    ];
+
+    #[test]
+    fn common_headers_decode_back() {
+        let mut d = draft(SendKind::PublicCopy);
+        d.cc = vec![Mailbox::new(None, "watcher@client.example")];
+        d.in_reply_to = Some("first@client.example".into());
+        d.references = vec![
+            "first@client.example".into(),
+            "<TKT0000042.x@crm.example.com>".into(),
+        ];
+        let raw = compose(&d).expect("compose");
+        assert!(raw.is_ascii(), "non-ASCII must be RFC 2047 / MIME encoded");
+        let m = parse(&raw);
+        let from = m.from().and_then(|a| a.first()).expect("From");
+        assert_eq!(from.name(), Some("Hélène Côté via Soutien TI"));
+        assert_eq!(from.address(), Some("support@example.com"));
+        let reply_to = m.reply_to().and_then(|a| a.first()).expect("Reply-To");
+        assert_eq!(reply_to.address(), Some("support@example.com"));
+        let to = m.to().and_then(|a| a.first()).expect("To");
+        assert_eq!(to.name(), Some("Zoé Ménard"));
+        assert_eq!(to.address(), Some("zoe@client.example"));
+        let cc = m.cc().and_then(|a| a.first()).expect("Cc");
+        assert_eq!(cc.address(), Some("watcher@client.example"));
+        assert_eq!(
+            m.subject(),
+            Some("[TKT0000042] Imprimante en panne à l'étage")
+        );
+        assert_eq!(m.message_id(), Some("TKT0000042.abc123@crm.example.com"));
+        assert_eq!(m.in_reply_to().as_text(), Some("first@client.example"));
+        assert_eq!(
+            m.references().as_text_list().map(|l| l.to_vec()),
+            Some(vec![
+                "first@client.example".into(),
+                "TKT0000042.x@crm.example.com".into()
+            ])
+        );
+        assert_eq!(m.date().map(|d| d.to_timestamp()), Some(1_780_000_000));
+        assert_eq!(header(&m, "X-Crmgate-Loop"), Some("crm.example.com"));
+        assert_eq!(header(&m, "MIME-Version"), Some("1.0"));
+        assert_eq!(
+            lf(m.body_text(0)).as_deref(),
+            Some("Bonjour,\nL'imprimante est réparée.\n")
+        );
+        let root = m.root_part().content_type().expect("Content-Type");
+        assert_eq!((root.ctype(), root.subtype()), ("text", Some("plain")));
+    }
+
+    #[test]
+    fn empty_cc_is_omitted() {
+        let raw = compose(&draft(SendKind::WorkNote)).expect("compose");
+        let m = parse(&raw);
+        assert!(m.header_raw("Cc").is_none());
+        assert!(m.header_raw("In-Reply-To").is_none());
+        assert!(m.header_raw("References").is_none());
+    }
+
+    #[test]
+    fn notifications_are_auto_generated_without_precedence() {
+        for kind in NOTIFICATIONS {
+            let raw = compose(&draft(kind)).expect("compose");
+            let m = parse(&raw);
+            assert_eq!(
+                header(&m, "Auto-Submitted"),
+                Some("auto-generated"),
+                "{kind:?}"
+            );
+            assert_eq!(
+                header(&m, "X-Auto-Response-Suppress"),
+                Some("OOF, AutoReply"),
+                "{kind:?}"
+            );
+            assert_eq!(header(&m, "Precedence"), None, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn receipt_is_auto_replied_and_bulk() {
+        let raw = compose(&draft(SendKind::Receipt)).expect("compose");
+        let m = parse(&raw);
+        assert_eq!(header(&m, "Auto-Submitted"), Some("auto-replied"));
+        assert_eq!(header(&m, "Precedence"), Some("bulk"));
+        assert_eq!(
+            header(&m, "X-Auto-Response-Suppress"),
+            Some("OOF, AutoReply")
+        );
+    }
+
+    #[test]
+    fn closure_is_auto_generated_and_bulk() {
+        let raw = compose(&draft(SendKind::Closure)).expect("compose");
+        let m = parse(&raw);
+        assert_eq!(header(&m, "Auto-Submitted"), Some("auto-generated"));
+        assert_eq!(header(&m, "Precedence"), Some("bulk"));
+        assert_eq!(
+            header(&m, "X-Auto-Response-Suppress"),
+            Some("OOF, AutoReply")
+        );
+    }
+
+    #[test]
+    fn email_is_a_persons_mail() {
+        let raw = compose(&draft(SendKind::Email)).expect("compose");
+        let m = parse(&raw);
+        assert_eq!(header(&m, "Auto-Submitted"), None);
+        assert_eq!(header(&m, "Precedence"), None);
+        assert_eq!(header(&m, "X-Auto-Response-Suppress"), None);
+        assert_eq!(header(&m, "X-Crmgate-Loop"), Some("crm.example.com"));
+    }
+
+    #[test]
+    fn subject_carries_the_tag_once() {
+        for subject in [
+            "Imprimante",
+            "[TKT0000042] Imprimante",
+            "[tkt0000042]  Imprimante",
+            "Imprimante [TKT0000042]",
+        ] {
+            let mut d = draft(SendKind::PublicCopy);
+            d.subject = subject.into();
+            let raw = compose(&d).expect("compose");
+            assert_eq!(
+                parse(&raw).subject(),
+                Some("[TKT0000042] Imprimante"),
+                "{subject}"
+            );
+        }
+        let mut d = draft(SendKind::Closure);
+        d.subject = String::new();
+        let raw = compose(&d).expect("compose");
+        assert_eq!(parse(&raw).subject(), Some("[TKT0000042]"));
+    }
+
+    #[test]
+    fn header_values_cannot_inject_headers() {
+        let mut d = draft(SendKind::PublicCopy);
+        d.subject = "Hello\r\nBcc: victim@evil.example".into();
+        d.from_name = "Jane\r\nX-Evil: 1".into();
+        let raw = compose(&d).expect("compose");
+        let m = parse(&raw);
+        assert!(m.header_raw("Bcc").is_none());
+        assert!(m.header_raw("X-Evil").is_none());
+        assert_eq!(
+            m.subject(),
+            Some("[TKT0000042] Hello Bcc: victim@evil.example")
+        );
+    }
+
+    #[test]
+    fn html_alternative_is_kept() {
+        let mut d = draft(SendKind::PublicCopy);
+        d.html = Some("<html><body><p>Réparée</p></body></html>".into());
+        let raw = compose(&d).expect("compose");
+        let m = parse(&raw);
+        assert_eq!(m.text_body_count(), 1);
+        assert_eq!(m.html_body_count(), 1);
+        assert!(m.body_html(0).is_some_and(|h| h.contains("<p>Réparée</p>")));
+        assert_eq!(m.attachment_count(), 0);
+    }
+
+    fn two_files() -> Vec<Attachment> {
+        vec![
+            Attachment {
+                filename: "rapport.pdf".into(),
+                content_type: "application/pdf".into(),
+                data: b"%PDF-1.4 \x00\x01\x02 binary".to_vec(),
+            },
+            Attachment {
+                filename: "journal été.txt".into(),
+                content_type: "text/plain; charset=utf-8".into(),
+                data: "ligne 1\nligne 2 éé\n".as_bytes().to_vec(),
+            },
+        ]
+    }
+
+    #[test]
+    fn email_carries_both_attachments() {
+        let mut d = draft(SendKind::Email);
+        d.attachments = two_files();
+        let raw = compose(&d).expect("compose");
+        let m = parse(&raw);
+        assert_eq!(m.attachment_count(), 2);
+        let parts: Vec<_> = m.attachments().collect();
+        assert_eq!(parts[0].attachment_name(), Some("rapport.pdf"));
+        assert_eq!(parts[0].contents(), b"%PDF-1.4 \x00\x01\x02 binary");
+        assert_eq!(parts[1].attachment_name(), Some("journal été.txt"));
+        assert_eq!(
+            parts[1]
+                .text_contents()
+                .map(|t| t.replace("\r\n", "\n"))
+                .as_deref(),
+            Some("ligne 1\nligne 2 éé\n")
+        );
+        assert_eq!(
+            lf(m.body_text(0)).as_deref(),
+            Some("Bonjour,\nL'imprimante est réparée.\n")
+        );
+    }
+
+    #[test]
+    fn notifications_never_carry_attachments() {
+        for kind in NOTIFICATIONS
+            .into_iter()
+            .chain([SendKind::Receipt, SendKind::Closure])
+        {
+            let mut d = draft(kind);
+            d.attachments = two_files();
+            let raw = compose(&d).expect("compose");
+            assert_eq!(parse(&raw).attachment_count(), 0, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn notification_lists_attachments_kept_on_the_ticket() {
+        let mut d = draft(SendKind::PublicCopy);
+        d.listed_attachments = vec![
+            ("rapport.pdf".into(), 122_880),
+            ("photo.jpg".into(), 1_572_864),
+        ];
+        d.html = Some("<html><body><p>Réparée</p></body></html>".into());
+        let raw = compose(&d).expect("compose");
+        let m = parse(&raw);
+        assert_eq!(m.attachment_count(), 0);
+        let text = lf(m.body_text(0)).expect("text body");
+        assert!(
+            text.starts_with("Bonjour,\nL'imprimante est réparée.\n\n"),
+            "{text}"
+        );
+        assert!(text.contains("Pièce jointe conservée au billet : rapport.pdf (120 Ko)\n"));
+        assert!(text.contains("Pièce jointe conservée au billet : photo.jpg (1,5 Mo)\n"));
+        let html = lf(m.body_html(0)).expect("html body");
+        assert!(
+            html.ends_with(
+                "<p>Réparée</p><p>Pièce jointe conservée au billet : rapport.pdf (120 Ko)</p>\n\
+                 <p>Pièce jointe conservée au billet : photo.jpg (1,5 Mo)</p>\n</body></html>"
+            ),
+            "{html}"
+        );
+    }
+
+    #[test]
+    fn attachment_lines_in_both_languages() {
+        assert_eq!(
+            attachment_line(Language::En, "report.pdf", 120 * 1024),
+            "Attachment kept on the ticket: report.pdf (120 KB)"
+        );
+        assert_eq!(
+            attachment_line(Language::Fr, "rapport.pdf", 120 * 1024),
+            "Pièce jointe conservée au billet : rapport.pdf (120 Ko)"
+        );
+    }
+
+    #[test]
+    fn human_sizes() {
+        let cases: [(u64, &str, &str); 9] = [
+            (0, "0 octet", "0 bytes"),
+            (1, "1 octet", "1 byte"),
+            (850, "850 octets", "850 bytes"),
+            (1024, "1 Ko", "1 KB"),
+            (1536, "1,5 Ko", "1.5 KB"),
+            (10_240, "10 Ko", "10 KB"),
+            (1024 * 1024 - 1, "1 Mo", "1 MB"),
+            (3 * 1024 * 1024 * 1024, "3 Go", "3 GB"),
+            (u64::MAX, "16777216 To", "16777216 TB"),
+        ];
+        for (size, fr, en) in cases {
+            assert_eq!(human_size(Language::Fr, size), fr);
+            assert_eq!(human_size(Language::En, size), en);
+        }
+    }
+
+    fn jane_scrub() -> Scrub {
+        Scrub {
+            addresses: vec!["jane.doe@example.org".into(), "former@example.org".into()],
+            replacement: "support@example.com".into(),
+        }
+    }
+
+    #[test]
+    fn scrubbed_draft_hides_agents_in_headers_and_bodies() {
+        let mut d = draft(SendKind::PublicCopy);
+        d.from_name = "Jane.Doe@Example.org via Soutien TI".into();
+        d.to = vec![
+            Mailbox::new(Some("Zoé (cc Jane.Doe@example.org)"), "zoe@client.example"),
+            Mailbox::new(None, "FORMER@example.org"),
+        ];
+        d.subject = "Question for jane.doe@example.org".into();
+        d.text = "Le lun., Jane <JANE.DOE@EXAMPLE.ORG> a écrit :\n> salut\n".into();
+        d.html = Some(
+            r#"<p><a href="mailto:jane.doe%40example.org">jane&#46;doe&#64;example&#46;org</a></p>"#
+                .into(),
+        );
+        d.listed_attachments = vec![("de former@example.org.pdf".into(), 10)];
+        d.scrub = Some(jane_scrub());
+        let raw = compose(&d).expect("compose");
+        let lower = String::from_utf8_lossy(&raw).to_lowercase();
+        assert!(!lower.contains("jane.doe@example.org"));
+        assert!(!lower.contains("former@example.org"), "{lower}");
+        let m = parse(&raw);
+        let from = m.from().and_then(|a| a.first()).expect("From");
+        assert_eq!(from.name(), Some("support@example.com via Soutien TI"));
+        let to: Vec<_> = m.to().expect("To").iter().collect();
+        assert_eq!(to[0].name(), Some("Zoé (cc support@example.com)"));
+        assert_eq!(to[1].address(), Some("support@example.com"));
+        assert_eq!(
+            m.subject(),
+            Some("[TKT0000042] Question for support@example.com")
+        );
+        let text = lf(m.body_text(0)).expect("text");
+        assert!(
+            text.contains("Jane <support@example.com> a écrit :"),
+            "{text}"
+        );
+        assert!(text.contains("de support@example.com.pdf"), "{text}");
+        let html = m.body_html(0).expect("html");
+        assert!(
+            html.contains(r#"<a href="mailto:support@example.com">support@example.com</a>"#),
+            "{html}"
+        );
+    }
+
+    #[test]
+    fn scrubbed_email_cleans_attachment_names_and_text_files() {
+        let mut d = draft(SendKind::Email);
+        d.attachments = vec![
+            Attachment {
+                filename: "notes de jane.doe@example.org.txt".into(),
+                content_type: "text/plain".into(),
+                data: b"Contact: Jane.Doe@example.org\n".to_vec(),
+            },
+            Attachment {
+                filename: "scan.bin".into(),
+                content_type: "application/octet-stream".into(),
+                data: vec![0, 1, 2, 255],
+            },
+        ];
+        d.scrub = Some(jane_scrub());
+        let raw = compose(&d).expect("compose");
+        let m = parse(&raw);
+        let parts: Vec<_> = m.attachments().collect();
+        assert_eq!(
+            parts[0].attachment_name(),
+            Some("notes de support@example.com.txt")
+        );
+        assert_eq!(
+            parts[0]
+                .text_contents()
+                .map(|t| t.replace("\r\n", "\n"))
+                .as_deref(),
+            Some("Contact: support@example.com\n")
+        );
+        assert_eq!(parts[1].contents(), &[0, 1, 2, 255]);
+    }
+
+    #[test]
+    fn unscrubbed_draft_keeps_agent_addresses() {
+        let mut d = draft(SendKind::WorkNote);
+        d.text = "Voir jane.doe@example.org".into();
+        let raw = compose(&d).expect("compose");
+        assert_eq!(
+            lf(parse(&raw).body_text(0)).as_deref(),
+            Some("Voir jane.doe@example.org")
+        );
+    }
+
+    #[test]
+    fn media_types_are_sanitised() {
+        assert_eq!(media_type("Text/Plain; charset=latin1"), "text/plain");
+        assert_eq!(media_type(""), "application/octet-stream");
+        assert_eq!(
+            media_type("text/plain\r\nX-Evil: 1"),
+            "application/octet-stream"
+        );
+    }
+}

@@ -254,17 +254,41 @@ fn push_tags(out: &mut String, matched: &str) {
 }
 
 /// A match is a whole address when the character before it cannot continue
-/// a local part and the character after it cannot continue a domain.
+/// a local part and what follows cannot continue a domain: "…@x.org." ends
+/// a sentence and "…@x.org.pdf" names a file, but "…@x.org.uk" is another
+/// domain.
 fn is_whole_address(text: &str, start: usize, end: usize) -> bool {
     if char_before(&text[..start]).is_some_and(continues_local_part) {
         return false;
     }
-    match char_after(&text[end..]) {
+    let rest = &text[end..];
+    is_whole_address_end(rest)
+        || matches!(char_after(rest), Some(('.', used)) if is_file_extension(&rest[used..]))
+}
+
+/// File name extensions that people append to an address
+/// (`notes jane@x.org.txt`) and that are not domain labels anyone mails to.
+const FILE_EXTENSIONS: [&str; 28] = [
+    "7z", "csv", "doc", "docx", "eml", "gif", "gz", "htm", "html", "ics", "jpeg", "jpg", "json",
+    "log", "msg", "odt", "ods", "pdf", "png", "pptx", "rtf", "tar", "tgz", "txt", "vcf", "xls",
+    "xlsx", "xml",
+];
+
+/// Whether `rest` (what follows the dot after an address) starts with one
+/// of [`FILE_EXTENSIONS`] that ends there.
+fn is_file_extension(rest: &str) -> bool {
+    let label_end = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .unwrap_or(rest.len());
+    let label = rest[..label_end].to_ascii_lowercase();
+    FILE_EXTENSIONS.contains(&label.as_str()) && is_whole_address_end(&rest[label_end..])
+}
+
+/// Nothing after this point continues a domain.
+fn is_whole_address_end(rest: &str) -> bool {
+    match char_after(rest) {
         None => true,
-        Some(('.', used)) => {
-            // "…@x.org." ends a sentence; "…@x.org.uk" is another domain.
-            !char_after(&text[end + used..]).is_some_and(|(c, _)| continues_domain(c))
-        }
+        Some(('.', used)) => !char_after(&rest[used..]).is_some_and(|(c, _)| continues_domain(c)),
         Some((c, _)) => !continues_domain(c),
     }
 }
@@ -465,6 +489,7 @@ mod tests {
         let s = scrub(&["an@x.org"]);
         for other in [
             "jan@x.org",
+            "an@x.org.pdf.example",
             "an@x.org.uk",
             "an@x.organic",
             "an@x.org-shop.com",
