@@ -500,3 +500,37 @@ async fn burst_of_200_messages() {
     );
     worker.stop().await;
 }
+
+/// The same burst through lettre's own pooled transport, whose sockets do
+/// not set TCP_NODELAY: the baseline the relay worker's workaround beats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn burst_of_200_messages_through_stock_lettre() {
+    use lettre::{AsyncTransport, Tokio1Executor};
+    let sink = Sink::start().await;
+    let transport = lettre::AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
+        .port(sink.addr().port())
+        .build();
+    let envelope = lettre::address::Envelope::new(
+        Some("support@crm.test".parse().unwrap()),
+        vec![
+            "a@example.org".parse().unwrap(),
+            "b@example.org".parse().unwrap(),
+        ],
+    )
+    .unwrap();
+    let started = Instant::now();
+    for i in 0..200 {
+        let message = format!("Subject: burst-{i}\r\n\r\nBody.\r\n");
+        transport
+            .send_raw(&envelope, message.as_bytes())
+            .await
+            .unwrap();
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "stock lettre: 200 messages in {elapsed:?} ({:?} per message, {} session(s))",
+        elapsed / 200,
+        sink.sessions()
+    );
+}
