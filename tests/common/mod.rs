@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests.
-
+//! Helpers shared by the integration tests. Each test crate uses part of
+//! them, hence dead_code.
 #![allow(dead_code)]
 
 pub mod client;
+pub mod sink;

@@ -1,0 +1,350 @@
+//! An SMTP sink for tests: a real server on 127.0.0.1, port 0, that plays
+//! the relay crmgate sends through. It keeps every message it accepts, and
+//! can be told to misbehave the ways a real relay does: a 4xx outage, a
+//! 5xx for given recipients, or its port closed for a while.
+//!
+//! It speaks enough ESMTP for lettre and for hand-written sessions: EHLO
+//! (PIPELINING, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, AUTH PLAIN), HELO,
+//! MAIL, RCPT, DATA with dot-unstuffing, RSET, NOOP, QUIT. Commands are
+//! answered in order as they are read, so a pipelined client works.
+
+// Each test binary uses a different part of this helper.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// One message the sink accepted, with its envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub mail_from: String,
+    pub rcpt_to: Vec<String>,
+    /// The message as the client meant it: dot-unstuffed, CRLF line ends,
+    /// without the final `.` line.
+    pub data: Vec<u8>,
+}
+
+impl Received {
+    /// The data as text, for assertions.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.data).into_owned()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    messages: Vec<Received>,
+    /// Answer every MAIL FROM with `451 4.3.0`: the relay is "down" while
+    /// still accepting connections.
+    outage: bool,
+    /// Lower-cased recipients answered `550 5.1.1` at RCPT.
+    refused: HashSet<String>,
+    /// How many SMTP sessions were opened: tells a test whether the client
+    /// reused its connection.
+    sessions: usize,
+    /// The `user` of each AUTH PLAIN, with its password.
+    logins: Vec<(String, String)>,
+}
+
+/// A running sink. Dropping it stops the server.
+pub struct Sink {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    running: Mutex<Option<(CancellationToken, JoinHandle<()>)>>,
+}
+
+impl Sink {
+    /// Start a sink on a free port of 127.0.0.1.
+    pub async fn start() -> Sink {
+        let listener = bind("127.0.0.1:0".parse().unwrap());
+        let addr = listener.local_addr().unwrap();
+        let sink = Sink {
+            addr,
+            state: Arc::default(),
+            running: Mutex::new(None),
+        };
+        sink.serve(listener);
+        sink
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The relay URL for a crmgate configuration, e.g. `smtp://127.0.0.1:40123`.
+    pub fn url(&self) -> String {
+        format!("smtp://{}", self.addr)
+    }
+
+    /// Every message accepted so far, in order.
+    pub fn messages(&self) -> Vec<Received> {
+        self.state().messages.clone()
+    }
+
+    /// Wait until at least `n` messages were accepted; panics after `timeout`.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let messages = self.messages();
+            if messages.len() >= n {
+                return messages;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sink got {} message(s) within {timeout:?}, expected {n}",
+                messages.len()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Turn the 4xx outage on or off (`451 4.3.0` to every MAIL FROM).
+    pub fn set_outage(&self, on: bool) {
+        self.state().outage = on;
+    }
+
+    /// Answer `550 5.1.1` to RCPT TO this address from now on.
+    pub fn refuse_recipient(&self, address: &str) {
+        self.state().refused.insert(address.to_ascii_lowercase());
+    }
+
+    /// How many SMTP sessions were opened since the start.
+    pub fn sessions(&self) -> usize {
+        self.state().sessions
+    }
+
+    /// The AUTH PLAIN logins seen, as (user, password).
+    pub fn logins(&self) -> Vec<(String, String)> {
+        self.state().logins.clone()
+    }
+
+    /// Close the port and drop every open session: connections are
+    /// refused until [`Sink::reopen`].
+    pub async fn close(&self) {
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((token, task)) = running {
+            token.cancel();
+            let _ = task.await;
+        }
+    }
+
+    /// Listen again on the same port.
+    pub async fn reopen(&self) {
+        self.close().await;
+        self.serve(bind(self.addr));
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let token = CancellationToken::new();
+        let state = Arc::clone(&self.state);
+        let stop = token.clone();
+        let task = tokio::spawn(async move {
+            let mut sessions = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        lock(&state).sessions += 1;
+                        sessions.spawn(session(stream, Arc::clone(&state), stop.clone()));
+                    }
+                }
+            }
+            drop(listener);
+            // Sessions end on the same token; wait so that `close` returns
+            // only once every socket is gone.
+            while sessions.join_next().await.is_some() {}
+        });
+        *self.running.lock().unwrap_or_else(PoisonError::into_inner) = Some((token, task));
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        if let Some((token, _)) = self
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            token.cancel();
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Bind with SO_REUSEADDR so that [`Sink::reopen`] gets the same port back
+/// even with connections of the last run in TIME_WAIT.
+fn bind(addr: SocketAddr) -> TcpListener {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind(addr).unwrap();
+    socket.listen(128).unwrap()
+}
+
+/// The address between `<` and `>` of a MAIL or RCPT argument.
+fn path_of(argument: &str) -> Option<String> {
+    let start = argument.find('<')?;
+    let end = argument[start..].find('>')? + start;
+    Some(argument[start + 1..end].to_string())
+}
+
+async fn session(stream: TcpStream, state: Arc<Mutex<State>>, stop: CancellationToken) {
+    tokio::select! {
+        () = stop.cancelled() => {}
+        _ = converse(stream, &state) => {}
+    }
+}
+
+/// One SMTP session; returns on QUIT, EOF or an I/O error.
+async fn converse(stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    write
+        .write_all(b"220 sink.test ESMTP test sink\r\n")
+        .await?;
+    let mut mail_from: Option<String> = None;
+    let mut rcpt_to: Vec<String> = Vec::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if read.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(());
+        }
+        let command = String::from_utf8_lossy(&line).trim_end().to_string();
+        let verb = command
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        let reply: String = match verb.as_str() {
+            "EHLO" => "250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n\
+                       250-ENHANCEDSTATUSCODES\r\n250-AUTH PLAIN\r\n250 SIZE 52428800\r\n"
+                .into(),
+            "HELO" => "250 sink.test\r\n".into(),
+            "NOOP" => "250 2.0.0 OK\r\n".into(),
+            "RSET" => {
+                mail_from = None;
+                rcpt_to.clear();
+                "250 2.0.0 OK\r\n".into()
+            }
+            "QUIT" => {
+                write.write_all(b"221 2.0.0 bye\r\n").await?;
+                return Ok(());
+            }
+            "AUTH" => {
+                let login = command.split_whitespace().nth(2).and_then(decode_plain);
+                match login {
+                    Some(login) => {
+                        lock(state).logins.push(login);
+                        "235 2.7.0 authenticated\r\n".into()
+                    }
+                    None => "535 5.7.8 only AUTH PLAIN with an initial response\r\n".into(),
+                }
+            }
+            "MAIL" => match path_of(&command) {
+                _ if lock(state).outage => "451 4.3.0 try again later (test outage)\r\n".into(),
+                Some(from) => {
+                    mail_from = Some(from);
+                    rcpt_to.clear();
+                    "250 2.1.0 OK\r\n".into()
+                }
+                None => "501 5.5.4 syntax: MAIL FROM:<address>\r\n".into(),
+            },
+            "RCPT" => match path_of(&command) {
+                _ if mail_from.is_none() => "503 5.5.1 MAIL first\r\n".into(),
+                Some(to) if lock(state).refused.contains(&to.to_ascii_lowercase()) => {
+                    format!("550 5.1.1 <{to}>: no such user here\r\n")
+                }
+                Some(to) => {
+                    rcpt_to.push(to);
+                    "250 2.1.5 OK\r\n".into()
+                }
+                None => "501 5.5.4 syntax: RCPT TO:<address>\r\n".into(),
+            },
+            "DATA" if rcpt_to.is_empty() => "554 5.5.1 no valid recipients\r\n".into(),
+            "DATA" => {
+                write
+                    .write_all(b"354 end data with <CR><LF>.<CR><LF>\r\n")
+                    .await?;
+                let data = read_data(&mut read).await?;
+                let received = Received {
+                    mail_from: mail_from.take().unwrap_or_default(),
+                    rcpt_to: std::mem::take(&mut rcpt_to),
+                    data,
+                };
+                lock(state).messages.push(received);
+                "250 2.0.0 OK queued\r\n".into()
+            }
+            _ => "500 5.5.2 command not recognized\r\n".into(),
+        };
+        write.write_all(reply.as_bytes()).await?;
+    }
+}
+
+/// Read DATA lines up to `.` alone on a line, removing the stuffed dots.
+async fn read_data(
+    read: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+) -> std::io::Result<Vec<u8>> {
+    let mut data = Vec::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if read.read_until(b'\n', &mut line).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if line == b".\r\n" {
+            return Ok(data);
+        }
+        let unstuffed = if line.starts_with(b".") {
+            &line[1..]
+        } else {
+            &line[..]
+        };
+        data.extend_from_slice(unstuffed);
+    }
+}
+
+/// `base64("\0user\0password")` → (user, password).
+fn decode_plain(encoded: &str) -> Option<(String, String)> {
+    let decoded = decode_base64(encoded)?;
+    let mut parts = decoded.split(|&b| b == 0).skip(1);
+    let user = String::from_utf8(parts.next()?.to_vec()).ok()?;
+    let password = String::from_utf8(parts.next()?.to_vec()).ok()?;
+    Some((user, password))
+}
+
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits = 0u32;
+    let mut count = 0;
+    let mut out = Vec::new();
+    for &c in text.as_bytes().iter().filter(|&&c| c != b'=') {
+        let value = ALPHABET.iter().position(|&a| a == c)? as u32;
+        bits = (bits << 6) | value;
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+        }
+    }
+    Some(out)
+}

@@ -1,0 +1,536 @@
+//! The outbox worker against a real SMTP sink (and the file relay): rows
+//! queued the way the writer queues them, the worker started with
+//! `relay::run`, outcomes read back from the database.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::sink::Sink;
+use crmgate::config::Config;
+use crmgate::relay::{self, FailureHook, RelayError};
+use crmgate::store::outbox::{self, OutboxRow, OutboxStatus};
+use rusqlite::{params, Connection};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const PUBLIC: &str = "support@crm.test";
+
+/// A state directory, a configuration pointing at `relay_url`, and the
+/// failures the hook saw.
+struct Harness {
+    /// Holds the state directory until the test ends.
+    _dir: tempfile::TempDir,
+    config: Arc<Config>,
+    failures: Arc<Mutex<Vec<(i64, String)>>>,
+}
+
+impl Harness {
+    fn new(relay_url: &str) -> Harness {
+        Harness::with_extra(relay_url, "")
+    }
+
+    fn with_extra(relay_url: &str, extra_relay_keys: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[gateway]\nhostname = \"crm.test\"\nstate_dir = {state:?}\n\
+             [addresses]\npublic = \"{PUBLIC}\"\ninternal = \"support-notes@crm.test\"\n\
+             [relay]\nurl = {relay_url:?}\nretry_initial_seconds = 1\nretry_max_seconds = 4\n{extra_relay_keys}\n",
+            state = dir.path().display().to_string(),
+        );
+        let config = Config::from_toml(&text, "test").unwrap();
+        Harness {
+            _dir: dir,
+            config: Arc::new(config),
+            failures: Arc::default(),
+        }
+    }
+
+    fn db_path(&self) -> PathBuf {
+        self.config.database_path()
+    }
+
+    fn conn(&self) -> Connection {
+        crmgate::store::open(&self.db_path()).unwrap()
+    }
+
+    /// Queue a row as the writer does: due now, recipients as JSON.
+    fn queue(&self, recipients: &[&str], subject: &str) -> i64 {
+        let conn = self.conn();
+        let now = crmgate::store::now();
+        let message_id = format!("<{subject}@crm.test>");
+        let message = format!(
+            "From: support@crm.test\r\nTo: {}\r\nSubject: {subject}\r\nMessage-ID: {message_id}\r\n\r\n\
+             Body of {subject}.\r\n.a line that starts with a dot\r\n",
+            recipients.join(", ")
+        );
+        conn.execute(
+            "INSERT INTO outbox (kind, recipients, message_id, message, next_attempt_at, created_at)
+             VALUES ('public_copy', ?1, ?2, ?3, ?4, ?4)",
+            params![serde_json::to_string(recipients).unwrap(), message_id, message.into_bytes(), now],
+        )
+        .unwrap();
+        conn.last_insert_rowid()
+    }
+
+    fn row(&self, id: i64) -> OutboxRow {
+        outbox::get(&self.conn(), id).unwrap()
+    }
+
+    /// The hook the lead's daemon installs logs a system entry; this one
+    /// writes a quarantine row, to prove its writes commit with the outcome.
+    fn hook(&self) -> FailureHook {
+        let failures = Arc::clone(&self.failures);
+        Arc::new(move |conn: &Connection, row: &OutboxRow, error: &str| {
+            conn.execute(
+                "INSERT INTO quarantine (at, reason, message_id) VALUES (0, ?1, ?2)",
+                params![format!("relay failure: {error}"), row.message_id],
+            )?;
+            failures.lock().unwrap().push((row.id, error.to_string()));
+            Ok(())
+        })
+    }
+
+    fn start(&self) -> Worker {
+        let wake = Arc::new(Notify::new());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(relay::run(
+            Arc::clone(&self.config),
+            self.db_path(),
+            Arc::clone(&wake),
+            shutdown.clone(),
+            self.hook(),
+        ));
+        Worker {
+            wake,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Poll the database until `done` holds for row `id`.
+    async fn wait_row(
+        &self,
+        id: i64,
+        timeout: Duration,
+        done: impl Fn(&OutboxRow) -> bool,
+    ) -> OutboxRow {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let row = self.row(id);
+            if done(&row) {
+                return row;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "row {id} did not get there in {timeout:?}: {row:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+struct Worker {
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), RelayError>>,
+}
+
+impl Worker {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("the worker stops within 5 s of shutdown")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn subject_of(data: &[u8]) -> String {
+    let text = String::from_utf8_lossy(data);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Subject: "))
+        .unwrap_or("")
+        .to_string()
+}
+
+fn is_sent(row: &OutboxRow) -> bool {
+    row.status == OutboxStatus::Sent
+}
+
+#[tokio::test]
+async fn rows_are_sent_in_order_over_one_session_and_marked_sent() {
+    let sink = Sink::start().await;
+    let h = Harness::new(&sink.url());
+    let ids: Vec<i64> = (1..=5)
+        .map(|i| h.queue(&["a@example.org", "b@example.org"], &format!("message-{i}")))
+        .collect();
+    let worker = h.start();
+    worker.wake.notify_one();
+
+    let got = sink.wait_for(5, Duration::from_secs(5)).await;
+    let subjects: Vec<String> = got.iter().map(|m| subject_of(&m.data)).collect();
+    assert_eq!(
+        subjects,
+        [
+            "message-1",
+            "message-2",
+            "message-3",
+            "message-4",
+            "message-5"
+        ]
+    );
+    for (message, id) in got.iter().zip(&ids) {
+        assert_eq!(message.rcpt_to, ["a@example.org", "b@example.org"]);
+        // The envelope sender is the row's bounce address, never a person.
+        assert_eq!(
+            message.mail_from,
+            crmgate::thread::bounce_address(PUBLIC, *id, None)
+        );
+        // Dot-stuffed on the wire, unstuffed by the sink, CRLF kept, and no
+        // blank line added at the end.
+        assert!(
+            message
+                .text()
+                .ends_with(".\r\n.a line that starts with a dot\r\n"),
+            "{}",
+            message.text()
+        );
+        assert!(!message.text().ends_with("\r\n\r\n"));
+    }
+    for id in ids {
+        let row = h.wait_row(id, Duration::from_secs(5), is_sent).await;
+        assert_eq!((row.attempts, row.last_error), (1, None));
+    }
+    assert_eq!(sink.sessions(), 1, "a burst goes over one session");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn rows_queued_by_another_process_leave_within_a_second_without_a_wake() {
+    let sink = Sink::start().await;
+    let h = Harness::new(&sink.url());
+    let worker = h.start();
+    // Let the worker settle into its idle wait first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let queued_at = Instant::now();
+    h.queue(&["a@example.org"], "from-the-cli");
+    sink.wait_for(1, Duration::from_secs(3)).await;
+    assert!(
+        queued_at.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        queued_at.elapsed()
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn file_relay_writes_one_eml_per_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let sent = dir.path().join("out/sent");
+    let h = Harness::new(&format!("file://{}", sent.display()));
+    let first = h.queue(&["a@example.org"], "first");
+    let second = h.queue(&["b@example.org", "c@example.org"], "second");
+    let worker = h.start();
+    h.wait_row(second, Duration::from_secs(5), is_sent).await;
+    assert!(is_sent(&h.row(first)));
+
+    let eml = |id: i64| sent.join(format!("{id:010}.eml"));
+    assert_eq!(std::fs::read(eml(first)).unwrap(), h.row(first).message);
+    assert_eq!(subject_of(&std::fs::read(eml(second)).unwrap()), "second");
+    let envelope: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(eml(second).with_extension("json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        envelope["forward_path"],
+        serde_json::json!(["b@example.org", "c@example.org"])
+    );
+    assert_eq!(
+        envelope["reverse_path"],
+        crmgate::thread::bounce_address(PUBLIC, second, None)
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_4xx_outage_is_retried_with_backoff_and_drained_in_order() {
+    let sink = Sink::start().await;
+    sink.set_outage(true);
+    let h = Harness::new(&sink.url());
+    let ids: Vec<i64> = (1..=3)
+        .map(|i| h.queue(&["a@example.org"], &format!("m{i}")))
+        .collect();
+    let worker = h.start();
+
+    for &id in &ids {
+        let row = h
+            .wait_row(id, Duration::from_secs(5), |r| r.attempts >= 1)
+            .await;
+        assert_eq!(row.status, OutboxStatus::Queued);
+        assert!(
+            row.last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("451 4.3.0"),
+            "{row:?}"
+        );
+        assert!(row.next_attempt_at > crmgate::store::now() - 1);
+    }
+    // Backoff 1 s, 2 s, 4 s: after 2.5 s at most 3 attempts, not a hot loop.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for &id in &ids {
+        let attempts = h.row(id).attempts;
+        assert!((1..=3).contains(&attempts), "row {id}: {attempts} attempts");
+    }
+    assert!(sink.messages().is_empty());
+
+    sink.set_outage(false);
+    let got = sink.wait_for(3, Duration::from_secs(8)).await;
+    let subjects: Vec<String> = got.iter().map(|m| subject_of(&m.data)).collect();
+    assert_eq!(subjects, ["m1", "m2", "m3"]);
+    for id in ids {
+        let row = h.wait_row(id, Duration::from_secs(5), is_sent).await;
+        assert!(row.attempts >= 2);
+    }
+    assert!(h.failures.lock().unwrap().is_empty());
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_closed_port_defers_the_whole_batch_until_the_relay_is_back() {
+    let sink = Sink::start().await;
+    sink.close().await;
+    let h = Harness::new(&sink.url());
+    let a = h.queue(&["a@example.org"], "while-down-1");
+    let b = h.queue(&["b@example.org"], "while-down-2");
+    let worker = h.start();
+    for id in [a, b] {
+        let row = h
+            .wait_row(id, Duration::from_secs(5), |r| r.attempts >= 1)
+            .await;
+        assert!(
+            row.last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("cannot connect"),
+            "{row:?}"
+        );
+    }
+    sink.reopen().await;
+    let got = sink.wait_for(2, Duration::from_secs(8)).await;
+    assert_eq!(subject_of(&got[0].data), "while-down-1");
+    assert_eq!(subject_of(&got[1].data), "while-down-2");
+    h.wait_row(b, Duration::from_secs(5), is_sent).await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_the_relay_dropped_is_replaced_without_a_retry() {
+    let sink = Sink::start().await;
+    let h = Harness::new(&sink.url());
+    let worker = h.start();
+    let first = h.queue(&["a@example.org"], "before");
+    worker.wake.notify_one();
+    h.wait_row(first, Duration::from_secs(5), is_sent).await;
+    // The relay restarts: the worker's pooled session is dead.
+    sink.reopen().await;
+    let second = h.queue(&["a@example.org"], "after");
+    worker.wake.notify_one();
+    let row = h.wait_row(second, Duration::from_secs(5), is_sent).await;
+    assert_eq!(
+        row.attempts, 1,
+        "sent on a fresh session at the first attempt"
+    );
+    assert_eq!(sink.sessions(), 2);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_5xx_recipient_fails_only_its_row_and_calls_the_hook() {
+    let sink = Sink::start().await;
+    sink.refuse_recipient("gone@example.org");
+    let h = Harness::new(&sink.url());
+    let mixed = h.queue(&["a@example.org", "gone@example.org"], "mixed");
+    let only_refused = h.queue(&["gone@example.org"], "refused");
+    let fine = h.queue(&["c@example.org"], "fine");
+    let worker = h.start();
+
+    let row = h
+        .wait_row(mixed, Duration::from_secs(5), |r| {
+            r.status != OutboxStatus::Queued
+        })
+        .await;
+    assert_eq!(row.status, OutboxStatus::Failed);
+    let error = row.last_error.unwrap();
+    assert!(
+        error.contains("gone@example.org") && error.contains("550 5.1.1"),
+        "{error}"
+    );
+    assert!(!error.contains("a@example.org"), "{error}");
+    let row = h
+        .wait_row(only_refused, Duration::from_secs(5), |r| {
+            r.status != OutboxStatus::Queued
+        })
+        .await;
+    assert_eq!(row.status, OutboxStatus::Failed);
+    h.wait_row(fine, Duration::from_secs(5), is_sent).await;
+
+    // The others still got their mail, once.
+    let got = sink.messages();
+    let delivered: Vec<(String, Vec<String>)> = got
+        .iter()
+        .map(|m| (subject_of(&m.data), m.rcpt_to.clone()))
+        .collect();
+    assert_eq!(
+        delivered,
+        [
+            ("mixed".to_string(), vec!["a@example.org".to_string()]),
+            ("fine".to_string(), vec!["c@example.org".to_string()]),
+        ]
+    );
+    let failures = h.failures.lock().unwrap().clone();
+    assert_eq!(
+        failures.iter().map(|f| f.0).collect::<Vec<_>>(),
+        [mixed, only_refused]
+    );
+    // The hook wrote in the transaction that failed the row.
+    let logged: i64 = h
+        .conn()
+        .query_row(
+            "SELECT COUNT(*) FROM quarantine WHERE reason LIKE 'relay failure:%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(logged, 2);
+    assert_eq!(sink.sessions(), 1, "a refusal does not cost the session");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_resumes_the_queued_rows() {
+    let sink = Sink::start().await;
+    sink.set_outage(true);
+    let h = Harness::new(&sink.url());
+    let ids: Vec<i64> = (1..=3)
+        .map(|i| h.queue(&["a@example.org"], &format!("r{i}")))
+        .collect();
+    let worker = h.start();
+    h.wait_row(ids[2], Duration::from_secs(5), |r| r.attempts >= 1)
+        .await;
+    worker.stop().await;
+    assert!(ids
+        .iter()
+        .all(|&id| h.row(id).status == OutboxStatus::Queued));
+
+    sink.set_outage(false);
+    let worker = h.start();
+    let got = sink.wait_for(3, Duration::from_secs(5)).await;
+    let subjects: Vec<String> = got.iter().map(|m| subject_of(&m.data)).collect();
+    assert_eq!(subjects, ["r1", "r2", "r3"]);
+    for id in ids {
+        h.wait_row(id, Duration::from_secs(5), is_sent).await;
+    }
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn credentials_come_from_the_password_file() {
+    let sink = Sink::start().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("relay-password");
+    std::fs::write(&password_file, "s3cret pass\nignored second line\n").unwrap();
+    let extra = format!(
+        "username = \"crmgate\"\npassword_file = {:?}\n",
+        path_str(&password_file)
+    );
+    let h = Harness::with_extra(&sink.url(), &extra);
+    let id = h.queue(&["a@example.org"], "authenticated");
+    let worker = h.start();
+    h.wait_row(id, Duration::from_secs(5), is_sent).await;
+    assert_eq!(
+        sink.logins(),
+        [("crmgate".to_string(), "s3cret pass".to_string())]
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_returns_promptly_when_idle() {
+    let sink = Sink::start().await;
+    let h = Harness::new(&sink.url());
+    let worker = h.start();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let asked = Instant::now();
+    worker.stop().await;
+    assert!(
+        asked.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        asked.elapsed()
+    );
+}
+
+fn path_str(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// How long 200 messages take to drain through the worker to the sink.
+/// `cargo test --release --test relay -- --ignored --nocapture burst`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn burst_of_200_messages() {
+    let sink = Sink::start().await;
+    let h = Harness::new(&sink.url());
+    let ids: Vec<i64> = (0..200)
+        .map(|i| h.queue(&["a@example.org", "b@example.org"], &format!("burst-{i}")))
+        .collect();
+    let started = Instant::now();
+    let worker = h.start();
+    sink.wait_for(200, Duration::from_secs(120)).await;
+    let elapsed = started.elapsed();
+    h.wait_row(ids[199], Duration::from_secs(10), is_sent).await;
+    println!(
+        "relay worker: 200 messages in {elapsed:?} ({:?} per message, {} session(s))",
+        elapsed / 200,
+        sink.sessions()
+    );
+    worker.stop().await;
+}
+
+/// The same burst through lettre's own pooled transport, whose sockets do
+/// not set TCP_NODELAY: the baseline the relay worker's workaround beats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn burst_of_200_messages_through_stock_lettre() {
+    use lettre::{AsyncTransport, Tokio1Executor};
+    let sink = Sink::start().await;
+    let transport = lettre::AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
+        .port(sink.addr().port())
+        .build();
+    let envelope = lettre::address::Envelope::new(
+        Some("support@crm.test".parse().unwrap()),
+        vec![
+            "a@example.org".parse().unwrap(),
+            "b@example.org".parse().unwrap(),
+        ],
+    )
+    .unwrap();
+    let started = Instant::now();
+    for i in 0..200 {
+        let message = format!("Subject: burst-{i}\r\n\r\nBody.\r\n");
+        transport
+            .send_raw(&envelope, message.as_bytes())
+            .await
+            .unwrap();
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "stock lettre: 200 messages in {elapsed:?} ({:?} per message, {} session(s))",
+        elapsed / 200,
+        sink.sessions()
+    );
+}
