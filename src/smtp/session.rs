@@ -452,3 +452,142 @@ enum Line {
     Command(Vec<u8>),
     TooLong,
 }
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+
+    use super::*;
+
+    struct Accepting;
+
+    impl Deliver for Accepting {
+        fn accepts_recipient(&self, _address: &str) -> bool {
+            true
+        }
+
+        async fn deliver(&self, _envelope: Envelope, _raw: Vec<u8>) -> Verdict {
+            Verdict::Stored
+        }
+    }
+
+    /// Counts the writes the session makes.
+    struct Counting {
+        inner: DuplexStream,
+        writes: usize,
+    }
+
+    impl AsyncRead for Counting {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counting {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.writes += 1;
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    fn session() -> Session<Accepting> {
+        let settings = Settings {
+            hostname: "mx.test".into(),
+            max_message_bytes: 1000,
+            max_recipients: 10,
+            max_sessions: 1,
+            idle_timeout: Duration::from_secs(5),
+            max_commands: 100,
+            data_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(1),
+            tls: None,
+        };
+        let peer = SocketAddr::from(([127, 0, 0, 1], 2525));
+        Session::new(
+            Arc::new(settings),
+            Arc::new(Accepting),
+            CancellationToken::new(),
+            peer,
+            "t".into(),
+        )
+    }
+
+    #[tokio::test]
+    async fn pipelined_commands_get_their_replies_in_one_write() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut stream = Counting {
+            inner: server,
+            writes: 0,
+        };
+        client
+            .write_all(
+                b"EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nNOOP\r\nRSET\r\nQUIT\r\n",
+            )
+            .await
+            .unwrap();
+        let next = session().serve(&mut stream).await.unwrap();
+        assert_eq!(next, Next::Close);
+        assert_eq!(stream.writes, 1);
+        drop(stream);
+        let mut replies = String::new();
+        client.read_to_string(&mut replies).await.unwrap();
+        let last_lines: Vec<&str> = replies
+            .lines()
+            .filter(|line| !line.starts_with("250-"))
+            .collect();
+        assert_eq!(
+            last_lines,
+            [
+                "250 ENHANCEDSTATUSCODES",
+                "250 2.1.0 Sender ok",
+                "250 2.1.5 Recipient ok",
+                "250 2.0.0 Ok",
+                "250 2.0.0 Ok",
+                "221 2.0.0 Bye"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_two_mib_command_line_gets_one_500_and_its_tail_is_not_run() {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let mut session = session();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![b'x'; 32 * 1024];
+            for _ in 0..64 {
+                client.write_all(&chunk).await.unwrap();
+            }
+            client.write_all(b"\r\nQUIT\r\n").await.unwrap();
+            let mut replies = String::new();
+            client.read_to_string(&mut replies).await.unwrap();
+            replies
+        });
+        // The input buffer is a fixed READ_CHUNK: the line cannot be held whole.
+        session.serve(&mut server).await.unwrap();
+        drop(server);
+        let replies = writer.await.unwrap();
+        assert_eq!(replies, "500 5.5.2 Line too long\r\n221 2.0.0 Bye\r\n");
+    }
+}
