@@ -412,6 +412,59 @@ async fn a_5xx_recipient_fails_only_its_row_and_calls_the_hook() {
 }
 
 #[tokio::test]
+async fn a_4xx_recipient_is_retried_alone_and_the_others_get_the_message_once() {
+    let sink = Sink::start().await;
+    sink.defer_recipient("full@example.org");
+    let h = Harness::new(&sink.url());
+    let id = h.queue(&["a@example.org", "full@example.org"], "partly-deferred");
+    let worker = h.start();
+    let row = h
+        .wait_row(id, Duration::from_secs(5), |r| r.attempts >= 1)
+        .await;
+    assert_eq!(row.status, OutboxStatus::Queued);
+    assert_eq!(row.recipients, ["full@example.org"]);
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("452 4.2.2"),
+        "{row:?}"
+    );
+
+    sink.accept_recipient("full@example.org");
+    let row = h.wait_row(id, Duration::from_secs(5), is_sent).await;
+    assert_eq!(row.attempts, 2);
+    let rcpts: Vec<Vec<String>> = sink.messages().into_iter().map(|m| m.rcpt_to).collect();
+    assert_eq!(
+        rcpts,
+        [
+            vec!["a@example.org".to_string()],
+            vec!["full@example.org".to_string()]
+        ]
+    );
+    assert!(h.failures.lock().unwrap().is_empty());
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_relay_that_never_greets() {
+    // Bound and listening, so the connection is made, but never accepted:
+    // no greeting ever comes.
+    let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = Harness::new(&format!("smtp://{}", mute.local_addr().unwrap()));
+    let id = h.queue(&["a@example.org"], "never-greeted");
+    let worker = h.start();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    worker.stop().await;
+    let row = h.row(id);
+    assert_eq!(
+        (row.status, row.attempts),
+        (OutboxStatus::Queued, 0),
+        "nothing to record: {row:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_restart_resumes_the_queued_rows() {
     let sink = Sink::start().await;
     sink.set_outage(true);
