@@ -86,6 +86,13 @@ pub async fn run(
     };
     worker.run(&wake, &shutdown).await;
     worker.transport.close().await;
+    worker.record_unrecorded().await;
+    for (row, _) in &worker.unrecorded {
+        error!(
+            outbox_id = row.id,
+            "outcome not recorded at shutdown; the row will be sent again"
+        );
+    }
     Ok(())
 }
 
