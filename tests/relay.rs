@@ -587,3 +587,60 @@ async fn burst_of_200_messages_through_stock_lettre() {
         sink.sessions()
     );
 }
+
+#[tokio::test]
+async fn smtps_to_a_plain_text_relay_is_a_tls_failure_and_a_retry() {
+    let sink = Sink::start().await;
+    let h = Harness::new(&format!("smtps://{}", sink.addr()));
+    let id = h.queue(&["a@example.org"], "over-tls");
+    let worker = h.start();
+    let row = h
+        .wait_row(id, Duration::from_secs(5), |r| r.attempts >= 1)
+        .await;
+    assert_eq!(row.status, OutboxStatus::Queued);
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("TLS handshake failed"),
+        "{row:?}"
+    );
+    assert!(sink.messages().is_empty());
+    worker.stop().await;
+}
+
+/// The sink itself: the daemon tests rely on it answering a pipelined
+/// client in order and unstuffing dots.
+#[tokio::test]
+async fn the_sink_answers_a_pipelined_session_in_order() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let sink = Sink::start().await;
+    sink.refuse_recipient("gone@example.org");
+    let stream = tokio::net::TcpStream::connect(sink.addr()).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    write
+        .write_all(
+            b"EHLO client.test\r\nMAIL FROM:<s@crm.test> BODY=8BITMIME\r\n\
+              RCPT TO:<a@example.org>\r\nRCPT TO:<gone@example.org>\r\nDATA\r\n",
+        )
+        .await
+        .unwrap();
+    let mut codes = Vec::new();
+    while codes.len() < 6 {
+        let mut line = String::new();
+        read.read_line(&mut line).await.unwrap();
+        if line.as_bytes().get(3) == Some(&b' ') {
+            codes.push(line[..3].to_string());
+        }
+    }
+    assert_eq!(codes, ["220", "250", "250", "250", "550", "354"]);
+    write
+        .write_all(b"Subject: dots\r\n\r\n..leading dot\r\n.\r\nQUIT\r\n")
+        .await
+        .unwrap();
+    let got = sink.wait_for(1, Duration::from_secs(2)).await;
+    assert_eq!(got[0].data, b"Subject: dots\r\n\r\n.leading dot\r\n");
+    assert_eq!(got[0].rcpt_to, ["a@example.org"]);
+    assert_eq!(got[0].mail_from, "s@crm.test");
+}
