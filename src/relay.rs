@@ -86,6 +86,13 @@ pub async fn run(
     };
     worker.run(&wake, &shutdown).await;
     worker.transport.close().await;
+    worker.record_unrecorded().await;
+    for (row, _) in &worker.unrecorded {
+        error!(
+            outbox_id = row.id,
+            "outcome not recorded at shutdown; the row will be sent again"
+        );
+    }
     Ok(())
 }
 
@@ -201,6 +208,12 @@ pub fn dispose(
         String::new()
     };
 
+    if outcomes.is_empty() {
+        // A writer bug, not a delivery: say so rather than call it sent.
+        return Disposition::Failed {
+            error: "the row has no recipients".into(),
+        };
+    }
     if deferred.is_empty() {
         return match refused_text {
             None => Disposition::Sent,
@@ -347,6 +360,8 @@ enum Attempt {
     Outcomes(Vec<(String, RecipientOutcome)>),
     /// The relay could not be used at all: the rest of the batch waits too.
     RelayDown(String),
+    /// Shutdown came before anything was handed to the relay.
+    Interrupted,
 }
 
 struct Worker {
@@ -428,10 +443,11 @@ impl Worker {
                 recipients = %row.recipients.join(","),
                 attempt = row.attempts + 1,
             );
-            match self.attempt(&row).instrument(span.clone()).await {
+            match self.attempt(&row, shutdown).instrument(span.clone()).await {
                 Attempt::Outcomes(outcomes) => {
                     self.settle(row, &outcomes).instrument(span).await;
                 }
+                Attempt::Interrupted => return,
                 Attempt::RelayDown(reason) => {
                     // Defer this row and the rest of the batch without a
                     // connection attempt each: one failure says the relay
@@ -453,14 +469,18 @@ impl Worker {
     }
 
     /// Hand one row to the transport.
-    async fn attempt(&mut self, row: &OutboxRow) -> Attempt {
+    async fn attempt(&mut self, row: &OutboxRow, shutdown: &CancellationToken) -> Attempt {
         let mail_from =
             crate::thread::bounce_address(&self.public_address, row.id, self.key.as_deref());
         match &mut self.transport {
             Transport::Smtp(relay) => {
-                match relay.send(&mail_from, &row.recipients, &row.message).await {
+                match relay
+                    .send(&mail_from, &row.recipients, &row.message, shutdown)
+                    .await
+                {
                     Ok(outcomes) => Attempt::Outcomes(outcomes),
-                    Err(smtp::SessionFailure(reason)) => Attempt::RelayDown(reason),
+                    Err(smtp::SessionFailure::Down(reason)) => Attempt::RelayDown(reason),
+                    Err(smtp::SessionFailure::Interrupted) => Attempt::Interrupted,
                 }
             }
             Transport::File(relay) => {
@@ -589,6 +609,15 @@ mod tests {
         let delays: Vec<i64> = (0..9).map(|a| POLICY.delay(a)).collect();
         assert_eq!(delays, [30, 60, 120, 240, 480, 960, 1920, 3600, 3600]);
         assert_eq!(POLICY.delay(10_000), 3600);
+    }
+
+    #[test]
+    fn a_row_without_recipients_fails() {
+        let r = row(&[], 0, 1000);
+        assert!(matches!(
+            dispose(&r, &[], 1000, &POLICY),
+            Disposition::Failed { .. }
+        ));
     }
 
     #[test]

@@ -412,6 +412,59 @@ async fn a_5xx_recipient_fails_only_its_row_and_calls_the_hook() {
 }
 
 #[tokio::test]
+async fn a_4xx_recipient_is_retried_alone_and_the_others_get_the_message_once() {
+    let sink = Sink::start().await;
+    sink.defer_recipient("full@example.org");
+    let h = Harness::new(&sink.url());
+    let id = h.queue(&["a@example.org", "full@example.org"], "partly-deferred");
+    let worker = h.start();
+    let row = h
+        .wait_row(id, Duration::from_secs(5), |r| r.attempts >= 1)
+        .await;
+    assert_eq!(row.status, OutboxStatus::Queued);
+    assert_eq!(row.recipients, ["full@example.org"]);
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("452 4.2.2"),
+        "{row:?}"
+    );
+
+    sink.accept_recipient("full@example.org");
+    let row = h.wait_row(id, Duration::from_secs(5), is_sent).await;
+    assert_eq!(row.attempts, 2);
+    let rcpts: Vec<Vec<String>> = sink.messages().into_iter().map(|m| m.rcpt_to).collect();
+    assert_eq!(
+        rcpts,
+        [
+            vec!["a@example.org".to_string()],
+            vec!["full@example.org".to_string()]
+        ]
+    );
+    assert!(h.failures.lock().unwrap().is_empty());
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_relay_that_never_greets() {
+    // Bound and listening, so the connection is made, but never accepted:
+    // no greeting ever comes.
+    let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = Harness::new(&format!("smtp://{}", mute.local_addr().unwrap()));
+    let id = h.queue(&["a@example.org"], "never-greeted");
+    let worker = h.start();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    worker.stop().await;
+    let row = h.row(id);
+    assert_eq!(
+        (row.status, row.attempts),
+        (OutboxStatus::Queued, 0),
+        "nothing to record: {row:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_restart_resumes_the_queued_rows() {
     let sink = Sink::start().await;
     sink.set_outage(true);
@@ -533,4 +586,61 @@ async fn burst_of_200_messages_through_stock_lettre() {
         elapsed / 200,
         sink.sessions()
     );
+}
+
+#[tokio::test]
+async fn smtps_to_a_plain_text_relay_is_a_tls_failure_and_a_retry() {
+    let sink = Sink::start().await;
+    let h = Harness::new(&format!("smtps://{}", sink.addr()));
+    let id = h.queue(&["a@example.org"], "over-tls");
+    let worker = h.start();
+    let row = h
+        .wait_row(id, Duration::from_secs(5), |r| r.attempts >= 1)
+        .await;
+    assert_eq!(row.status, OutboxStatus::Queued);
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("TLS handshake failed"),
+        "{row:?}"
+    );
+    assert!(sink.messages().is_empty());
+    worker.stop().await;
+}
+
+/// The sink itself: the daemon tests rely on it answering a pipelined
+/// client in order and unstuffing dots.
+#[tokio::test]
+async fn the_sink_answers_a_pipelined_session_in_order() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let sink = Sink::start().await;
+    sink.refuse_recipient("gone@example.org");
+    let stream = tokio::net::TcpStream::connect(sink.addr()).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    write
+        .write_all(
+            b"EHLO client.test\r\nMAIL FROM:<s@crm.test> BODY=8BITMIME\r\n\
+              RCPT TO:<a@example.org>\r\nRCPT TO:<gone@example.org>\r\nDATA\r\n",
+        )
+        .await
+        .unwrap();
+    let mut codes = Vec::new();
+    while codes.len() < 6 {
+        let mut line = String::new();
+        read.read_line(&mut line).await.unwrap();
+        if line.as_bytes().get(3) == Some(&b' ') {
+            codes.push(line[..3].to_string());
+        }
+    }
+    assert_eq!(codes, ["220", "250", "250", "250", "550", "354"]);
+    write
+        .write_all(b"Subject: dots\r\n\r\n..leading dot\r\n.\r\nQUIT\r\n")
+        .await
+        .unwrap();
+    let got = sink.wait_for(1, Duration::from_secs(2)).await;
+    assert_eq!(got[0].data, b"Subject: dots\r\n\r\n.leading dot\r\n");
+    assert_eq!(got[0].rcpt_to, ["a@example.org"]);
+    assert_eq!(got[0].mail_from, "s@crm.test");
 }

@@ -26,6 +26,7 @@ use lettre::transport::smtp::response::Response;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
+use tokio_util::sync::CancellationToken;
 
 use super::RecipientOutcome;
 use crate::config::RelayTls;
@@ -44,7 +45,11 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// deferred, and so is every other message of the batch, since the relay
 /// is the problem, not the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct SessionFailure(pub String);
+pub(crate) enum SessionFailure {
+    Down(String),
+    /// Shutdown came while connecting: nothing was sent, nothing to record.
+    Interrupted,
+}
 
 /// Where and how to reach the relay; see [`crate::config::RelayTarget::Smtp`].
 pub(crate) struct SmtpRelay {
@@ -91,13 +96,15 @@ impl SmtpRelay {
     /// Deliver one message, reusing the open session when there is one.
     ///
     /// # Errors
-    /// [`SessionFailure`] when the relay cannot be reached or the session
-    /// breaks; replies to MAIL, RCPT and DATA are outcomes, not errors.
+    /// [`SessionFailure::Down`] when the relay cannot be reached or the
+    /// session breaks, [`SessionFailure::Interrupted`] when `shutdown` comes
+    /// while connecting; replies to MAIL, RCPT and DATA are outcomes, not errors.
     pub(crate) async fn send(
         &mut self,
         mail_from: &str,
         recipients: &[String],
         message: &[u8],
+        shutdown: &CancellationToken,
     ) -> Result<Vec<(String, RecipientOutcome)>, SessionFailure> {
         let body = wire_body(message);
         if let Some(session) = self.session.take() {
@@ -117,7 +124,12 @@ impl SmtpRelay {
                 }
             }
         }
-        let mut conn = self.connect().await?;
+        // Connecting to a relay that does not answer may take the whole
+        // CONNECT_TIMEOUT: shutdown does not wait for it.
+        let mut conn = tokio::select! {
+            conn = self.connect() => conn?,
+            () = shutdown.cancelled() => return Err(SessionFailure::Interrupted),
+        };
         match transaction(&mut conn, mail_from, recipients, &body).await {
             Ok(outcomes) => {
                 self.keep(conn);
@@ -160,7 +172,7 @@ impl SmtpRelay {
     /// Open a session: TCP (nodelay), TLS per the configuration, EHLO, AUTH.
     async fn connect(&self) -> Result<AsyncSmtpConnection, SessionFailure> {
         let fail = |what: &str, e: &dyn std::fmt::Display| {
-            SessionFailure(format!("{what} {}:{}: {e}", self.host, self.port))
+            SessionFailure::Down(format!("{what} {}:{}: {e}", self.host, self.port))
         };
         let tcp = tokio::time::timeout(
             CONNECT_TIMEOUT,
@@ -349,8 +361,8 @@ fn outcome_for(code: u16, reply: String) -> RecipientOutcome {
 
 fn broken(e: StepError) -> SessionFailure {
     match e {
-        StepError::Reply { code, text } => SessionFailure(format!("{code} {text}")),
-        StepError::Broken(reason) => SessionFailure(reason),
+        StepError::Reply { code, text } => SessionFailure::Down(format!("{code} {text}")),
+        StepError::Broken(reason) => SessionFailure::Down(reason),
     }
 }
 

@@ -262,6 +262,25 @@ pub fn mark_failed(conn: &Connection, id: i64, error: &str) -> Result<()> {
     one_row(changed, id)
 }
 
+/// A delivery report (RFC 3464) says the relay could not deliver a row
+/// after all: mark it failed even though it was sent. Returns `false` when
+/// the row was failed already, so the caller tells the work-notes list
+/// only once however many reports arrive.
+///
+/// # Errors
+/// `NotFound` when there is no such row; a database error.
+pub fn mark_failed_by_report(conn: &Connection, id: i64, error: &str) -> Result<bool> {
+    let changed = conn.execute(
+        "UPDATE outbox SET status = 'failed', last_error = ?2
+         WHERE id = ?1 AND status IN ('queued', 'sent')",
+        params![id, error],
+    )?;
+    if changed == 0 {
+        get(conn, id)?;
+    }
+    Ok(changed == 1)
+}
+
 /// Keep only `recipients` on a queued row: the others were delivered (or
 /// refused for good) in an attempt that deferred these, and a retry must
 /// not send the message to them again.
@@ -446,6 +465,22 @@ mod tests {
             Err(StoreError::NotFound(_))
         ));
         assert!(matches!(get(&db.conn, 999), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_delivery_report_fails_a_sent_row_once() {
+        let db = Db::new();
+        let id = db.queue(&["a@x"], 100);
+        mark_sent(&db.conn, id, 150).unwrap();
+        assert!(mark_failed_by_report(&db.conn, id, "5.1.1 user unknown").unwrap());
+        let row = get(&db.conn, id).unwrap();
+        assert_eq!(row.status, OutboxStatus::Failed);
+        assert_eq!(row.last_error.as_deref(), Some("5.1.1 user unknown"));
+        assert!(!mark_failed_by_report(&db.conn, id, "again").unwrap());
+        assert!(matches!(
+            mark_failed_by_report(&db.conn, 999, "x"),
+            Err(StoreError::NotFound(_))
+        ));
     }
 
     #[test]

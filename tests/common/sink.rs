@@ -1,7 +1,7 @@
 //! An SMTP sink for tests: a real server on 127.0.0.1, port 0, that plays
 //! the relay crmgate sends through. It keeps every message it accepts, and
 //! can be told to misbehave the ways a real relay does: a 4xx outage, a
-//! 5xx for given recipients, or its port closed for a while.
+//! 5xx or 4xx for given recipients, or its port closed for a while.
 //!
 //! It speaks enough ESMTP for lettre and for hand-written sessions: EHLO
 //! (PIPELINING, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, AUTH PLAIN), HELO,
@@ -46,6 +46,8 @@ struct State {
     outage: bool,
     /// Lower-cased recipients answered `550 5.1.1` at RCPT.
     refused: HashSet<String>,
+    /// Lower-cased recipients answered `452 4.2.2` at RCPT (mailbox full).
+    deferred: HashSet<String>,
     /// How many SMTP sessions were opened: tells a test whether the client
     /// reused its connection.
     sessions: usize,
@@ -113,6 +115,19 @@ impl Sink {
     /// Answer `550 5.1.1` to RCPT TO this address from now on.
     pub fn refuse_recipient(&self, address: &str) {
         self.state().refused.insert(address.to_ascii_lowercase());
+    }
+
+    /// Answer `452 4.2.2` to RCPT TO this address until [`Sink::accept_recipient`].
+    pub fn defer_recipient(&self, address: &str) {
+        self.state().deferred.insert(address.to_ascii_lowercase());
+    }
+
+    /// Stop refusing or deferring this address.
+    pub fn accept_recipient(&self, address: &str) {
+        let address = address.to_ascii_lowercase();
+        let mut state = self.state();
+        state.refused.remove(&address);
+        state.deferred.remove(&address);
     }
 
     /// How many SMTP sessions were opened since the start.
@@ -273,6 +288,9 @@ async fn converse(stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()
                 _ if mail_from.is_none() => "503 5.5.1 MAIL first\r\n".into(),
                 Some(to) if lock(state).refused.contains(&to.to_ascii_lowercase()) => {
                     format!("550 5.1.1 <{to}>: no such user here\r\n")
+                }
+                Some(to) if lock(state).deferred.contains(&to.to_ascii_lowercase()) => {
+                    format!("452 4.2.2 <{to}>: mailbox full, try later\r\n")
                 }
                 Some(to) => {
                     rcpt_to.push(to);
