@@ -66,7 +66,11 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct Body {
-    #[arg(long, conflicts_with = "body_file", required_unless_present = "body_file")]
+    #[arg(
+        long,
+        conflicts_with = "body_file",
+        required_unless_present = "body_file"
+    )]
     pub body: Option<String>,
     #[arg(long, value_name = "FILE")]
     pub body_file: Option<PathBuf>,
@@ -221,7 +225,10 @@ fn deliver(config: Config, recipients: Vec<String>, sender: Option<String>) -> i
         eprintln!("crmgate: empty message");
         return sysexits::DATAERR;
     }
-    if let Some(bad) = recipients.iter().find(|r| !decide::accepts_recipient(&config, r)) {
+    if let Some(bad) = recipients
+        .iter()
+        .find(|r| !decide::accepts_recipient(&config, r))
+    {
         eprintln!("crmgate: {bad}: no such address here");
         return sysexits::NOUSER;
     }
@@ -237,7 +244,9 @@ fn deliver(config: Config, recipients: Vec<String>, sender: Option<String>) -> i
         // and whether that is trusted is `trusted_relays`' say.
         peer: IpAddr::from([127, 0, 0, 1]),
         helo: "localhost".into(),
-        mail_from: sender.filter(|s| !s.is_empty() && s != "<>").map(|s| s.to_ascii_lowercase()),
+        mail_from: sender
+            .filter(|s| !s.is_empty() && s != "<>")
+            .map(|s| s.to_ascii_lowercase()),
         rcpt_to: recipients.iter().map(|r| r.to_ascii_lowercase()).collect(),
     };
     let arrival = Arrival::new(envelope, raw);
@@ -274,14 +283,23 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
         Command::Ticket(TicketCommand::List { state, json }) => {
             let state = match state.as_deref() {
                 None => None,
-                Some(s) => Some(TicketState::parse(s).with_context(|| format!("--state {s}: use new, open or resolved"))?),
+                Some(s) => Some(
+                    TicketState::parse(s)
+                        .with_context(|| format!("--state {s}: use new, open or resolved"))?,
+                ),
             };
             let list = tickets::list(conn, state)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for t in list {
-                    println!("{}  {:<8}  {}  {}", t.number, t.state, t.requesters.join(","), t.subject);
+                    println!(
+                        "{}  {:<8}  {}  {}",
+                        t.number,
+                        t.state,
+                        t.requesters.join(","),
+                        t.subject
+                    );
                 }
             }
         }
@@ -300,12 +318,17 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
                     println!("\n--- {} by {} at {}", e.kind, e.from, e.at);
                     println!("{}", e.body.trim_end());
                     for a in e.attachments {
-                        println!("[attachment {} ({}, {} bytes)]", a.filename, a.content_type, a.size);
+                        println!(
+                            "[attachment {} ({}, {} bytes)]",
+                            a.filename, a.content_type, a.size
+                        );
                     }
                 }
             }
         }
-        Command::Ticket(TicketCommand::Comment { number, by, body }) => publish(conn, rt, &number, &by, EntryKind::Comment, &body)?,
+        Command::Ticket(TicketCommand::Comment { number, by, body }) => {
+            publish(conn, rt, &number, &by, EntryKind::Comment, &body)?
+        }
         Command::Ticket(TicketCommand::WorkNote { number, by, body }) => {
             publish(conn, rt, &number, &by, EntryKind::WorkNote, &body)?
         }
@@ -332,7 +355,17 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
                 if let Some(agent) = &by {
                     plan.entries[0].text = format!("resolved by {}", agent.address);
                 }
-                intake::apply(tx, rt, &facts, &plan, Some(&view), &Inbound::default(), "", None, store::now())?;
+                intake::apply(
+                    tx,
+                    rt,
+                    &facts,
+                    &plan,
+                    Some(&view),
+                    &Inbound::default(),
+                    "",
+                    None,
+                    store::now(),
+                )?;
                 println!("{} resolved", view.number);
                 Ok(())
             })?;
@@ -347,7 +380,16 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
                 }
                 let now = store::now();
                 tickets::set_state(tx, id, TicketState::Open, now)?;
-                system_entry(tx, rt, id, &format!("reopened{}", by.map(|a| format!(" by {}", a.address)).unwrap_or_default()), now)?;
+                system_entry(
+                    tx,
+                    rt,
+                    id,
+                    &format!(
+                        "reopened{}",
+                        by.map(|a| format!(" by {}", a.address)).unwrap_or_default()
+                    ),
+                    now,
+                )?;
                 println!("{} reopened", view.number);
                 Ok(())
             })?;
@@ -371,15 +413,25 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
             };
             change_list(conn, rt, &number, "requester", &address, add)?;
         }
-        Command::Watch(ListCommand::Add { number, address }) => change_list(conn, rt, &number, "watch", &address, true)?,
-        Command::Watch(ListCommand::Remove { number, address }) => change_list(conn, rt, &number, "watch", &address, false)?,
-        Command::Watch(ListCommand::List { number, json }) => print_list(conn, &number, "watch", json)?,
+        Command::Watch(ListCommand::Add { number, address }) => {
+            change_list(conn, rt, &number, "watch", &address, true)?
+        }
+        Command::Watch(ListCommand::Remove { number, address }) => {
+            change_list(conn, rt, &number, "watch", &address, false)?
+        }
+        Command::Watch(ListCommand::List { number, json }) => {
+            print_list(conn, &number, "watch", json)?
+        }
         Command::NotesList(ListCommand::Add { number, address }) => {
             require_agent(config, &address)?;
             change_list(conn, rt, &number, "notes", &address, true)?
         }
-        Command::NotesList(ListCommand::Remove { number, address }) => change_list(conn, rt, &number, "notes", &address, false)?,
-        Command::NotesList(ListCommand::List { number, json }) => print_list(conn, &number, "notes", json)?,
+        Command::NotesList(ListCommand::Remove { number, address }) => {
+            change_list(conn, rt, &number, "notes", &address, false)?
+        }
+        Command::NotesList(ListCommand::List { number, json }) => {
+            print_list(conn, &number, "notes", json)?
+        }
         Command::Outbox(OutboxCommand::List { json }) => {
             let rows = outbox::list(conn)?;
             if json {
@@ -401,7 +453,10 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
         Command::Outbox(OutboxCommand::Retry { id }) => {
             let n = outbox::retry(conn, id, store::now())?;
             if n == 0 {
-                bail!("no failed outbox row{}", id.map(|i| format!(" with id {i}")).unwrap_or_default());
+                bail!(
+                    "no failed outbox row{}",
+                    id.map(|i| format!(" with id {i}")).unwrap_or_default()
+                );
             }
             println!("{n} row(s) queued again");
         }
@@ -435,7 +490,10 @@ fn facts<'a>(rt: &'a Runtime, former: &'a std::collections::BTreeSet<String>) ->
     }
 }
 
-fn in_transaction<T>(conn: &mut Connection, f: impl FnOnce(&Connection) -> anyhow::Result<T>) -> anyhow::Result<T> {
+fn in_transaction<T>(
+    conn: &mut Connection,
+    f: impl FnOnce(&Connection) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let value = f(&tx)?;
     tx.commit()?;
@@ -445,21 +503,36 @@ fn in_transaction<T>(conn: &mut Connection, f: impl FnOnce(&Connection) -> anyho
 fn require_agent(config: &Config, address: &str) -> anyhow::Result<Mailbox> {
     match config.agent(address) {
         Some(agent) => Ok(Mailbox::new(Some(&agent.name), &agent.email)),
-        None => bail!("{address} is not an agent: add it under [[agents]] in {}", config.origin),
+        None => bail!(
+            "{address} is not an agent: add it under [[agents]] in {}",
+            config.origin
+        ),
     }
 }
 
 fn read_body(body: &Body) -> anyhow::Result<String> {
     match (&body.body, &body.body_file) {
         (Some(text), _) => Ok(text.clone()),
-        (None, Some(path)) => std::fs::read_to_string(path).with_context(|| format!("--body-file {}", path.display())),
+        (None, Some(path)) => {
+            std::fs::read_to_string(path).with_context(|| format!("--body-file {}", path.display()))
+        }
         (None, None) => bail!("give --body or --body-file"),
     }
 }
 
-fn system_entry(conn: &Connection, rt: &Runtime, ticket_id: i64, text: &str, now: i64) -> anyhow::Result<()> {
+fn system_entry(
+    conn: &Connection,
+    rt: &Runtime,
+    ticket_id: i64,
+    text: &str,
+    now: i64,
+) -> anyhow::Result<()> {
     let config = &rt.config;
-    let subject: String = conn.query_row("SELECT subject FROM tickets WHERE id = ?1", [ticket_id], |r| r.get(0))?;
+    let subject: String = conn.query_row(
+        "SELECT subject FROM tickets WHERE id = ?1",
+        [ticket_id],
+        |r| r.get(0),
+    )?;
     tickets::insert_entry(
         conn,
         &tickets::EntryRow {
@@ -480,7 +553,14 @@ fn system_entry(conn: &Connection, rt: &Runtime, ticket_id: i64, text: &str, now
     Ok(())
 }
 
-fn publish(conn: &mut Connection, rt: &Runtime, number: &str, by: &str, kind: EntryKind, body: &Body) -> anyhow::Result<()> {
+fn publish(
+    conn: &mut Connection,
+    rt: &Runtime,
+    number: &str,
+    by: &str,
+    kind: EntryKind,
+    body: &Body,
+) -> anyhow::Result<()> {
     let agent = require_agent(&rt.config, by)?;
     let text = read_body(body)?;
     in_transaction(conn, |tx| {
@@ -489,8 +569,23 @@ fn publish(conn: &mut Connection, rt: &Runtime, number: &str, by: &str, kind: En
         let former = tickets::former_agents(tx)?;
         let facts = facts(rt, &former);
         let plan = decide::publish(&facts, &view, &agent, kind, &text);
-        let applied = intake::apply(tx, rt, &facts, &plan, Some(&view), &Inbound::default(), &agent.address, None, store::now())?;
-        println!("{} {} published, {} message(s) queued", view.number, kind.as_str(), applied.queued);
+        let applied = intake::apply(
+            tx,
+            rt,
+            &facts,
+            &plan,
+            Some(&view),
+            &Inbound::default(),
+            &agent.address,
+            None,
+            store::now(),
+        )?;
+        println!(
+            "{} {} published, {} message(s) queued",
+            view.number,
+            kind.as_str(),
+            applied.queued
+        );
         Ok(())
     })
 }
@@ -515,7 +610,10 @@ fn email(
             bail!("{a} is not a mail address");
         }
     }
-    let attachments = attach.iter().map(|p| read_attachment(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    let attachments = attach
+        .iter()
+        .map(|p| read_attachment(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     in_transaction(conn, |tx| {
         let now = store::now();
         let id = tickets::require(tx, number)?;
@@ -548,9 +646,17 @@ fn email(
         let send = PlannedSend {
             kind: SendKind::Email,
             entry: 0,
-            from_name: format!("{} via {}", agent.name.as_deref().unwrap_or(&agent.address), config.display_name),
+            from_name: format!(
+                "{} via {}",
+                agent.name.as_deref().unwrap_or(&agent.address),
+                config.display_name
+            ),
             from_address: config.public_address.clone(),
-            envelope: to_boxes.iter().chain(&cc_boxes).map(|m| m.address.clone()).collect(),
+            envelope: to_boxes
+                .iter()
+                .chain(&cc_boxes)
+                .map(|m| m.address.clone())
+                .collect(),
             to: to_boxes,
             cc: cc_boxes,
             agents_only: false,
@@ -562,7 +668,17 @@ fn email(
             listed_attachments: Vec::new(),
             attachments: attachments.clone(),
         };
-        let outbox_id = intake::queue(tx, rt, &facts, &view, &view.thread, &send, content, Some(entry_id), now)?;
+        let outbox_id = intake::queue(
+            tx,
+            rt,
+            &facts,
+            &view,
+            &view.thread,
+            &send,
+            content,
+            Some(entry_id),
+            now,
+        )?;
         tickets::touch(tx, id, now)?;
         println!("{} e-mail queued (outbox {outbox_id})", view.number);
         Ok(())
@@ -583,7 +699,10 @@ fn read_attachment(path: &Path) -> anyhow::Result<Attachment> {
 }
 
 fn content_type_of(filename: &str) -> &'static str {
-    let ext = filename.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    let ext = filename
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
     match ext.as_str() {
         "pdf" => "application/pdf",
         "txt" | "log" => "text/plain",
@@ -600,7 +719,14 @@ fn content_type_of(filename: &str) -> &'static str {
     }
 }
 
-fn change_list(conn: &mut Connection, rt: &Runtime, number: &str, role: &str, address: &str, add: bool) -> anyhow::Result<()> {
+fn change_list(
+    conn: &mut Connection,
+    rt: &Runtime,
+    number: &str,
+    role: &str,
+    address: &str,
+    add: bool,
+) -> anyhow::Result<()> {
     let config = &rt.config;
     let address = address.trim().to_ascii_lowercase();
     if !crate::config::is_address(&address) {
@@ -629,11 +755,26 @@ fn change_list(conn: &mut Connection, rt: &Runtime, number: &str, role: &str, ad
             tickets::remove_participant(tx, id, role, &address)?
         };
         if !changed {
-            bail!("{address} is {} the {name} of {number}", if add { "already on" } else { "not on" });
+            bail!(
+                "{address} is {} the {name} of {number}",
+                if add { "already on" } else { "not on" }
+            );
         }
         tickets::touch(tx, id, now)?;
-        system_entry(tx, rt, id, &format!("{address} {} {name}", if add { "added to" } else { "removed from" }), now)?;
-        println!("{number}: {address} {} {name}", if add { "added to" } else { "removed from" });
+        system_entry(
+            tx,
+            rt,
+            id,
+            &format!(
+                "{address} {} {name}",
+                if add { "added to" } else { "removed from" }
+            ),
+            now,
+        )?;
+        println!(
+            "{number}: {address} {} {name}",
+            if add { "added to" } else { "removed from" }
+        );
         Ok(())
     })
 }
@@ -641,7 +782,11 @@ fn change_list(conn: &mut Connection, rt: &Runtime, number: &str, role: &str, ad
 fn print_list(conn: &Connection, number: &str, role: &str, json: bool) -> anyhow::Result<()> {
     let id = tickets::require(conn, number)?;
     let info = tickets::info(conn, id)?;
-    let list = if role == "watch" { info.watch_list } else { info.work_notes_list };
+    let list = if role == "watch" {
+        info.watch_list
+    } else {
+        info.work_notes_list
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else {

@@ -41,7 +41,10 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{origin}: {problem}")]
-    Syntax { origin: String, problem: ConfigProblem },
+    Syntax {
+        origin: String,
+        problem: ConfigProblem,
+    },
     #[error("{origin}: {}", join_problems(.problems))]
     Invalid {
         origin: String,
@@ -429,7 +432,11 @@ impl RawConfig {
             .map_err(|e| syntax("(file)".into(), e.message().to_string()))?;
         serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
-            let key = if key == "." { "(file)".to_string() } else { key };
+            let key = if key == "." {
+                "(file)".to_string()
+            } else {
+                key
+            };
             syntax(key, e.into_inner().message().to_string())
         })
     }
@@ -449,7 +456,10 @@ impl RawConfig {
 
         let g = &self.gateway;
         if !is_domain(&g.hostname) {
-            bad("gateway.hostname", format!("{:?} is not a host name", g.hostname));
+            bad(
+                "gateway.hostname",
+                format!("{:?} is not a host name", g.hostname),
+            );
         }
         if g.state_dir.trim().is_empty() {
             bad("gateway.state_dir", "must not be empty".into());
@@ -458,7 +468,10 @@ impl RawConfig {
             "fr" => Language::Fr,
             "en" => Language::En,
             other => {
-                bad("gateway.language", format!("{other:?} is not \"fr\" or \"en\""));
+                bad(
+                    "gateway.language",
+                    format!("{other:?} is not \"fr\" or \"en\""),
+                );
                 Language::Fr
             }
         };
@@ -470,13 +483,19 @@ impl RawConfig {
         } else if is_address(&g.operator) {
             Some(g.operator.to_ascii_lowercase())
         } else {
-            bad("gateway.operator", format!("{:?} is not a mail address", g.operator));
+            bad(
+                "gateway.operator",
+                format!("{:?} is not a mail address", g.operator),
+            );
             None
         };
 
         let s = &self.smtp;
         let listen = s.listen.parse::<SocketAddr>().unwrap_or_else(|e| {
-            bad("smtp.listen", format!("{:?} is not an address:port ({e})", s.listen));
+            bad(
+                "smtp.listen",
+                format!("{:?} is not an address:port ({e})", s.listen),
+            );
             SocketAddr::from(([127, 0, 0, 1], 2525))
         });
         let max_message_bytes = positive(&mut bad, "smtp.max_message_bytes", s.max_message_bytes);
@@ -489,11 +508,17 @@ impl RawConfig {
                 key: s.tls_key.clone().into(),
             }),
             (true, false) => {
-                bad("smtp.tls_cert", "tls_key is set but tls_cert is empty".into());
+                bad(
+                    "smtp.tls_cert",
+                    "tls_key is set but tls_cert is empty".into(),
+                );
                 None
             }
             (false, true) => {
-                bad("smtp.tls_key", "tls_cert is set but tls_key is empty".into());
+                bad(
+                    "smtp.tls_key",
+                    "tls_cert is set but tls_key is empty".into(),
+                );
                 None
             }
         };
@@ -506,20 +531,32 @@ impl RawConfig {
         }
 
         let a = &self.addresses;
-        for (key, value) in [("addresses.public", &a.public), ("addresses.internal", &a.internal)] {
+        for (key, value) in [
+            ("addresses.public", &a.public),
+            ("addresses.internal", &a.internal),
+        ] {
             if !is_address(value) {
                 bad(key, format!("{value:?} is not a mail address"));
             } else if value.split('@').next().is_some_and(|l| l.contains('+')) {
-                bad(key, format!("{value:?}: a CRM address takes no +tag, crmgate adds its own"));
+                bad(
+                    key,
+                    format!("{value:?}: a CRM address takes no +tag, crmgate adds its own"),
+                );
             }
         }
         if a.public.eq_ignore_ascii_case(&a.internal) {
-            bad("addresses.internal", "must differ from addresses.public".into());
+            bad(
+                "addresses.internal",
+                "must differ from addresses.public".into(),
+            );
         }
 
         let t = &self.ticket;
         if t.prefix.is_empty() || !t.prefix.chars().all(|c| c.is_ascii_alphanumeric()) {
-            bad("ticket.prefix", format!("{:?} must be letters or digits", t.prefix));
+            bad(
+                "ticket.prefix",
+                format!("{:?} must be letters or digits", t.prefix),
+            );
         }
         let digits = match t.digits {
             1..=18 => t.digits as usize,
@@ -539,7 +576,10 @@ impl RawConfig {
         {
             Ok(re) if re.capture_names().any(|n| n == Some("number")) => re,
             Ok(_) => {
-                bad("ticket.pattern", "has no group named `number`, e.g. (?P<number>...)".into());
+                bad(
+                    "ticket.pattern",
+                    "has no group named `number`, e.g. (?P<number>...)".into(),
+                );
                 fallback_pattern()
             }
             Err(e) => {
@@ -554,21 +594,36 @@ impl RawConfig {
             RelayTarget::File(PathBuf::from("./crmgate-data/sent"))
         });
         let relay_username = (!r.username.is_empty()).then(|| r.username.clone());
-        let relay_password_file = (!r.password_file.is_empty()).then(|| PathBuf::from(&r.password_file));
+        let relay_password_file =
+            (!r.password_file.is_empty()).then(|| PathBuf::from(&r.password_file));
         if let Some(path) = &relay_password_file {
             if let Err(e) = std::fs::metadata(path) {
-                bad("relay.password_file", format!("cannot read {}: {e}", path.display()));
+                bad(
+                    "relay.password_file",
+                    format!("cannot read {}: {e}", path.display()),
+                );
             }
         }
         if relay_username.is_some() != relay_password_file.is_some() {
-            bad("relay.username", "username and password_file go together".into());
+            bad(
+                "relay.username",
+                "username and password_file go together".into(),
+            );
         }
-        let retry_initial_seconds = positive(&mut bad, "relay.retry_initial_seconds", r.retry_initial_seconds);
+        let retry_initial_seconds = positive(
+            &mut bad,
+            "relay.retry_initial_seconds",
+            r.retry_initial_seconds,
+        );
         let retry_max_seconds = positive(&mut bad, "relay.retry_max_seconds", r.retry_max_seconds);
         if r.retry_max_seconds < r.retry_initial_seconds {
-            bad("relay.retry_max_seconds", "must not be below retry_initial_seconds".into());
+            bad(
+                "relay.retry_max_seconds",
+                "must not be below retry_initial_seconds".into(),
+            );
         }
-        let give_up_after_hours = positive(&mut bad, "relay.give_up_after_hours", r.give_up_after_hours);
+        let give_up_after_hours =
+            positive(&mut bad, "relay.give_up_after_hours", r.give_up_after_hours);
 
         let au = &self.auto;
         let receipt = match au.receipt.as_str() {
@@ -576,18 +631,36 @@ impl RawConfig {
             "forward" => ReceiptPolicy::Forward,
             "none" => ReceiptPolicy::None,
             other => {
-                bad("auto.receipt", format!("{other:?} is not \"all\", \"forward\" or \"none\""));
+                bad(
+                    "auto.receipt",
+                    format!("{other:?} is not \"all\", \"forward\" or \"none\""),
+                );
                 ReceiptPolicy::All
             }
         };
-        let max_per_address_per_hour = positive(&mut bad, "auto.max_per_address_per_hour", au.max_per_address_per_hour);
-        let max_per_address_per_day = positive(&mut bad, "auto.max_per_address_per_day", au.max_per_address_per_day);
-        let max_resends_per_ticket_hour =
-            positive(&mut bad, "auto.max_resends_per_ticket_hour", au.max_resends_per_ticket_hour);
-        let templates_dir = (!au.templates_dir.is_empty()).then(|| PathBuf::from(&au.templates_dir));
+        let max_per_address_per_hour = positive(
+            &mut bad,
+            "auto.max_per_address_per_hour",
+            au.max_per_address_per_hour,
+        );
+        let max_per_address_per_day = positive(
+            &mut bad,
+            "auto.max_per_address_per_day",
+            au.max_per_address_per_day,
+        );
+        let max_resends_per_ticket_hour = positive(
+            &mut bad,
+            "auto.max_resends_per_ticket_hour",
+            au.max_resends_per_ticket_hour,
+        );
+        let templates_dir =
+            (!au.templates_dir.is_empty()).then(|| PathBuf::from(&au.templates_dir));
         if let Some(dir) = &templates_dir {
             if !dir.is_dir() {
-                bad("auto.templates_dir", format!("{} is not a directory", dir.display()));
+                bad(
+                    "auto.templates_dir",
+                    format!("{} is not a directory", dir.display()),
+                );
             }
         }
 
@@ -602,13 +675,21 @@ impl RawConfig {
                 ),
             }
         }
-        let authserv_id = (!sec.authserv_id.is_empty()).then(|| sec.authserv_id.to_ascii_lowercase());
-        let reply_secret_file = (!sec.reply_secret_file.is_empty()).then(|| PathBuf::from(&sec.reply_secret_file));
+        let authserv_id =
+            (!sec.authserv_id.is_empty()).then(|| sec.authserv_id.to_ascii_lowercase());
+        let reply_secret_file =
+            (!sec.reply_secret_file.is_empty()).then(|| PathBuf::from(&sec.reply_secret_file));
         if let Some(path) = &reply_secret_file {
             match std::fs::read(path) {
                 Ok(key) if key.iter().filter(|b| !b.is_ascii_whitespace()).count() >= 16 => {}
-                Ok(_) => bad("security.reply_secret_file", "holds fewer than 16 bytes of key".into()),
-                Err(e) => bad("security.reply_secret_file", format!("cannot read {}: {e}", path.display())),
+                Ok(_) => bad(
+                    "security.reply_secret_file",
+                    "holds fewer than 16 bytes of key".into(),
+                ),
+                Err(e) => bad(
+                    "security.reply_secret_file",
+                    format!("cannot read {}: {e}", path.display()),
+                ),
             }
         }
 
@@ -617,7 +698,10 @@ impl RawConfig {
         for (i, raw) in self.agents.iter().enumerate() {
             let email = raw.email.trim().to_ascii_lowercase();
             if !is_address(&email) {
-                bad(&format!("agents[{i}].email"), format!("{:?} is not a mail address", raw.email));
+                bad(
+                    &format!("agents[{i}].email"),
+                    format!("{:?} is not a mail address", raw.email),
+                );
                 continue;
             }
             if email == a.public.to_ascii_lowercase() || email == a.internal.to_ascii_lowercase() {
@@ -625,7 +709,10 @@ impl RawConfig {
                 continue;
             }
             if !seen.insert(email.clone()) {
-                bad(&format!("agents[{i}].email"), format!("{email} is listed twice"));
+                bad(
+                    &format!("agents[{i}].email"),
+                    format!("{email} is listed twice"),
+                );
                 continue;
             }
             if raw.name.contains(['\r', '\n']) {
@@ -687,7 +774,10 @@ impl RawConfig {
 /// The pattern derived from prefix and digits: the prefix, any case, then
 /// exactly `digits` digits not followed by another digit.
 fn default_pattern(prefix: &str, digits: usize) -> String {
-    format!(r"\b(?P<number>{}[0-9]{{{digits}}})(?:[^0-9]|$)", regex::escape(prefix))
+    format!(
+        r"\b(?P<number>{}[0-9]{{{digits}}})(?:[^0-9]|$)",
+        regex::escape(prefix)
+    )
 }
 
 fn fallback_pattern() -> Regex {
@@ -697,7 +787,11 @@ fn fallback_pattern() -> Regex {
     }
 }
 
-fn positive<T: TryFrom<i64> + Default>(bad: &mut impl FnMut(&str, String), key: &str, value: i64) -> T {
+fn positive<T: TryFrom<i64> + Default>(
+    bad: &mut impl FnMut(&str, String),
+    key: &str,
+    value: i64,
+) -> T {
     match T::try_from(value) {
         Ok(v) if value > 0 => v,
         _ => {
@@ -722,9 +816,9 @@ pub fn parse_relay_url(url: &str) -> Result<RelayTarget, String> {
         }
         return Ok(RelayTarget::File(PathBuf::from(dir)));
     }
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| format!("{url:?} is not smtp://host:port, smtps://host:port or file://DIR"))?;
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+        format!("{url:?} is not smtp://host:port, smtps://host:port or file://DIR")
+    })?;
     let (authority, query) = match rest.split_once('?') {
         Some((a, q)) => (a, Some(q)),
         None => (rest, None),
@@ -732,8 +826,13 @@ pub fn parse_relay_url(url: &str) -> Result<RelayTarget, String> {
     let authority = authority.trim_end_matches('/');
     let (host, port) = match authority.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
-            let port = p.parse::<u16>().map_err(|_| format!("{p:?} is not a port number"))?;
-            (h.trim_start_matches('[').trim_end_matches(']').to_string(), Some(port))
+            let port = p
+                .parse::<u16>()
+                .map_err(|_| format!("{p:?} is not a port number"))?;
+            (
+                h.trim_start_matches('[').trim_end_matches(']').to_string(),
+                Some(port),
+            )
         }
         _ => (authority.to_string(), None),
     };
@@ -750,7 +849,11 @@ pub fn parse_relay_url(url: &str) -> Result<RelayTarget, String> {
             match pair {
                 "tls=required" if scheme == "smtp" => tls = RelayTls::Required,
                 "tls=opportunistic" if scheme == "smtp" => tls = RelayTls::Opportunistic,
-                other => return Err(format!("unknown option {other:?}: only tls=required is understood")),
+                other => {
+                    return Err(format!(
+                        "unknown option {other:?}: only tls=required is understood"
+                    ))
+                }
             }
         }
     }
@@ -766,7 +869,9 @@ pub fn is_address(text: &str) -> bool {
     match text.rsplit_once('@') {
         Some((local, domain)) => {
             !local.is_empty()
-                && !local.chars().any(|c| c.is_whitespace() || c == '<' || c == '>' || c == ',')
+                && !local
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == '<' || c == '>' || c == ',')
                 && is_domain(domain)
         }
         None => false,
@@ -776,9 +881,9 @@ pub fn is_address(text: &str) -> bool {
 fn is_domain(text: &str) -> bool {
     !text.is_empty()
         && text.len() <= 253
-        && text
-            .split('.')
-            .all(|label| !label.is_empty() && label.chars().all(|c| c.is_alphanumeric() || c == '-'))
+        && text.split('.').all(|label| {
+            !label.is_empty() && label.chars().all(|c| c.is_alphanumeric() || c == '-')
+        })
 }
 
 #[cfg(test)]
@@ -799,7 +904,10 @@ mod tests {
         let c = Config::embedded_default();
         assert_eq!(c.listen, "127.0.0.1:2525".parse().unwrap());
         assert_eq!(c.state_dir, PathBuf::from("./crmgate-data"));
-        assert_eq!(c.relay, RelayTarget::File(PathBuf::from("./crmgate-data/sent")));
+        assert_eq!(
+            c.relay,
+            RelayTarget::File(PathBuf::from("./crmgate-data/sent"))
+        );
         assert_eq!(c.public_address, "support@localhost");
         assert_eq!(c.language, Language::Fr);
         assert!(c.agents.is_empty());
@@ -814,7 +922,10 @@ mod tests {
         // Compare everything but the agents: the sample shows one, commented out.
         let mut raw = c.raw.clone();
         raw.agents.clear();
-        assert_eq!(toml::to_string(&raw).unwrap(), toml::to_string(&d.raw).unwrap());
+        assert_eq!(
+            toml::to_string(&raw).unwrap(),
+            toml::to_string(&d.raw).unwrap()
+        );
     }
 
     #[test]
@@ -856,15 +967,27 @@ mod tests {
     fn relay_urls() {
         assert_eq!(
             parse_relay_url("smtp://127.0.0.1:2526").unwrap(),
-            RelayTarget::Smtp { host: "127.0.0.1".into(), port: 2526, tls: RelayTls::Opportunistic }
+            RelayTarget::Smtp {
+                host: "127.0.0.1".into(),
+                port: 2526,
+                tls: RelayTls::Opportunistic
+            }
         );
         assert_eq!(
             parse_relay_url("smtp://mx.example.org:587?tls=required").unwrap(),
-            RelayTarget::Smtp { host: "mx.example.org".into(), port: 587, tls: RelayTls::Required }
+            RelayTarget::Smtp {
+                host: "mx.example.org".into(),
+                port: 587,
+                tls: RelayTls::Required
+            }
         );
         assert_eq!(
             parse_relay_url("smtps://mx.example.org").unwrap(),
-            RelayTarget::Smtp { host: "mx.example.org".into(), port: 465, tls: RelayTls::Wrapper }
+            RelayTarget::Smtp {
+                host: "mx.example.org".into(),
+                port: 465,
+                tls: RelayTls::Wrapper
+            }
         );
         assert!(parse_relay_url("smtp://:25").is_err());
         assert!(parse_relay_url("smtp://h:25?tls=maybe").is_err());
@@ -873,7 +996,10 @@ mod tests {
     #[test]
     fn default_pattern_finds_numbers_in_any_case_and_not_longer_ones() {
         let c = Config::embedded_default();
-        let caps = c.ticket_pattern.captures("Re: [tkt0000042] imprimante").unwrap();
+        let caps = c
+            .ticket_pattern
+            .captures("Re: [tkt0000042] imprimante")
+            .unwrap();
         assert_eq!(&caps["number"], "tkt0000042");
         assert!(c.ticket_pattern.captures("TKT00000421").is_none());
     }

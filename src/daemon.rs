@@ -38,7 +38,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let config_path = reload_path(&config);
         let reload = Arc::new(Notify::new());
         spawn_signals(shutdown.clone(), reload.clone())?;
-        serve(config, listener, shutdown, Some((config_path, reload)), true).await
+        serve(
+            config,
+            listener,
+            shutdown,
+            Some((config_path, reload)),
+            true,
+        )
+        .await
     })
 }
 
@@ -87,11 +94,15 @@ pub async fn serve(
     }
     let runtime = Arc::new(RwLock::new(Arc::new(Runtime::new(config.clone())?)));
     let wake = Arc::new(Notify::new());
-    let writer = Writer::spawn(conn, runtime.clone(), wake.clone()).context("starting the writer thread")?;
+    let writer =
+        Writer::spawn(conn, runtime.clone(), wake.clone()).context("starting the writer thread")?;
 
     let mut settings = crate::smtp::Settings::from_config(&config);
     if let Some(files) = &config.tls {
-        settings.tls = Some(crate::smtp::load_tls(&files.cert, &files.key).context("smtp.tls_cert / smtp.tls_key")?);
+        settings.tls = Some(
+            crate::smtp::load_tls(&files.cert, &files.key)
+                .context("smtp.tls_cert / smtp.tls_key")?,
+        );
     }
     let intake = Arc::new(Intake {
         runtime: runtime.clone(),
@@ -134,7 +145,11 @@ pub async fn serve(
         Err(e) => tracing::error!(error = %e, "relay worker panicked"),
     }
     if let Ok(conn) = store::open(&db_path) {
-        if let Ok(pending) = conn.query_row("SELECT COUNT(*) FROM outbox WHERE status = 'queued'", [], |r| r.get::<_, i64>(0)) {
+        if let Ok(pending) = conn.query_row(
+            "SELECT COUNT(*) FROM outbox WHERE status = 'queued'",
+            [],
+            |r| r.get::<_, i64>(0),
+        ) {
             tracing::info!(pending, "stopped; queued mail is sent at the next start");
         }
     }
@@ -142,7 +157,11 @@ pub async fn serve(
     Ok(())
 }
 
-fn reload_runtime(path: Option<&std::path::Path>, runtime: &Arc<RwLock<Arc<Runtime>>>, db_path: &std::path::Path) {
+fn reload_runtime(
+    path: Option<&std::path::Path>,
+    runtime: &Arc<RwLock<Arc<Runtime>>>,
+    db_path: &std::path::Path,
+) {
     let Some(path) = path else {
         tracing::info!("running on the embedded default: nothing to reload");
         return;
@@ -152,7 +171,11 @@ fn reload_runtime(path: Option<&std::path::Path>, runtime: &Arc<RwLock<Arc<Runti
         let new = Runtime::new(Arc::new(config))?;
         let conn = store::open(db_path)?;
         let removed = tickets::sync_agents(&conn, &new.config.agents, store::now())?;
-        tracing::info!(agents = new.config.agents.len(), ?removed, "configuration reloaded");
+        tracing::info!(
+            agents = new.config.agents.len(),
+            ?removed,
+            "configuration reloaded"
+        );
         match runtime.write() {
             Ok(mut guard) => *guard = Arc::new(new),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(new),
@@ -183,7 +206,14 @@ fn failure_hook(runtime: Arc<RwLock<Arc<Runtime>>>) -> crate::relay::FailureHook
         if view.work_notes_list.is_empty() {
             return Ok(());
         }
-        crate::intake::failure_notice(conn, &rt, &view, &row.recipients.join(", "), error, store::now())
-            .map_err(|e| store::StoreError::Invalid(e.to_string()))
+        crate::intake::failure_notice(
+            conn,
+            &rt,
+            &view,
+            &row.recipients.join(", "),
+            error,
+            store::now(),
+        )
+        .map_err(|e| store::StoreError::Invalid(e.to_string()))
     })
 }

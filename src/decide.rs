@@ -193,7 +193,9 @@ pub struct Bounce {
 pub enum Decision {
     Quarantine(QuarantineReason),
     /// Already in the log: count it on that entry.
-    Duplicate { entry_id: i64 },
+    Duplicate {
+        entry_id: i64,
+    },
     /// Refused by policy: `550 5.7.1` with this sentence.
     Refuse(String),
     Record(Plan),
@@ -232,8 +234,14 @@ impl Facts<'_> {
 
 /// MAILER-DAEMON, postmaster and no-reply-like local parts.
 pub fn is_robot_address(address: &str) -> bool {
-    let local = address.rsplit_once('@').map_or(address, |(l, _)| l).to_ascii_lowercase();
-    let squashed: String = local.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    let local = address
+        .rsplit_once('@')
+        .map_or(address, |(l, _)| l)
+        .to_ascii_lowercase();
+    let squashed: String = local
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
     matches!(local.as_str(), "mailer-daemon" | "postmaster")
         || squashed.starts_with("noreply")
         || squashed.starts_with("donotreply")
@@ -276,8 +284,17 @@ pub fn is_postmaster(config: &Config, address: &str) -> bool {
 /// `dmarc=pass` or a `dkim=pass` aligned with the From domain. Only the
 /// top-most one of our id counts: our MTA adds its own above anything the
 /// sender wrote, so a forged one can only stand below it.
-pub fn from_is_believed(config: &Config, envelope: &Envelope, inbound: &Inbound, from: &str) -> bool {
-    if config.trusted_relays.iter().any(|net| net.contains(&envelope.peer)) {
+pub fn from_is_believed(
+    config: &Config,
+    envelope: &Envelope,
+    inbound: &Inbound,
+    from: &str,
+) -> bool {
+    if config
+        .trusted_relays
+        .iter()
+        .any(|net| net.contains(&envelope.peer))
+    {
         return true;
     }
     let Some(id) = &config.authserv_id else {
@@ -305,16 +322,23 @@ fn sender_of(envelope: &Envelope, inbound: &Inbound) -> Option<Mailbox> {
 
 /// Automatic mail (SPEC rule 4): header signals, an empty reverse-path, or
 /// a MAILER-DAEMON/postmaster sender.
-fn automatic_reason(envelope: &Envelope, inbound: &Inbound, sender: Option<&Mailbox>) -> Option<String> {
+fn automatic_reason(
+    envelope: &Envelope,
+    inbound: &Inbound,
+    sender: Option<&Mailbox>,
+) -> Option<String> {
     if let Some(signal) = &inbound.auto {
         return Some(signal.describe());
     }
     if envelope.mail_from.is_none() {
         return Some("empty reverse-path".into());
     }
-    for address in [envelope.mail_from.as_deref(), sender.map(|m| m.address.as_str())]
-        .into_iter()
-        .flatten()
+    for address in [
+        envelope.mail_from.as_deref(),
+        sender.map(|m| m.address.as_str()),
+    ]
+    .into_iter()
+    .flatten()
     {
         let local = address.rsplit_once('@').map_or(address, |(l, _)| l);
         if local.eq_ignore_ascii_case("mailer-daemon") || local.eq_ignore_ascii_case("postmaster") {
@@ -330,7 +354,14 @@ fn display_name(mailbox: &Mailbox, config: &Config) -> String {
         .map(|a| a.name.clone())
         .filter(|n| !n.is_empty())
         .or_else(|| mailbox.name.clone())
-        .unwrap_or_else(|| mailbox.address.split('@').next().unwrap_or_default().to_string());
+        .unwrap_or_else(|| {
+            mailbox
+                .address
+                .split('@')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        });
     format!("{name} via {}", config.display_name)
 }
 
@@ -358,7 +389,11 @@ pub fn decide(
     let config = facts.config;
 
     // 1. Loop: our own mail came back.
-    if inbound.loop_hosts.iter().any(|h| h.trim().eq_ignore_ascii_case(&config.hostname)) {
+    if inbound
+        .loop_hosts
+        .iter()
+        .any(|h| h.trim().eq_ignore_ascii_case(&config.hostname))
+    {
         return Decision::Quarantine(QuarantineReason::Loop);
     }
     // 2. Duplicate: reply-all, or several deliveries of one message.
@@ -390,7 +425,13 @@ pub fn decide(
         .rcpt_to
         .iter()
         .map(String::as_str)
-        .chain(inbound.to.iter().chain(&inbound.cc).map(|m| m.address.as_str()))
+        .chain(
+            inbound
+                .to
+                .iter()
+                .chain(&inbound.cc)
+                .map(|m| m.address.as_str()),
+        )
         .any(|a| crate::thread::strip_tag(a) == config.internal_address);
     if internal && !agent {
         return Decision::Refuse(format!(
@@ -432,7 +473,11 @@ pub fn decide(
     match ticket {
         None => {
             let mut new = NewTicket {
-                subject: if subject.is_empty() { "(sans objet)".into() } else { subject.clone() },
+                subject: if subject.is_empty() {
+                    "(sans objet)".into()
+                } else {
+                    subject.clone()
+                },
                 requesters: Vec::new(),
                 watch_list: Vec::new(),
                 work_notes_list: config
@@ -445,19 +490,26 @@ pub fn decide(
             };
             // 6. New ticket.
             let forward = inbound.forward.as_ref().filter(|f| {
-                agent && !internal && facts.may_watch(&f.original_from.address) && f.original_from.address != sender.address
+                agent
+                    && !internal
+                    && facts.may_watch(&f.original_from.address)
+                    && f.original_from.address != sender.address
             });
             if internal {
                 // A new ticket by work note: no requester, no receipt.
                 add_agent(&mut new.work_notes_list, &sender.address);
                 new.owner = Some(sender.address.clone());
-                plan.entries.push(inbound_entry(EntryKind::WorkNote, &sender));
+                plan.entries
+                    .push(inbound_entry(EntryKind::WorkNote, &sender));
                 plan.decision = "work_note";
             } else if let Some(forward) = forward {
                 // An agent forwarded a requester's mail: the ticket is the requester's.
                 new.requesters.push(forward.original_from.clone());
                 if !forward.original_subject.trim().is_empty() {
-                    new.subject = crate::thread::clean_subject(&forward.original_subject, &config.ticket_pattern);
+                    new.subject = crate::thread::clean_subject(
+                        &forward.original_subject,
+                        &config.ticket_pattern,
+                    );
                 }
                 add_agent(&mut new.work_notes_list, &sender.address);
                 plan.entries.push(PlannedEntry {
@@ -487,14 +539,19 @@ pub fn decide(
                 // An agent opens a ticket for nobody in particular: theirs.
                 add_agent(&mut new.work_notes_list, &sender.address);
                 new.owner = Some(sender.address.clone());
-                plan.entries.push(inbound_entry(EntryKind::Comment, &sender));
+                plan.entries
+                    .push(inbound_entry(EntryKind::Comment, &sender));
             } else {
                 new.requesters.push(sender.clone());
-                plan.entries.push(inbound_entry(EntryKind::Comment, &sender));
+                plan.entries
+                    .push(inbound_entry(EntryKind::Comment, &sender));
             }
             if config.add_cc_on_open && !internal {
                 for m in inbound.to.iter().chain(&inbound.cc) {
-                    if facts.may_watch(&m.address) && !contains(&new.requesters, &m.address) && m.address != sender.address {
+                    if facts.may_watch(&m.address)
+                        && !contains(&new.requesters, &m.address)
+                        && m.address != sender.address
+                    {
                         push_unique(&mut new.watch_list, m.clone());
                     }
                 }
@@ -519,7 +576,8 @@ pub fn decide(
             plan.ticket = TicketTarget::New(new);
         }
         Some(t) => {
-            let in_watch_group = contains(&t.requesters, &sender.address) || contains(&t.watch_list, &sender.address);
+            let in_watch_group = contains(&t.requesters, &sender.address)
+                || contains(&t.watch_list, &sender.address);
             let kind = if internal {
                 plan.decision = "work_note";
                 EntryKind::WorkNote
@@ -618,21 +676,31 @@ fn plan_sends(
     };
     match entry.kind {
         EntryKind::WorkNote => {
-            plan.sends.push(agents_send(SendKind::WorkNote, &config.internal_address));
+            plan.sends
+                .push(agents_send(SendKind::WorkNote, &config.internal_address));
         }
         EntryKind::Email => {
-            plan.sends.push(agents_send(SendKind::PartnerCopy, &config.public_address));
+            plan.sends
+                .push(agents_send(SendKind::PartnerCopy, &config.public_address));
         }
         EntryKind::Comment => {
-            let requesters: Vec<Mailbox> =
-                ticket.requesters.iter().filter(|m| facts.may_watch(&m.address)).cloned().collect();
+            let requesters: Vec<Mailbox> = ticket
+                .requesters
+                .iter()
+                .filter(|m| facts.may_watch(&m.address))
+                .cloned()
+                .collect();
             let watch: Vec<Mailbox> = ticket
                 .watch_list
                 .iter()
                 .filter(|m| facts.may_watch(&m.address) && !contains(&requesters, &m.address))
                 .cloned()
                 .collect();
-            let group: Vec<&str> = requesters.iter().chain(&watch).map(|m| m.address.as_str()).collect();
+            let group: Vec<&str> = requesters
+                .iter()
+                .chain(&watch)
+                .map(|m| m.address.as_str())
+                .collect();
             plan.sends.push(PlannedSend {
                 kind: SendKind::PublicCopy,
                 entry: 0,
@@ -643,14 +711,13 @@ fn plan_sends(
                 envelope: envelope_of(group),
                 agents_only: false,
             });
-            plan.sends.push(agents_send(SendKind::AgentCopy, &config.public_address));
+            plan.sends
+                .push(agents_send(SendKind::AgentCopy, &config.public_address));
             // 8. Reply-all guard: the agent wrote to requesters directly.
             if agent
-                && inbound
-                    .to
-                    .iter()
-                    .chain(&inbound.cc)
-                    .any(|m| !facts.is_crm_address(&m.address) && !facts.is_agent_or_former(&m.address))
+                && inbound.to.iter().chain(&inbound.cc).any(|m| {
+                    !facts.is_crm_address(&m.address) && !facts.is_agent_or_former(&m.address)
+                })
             {
                 plan.sends.push(PlannedSend {
                     kind: SendKind::ReplyAllNotice,
@@ -696,7 +763,9 @@ fn plan_receipt(
     };
     // A From that the envelope does not back is how backscatter starts;
     // a believed agent's forward is the one exception.
-    if !(forwarded && agent) && !crate::thread::strip_tag(mail_from).eq_ignore_ascii_case(&sender.address) {
+    if !(forwarded && agent)
+        && !crate::thread::strip_tag(mail_from).eq_ignore_ascii_case(&sender.address)
+    {
         return;
     }
     let recipients: Vec<Mailbox> = new
@@ -761,7 +830,10 @@ fn automatic(
             author,
             by_agent: false,
             subject: inbound.subject.clone(),
-            text: format!("Automatic mail ({reason}), not re-sent.\n\n{}", inbound.text),
+            text: format!(
+                "Automatic mail ({reason}), not re-sent.\n\n{}",
+                inbound.text
+            ),
             html: None,
             keeps_attachments: false,
             message_id: inbound.message_id.clone(),
@@ -776,7 +848,13 @@ fn automatic(
 
 /// An agent publishes from the CRM (`crmgate ticket comment|work-note`):
 /// the same entry and the same mail as if the agent had written by mail.
-pub fn publish(facts: &Facts<'_>, ticket: &TicketView, agent: &Mailbox, kind: EntryKind, text: &str) -> Plan {
+pub fn publish(
+    facts: &Facts<'_>,
+    ticket: &TicketView,
+    agent: &Mailbox,
+    kind: EntryKind,
+    text: &str,
+) -> Plan {
     let mut plan = Plan {
         ticket: TicketTarget::Existing(ticket.id),
         entries: vec![PlannedEntry {
@@ -797,7 +875,11 @@ pub fn publish(facts: &Facts<'_>, ticket: &TicketView, agent: &Mailbox, kind: En
         },
         sends: Vec::new(),
         bounce: None,
-        decision: if kind == EntryKind::WorkNote { "work_note" } else { "comment" },
+        decision: if kind == EntryKind::WorkNote {
+            "work_note"
+        } else {
+            "comment"
+        },
     };
     let envelope = Envelope {
         peer: std::net::IpAddr::from([127, 0, 0, 1]),
@@ -844,8 +926,16 @@ pub fn resolve(facts: &Facts<'_>, ticket: &TicketView) -> Plan {
         decision: "closure",
     };
     if config.closure && !group.is_empty() {
-        let requesters: Vec<Mailbox> = group.iter().filter(|m| contains(&ticket.requesters, &m.address)).cloned().collect();
-        let watch: Vec<Mailbox> = group.iter().filter(|m| !contains(&requesters, &m.address)).cloned().collect();
+        let requesters: Vec<Mailbox> = group
+            .iter()
+            .filter(|m| contains(&ticket.requesters, &m.address))
+            .cloned()
+            .collect();
+        let watch: Vec<Mailbox> = group
+            .iter()
+            .filter(|m| !contains(&requesters, &m.address))
+            .cloned()
+            .collect();
         plan.sends.push(PlannedSend {
             kind: SendKind::Closure,
             entry: 0,
@@ -895,7 +985,11 @@ default_notes_list = true
 
     fn envelope(from: &str, rcpt: &[&str], trusted: bool) -> Envelope {
         Envelope {
-            peer: if trusted { [10, 0, 0, 5].into() } else { [192, 0, 2, 1].into() },
+            peer: if trusted {
+                [10, 0, 0, 5].into()
+            } else {
+                [192, 0, 2, 1].into()
+            },
             helo: "client".into(),
             mail_from: Some(from.into()),
             rcpt_to: rcpt.iter().map(|s| s.to_string()).collect(),
@@ -948,16 +1042,31 @@ default_notes_list = true
     }
 
     fn send(p: &Plan, kind: SendKind) -> &PlannedSend {
-        p.sends.iter().find(|s| s.kind == kind).unwrap_or_else(|| panic!("no {kind:?} in {:?}", p.sends))
+        p.sends
+            .iter()
+            .find(|s| s.kind == kind)
+            .unwrap_or_else(|| panic!("no {kind:?} in {:?}", p.sends))
     }
 
     #[test]
     fn recipients_accepted_are_crm_addresses_and_postmaster_only() {
         let c = config();
-        for ok in ["support@example.org", "SUPPORT+TKT0000001@example.org", "support-notes@example.org", "postmaster@crm.example.org", "postmaster@example.org", "postmaster"] {
+        for ok in [
+            "support@example.org",
+            "SUPPORT+TKT0000001@example.org",
+            "support-notes@example.org",
+            "postmaster@crm.example.org",
+            "postmaster@example.org",
+            "postmaster",
+        ] {
             assert!(accepts_recipient(&c, ok), "{ok}");
         }
-        for no in ["alice@u.example", "support@other.org", "postmaster@other.org", "supportx@example.org"] {
+        for no in [
+            "alice@u.example",
+            "support@other.org",
+            "postmaster@other.org",
+            "supportx@example.org",
+        ] {
             assert!(!accepts_recipient(&c, no), "{no}");
         }
     }
@@ -965,11 +1074,24 @@ default_notes_list = true
     #[test]
     fn a_requester_opens_a_ticket_with_cc_on_the_watch_list_and_a_receipt() {
         let env = envelope("alice@u.example", &["support@example.org"], false);
-        let inbound = mail("alice@u.example", &["support@example.org"], &["carol@u.example", AGENT, "support+tkt@example.org"], "Imprimante");
+        let inbound = mail(
+            "alice@u.example",
+            &["support@example.org"],
+            &["carol@u.example", AGENT, "support+tkt@example.org"],
+            "Imprimante",
+        );
         let p = plan(run(&env, &inbound, None));
-        let TicketTarget::New(new) = &p.ticket else { panic!() };
+        let TicketTarget::New(new) = &p.ticket else {
+            panic!()
+        };
         assert_eq!(new.requesters[0].address, "alice@u.example");
-        assert_eq!(new.watch_list.iter().map(|m| m.address.as_str()).collect::<Vec<_>>(), ["carol@u.example"]);
+        assert_eq!(
+            new.watch_list
+                .iter()
+                .map(|m| m.address.as_str())
+                .collect::<Vec<_>>(),
+            ["carol@u.example"]
+        );
         assert_eq!(new.work_notes_list, [AGENT, AGENT2]);
         assert_eq!(p.entries[0].kind, EntryKind::Comment);
         let receipt = send(&p, SendKind::Receipt);
@@ -983,7 +1105,12 @@ default_notes_list = true
     #[test]
     fn an_agents_comment_reaches_the_watch_group_under_the_helpdesk_name() {
         let env = envelope(AGENT, &["support@example.org"], true);
-        let inbound = mail(AGENT, &["support@example.org"], &[], "RE: [TKT0000007] Imprimante");
+        let inbound = mail(
+            AGENT,
+            &["support@example.org"],
+            &[],
+            "RE: [TKT0000007] Imprimante",
+        );
         let t = ticket();
         let p = plan(run(&env, &inbound, Some(&t)));
         let public = send(&p, SendKind::PublicCopy);
@@ -998,7 +1125,12 @@ default_notes_list = true
     #[test]
     fn a_work_note_reaches_only_the_other_agents() {
         let env = envelope(AGENT, &["support-notes@example.org"], true);
-        let inbound = mail(AGENT, &["support-notes@example.org"], &[], "[TKT0000007] note");
+        let inbound = mail(
+            AGENT,
+            &["support-notes@example.org"],
+            &[],
+            "[TKT0000007] note",
+        );
         let p = plan(run(&env, &inbound, Some(&ticket())));
         assert_eq!(p.entries[0].kind, EntryKind::WorkNote);
         assert_eq!(p.sends.len(), 1);
@@ -1009,15 +1141,31 @@ default_notes_list = true
 
     #[test]
     fn a_work_note_from_an_outsider_or_an_unbelieved_agent_is_refused() {
-        let inbound = mail("mallory@evil.example", &["support-notes@example.org"], &[], "[TKT0000007] x");
+        let inbound = mail(
+            "mallory@evil.example",
+            &["support-notes@example.org"],
+            &[],
+            "[TKT0000007] x",
+        );
         let env = envelope("mallory@evil.example", &["support-notes@example.org"], true);
-        assert!(matches!(run(&env, &inbound, Some(&ticket())), Decision::Refuse(_)));
+        assert!(matches!(
+            run(&env, &inbound, Some(&ticket())),
+            Decision::Refuse(_)
+        ));
         // The agent's From from an untrusted peer, no Authentication-Results.
         let inbound = mail(AGENT, &["support-notes@example.org"], &[], "[TKT0000007] x");
         let env = envelope(AGENT, &["support-notes@example.org"], false);
-        assert!(matches!(run(&env, &inbound, Some(&ticket())), Decision::Refuse(_)));
+        assert!(matches!(
+            run(&env, &inbound, Some(&ticket())),
+            Decision::Refuse(_)
+        ));
         // Internal address only in Cc, envelope to the public one: still a work note.
-        let inbound = mail("mallory@evil.example", &["support@example.org"], &["support-notes@example.org"], "x");
+        let inbound = mail(
+            "mallory@evil.example",
+            &["support@example.org"],
+            &["support-notes@example.org"],
+            "x",
+        );
         let env = envelope("mallory@evil.example", &["support@example.org"], false);
         assert!(matches!(run(&env, &inbound, None), Decision::Refuse(_)));
     }
@@ -1031,28 +1179,53 @@ default_notes_list = true
             dmarc_pass: false,
             dkim_pass_domains: vec!["example.org".into()],
         }];
-        assert!(matches!(run(&env, &inbound, Some(&ticket())), Decision::Record(_)));
+        assert!(matches!(
+            run(&env, &inbound, Some(&ticket())),
+            Decision::Record(_)
+        ));
         // Another authserv-id, or a non-aligned DKIM domain: not believed.
         inbound.auth_results[0].authserv_id = "evil.example".into();
-        assert!(matches!(run(&env, &inbound, Some(&ticket())), Decision::Refuse(_)));
+        assert!(matches!(
+            run(&env, &inbound, Some(&ticket())),
+            Decision::Refuse(_)
+        ));
         inbound.auth_results[0] = AuthResult {
             authserv_id: "mx.example.org".into(),
             dmarc_pass: false,
             dkim_pass_domains: vec!["evil.example".into()],
         };
-        assert!(matches!(run(&env, &inbound, Some(&ticket())), Decision::Refuse(_)));
+        assert!(matches!(
+            run(&env, &inbound, Some(&ticket())),
+            Decision::Refuse(_)
+        ));
         // A forged pass below our MTA's own failing result does not count.
         inbound.auth_results = vec![
-            AuthResult { authserv_id: "mx.example.org".into(), dmarc_pass: false, dkim_pass_domains: vec![] },
-            AuthResult { authserv_id: "mx.example.org".into(), dmarc_pass: true, dkim_pass_domains: vec![] },
+            AuthResult {
+                authserv_id: "mx.example.org".into(),
+                dmarc_pass: false,
+                dkim_pass_domains: vec![],
+            },
+            AuthResult {
+                authserv_id: "mx.example.org".into(),
+                dmarc_pass: true,
+                dkim_pass_domains: vec![],
+            },
         ];
-        assert!(matches!(run(&env, &inbound, Some(&ticket())), Decision::Refuse(_)));
+        assert!(matches!(
+            run(&env, &inbound, Some(&ticket())),
+            Decision::Refuse(_)
+        ));
     }
 
     #[test]
     fn a_stranger_on_an_existing_ticket_reaches_the_agents_only() {
         let env = envelope("stranger@else.example", &["support@example.org"], false);
-        let inbound = mail("stranger@else.example", &["support@example.org"], &[], "[TKT0000007] hello");
+        let inbound = mail(
+            "stranger@else.example",
+            &["support@example.org"],
+            &[],
+            "[TKT0000007] hello",
+        );
         let p = plan(run(&env, &inbound, Some(&ticket())));
         assert_eq!(p.entries[0].kind, EntryKind::Email);
         assert_eq!(p.sends.len(), 1);
@@ -1064,7 +1237,12 @@ default_notes_list = true
     #[test]
     fn a_requesters_reply_all_gives_the_ccd_watcher_no_second_copy() {
         let env = envelope("alice@u.example", &["support@example.org"], false);
-        let inbound = mail("alice@u.example", &["support@example.org"], &["carol@u.example"], "RE: [TKT0000007] x");
+        let inbound = mail(
+            "alice@u.example",
+            &["support@example.org"],
+            &["carol@u.example"],
+            "RE: [TKT0000007] x",
+        );
         let p = plan(run(&env, &inbound, Some(&ticket())));
         // Alice is the sender and Carol had it in Cc: nobody left in the public envelope.
         assert!(p.sends.iter().all(|s| s.kind != SendKind::PublicCopy));
@@ -1075,7 +1253,12 @@ default_notes_list = true
     #[test]
     fn an_agent_who_replied_to_all_gets_a_notice() {
         let env = envelope(AGENT, &["support@example.org"], true);
-        let inbound = mail(AGENT, &["support@example.org", "alice@u.example"], &[], "RE: [TKT0000007] x");
+        let inbound = mail(
+            AGENT,
+            &["support@example.org", "alice@u.example"],
+            &[],
+            "RE: [TKT0000007] x",
+        );
         let p = plan(run(&env, &inbound, Some(&ticket())));
         let notice = send(&p, SendKind::ReplyAllNotice);
         assert_eq!(notice.envelope, [AGENT]);
@@ -1089,13 +1272,28 @@ default_notes_list = true
         let env = envelope("alice@u.example", &["support@example.org"], false);
         let mut inbound = mail("alice@u.example", &["support@example.org"], &[], "x");
         inbound.loop_hosts = vec!["CRM.example.org".into()];
-        assert_eq!(run(&env, &inbound, None), Decision::Quarantine(QuarantineReason::Loop));
+        assert_eq!(
+            run(&env, &inbound, None),
+            Decision::Quarantine(QuarantineReason::Loop)
+        );
         inbound.loop_hosts.clear();
         let former = BTreeSet::new();
-        let facts = Facts { config: &config, former_agents: &former, reply_key: None };
-        assert_eq!(decide(&facts, &env, &inbound, None, Some(3)), Decision::Duplicate { entry_id: 3 });
-        inbound.auto = Some(crate::parse::AutoSignal::AutoSubmitted("auto-replied".into()));
-        assert_eq!(run(&env, &inbound, None), Decision::Quarantine(QuarantineReason::Automatic));
+        let facts = Facts {
+            config: &config,
+            former_agents: &former,
+            reply_key: None,
+        };
+        assert_eq!(
+            decide(&facts, &env, &inbound, None, Some(3)),
+            Decision::Duplicate { entry_id: 3 }
+        );
+        inbound.auto = Some(crate::parse::AutoSignal::AutoSubmitted(
+            "auto-replied".into(),
+        ));
+        assert_eq!(
+            run(&env, &inbound, None),
+            Decision::Quarantine(QuarantineReason::Automatic)
+        );
         let p = plan(run(&env, &inbound, Some(&ticket())));
         assert_eq!(p.entries[0].kind, EntryKind::System);
         assert!(p.sends.is_empty());
@@ -1103,7 +1301,10 @@ default_notes_list = true
         inbound.auto = None;
         let mut bounce_env = env.clone();
         bounce_env.mail_from = None;
-        assert_eq!(run(&bounce_env, &inbound, None), Decision::Quarantine(QuarantineReason::Automatic));
+        assert_eq!(
+            run(&bounce_env, &inbound, None),
+            Decision::Quarantine(QuarantineReason::Automatic)
+        );
     }
 
     #[test]
@@ -1117,13 +1318,19 @@ default_notes_list = true
             agent_text: "Peux-tu regarder ?".into(),
         });
         let p = plan(run(&env, &inbound, None));
-        let TicketTarget::New(new) = &p.ticket else { panic!() };
+        let TicketTarget::New(new) = &p.ticket else {
+            panic!()
+        };
         assert_eq!(new.requesters[0].address, "alice@u.example");
         assert_eq!(p.entries[0].kind, EntryKind::Comment);
         assert_eq!(p.entries[0].author.address, "alice@u.example");
         assert_eq!(p.entries[1].kind, EntryKind::WorkNote);
         // The requester gets the receipt and nothing else.
-        let to_alice: Vec<_> = p.sends.iter().filter(|s| s.envelope.iter().any(|a| a == "alice@u.example")).collect();
+        let to_alice: Vec<_> = p
+            .sends
+            .iter()
+            .filter(|s| s.envelope.iter().any(|a| a == "alice@u.example"))
+            .collect();
         assert_eq!(to_alice.len(), 1);
         assert_eq!(to_alice[0].kind, SendKind::Receipt);
     }
@@ -1133,7 +1340,9 @@ default_notes_list = true
         let env = envelope(AGENT, &["support@example.org"], true);
         let inbound = mail(AGENT, &["support@example.org"], &[], "Fwd: Serveur");
         let p = plan(run(&env, &inbound, None));
-        let TicketTarget::New(new) = &p.ticket else { panic!() };
+        let TicketTarget::New(new) = &p.ticket else {
+            panic!()
+        };
         assert!(new.requesters.is_empty());
         assert_eq!(new.owner.as_deref(), Some(AGENT));
         assert_eq!(p.state, Some(TicketState::Open));
@@ -1148,7 +1357,11 @@ default_notes_list = true
         assert!(p.sends.iter().all(|s| s.kind != SendKind::Receipt));
         let mut spam = inbound.clone();
         spam.spam_flag = true;
-        let p = plan(run(&envelope("alice@u.example", &["support@example.org"], false), &spam, None));
+        let p = plan(run(
+            &envelope("alice@u.example", &["support@example.org"], false),
+            &spam,
+            None,
+        ));
         assert!(p.sends.iter().all(|s| s.kind != SendKind::Receipt));
     }
 
@@ -1157,7 +1370,16 @@ default_notes_list = true
         let mut t = ticket();
         t.state = TicketState::Resolved;
         let env = envelope("alice@u.example", &["support@example.org"], false);
-        let p = plan(run(&env, &mail("alice@u.example", &["support@example.org"], &[], "RE: [TKT0000007]"), Some(&t)));
+        let p = plan(run(
+            &env,
+            &mail(
+                "alice@u.example",
+                &["support@example.org"],
+                &[],
+                "RE: [TKT0000007]",
+            ),
+            Some(&t),
+        ));
         assert_eq!(p.state, Some(TicketState::Open));
     }
 
@@ -1167,11 +1389,18 @@ default_notes_list = true
         let inbound = mail(
             "alice@u.example",
             &["support@example.org", "old.agent@example.org"],
-            &["Jane.Doe@example.org", "support+x@example.org", "mailer-daemon@u.example", "noreply@u.example"],
+            &[
+                "Jane.Doe@example.org",
+                "support+x@example.org",
+                "mailer-daemon@u.example",
+                "noreply@u.example",
+            ],
             "x",
         );
         let p = plan(run(&env, &inbound, None));
-        let TicketTarget::New(new) = &p.ticket else { panic!() };
+        let TicketTarget::New(new) = &p.ticket else {
+            panic!()
+        };
         assert!(new.watch_list.is_empty(), "{:?}", new.watch_list);
     }
 }

@@ -16,7 +16,9 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::compose::{self, Draft, Scrub, SendKind};
 use crate::config::Config;
-use crate::decide::{self, Decision, EntryKind, Facts, Plan, PlannedSend, TicketState, TicketTarget, TicketView};
+use crate::decide::{
+    self, Decision, EntryKind, Facts, Plan, PlannedSend, TicketState, TicketTarget, TicketView,
+};
 use crate::parse::{self, Inbound, Mailbox, ParseError};
 use crate::smtp::{Deliver, Envelope, Verdict};
 use crate::store::{self, tickets, StoreError};
@@ -57,7 +59,9 @@ impl Runtime {
         let reply_key = match &config.reply_secret_file {
             Some(path) => Some(
                 std::fs::read(path)
-                    .map_err(|e| anyhow::anyhow!("security.reply_secret_file: {}: {e}", path.display()))?
+                    .map_err(|e| {
+                        anyhow::anyhow!("security.reply_secret_file: {}: {e}", path.display())
+                    })?
                     .trim_ascii()
                     .to_vec(),
             ),
@@ -82,7 +86,11 @@ pub struct Arrival {
 impl Arrival {
     pub fn new(envelope: Envelope, raw: Vec<u8>) -> Arrival {
         let parsed = parse::parse(&raw);
-        Arrival { envelope, raw, parsed }
+        Arrival {
+            envelope,
+            raw,
+            parsed,
+        }
     }
 }
 
@@ -102,15 +110,35 @@ pub struct Outcome {
 /// # Errors
 /// Any database or composing failure: the caller rolls back and answers
 /// `451 4.3.0`.
-pub fn process(conn: &Connection, rt: &Runtime, arrival: &Arrival, now: i64) -> Result<Outcome, IntakeError> {
+pub fn process(
+    conn: &Connection,
+    rt: &Runtime,
+    arrival: &Arrival,
+    now: i64,
+) -> Result<Outcome, IntakeError> {
     let config = &rt.config;
     let env = &arrival.envelope;
     let peer = env.peer.to_string();
     let inbound = match &arrival.parsed {
         Ok(inbound) => inbound,
         Err(ParseError::Unparseable) => {
-            let raw_id = tickets::insert_raw(conn, now, Some(&peer), env.mail_from.as_deref(), &env.rcpt_to, &arrival.raw)?;
-            tickets::insert_quarantine(conn, now, "unparseable", env.mail_from.as_deref(), None, None, Some(raw_id))?;
+            let raw_id = tickets::insert_raw(
+                conn,
+                now,
+                Some(&peer),
+                env.mail_from.as_deref(),
+                &env.rcpt_to,
+                &arrival.raw,
+            )?;
+            tickets::insert_quarantine(
+                conn,
+                now,
+                "unparseable",
+                env.mail_from.as_deref(),
+                None,
+                None,
+                Some(raw_id),
+            )?;
             return Ok(Outcome {
                 verdict: Verdict::Stored,
                 ticket: None,
@@ -143,7 +171,14 @@ pub fn process(conn: &Connection, rt: &Runtime, arrival: &Arrival, now: i64) -> 
     };
     let decision = decide::decide(&facts, env, inbound, ticket.as_ref(), duplicate_of);
     let quarantine = |reason: &str| -> Result<(), IntakeError> {
-        let raw_id = tickets::insert_raw(conn, now, Some(&peer), env.mail_from.as_deref(), &env.rcpt_to, &arrival.raw)?;
+        let raw_id = tickets::insert_raw(
+            conn,
+            now,
+            Some(&peer),
+            env.mail_from.as_deref(),
+            &env.rcpt_to,
+            &arrival.raw,
+        )?;
         tickets::insert_quarantine(
             conn,
             now,
@@ -186,8 +221,25 @@ pub fn process(conn: &Connection, rt: &Runtime, arrival: &Arrival, now: i64) -> 
             })
         }
         Decision::Record(plan) => {
-            let raw_id = tickets::insert_raw(conn, now, Some(&peer), env.mail_from.as_deref(), &env.rcpt_to, &arrival.raw)?;
-            let applied = apply(conn, rt, &facts, &plan, ticket.as_ref(), inbound, &sender, Some(raw_id), now)?;
+            let raw_id = tickets::insert_raw(
+                conn,
+                now,
+                Some(&peer),
+                env.mail_from.as_deref(),
+                &env.rcpt_to,
+                &arrival.raw,
+            )?;
+            let applied = apply(
+                conn,
+                rt,
+                &facts,
+                &plan,
+                ticket.as_ref(),
+                inbound,
+                &sender,
+                Some(raw_id),
+                now,
+            )?;
             Ok(Outcome {
                 verdict: Verdict::Stored,
                 ticket: Some(applied.number),
@@ -200,11 +252,20 @@ pub fn process(conn: &Connection, rt: &Runtime, arrival: &Arrival, now: i64) -> 
 
 /// Threading: our bounce address, then the Subject's number, a `+NUMBER`
 /// tag, In-Reply-To/References, and the Message-ID a delivery report returns.
-fn find_ticket(conn: &Connection, rt: &Runtime, env: &Envelope, inbound: &Inbound) -> Result<Option<TicketView>, IntakeError> {
+fn find_ticket(
+    conn: &Connection,
+    rt: &Runtime,
+    env: &Envelope,
+    inbound: &Inbound,
+) -> Result<Option<TicketView>, IntakeError> {
     let config = &rt.config;
     let mut found = None;
     for rcpt in &env.rcpt_to {
-        if let Some(id) = crate::thread::parse_bounce_address(rcpt, &config.public_address, rt.reply_key.as_deref()) {
+        if let Some(id) = crate::thread::parse_bounce_address(
+            rcpt,
+            &config.public_address,
+            rt.reply_key.as_deref(),
+        ) {
             found = tickets::find_by_outbox_id(conn, id)?;
             if found.is_some() {
                 break;
@@ -212,7 +273,10 @@ fn find_ticket(conn: &Connection, rt: &Runtime, env: &Envelope, inbound: &Inboun
         }
     }
     if found.is_none() {
-        let crm = [config.public_address.as_str(), config.internal_address.as_str()];
+        let crm = [
+            config.public_address.as_str(),
+            config.internal_address.as_str(),
+        ];
         let c = crate::thread::candidates(
             &inbound.subject,
             &env.rcpt_to,
@@ -227,7 +291,10 @@ fn find_ticket(conn: &Connection, rt: &Runtime, env: &Envelope, inbound: &Inboun
                 break;
             }
         }
-        let returned = inbound.report.as_ref().and_then(|r| r.original_message_id.clone());
+        let returned = inbound
+            .report
+            .as_ref()
+            .and_then(|r| r.original_message_id.clone());
         if found.is_none() {
             for id in c.message_ids.iter().chain(returned.as_ref()) {
                 if let Some(t) = tickets::find_by_message_id(conn, id)? {
@@ -270,7 +337,14 @@ pub fn apply(
     let view = match &plan.ticket {
         TicketTarget::New(new) => {
             let state = plan.state.unwrap_or(TicketState::New);
-            let (id, _) = tickets::create(conn, new, state, &config.ticket_prefix, config.ticket_digits, now)?;
+            let (id, _) = tickets::create(
+                conn,
+                new,
+                state,
+                &config.ticket_prefix,
+                config.ticket_digits,
+                now,
+            )?;
             tickets::view(conn, id)?
         }
         TicketTarget::Existing(id) => {
@@ -305,7 +379,8 @@ pub fn apply(
             EntryKind::Closure => render(rt, "closure", &view, "", "")?,
             _ => entry.text.clone(),
         };
-        let stands_for_message = entry.message_id.is_some() || (entry.keeps_attachments && !attachments_kept);
+        let stands_for_message =
+            entry.message_id.is_some() || (entry.keeps_attachments && !attachments_kept);
         let id = tickets::insert_entry(
             conn,
             &tickets::EntryRow {
@@ -320,7 +395,11 @@ pub fn apply(
                 by_agent: entry.by_agent,
                 sender: stands_for_message.then_some(sender),
                 body_hash: stands_for_message.then_some(inbound.body_hash.as_str()),
-                raw_id: if matches!(entry.kind, EntryKind::Receipt | EntryKind::Closure) { None } else { raw_id },
+                raw_id: if matches!(entry.kind, EntryKind::Receipt | EntryKind::Closure) {
+                    None
+                } else {
+                    raw_id
+                },
             },
         )?;
         if entry.keeps_attachments && !attachments_kept {
@@ -351,7 +430,9 @@ pub fn apply(
         }
     }
     for send in &plan.sends {
-        if send.kind == SendKind::ReplyAllNotice && !first_notice_today(conn, view.id, &send.envelope, now)? {
+        if send.kind == SendKind::ReplyAllNotice
+            && !first_notice_today(conn, view.id, &send.envelope, now)?
+        {
             continue;
         }
         let Some(entry) = plan.entries.get(send.entry) else {
@@ -365,7 +446,11 @@ pub fn apply(
             ),
             SendKind::Receipt | SendKind::Closure => (
                 templates::subject(
-                    if send.kind == SendKind::Receipt { "receipt" } else { "closure" },
+                    if send.kind == SendKind::Receipt {
+                        "receipt"
+                    } else {
+                        "closure"
+                    },
                     config.language,
                     &view.subject,
                 ),
@@ -373,7 +458,11 @@ pub fn apply(
                 None,
             ),
             _ => (
-                if entry.subject.is_empty() { view.subject.clone() } else { entry.subject.clone() },
+                if entry.subject.is_empty() {
+                    view.subject.clone()
+                } else {
+                    entry.subject.clone()
+                },
                 entry_texts[send.entry].clone(),
                 entry.html.clone(),
             ),
@@ -390,7 +479,17 @@ pub fn apply(
             listed_attachments,
             attachments: Vec::new(),
         };
-        queue(conn, rt, facts, &view, &thread, send, content, Some(entry_ids[send.entry]), now)?;
+        queue(
+            conn,
+            rt,
+            facts,
+            &view,
+            &thread,
+            send,
+            content,
+            Some(entry_ids[send.entry]),
+            now,
+        )?;
         queued += 1;
     }
     Ok(Applied {
@@ -400,7 +499,13 @@ pub fn apply(
     })
 }
 
-fn render(rt: &Runtime, name: &str, view: &TicketView, recipients: &str, reason: &str) -> Result<String, IntakeError> {
+fn render(
+    rt: &Runtime,
+    name: &str,
+    view: &TicketView,
+    recipients: &str,
+    reason: &str,
+) -> Result<String, IntakeError> {
     let config = &rt.config;
     Ok(rt.templates.render(
         name,
@@ -417,7 +522,12 @@ fn render(rt: &Runtime, name: &str, view: &TicketView, recipients: &str, reason:
 }
 
 /// One "reply to the CRM only" notice per agent, ticket and day.
-fn first_notice_today(conn: &Connection, ticket_id: i64, agents: &[String], now: i64) -> Result<bool, IntakeError> {
+fn first_notice_today(
+    conn: &Connection,
+    ticket_id: i64,
+    agents: &[String],
+    now: i64,
+) -> Result<bool, IntakeError> {
     let day = now / 86_400;
     let mut first = false;
     for agent in agents {
@@ -431,10 +541,20 @@ fn first_notice_today(conn: &Connection, ticket_id: i64, agents: &[String], now:
 
 /// A delivery report about our mail: mark the row failed and tell the
 /// work-notes list (never for a failed notice itself: no loop of notices).
-fn apply_bounce(conn: &Connection, rt: &Runtime, view: &TicketView, bounce: &decide::Bounce, now: i64) -> Result<usize, IntakeError> {
+fn apply_bounce(
+    conn: &Connection,
+    rt: &Runtime,
+    view: &TicketView,
+    bounce: &decide::Bounce,
+    now: i64,
+) -> Result<usize, IntakeError> {
     let row: Option<(i64, String, String)> = match (bounce.outbox_id, &bounce.original_message_id) {
         (Some(id), _) => conn
-            .query_row("SELECT id, kind, recipients FROM outbox WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_row(
+                "SELECT id, kind, recipients FROM outbox WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
             .ok(),
         (None, Some(mid)) => conn
             .query_row(
@@ -449,16 +569,25 @@ fn apply_bounce(conn: &Connection, rt: &Runtime, view: &TicketView, bounce: &dec
         return Ok(0);
     };
     let failed = if bounce.failed_recipients.is_empty() {
-        serde_json::from_str::<Vec<String>>(&recipients).unwrap_or_default().join(", ")
+        serde_json::from_str::<Vec<String>>(&recipients)
+            .unwrap_or_default()
+            .join(", ")
     } else {
         bounce.failed_recipients.join(", ")
     };
-    let reason = if bounce.diagnostic.is_empty() { "delivery report".to_string() } else { bounce.diagnostic.clone() };
+    let reason = if bounce.diagnostic.is_empty() {
+        "delivery report".to_string()
+    } else {
+        bounce.diagnostic.clone()
+    };
     conn.execute(
         "UPDATE outbox SET status = 'failed', last_error = ?2 WHERE id = ?1",
         rusqlite::params![id, format!("bounced: {failed}: {reason}")],
     )?;
-    if kind == SendKind::FailureNotice.as_str() || kind == SendKind::ReplyAllNotice.as_str() || view.work_notes_list.is_empty() {
+    if kind == SendKind::FailureNotice.as_str()
+        || kind == SendKind::ReplyAllNotice.as_str()
+        || view.work_notes_list.is_empty()
+    {
         return Ok(0);
     }
     failure_notice(conn, rt, view, &failed, &reason, now)?;
@@ -469,7 +598,14 @@ fn apply_bounce(conn: &Connection, rt: &Runtime, view: &TicketView, bounce: &dec
 ///
 /// # Errors
 /// Database, template or composing failures.
-pub fn failure_notice(conn: &Connection, rt: &Runtime, view: &TicketView, failed: &str, reason: &str, now: i64) -> Result<(), IntakeError> {
+pub fn failure_notice(
+    conn: &Connection,
+    rt: &Runtime,
+    view: &TicketView,
+    failed: &str,
+    reason: &str,
+    now: i64,
+) -> Result<(), IntakeError> {
     let config = &rt.config;
     let text = render(rt, "failure", view, failed, reason)?;
     let system = Mailbox::new(Some(&config.display_name), &config.public_address);
@@ -519,7 +655,17 @@ pub fn failure_notice(conn: &Connection, rt: &Runtime, view: &TicketView, failed
         listed_attachments: Vec::new(),
         attachments: Vec::new(),
     };
-    queue(conn, rt, &facts, view, &view.thread, &send, content, Some(entry_id), now)?;
+    queue(
+        conn,
+        rt,
+        &facts,
+        view,
+        &view.thread,
+        &send,
+        content,
+        Some(entry_id),
+        now,
+    )?;
     Ok(())
 }
 
@@ -564,14 +710,20 @@ pub fn queue(
     let tail_start = visible.len().saturating_sub(10).max(1);
     references.extend(visible.iter().skip(tail_start).map(|s| s.to_string()));
     let scrub = (!send.agents_only).then(|| {
-        let mut addresses: BTreeSet<String> = config.agents.iter().map(|a| a.email.clone()).collect();
+        let mut addresses: BTreeSet<String> =
+            config.agents.iter().map(|a| a.email.clone()).collect();
         addresses.extend(facts.former_agents.iter().cloned());
         Scrub {
             addresses: addresses.into_iter().collect(),
             replacement: config.public_address.clone(),
         }
     });
-    let message_id = format!("{}.{:016x}@{}", view.number, rand::random::<u64>(), config.hostname);
+    let message_id = format!(
+        "{}.{:016x}@{}",
+        view.number,
+        rand::random::<u64>(),
+        config.hostname
+    );
     let draft = Draft {
         kind: send.kind,
         ticket_number: view.number.clone(),
@@ -593,7 +745,16 @@ pub fn queue(
         scrub,
     };
     let bytes = compose::compose(&draft)?;
-    let id = tickets::insert_outbox(conn, Some(view.id), entry_id, send.kind.as_str(), &send.envelope, &message_id, &bytes, now)?;
+    let id = tickets::insert_outbox(
+        conn,
+        Some(view.id),
+        entry_id,
+        send.kind.as_str(),
+        &send.envelope,
+        &message_id,
+        &bytes,
+        now,
+    )?;
     tickets::insert_thread_id(conn, &message_id, view.id, false, now)?;
     Ok(id)
 }
@@ -621,33 +782,39 @@ impl Writer {
     ///
     /// # Errors
     /// The thread cannot be spawned.
-    pub fn spawn(mut conn: Connection, runtime: Arc<RwLock<Arc<Runtime>>>, wake: Arc<Notify>) -> std::io::Result<Writer> {
+    pub fn spawn(
+        mut conn: Connection,
+        runtime: Arc<RwLock<Arc<Runtime>>>,
+        wake: Arc<Notify>,
+    ) -> std::io::Result<Writer> {
         let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(4 * MAX_BATCH);
-        std::thread::Builder::new().name("crmgate-writer".into()).spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
+        std::thread::Builder::new()
+            .name("crmgate-writer".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    let rt = match runtime.read() {
+                        Ok(guard) => guard.clone(),
+                        Err(poisoned) => poisoned.into_inner().clone(),
+                    };
+                    let outcomes = write_batch(&mut conn, &rt, &batch);
+                    let mut queued = 0;
+                    for (job, outcome) in batch.into_iter().zip(outcomes) {
+                        queued += outcome.queued;
+                        log_outcome(&job.arrival, &outcome);
+                        let _ = job.reply.send(outcome.verdict);
+                    }
+                    if queued > 0 {
+                        wake.notify_one();
                     }
                 }
-                let rt = match runtime.read() {
-                    Ok(guard) => guard.clone(),
-                    Err(poisoned) => poisoned.into_inner().clone(),
-                };
-                let outcomes = write_batch(&mut conn, &rt, &batch);
-                let mut queued = 0;
-                for (job, outcome) in batch.into_iter().zip(outcomes) {
-                    queued += outcome.queued;
-                    log_outcome(&job.arrival, &outcome);
-                    let _ = job.reply.send(outcome.verdict);
-                }
-                if queued > 0 {
-                    wake.notify_one();
-                }
-            }
-        })?;
+            })?;
         Ok(Writer { jobs })
     }
 
@@ -657,7 +824,8 @@ impl Writer {
         let jobs = self.jobs.clone();
         // The channel is bounded: a full queue blocks, which must not block
         // tokio's worker thread.
-        let sent = tokio::task::spawn_blocking(move || jobs.send(Job { arrival, reply }).is_ok()).await;
+        let sent =
+            tokio::task::spawn_blocking(move || jobs.send(Job { arrival, reply }).is_ok()).await;
         if !matches!(sent, Ok(true)) {
             return Verdict::TempFailure;
         }
@@ -666,7 +834,12 @@ impl Writer {
 }
 
 fn log_outcome(arrival: &Arrival, outcome: &Outcome) {
-    let message_id = arrival.parsed.as_ref().ok().and_then(|i| i.message_id.as_deref()).unwrap_or("-");
+    let message_id = arrival
+        .parsed
+        .as_ref()
+        .ok()
+        .and_then(|i| i.message_id.as_deref())
+        .unwrap_or("-");
     tracing::info!(
         ticket = outcome.ticket.as_deref().unwrap_or("-"),
         message_id,
@@ -765,7 +938,11 @@ impl Deliver for Intake {
 ///
 /// # Errors
 /// Database failures (the caller answers 75, temporary).
-pub fn deliver_once(conn: &mut Connection, rt: &Runtime, arrival: &Arrival) -> Result<Outcome, IntakeError> {
+pub fn deliver_once(
+    conn: &mut Connection,
+    rt: &Runtime,
+    arrival: &Arrival,
+) -> Result<Outcome, IntakeError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let outcome = process(&tx, rt, arrival, store::now())?;
     tx.commit()?;

@@ -40,8 +40,9 @@ pub fn plus_tag<'a>(address: &'a str, bases: &[&str]) -> Option<&'a str> {
     bases
         .iter()
         .any(|b| {
-            b.rsplit_once('@')
-                .is_some_and(|(bl, bd)| bl.eq_ignore_ascii_case(base_local) && bd.eq_ignore_ascii_case(domain))
+            b.rsplit_once('@').is_some_and(|(bl, bd)| {
+                bl.eq_ignore_ascii_case(base_local) && bd.eq_ignore_ascii_case(domain)
+            })
         })
         .then_some(tag)
 }
@@ -200,18 +201,36 @@ mod tests {
     #[test]
     fn clean_subject_drops_prefixes_and_tags() {
         let p = pattern();
-        assert_eq!(clean_subject("RE: TR: [TKT0000042] Imprimante", &p), "Imprimante");
-        assert_eq!(clean_subject("Re[2]: AW: Fwd: Imprimante en panne", &p), "Imprimante en panne");
-        assert_eq!(clean_subject("Réf. : Imprimante [TKT0000042]", &p), "Imprimante");
-        assert_eq!(clean_subject("[2] RV: SV: VS: WG: Antw: sujet", &p), "sujet");
-        assert_eq!(clean_subject("Relance du serveur", &p), "Relance du serveur");
+        assert_eq!(
+            clean_subject("RE: TR: [TKT0000042] Imprimante", &p),
+            "Imprimante"
+        );
+        assert_eq!(
+            clean_subject("Re[2]: AW: Fwd: Imprimante en panne", &p),
+            "Imprimante en panne"
+        );
+        assert_eq!(
+            clean_subject("Réf. : Imprimante [TKT0000042]", &p),
+            "Imprimante"
+        );
+        assert_eq!(
+            clean_subject("[2] RV: SV: VS: WG: Antw: sujet", &p),
+            "sujet"
+        );
+        assert_eq!(
+            clean_subject("Relance du serveur", &p),
+            "Relance du serveur"
+        );
         assert_eq!(clean_subject("", &p), "");
     }
 
     #[test]
     fn plus_tags_only_on_crm_addresses() {
         let bases = ["support@example.org", "support-notes@example.org"];
-        assert_eq!(plus_tag("support+TKT0000042@example.org", &bases), Some("TKT0000042"));
+        assert_eq!(
+            plus_tag("support+TKT0000042@example.org", &bases),
+            Some("TKT0000042")
+        );
         assert_eq!(plus_tag("SUPPORT+x@EXAMPLE.org", &bases), Some("x"));
         assert_eq!(plus_tag("other+TKT0000042@example.org", &bases), None);
         let c = candidates(
@@ -231,10 +250,19 @@ mod tests {
         let key = b"0123456789abcdef0123".as_slice();
         let a = bounce_address("support@example.org", 42, Some(key));
         assert!(a.starts_with("support+bounce-42-"));
-        assert_eq!(parse_bounce_address(&a, "support@example.org", Some(key)), Some(42));
+        assert_eq!(
+            parse_bounce_address(&a, "support@example.org", Some(key)),
+            Some(42)
+        );
         let forged = "support+bounce-43-0000000000@example.org";
-        assert_eq!(parse_bounce_address(forged, "support@example.org", Some(key)), None);
+        assert_eq!(
+            parse_bounce_address(forged, "support@example.org", Some(key)),
+            None
+        );
         let plain = bounce_address("support@example.org", 7, None);
-        assert_eq!(parse_bounce_address(&plain, "support@example.org", None), Some(7));
+        assert_eq!(
+            parse_bounce_address(&plain, "support@example.org", None),
+            Some(7)
+        );
     }
 }

@@ -31,7 +31,11 @@ struct Gateway {
 }
 
 fn config_text(dir: &std::path::Path, relay: &str, extra: &str) -> String {
-    let trusted = if extra.contains("trusted_relays") { "" } else { "trusted_relays = [\"127.0.0.0/8\"]\n" };
+    let trusted = if extra.contains("trusted_relays") {
+        ""
+    } else {
+        "trusted_relays = [\"127.0.0.0/8\"]\n"
+    };
     format!(
         r#"
 [gateway]
@@ -97,7 +101,9 @@ impl Gateway {
         self.addr = listener.local_addr().unwrap();
         self.shutdown = CancellationToken::new();
         let shutdown = self.shutdown.clone();
-        self.task = Some(tokio::spawn(crmgate::daemon::serve(config, listener, shutdown, None, false)));
+        self.task = Some(tokio::spawn(crmgate::daemon::serve(
+            config, listener, shutdown, None, false,
+        )));
     }
 
     async fn stop(&mut self) {
@@ -125,8 +131,13 @@ impl Gateway {
             }
         }
         c.cmd("DATA", "354").await;
-        c.send(&common::client::dot_stuff(message.replace('\n', "\r\n").replace("\r\r\n", "\r\n").as_bytes()))
-            .await;
+        c.send(&common::client::dot_stuff(
+            message
+                .replace('\n', "\r\n")
+                .replace("\r\r\n", "\r\n")
+                .as_bytes(),
+        ))
+        .await;
         c.send(b".\r\n").await;
         let reply = c.read_reply().await;
         c.cmd("QUIT", "221").await;
@@ -162,11 +173,19 @@ impl Gateway {
         let start = Instant::now();
         loop {
             let rows = self.json(&["outbox", "list", "--json"]);
-            let queued = rows.as_array().unwrap().iter().filter(|r| r["status"] == "queued").count();
+            let queued = rows
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["status"] == "queued")
+                .count();
             if queued == 0 {
                 return self.sink.messages();
             }
-            assert!(start.elapsed() < Duration::from_secs(15), "outbox did not drain: {rows}");
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "outbox did not drain: {rows}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -188,13 +207,20 @@ impl Gateway {
 }
 
 fn to(messages: &[Received], address: &str) -> Vec<Received> {
-    messages.iter().filter(|m| m.rcpt_to.iter().any(|r| r == address)).cloned().collect()
+    messages
+        .iter()
+        .filter(|m| m.rcpt_to.iter().any(|r| r == address))
+        .cloned()
+        .collect()
 }
 
 fn header<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     let head = text.split("\r\n\r\n").next()?;
     head.lines()
-        .find(|l| l.to_ascii_lowercase().starts_with(&format!("{}:", name.to_ascii_lowercase())))
+        .find(|l| {
+            l.to_ascii_lowercase()
+                .starts_with(&format!("{}:", name.to_ascii_lowercase()))
+        })
         .map(|l| l[name.len() + 1..].trim())
 }
 
@@ -210,17 +236,27 @@ async fn a_requester_opens_a_ticket_and_gets_a_receipt() {
     assert_eq!(t["watch_list"], serde_json::json!(["carol@u.example"]));
     assert_eq!(t["work_notes_list"], serde_json::json!([JANE, BOB]));
     assert_eq!(t["entries"][0]["kind"], "comment");
-    assert_eq!(t["entries"][0]["body"].as_str().unwrap().trim(), "Elle ne marche plus.");
+    assert_eq!(
+        t["entries"][0]["body"].as_str().unwrap().trim(),
+        "Elle ne marche plus."
+    );
 
     let sent = g.settle().await;
     let receipt = to(&sent, "alice@u.example");
     assert_eq!(receipt.len(), 1, "{sent:?}");
     let text = receipt[0].text();
-    assert!(header(&text, "Subject").unwrap().contains("[TKT0000001]"), "{text}");
+    assert!(
+        header(&text, "Subject").unwrap().contains("[TKT0000001]"),
+        "{text}"
+    );
     assert_eq!(header(&text, "Auto-Submitted"), Some("auto-replied"));
     assert_eq!(header(&text, "Precedence"), Some("bulk"));
     assert_eq!(header(&text, "X-Crmgate-Loop"), Some("crm.example.org"));
-    assert!(receipt[0].mail_from.starts_with("support+bounce-"), "{}", receipt[0].mail_from);
+    assert!(
+        receipt[0].mail_from.starts_with("support+bounce-"),
+        "{}",
+        receipt[0].mail_from
+    );
     // The agents get the comment; Carol had it in Cc.
     assert_eq!(to(&sent, JANE).len(), 1);
     assert!(to(&sent, "carol@u.example").is_empty());
@@ -253,7 +289,10 @@ async fn an_agents_comment_reaches_requesters_without_any_agent_address() {
     assert_eq!(public[0].rcpt_to, ["alice@u.example", "carol@u.example"]);
     let raw = public[0].text().to_ascii_lowercase();
     assert!(!raw.contains("jane.doe@example.org"), "{raw}");
-    assert!(!raw.contains("jane-1@example.org"), "an agent's Message-ID leaked: {raw}");
+    assert!(
+        !raw.contains("jane-1@example.org"),
+        "an agent's Message-ID leaked: {raw}"
+    );
     assert!(raw.contains("jane doe via soutien ti"), "{raw}");
     assert!(raw.contains("support@example.org"));
     // Bob gets the agent copy; Jane does not get her own mail back.
@@ -280,22 +319,40 @@ async fn a_work_note_reaches_only_the_other_agents_and_outsiders_are_refused() {
     assert_eq!(new[0].rcpt_to, [BOB]);
     assert!(header(&new[0].text(), "From").unwrap().contains(INTERNAL));
 
-    let reply = g.send("mallory@evil.example", &[INTERNAL], &note("mallory@evil.example")).await;
+    let reply = g
+        .send(
+            "mallory@evil.example",
+            &[INTERNAL],
+            &note("mallory@evil.example"),
+        )
+        .await;
     assert!(reply.starts_with("550 5.7.1"), "{reply}");
-    let kinds: Vec<Value> = g.show(&number)["entries"].as_array().unwrap().iter().map(|e| e["kind"].clone()).collect();
+    let kinds: Vec<Value> = g.show(&number)["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].clone())
+        .collect();
     assert_eq!(kinds.iter().filter(|k| *k == "work_note").count(), 1);
     g.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agents_from_from_an_untrusted_peer_cannot_write_a_work_note() {
-    let mut g = Gateway::start("trusted_relays = [\"192.0.2.0/24\"]\nauthserv_id = \"mx.example.org\"").await;
+    let mut g =
+        Gateway::start("trusted_relays = [\"192.0.2.0/24\"]\nauthserv_id = \"mx.example.org\"")
+            .await;
     let message = "From: Jane Doe <jane.doe@example.org>\nTo: support-notes@example.org\nSubject: note\n\nx\n";
     let reply = g.send(JANE, &[INTERNAL], message).await;
     assert!(reply.starts_with("550 5.7.1"), "{reply}");
     // A forged Authentication-Results of another authserv-id does not help.
-    let forged = format!("Authentication-Results: evil.example; dmarc=pass header.from=example.org\n{message}");
-    assert!(g.send(JANE, &[INTERNAL], &forged).await.starts_with("550 5.7.1"));
+    let forged = format!(
+        "Authentication-Results: evil.example; dmarc=pass header.from=example.org\n{message}"
+    );
+    assert!(g
+        .send(JANE, &[INTERNAL], &forged)
+        .await
+        .starts_with("550 5.7.1"));
     // Our own authserv-id with dmarc=pass does.
     let real = format!("Authentication-Results: mx.example.org; dkim=pass header.d=example.org; dmarc=pass header.from=example.org\n{message}");
     let reply = g.send(JANE, &[INTERNAL], &real).await;
@@ -329,7 +386,13 @@ async fn a_stranger_on_a_ticket_reaches_only_the_agents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_recipient_is_refused() {
     let mut g = Gateway::start("").await;
-    let reply = g.send("alice@u.example", &["someone@elsewhere.example"], "Subject: x\n\nx\n").await;
+    let reply = g
+        .send(
+            "alice@u.example",
+            &["someone@elsewhere.example"],
+            "Subject: x\n\nx\n",
+        )
+        .await;
     assert!(reply.starts_with("550 5.1.1"), "{reply}");
     g.stop().await;
 }
@@ -345,8 +408,14 @@ async fn reply_all_and_the_same_message_id_twice_make_one_entry_and_no_second_co
          Subject: RE: [{number}] Imprimante en panne\nMessage-ID: <reply-all@u.example>\n\nToujours en panne.\n"
     );
     // The requester's client sends once to the CRM, and the MTA delivers it twice.
-    assert!(g.send("alice@u.example", &[PUBLIC], &reply_all).await.starts_with("250"));
-    assert!(g.send("alice@u.example", &[PUBLIC], &reply_all).await.starts_with("250"));
+    assert!(g
+        .send("alice@u.example", &[PUBLIC], &reply_all)
+        .await
+        .starts_with("250"));
+    assert!(g
+        .send("alice@u.example", &[PUBLIC], &reply_all)
+        .await
+        .starts_with("250"));
     let sent = g.settle().await;
     let new = &sent[before..];
     // Carol had it in Cc and Alice sent it: only the agents get a copy, once.
@@ -373,10 +442,16 @@ async fn an_out_of_office_is_logged_and_never_answered() {
         "From: alice@u.example\nTo: support@example.org\nSubject: Automatic reply: [{number}] Imprimante\n\
          Auto-Submitted: auto-replied\nX-Auto-Response-Suppress: All\n\nJe suis absente.\n"
     );
-    assert!(g.send("alice@u.example", &[PUBLIC], &ooo).await.starts_with("250"));
+    assert!(g
+        .send("alice@u.example", &[PUBLIC], &ooo)
+        .await
+        .starts_with("250"));
     assert_eq!(g.settle().await.len(), before);
     let entries = g.show(&number)["entries"].clone();
-    assert_eq!(entries.as_array().unwrap().last().unwrap()["kind"], "system");
+    assert_eq!(
+        entries.as_array().unwrap().last().unwrap()["kind"],
+        "system"
+    );
     g.stop().await;
 }
 
@@ -392,14 +467,20 @@ async fn a_pdf_stays_on_the_ticket_and_is_only_named_in_notifications() {
          Voici le rapport.\n--b1\nContent-Type: application/pdf; name=\"rapport.pdf\"\nContent-Disposition: attachment; filename=\"rapport.pdf\"\n\
          Content-Transfer-Encoding: base64\n\nJVBERi0xLjQKJcfsj6IKMSAwIG9iago8PC9UeXBlL0NhdGFsb2c+PgplbmRvYmoKdHJhaWxlcgo8PC9Sb290IDEgMCBSPj4KJSVFT0YK\n--b1--\n"
     );
-    assert!(g.send("alice@u.example", &[PUBLIC], &message).await.starts_with("250"));
+    assert!(g
+        .send("alice@u.example", &[PUBLIC], &message)
+        .await
+        .starts_with("250"));
     let sent = g.settle().await;
     let copies = &sent[before..];
     let agent_copy = to(copies, JANE);
     assert_eq!(agent_copy.len(), 1, "{copies:?}");
     let text = agent_copy[0].text();
     assert!(text.contains("rapport.pdf"), "{text}");
-    assert!(!text.to_ascii_lowercase().contains("application/pdf"), "the PDF was attached: {text}");
+    assert!(
+        !text.to_ascii_lowercase().contains("application/pdf"),
+        "the PDF was attached: {text}"
+    );
     let entries = g.show(&number)["entries"].clone();
     let last = entries.as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["attachments"][0]["filename"], "rapport.pdf");
@@ -414,8 +495,14 @@ async fn a_reply_threads_by_in_reply_to_alone_and_survives_a_restart() {
     let number = g.open_ticket().await;
     let sent = g.settle().await;
     let receipt = to(&sent, "alice@u.example");
-    let receipt_id = header(&receipt[0].text(), "Message-ID").unwrap().trim_matches(['<', '>']).to_string();
-    assert!(receipt_id.starts_with(&format!("{number}.")), "{receipt_id}");
+    let receipt_id = header(&receipt[0].text(), "Message-ID")
+        .unwrap()
+        .trim_matches(['<', '>'])
+        .to_string();
+    assert!(
+        receipt_id.starts_with(&format!("{number}.")),
+        "{receipt_id}"
+    );
 
     g.stop().await;
     g.boot().await;
@@ -423,11 +510,20 @@ async fn a_reply_threads_by_in_reply_to_alone_and_survives_a_restart() {
     let reply = format!(
         "From: alice@u.example\nTo: support@example.org\nSubject: sans numero\nIn-Reply-To: <{receipt_id}>\n\nMerci.\n"
     );
-    assert!(g.send("alice@u.example", &[PUBLIC], &reply).await.starts_with("250"));
+    assert!(g
+        .send("alice@u.example", &[PUBLIC], &reply)
+        .await
+        .starts_with("250"));
     let list = g.json(&["ticket", "list", "--json"]);
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     let entries = g.show(&number)["entries"].clone();
-    assert_eq!(entries.as_array().unwrap().last().unwrap()["body"].as_str().unwrap().trim(), "Merci.");
+    assert_eq!(
+        entries.as_array().unwrap().last().unwrap()["body"]
+            .as_str()
+            .unwrap()
+            .trim(),
+        "Merci."
+    );
     g.stop().await;
 }
 
@@ -435,7 +531,10 @@ async fn a_reply_threads_by_in_reply_to_alone_and_survives_a_restart() {
 async fn every_corpus_message_is_accepted_and_logged() {
     let mut g = Gateway::start("").await;
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/corpus");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.retain(|p| p.extension().is_some_and(|e| e == "eml"));
     files.sort();
     assert!(files.len() >= 100, "{} fixtures", files.len());
@@ -461,19 +560,37 @@ async fn every_corpus_message_is_accepted_and_logged() {
         assert!(reply.starts_with("250"), "{}: {reply}", file.display());
     }
     c.cmd("QUIT", "221").await;
-    let tickets = g.json(&["ticket", "list", "--json"]).as_array().unwrap().len();
-    let quarantined = g.json(&["quarantine", "list", "--json"]).as_array().unwrap().len();
-    assert!(tickets > 0 && quarantined > 0, "tickets {tickets}, quarantined {quarantined}");
+    let tickets = g
+        .json(&["ticket", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .len();
+    let quarantined = g
+        .json(&["quarantine", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .len();
+    assert!(
+        tickets > 0 && quarantined > 0,
+        "tickets {tickets}, quarantined {quarantined}"
+    );
     // Every file is exactly once either an entry, a duplicate counted on
     // its first entry, or a quarantine row.
     let mut logged = 0;
     for t in g.json(&["ticket", "list", "--json"]).as_array().unwrap() {
-        for e in g.show(t["number"].as_str().unwrap())["entries"].as_array().unwrap() {
+        for e in g.show(t["number"].as_str().unwrap())["entries"]
+            .as_array()
+            .unwrap()
+        {
             if e["kind"] != "receipt" {
                 logged += 1 + e["duplicates"].as_u64().unwrap() as usize;
             }
         }
     }
-    assert_eq!(logged + quarantined, files.len(), "entries {logged} + quarantined {quarantined}");
+    assert_eq!(
+        logged + quarantined,
+        files.len(),
+        "entries {logged} + quarantined {quarantined}"
+    );
     g.stop().await;
 }

@@ -89,7 +89,9 @@ mod tests {
         let path = dir.path().join("sub/crmgate.db");
         drop(open(&path).unwrap());
         let conn = open(&path).unwrap();
-        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(mode, "wal");
     }
 }

@@ -13,13 +13,14 @@ CREATE INDEX tickets_state ON tickets (state, updated_at);
 
 -- Requesters, watch list and work-notes list of each ticket.
 CREATE TABLE participants (
+    id          INTEGER PRIMARY KEY,
     ticket_id   INTEGER NOT NULL REFERENCES tickets (id),
     role        TEXT NOT NULL CHECK (role IN ('requester', 'watch', 'notes')),
     address     TEXT NOT NULL,
     name        TEXT,
     added_at    INTEGER NOT NULL,
-    PRIMARY KEY (ticket_id, role, address)
-) WITHOUT ROWID;
+    UNIQUE (ticket_id, role, address)
+);
 CREATE INDEX participants_address ON participants (address);
 
 -- Each raw message is stored once, whatever the entries it produced.

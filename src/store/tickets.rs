@@ -8,7 +8,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use super::{Result, StoreError};
-use crate::decide::{EntryKind, NewTicket, TicketState, TicketView, ThreadRef};
+use crate::decide::{EntryKind, NewTicket, ThreadRef, TicketState, TicketView};
 use crate::parse::{Attachment, Mailbox};
 
 /// How many of a ticket's most recent Message-IDs threading headers use
@@ -26,7 +26,9 @@ pub fn find_by_number(conn: &Connection, number: &str) -> Result<Option<i64>> {
 /// The ticket a Message-ID (inbound or outbound) belongs to.
 pub fn find_by_message_id(conn: &Connection, message_id: &str) -> Result<Option<i64>> {
     Ok(conn
-        .prepare_cached("SELECT ticket_id FROM thread_ids WHERE message_id = ?1 ORDER BY seq LIMIT 1")?
+        .prepare_cached(
+            "SELECT ticket_id FROM thread_ids WHERE message_id = ?1 ORDER BY seq LIMIT 1",
+        )?
         .query_row([message_id], |r| r.get(0))
         .optional()?)
 }
@@ -43,17 +45,23 @@ pub fn find_by_outbox_id(conn: &Connection, outbox_id: i64) -> Result<Option<i64
 pub fn view(conn: &Connection, ticket_id: i64) -> Result<TicketView> {
     let (number, subject, state, owner): (String, String, String, Option<String>) = conn
         .prepare_cached("SELECT number, subject, state, owner FROM tickets WHERE id = ?1")?
-        .query_row([ticket_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .query_row([ticket_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
         .optional()?
         .ok_or_else(|| StoreError::NotFound(format!("no ticket with id {ticket_id}")))?;
     let mut requesters = Vec::new();
     let mut watch_list = Vec::new();
     let mut work_notes_list = Vec::new();
     let mut stmt = conn.prepare_cached(
-        "SELECT role, address, name FROM participants WHERE ticket_id = ?1 ORDER BY added_at, rowid",
+        "SELECT role, address, name FROM participants WHERE ticket_id = ?1 ORDER BY id",
     )?;
     let rows = stmt.query_map([ticket_id], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?))
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<String>>(2)?,
+        ))
     })?;
     for row in rows {
         let (role, address, name) = row?;
@@ -153,7 +161,11 @@ pub fn former_agents(conn: &Connection) -> Result<BTreeSet<String>> {
 /// Record the configured agents; those no longer configured become former
 /// agents and leave every work-notes list and ownership (SPEC: at the next
 /// start or reload). Returns the addresses removed this time.
-pub fn sync_agents(conn: &Connection, agents: &[crate::config::Agent], now: i64) -> Result<Vec<String>> {
+pub fn sync_agents(
+    conn: &Connection,
+    agents: &[crate::config::Agent],
+    now: i64,
+) -> Result<Vec<String>> {
     let configured: BTreeSet<&str> = agents.iter().map(|a| a.email.as_str()).collect();
     for a in agents {
         conn.execute(
@@ -167,10 +179,22 @@ pub fn sync_agents(conn: &Connection, agents: &[crate::config::Agent], now: i64)
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     let mut removed = Vec::new();
-    for address in active.into_iter().filter(|a| !configured.contains(a.as_str())) {
-        conn.execute("UPDATE known_agents SET removed_at = ?2 WHERE address = ?1", params![address, now])?;
-        conn.execute("DELETE FROM participants WHERE role = 'notes' AND address = ?1", [&address])?;
-        conn.execute("UPDATE tickets SET owner = NULL WHERE owner = ?1", [&address])?;
+    for address in active
+        .into_iter()
+        .filter(|a| !configured.contains(a.as_str()))
+    {
+        conn.execute(
+            "UPDATE known_agents SET removed_at = ?2 WHERE address = ?1",
+            params![address, now],
+        )?;
+        conn.execute(
+            "DELETE FROM participants WHERE role = 'notes' AND address = ?1",
+            [&address],
+        )?;
+        conn.execute(
+            "UPDATE tickets SET owner = NULL WHERE owner = ?1",
+            [&address],
+        )?;
         removed.push(address);
     }
     Ok(removed)
@@ -193,7 +217,14 @@ pub fn create(
         "INSERT INTO tickets (id, number, subject, state, owner, created_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
     )?
-    .execute(params![id, number, new.subject, state.as_str(), new.owner, now])?;
+    .execute(params![
+        id,
+        number,
+        new.subject,
+        state.as_str(),
+        new.owner,
+        now
+    ])?;
     for m in &new.requesters {
         add_participant(conn, id, "requester", m, now)?;
     }
@@ -210,7 +241,13 @@ pub fn create(
 }
 
 /// Add someone to a list; `true` when they were not on it yet.
-pub fn add_participant(conn: &Connection, ticket_id: i64, role: &str, who: &Mailbox, now: i64) -> Result<bool> {
+pub fn add_participant(
+    conn: &Connection,
+    ticket_id: i64,
+    role: &str,
+    who: &Mailbox,
+    now: i64,
+) -> Result<bool> {
     Ok(conn
         .prepare_cached(
             "INSERT OR IGNORE INTO participants (ticket_id, role, address, name, added_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -220,9 +257,16 @@ pub fn add_participant(conn: &Connection, ticket_id: i64, role: &str, who: &Mail
 }
 
 /// Take someone off a list; `true` when they were on it.
-pub fn remove_participant(conn: &Connection, ticket_id: i64, role: &str, address: &str) -> Result<bool> {
+pub fn remove_participant(
+    conn: &Connection,
+    ticket_id: i64,
+    role: &str,
+    address: &str,
+) -> Result<bool> {
     Ok(conn
-        .prepare_cached("DELETE FROM participants WHERE ticket_id = ?1 AND role = ?2 AND address = ?3")?
+        .prepare_cached(
+            "DELETE FROM participants WHERE ticket_id = ?1 AND role = ?2 AND address = ?3",
+        )?
         .execute(params![ticket_id, role, address])?
         > 0)
 }
@@ -310,9 +354,17 @@ pub fn insert_attachment(conn: &Connection, entry_id: i64, a: &Attachment) -> Re
 }
 
 /// Remember a Message-ID on a ticket, for threading both ways.
-pub fn insert_thread_id(conn: &Connection, message_id: &str, ticket_id: i64, agent_inbound: bool, now: i64) -> Result<()> {
-    conn.prepare_cached("INSERT INTO thread_ids (message_id, ticket_id, agent_inbound, at) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![message_id, ticket_id, agent_inbound, now])?;
+pub fn insert_thread_id(
+    conn: &Connection,
+    message_id: &str,
+    ticket_id: i64,
+    agent_inbound: bool,
+    now: i64,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO thread_ids (message_id, ticket_id, agent_inbound, at) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![message_id, ticket_id, agent_inbound, now])?;
     Ok(())
 }
 
@@ -382,13 +434,18 @@ pub struct TicketSummary {
 pub fn rfc3339(at: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(at)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
 fn addresses(conn: &Connection, ticket_id: i64, role: &str) -> Result<Vec<String>> {
     Ok(conn
-        .prepare_cached("SELECT address FROM participants WHERE ticket_id = ?1 AND role = ?2 ORDER BY added_at, rowid")?
+        .prepare_cached(
+            "SELECT address FROM participants WHERE ticket_id = ?1 AND role = ?2 ORDER BY id",
+        )?
         .query_map(params![ticket_id, role], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?)
 }
@@ -402,12 +459,27 @@ pub fn require(conn: &Connection, number: &str) -> Result<i64> {
 }
 
 pub fn info(conn: &Connection, ticket_id: i64) -> Result<TicketInfo> {
-    let (number, subject, state, owner, created_at, updated_at): (String, String, String, Option<String>, i64, i64) =
-        conn.query_row(
-            "SELECT number, subject, state, owner, created_at, updated_at FROM tickets WHERE id = ?1",
-            [ticket_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
-        )?;
+    let (number, subject, state, owner, created_at, updated_at): (
+        String,
+        String,
+        String,
+        Option<String>,
+        i64,
+        i64,
+    ) = conn.query_row(
+        "SELECT number, subject, state, owner, created_at, updated_at FROM tickets WHERE id = ?1",
+        [ticket_id],
+        |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        },
+    )?;
     let mut entries: Vec<EntryInfo> = conn
         .prepare_cached(
             "SELECT id, kind, from_addr, at, subject, body, message_id, duplicates FROM entries WHERE ticket_id = ?1 ORDER BY id",
@@ -515,7 +587,8 @@ pub fn insert_outbox(
     message: &[u8],
     now: i64,
 ) -> Result<i64> {
-    let recipients = serde_json::to_string(recipients).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    let recipients =
+        serde_json::to_string(recipients).map_err(|e| StoreError::Invalid(e.to_string()))?;
     conn.prepare_cached(
         "INSERT INTO outbox (ticket_id, entry_id, kind, recipients, message_id, message, next_attempt_at, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",

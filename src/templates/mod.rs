@@ -30,11 +30,20 @@ const BUILT_IN: [(&str, &str); 8] = [
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     #[error("auto.templates_dir: cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("auto.templates_dir: template {name}: {source}")]
-    Syntax { name: String, source: minijinja::Error },
+    Syntax {
+        name: String,
+        source: minijinja::Error,
+    },
     #[error("template {name}: {source}")]
-    Render { name: String, source: minijinja::Error },
+    Render {
+        name: String,
+        source: minijinja::Error,
+    },
 }
 
 /// What a template can use.
@@ -70,23 +79,31 @@ impl Templates {
         env.set_keep_trailing_newline(true);
         for (name, built_in) in BUILT_IN {
             let source = match dir.map(|d| d.join(name)).filter(|p| p.exists()) {
-                Some(path) => std::fs::read_to_string(&path).map_err(|source| TemplateError::Read {
-                    path: path.display().to_string(),
-                    source,
-                })?,
+                Some(path) => {
+                    std::fs::read_to_string(&path).map_err(|source| TemplateError::Read {
+                        path: path.display().to_string(),
+                        source,
+                    })?
+                }
                 None => built_in.to_string(),
             };
-            env.add_template_owned(name, source).map_err(|source| TemplateError::Syntax {
-                name: name.to_string(),
-                source,
-            })?;
+            env.add_template_owned(name, source)
+                .map_err(|source| TemplateError::Syntax {
+                    name: name.to_string(),
+                    source,
+                })?;
         }
         Ok(Templates { env })
     }
 
     /// # Errors
     /// A template that fails at render time (e.g. an unknown filter).
-    pub fn render(&self, name: &str, language: Language, context: &Context<'_>) -> Result<String, TemplateError> {
+    pub fn render(
+        &self,
+        name: &str,
+        language: Language,
+        context: &Context<'_>,
+    ) -> Result<String, TemplateError> {
         let file = format!("{name}.{}.txt", language.code());
         self.env
             .get_template(&file)
@@ -110,7 +127,11 @@ pub fn subject(name: &str, language: Language, ticket_subject: &str) -> String {
     if ticket_subject.is_empty() {
         prefix.to_string()
     } else {
-        let separator = if language == Language::Fr { " : " } else { ": " };
+        let separator = if language == Language::Fr {
+            " : "
+        } else {
+            ": "
+        };
         format!("{prefix}{separator}{ticket_subject}")
     }
 }
@@ -141,8 +162,14 @@ mod tests {
         }
         let fr = t.render("receipt", Language::Fr, &context()).unwrap();
         assert!(fr.contains("billet TKT0000042"));
-        assert_eq!(subject("closure", Language::En, "Imprimante"), "Ticket resolved: Imprimante");
-        assert_eq!(subject("closure", Language::Fr, "Imprimante"), "Billet résolu : Imprimante");
+        assert_eq!(
+            subject("closure", Language::En, "Imprimante"),
+            "Ticket resolved: Imprimante"
+        );
+        assert_eq!(
+            subject("closure", Language::Fr, "Imprimante"),
+            "Billet résolu : Imprimante"
+        );
     }
 
     #[test]
@@ -150,7 +177,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("receipt.en.txt"), "Got {{ number }}.").unwrap();
         let t = Templates::load(Some(dir.path())).unwrap();
-        assert_eq!(t.render("receipt", Language::En, &context()).unwrap(), "Got TKT0000042.");
+        assert_eq!(
+            t.render("receipt", Language::En, &context()).unwrap(),
+            "Got TKT0000042."
+        );
         std::fs::write(dir.path().join("closure.fr.txt"), "{% if %}").unwrap();
         let err = Templates::load(Some(dir.path())).unwrap_err();
         assert!(err.to_string().contains("closure.fr.txt"), "{err}");
