@@ -198,7 +198,7 @@ pub enum Decision {
     },
     /// Refused by policy: `550 5.7.1` with this sentence.
     Refuse(String),
-    Record(Plan),
+    Record(Box<Plan>),
 }
 
 /// What the rules read besides the message: configuration and history.
@@ -594,14 +594,13 @@ pub fn decide(
                 plan.join_work_notes.push(sender.address.clone());
             }
             // 9. State.
-            if agent && t.state == TicketState::New {
-                plan.state = Some(TicketState::Open);
-            } else if !agent
+            let agent_on_new = agent && t.state == TicketState::New;
+            let requester_reopens = !agent
                 && kind == EntryKind::Comment
                 && t.state == TicketState::Resolved
                 && config.reopen_on_reply
-                && contains(&t.requesters, &sender.address)
-            {
+                && contains(&t.requesters, &sender.address);
+            if agent_on_new || requester_reopens {
                 plan.state = Some(TicketState::Open);
             }
             plan_sends(facts, envelope, inbound, t, &sender, agent, &mut plan);
@@ -614,7 +613,7 @@ pub fn decide(
             plan.state = Some(TicketState::Open);
         }
     }
-    Decision::Record(plan)
+    Decision::Record(Box::new(plan))
 }
 
 fn add_agent(list: &mut Vec<String>, address: &str) {
@@ -763,9 +762,9 @@ fn plan_receipt(
     };
     // A From that the envelope does not back is how backscatter starts;
     // a believed agent's forward is the one exception.
-    if !(forwarded && agent)
-        && !crate::thread::strip_tag(mail_from).eq_ignore_ascii_case(&sender.address)
-    {
+    let backed = crate::thread::strip_tag(mail_from).eq_ignore_ascii_case(&sender.address);
+    let agent_forward = forwarded && agent;
+    if !(backed || agent_forward) {
         return;
     }
     let recipients: Vec<Mailbox> = new
@@ -823,7 +822,7 @@ fn automatic(
         return Decision::Quarantine(QuarantineReason::Automatic);
     };
     let author = sender.unwrap_or_else(|| Mailbox::new(Some("MAILER-DAEMON"), "mailer-daemon"));
-    Decision::Record(Plan {
+    Decision::Record(Box::new(Plan {
         ticket: TicketTarget::Existing(ticket.id),
         entries: vec![PlannedEntry {
             kind: EntryKind::System,
@@ -843,7 +842,7 @@ fn automatic(
         sends: Vec::new(),
         bounce,
         decision: "automatic",
-    })
+    }))
 }
 
 /// An agent publishes from the CRM (`crmgate ticket comment|work-note`):
@@ -1036,7 +1035,7 @@ default_notes_list = true
 
     fn plan(d: Decision) -> Plan {
         match d {
-            Decision::Record(p) => p,
+            Decision::Record(p) => *p,
             other => panic!("expected a plan, got {other:?}"),
         }
     }
