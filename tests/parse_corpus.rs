@@ -276,3 +276,15 @@ proptest! {
         let _ = parse(&raw);
     }
 }
+
+/// mail-parser's `full_encoding` feature (encoding_rs) decodes the East
+/// Asian charsets; without it these bodies come out as U+FFFD.
+#[test]
+fn east_asian_charsets_are_decoded() {
+    let m = parsed("125-mikel-japanese_shift_jis.eml");
+    assert!(m.text.starts_with("あいうえお\n"), "{:?}", m.text);
+    let m = parsed("133-mikel-example14.eml");
+    assert_eq!(m.subject, "Re: TEST テストテスト");
+    let m = parsed("172-phpmime-m0018.eml");
+    assert_eq!(m.attachments[0].filename, "사진.JPG");
+}
