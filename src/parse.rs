@@ -408,7 +408,14 @@ fn attachments(message: &Message<'_>) -> Vec<Attachment> {
             .unwrap_or_else(|| "application/octet-stream".to_string());
         let name = part
             .attachment_name()
-            .map(|n| unfold(n).replace(['/', '\\'], "_"))
+            .map(|n| {
+                if n.contains(char::REPLACEMENT_CHARACTER) {
+                    latin1_attachment_name(raw, part).unwrap_or_else(|| n.to_string())
+                } else {
+                    n.to_string()
+                }
+            })
+            .map(|n| unfold(&n).replace(['/', '\\'], "_"))
             .filter(|n| !n.is_empty());
         let explicit = part
             .content_disposition()
@@ -466,6 +473,18 @@ fn attachments(message: &Message<'_>) -> Vec<Attachment> {
     out
 }
 
+/// The name of an attachment whose MIME header carries raw 8-bit bytes
+/// (Outlook Express wrote `name="Résumé.doc"` in Latin-1): the part's
+/// header block re-read with the same windows-1252 fallback as the
+/// top-level one.
+fn latin1_attachment_name(raw: &[u8], part: &mail_parser::MessagePart<'_>) -> Option<String> {
+    let header = raw.get(part.offset_header as usize..part.offset_body as usize)?;
+    let repaired = repair_header_block(header);
+    let parsed = MessageParser::default().parse_headers(&repaired[..])?;
+    let name = parsed.root_part().attachment_name()?;
+    (!name.contains(char::REPLACEMENT_CHARACTER)).then(|| name.to_string())
+}
+
 /// A file extension for a generated attachment name.
 fn extension(content_type: &str) -> &'static str {
     match content_type {
@@ -491,7 +510,9 @@ fn auto_signal(headers: &[Header<'_>], is_report: bool) -> Option<AutoSignal> {
             .trim()
             .to_ascii_lowercase()
     };
-    if let Some(v) = header_texts(headers, "Auto-Submitted").find(|v| first_token(v) != "no") {
+    if let Some(v) =
+        header_texts(headers, "Auto-Submitted").find(|v| !v.is_empty() && first_token(v) != "no")
+    {
         return Some(AutoSignal::AutoSubmitted(v));
     }
     if let Some(v) = header_texts(headers, "Precedence")
@@ -806,6 +827,22 @@ mod tests {
         assert_eq!(m.attachments[0].filename, "inner.eml");
         assert_eq!(m.attachments[0].content_type, "message/rfc822");
         assert!(m.attachments[0].data.starts_with(b"X-Crmgate-Loop: inner"));
+    }
+
+    #[test]
+    fn raw_latin1_attachment_name() {
+        let mut raw = b"From: a@example.org\r\n\
+            Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n\
+            --b\r\nContent-Type: text/plain\r\n\r\nCV ci-joint\r\n\
+            --b\r\nContent-Type: application/msword; name=\"R"
+            .to_vec();
+        raw.extend_from_slice(b"\xe9sum\xe9.doc\"\r\nContent-Disposition: attachment\r\n");
+        raw.extend_from_slice(b"Content-Transfer-Encoding: base64\r\n\r\nAAEC\r\n--b--\r\n");
+        let m = parse(&raw).expect("parses");
+        assert_eq!(m.attachments.len(), 1);
+        assert_eq!(m.attachments[0].filename, "Résumé.doc");
+        assert_eq!(m.attachments[0].content_type, "application/msword");
+        assert_eq!(m.attachments[0].data, [0, 1, 2]);
     }
 
     #[test]
