@@ -440,9 +440,7 @@ fn attachments(message: &Message<'_>) -> Vec<Attachment> {
                 (filename, data)
             }
             PartType::Binary(bytes) => {
-                let filename = name.unwrap_or_else(|| {
-                    format!("attachment-{}.{}", index + 1, extension(&content_type))
-                });
+                let filename = name.unwrap_or_else(|| generated_name(index, &content_type));
                 (filename, bytes.to_vec())
             }
             PartType::InlineBinary(bytes) => match name {
@@ -451,10 +449,7 @@ fn attachments(message: &Message<'_>) -> Vec<Attachment> {
             },
             PartType::Text(t) | PartType::Html(t) => match name {
                 Some(filename) => (filename, t.as_bytes().to_vec()),
-                None if explicit => (
-                    format!("attachment-{}.{}", index + 1, extension(&content_type)),
-                    t.as_bytes().to_vec(),
-                ),
+                None if explicit => (generated_name(index, &content_type), t.as_bytes().to_vec()),
                 None => continue,
             },
             PartType::Multipart(_) => continue,
@@ -485,19 +480,30 @@ fn latin1_attachment_name(raw: &[u8], part: &mail_parser::MessagePart<'_>) -> Op
     (!name.contains(char::REPLACEMENT_CHARACTER)).then(|| name.to_string())
 }
 
-/// A file extension for a generated attachment name.
-fn extension(content_type: &str) -> &'static str {
-    match content_type {
+/// A name for an unnamed attachment: the parts of a report say what they
+/// are, anything else is numbered with an extension for its type.
+fn generated_name(index: usize, content_type: &str) -> String {
+    let extension = match content_type {
+        "message/delivery-status"
+        | "message/global-delivery-status"
+        | "message/disposition-notification"
+        | "message/feedback-report" => {
+            return format!("{}.txt", content_type.trim_start_matches("message/"));
+        }
+        "text/rfc822-headers" | "message/rfc822-headers" | "message/global-headers" => {
+            return "returned-headers.txt".to_string();
+        }
         "application/pdf" => "pdf",
         "message/rfc822" => "eml",
-        "message/delivery-status" | "text/plain" => "txt",
+        "text/plain" => "txt",
         "text/html" => "html",
         "text/calendar" => "ics",
         "image/png" => "png",
         "image/jpeg" => "jpg",
         "image/gif" => "gif",
         _ => "bin",
-    }
+    };
+    format!("attachment-{}.{extension}", index + 1)
 }
 
 /// The first signal of automatic mail (SPEC rule 4), checked in the SPEC's

@@ -158,6 +158,11 @@ fn delivery_report_failed_recipient_and_diagnostic() {
             outbox_id: None,
         })
     );
+    let names: Vec<&str> = m.attachments.iter().map(|a| a.filename.as_str()).collect();
+    assert_eq!(
+        names,
+        ["delivery-status.txt", "バウンスメールのテスト(日本語).eml"]
+    );
     // Several failed recipients in one report.
     let m = parsed("128-mikel-multi_address_bounce1.eml");
     let report = m.report.expect("a delivery report");
