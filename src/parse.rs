@@ -162,10 +162,10 @@ pub fn parse(raw: &[u8]) -> Result<Inbound, ParseError> {
     if !has_header_line(&raw) {
         return Err(ParseError::Unparseable);
     }
-    // mail-parser never panics in release builds, but a few of its internal
-    // `debug_assert!`s and offset subtractions can fire in debug builds on
-    // hostile input. A message that trips them is one we cannot read anyway:
-    // it goes to quarantine instead of taking the SMTP session down.
+    // mail-parser is written not to panic, but it holds `debug_assert!`s
+    // and unchecked offset arithmetic that debug builds check. Should hostile
+    // input ever trip one, the message is one we cannot read anyway: it goes
+    // to quarantine instead of taking the SMTP session down.
     let message = catch_unwind(AssertUnwindSafe(|| {
         MessageParser::default().parse(&raw[..])
     }))

@@ -490,4 +490,19 @@ mod tests {
         let text = "Hi\nFrom: Bob <bob@example.com>\nI cannot log in.";
         assert_eq!(inline(text, "Help"), None);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_is_scanned_without_panic(
+            lines in proptest::collection::vec(
+                "(-{0,12} ?(Forwarded Message|Message transféré)? ?-{0,12}|(From|De\u{a0}|Objet|Subject|To|Sent) ?: ?[^\n]{0,30}|_{0,12}|\\PC{0,20})",
+                0..20,
+            )
+        ) {
+            let text = lines.join("\n");
+            if let Some(f) = inline(&text, "s") {
+                proptest::prop_assert!(f.original_from.address.contains('@'));
+            }
+        }
+    }
 }
