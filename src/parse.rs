@@ -5,6 +5,11 @@
 //! need is extracted here once (decoded Subject, addresses lower-cased, text
 //! body, attachments, the signals of automatic mail, Authentication-Results,
 //! forwarded mail), so that `decide` stays a pure function of plain values.
+//!
+//! Submodules: `forward` finds a forwarded message (attached or pasted
+//! inline by the usual clients), `html` renders HTML-only mail as text,
+//! `report` reads delivery reports (RFC 3464). Parsing is lenient: only
+//! input without any header line is refused ([`ParseError::Unparseable`]).
 
 mod forward;
 mod html;
@@ -123,7 +128,8 @@ pub struct Inbound {
     pub references: Vec<String>,
     /// Unix seconds from the Date header, when it parses.
     pub date: Option<i64>,
-    /// The text body; for HTML-only mail a text rendering of the HTML.
+    /// The text body (text/plain parts joined, charset decoded, `\n` line
+    /// endings); for HTML-only mail a text rendering of the HTML.
     pub text: String,
     /// The HTML body, when there is one.
     pub html: Option<String>,
