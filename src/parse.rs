@@ -391,7 +391,15 @@ fn bodies(message: &Message<'_>) -> (String, Option<String>) {
         })
         .collect();
     let html = (!htmls.is_empty()).then(|| htmls.join("\n"));
-    (texts.join("\n"), html)
+    let mut text = texts.join("\n");
+    // Some clients send an empty text/plain alternative next to the real
+    // HTML body; the ticket log would show nothing.
+    if text.trim().is_empty() {
+        if let Some(h) = &html {
+            text = html::to_text(h);
+        }
+    }
+    (text, html)
 }
 
 /// The attachments kept on the ticket.
@@ -855,6 +863,17 @@ mod tests {
         assert_eq!(m.attachments[0].filename, "Résumé.doc");
         assert_eq!(m.attachments[0].content_type, "application/msword");
         assert_eq!(m.attachments[0].data, [0, 1, 2]);
+    }
+
+    #[test]
+    fn empty_plain_alternative_falls_back_to_the_html() {
+        let m = parse_ok(
+            "Subject: s\r\nContent-Type: multipart/alternative; boundary=a\r\n\r\n\
+             --a\r\nContent-Type: text/plain\r\n\r\n \r\n\
+             --a\r\nContent-Type: text/html\r\n\r\n<p>Bonjour&nbsp;!</p><p>Merci</p>\r\n--a--\r\n",
+        );
+        assert_eq!(m.text, "Bonjour !\nMerci");
+        assert_eq!(m.html.as_deref(), Some("<p>Bonjour&nbsp;!</p><p>Merci</p>"));
     }
 
     #[test]
