@@ -128,9 +128,9 @@ fn header_line(line: &str) -> Option<(Field, String)> {
             Field::Subject
         }
         "date" | "sent" | "envoyé" | "datum" | "gesendet" | "enviado" | "inviato" | "verzonden"
-        | "fecha" | "data" | "sent date" => Field::Date,
+        | "fecha" | "data" => Field::Date,
         "to" | "à" | "a" | "an" | "para" | "aan" | "pour" => Field::To,
-        "cc" | "kopie" | "copie" | "cc " => Field::Cc,
+        "cc" | "kopie" | "copie" => Field::Cc,
         "reply-to" | "répondre à" | "antwort an" | "importance" | "priorité" | "bcc" | "cci" => {
             Field::Other
         }
