@@ -5,6 +5,11 @@
 //! need is extracted here once (decoded Subject, addresses lower-cased, text
 //! body, attachments, the signals of automatic mail, Authentication-Results,
 //! forwarded mail), so that `decide` stays a pure function of plain values.
+//!
+//! Submodules: `forward` finds a forwarded message (attached or pasted
+//! inline by the usual clients), `html` renders HTML-only mail as text,
+//! `report` reads delivery reports (RFC 3464). Parsing is lenient: only
+//! input without any header line is refused ([`ParseError::Unparseable`]).
 
 mod forward;
 mod html;
@@ -123,7 +128,8 @@ pub struct Inbound {
     pub references: Vec<String>,
     /// Unix seconds from the Date header, when it parses.
     pub date: Option<i64>,
-    /// The text body; for HTML-only mail a text rendering of the HTML.
+    /// The text body (text/plain parts joined, charset decoded, `\n` line
+    /// endings); for HTML-only mail a text rendering of the HTML.
     pub text: String,
     /// The HTML body, when there is one.
     pub html: Option<String>,
@@ -162,10 +168,10 @@ pub fn parse(raw: &[u8]) -> Result<Inbound, ParseError> {
     if !has_header_line(&raw) {
         return Err(ParseError::Unparseable);
     }
-    // mail-parser never panics in release builds, but a few of its internal
-    // `debug_assert!`s and offset subtractions can fire in debug builds on
-    // hostile input. A message that trips them is one we cannot read anyway:
-    // it goes to quarantine instead of taking the SMTP session down.
+    // mail-parser is written not to panic, but it holds `debug_assert!`s
+    // and unchecked offset arithmetic that debug builds check. Should hostile
+    // input ever trip one, the message is one we cannot read anyway: it goes
+    // to quarantine instead of taking the SMTP session down.
     let message = catch_unwind(AssertUnwindSafe(|| {
         MessageParser::default().parse(&raw[..])
     }))
@@ -385,7 +391,15 @@ fn bodies(message: &Message<'_>) -> (String, Option<String>) {
         })
         .collect();
     let html = (!htmls.is_empty()).then(|| htmls.join("\n"));
-    (texts.join("\n"), html)
+    let mut text = texts.join("\n");
+    // Some clients send an empty text/plain alternative next to the real
+    // HTML body; the ticket log would show nothing.
+    if text.trim().is_empty() {
+        if let Some(h) = &html {
+            text = html::to_text(h);
+        }
+    }
+    (text, html)
 }
 
 /// The attachments kept on the ticket.
@@ -408,7 +422,14 @@ fn attachments(message: &Message<'_>) -> Vec<Attachment> {
             .unwrap_or_else(|| "application/octet-stream".to_string());
         let name = part
             .attachment_name()
-            .map(|n| unfold(n).replace(['/', '\\'], "_"))
+            .map(|n| {
+                if n.contains(char::REPLACEMENT_CHARACTER) {
+                    latin1_attachment_name(raw, part).unwrap_or_else(|| n.to_string())
+                } else {
+                    n.to_string()
+                }
+            })
+            .map(|n| unfold(&n).replace(['/', '\\'], "_"))
             .filter(|n| !n.is_empty());
         let explicit = part
             .content_disposition()
@@ -433,9 +454,7 @@ fn attachments(message: &Message<'_>) -> Vec<Attachment> {
                 (filename, data)
             }
             PartType::Binary(bytes) => {
-                let filename = name.unwrap_or_else(|| {
-                    format!("attachment-{}.{}", index + 1, extension(&content_type))
-                });
+                let filename = name.unwrap_or_else(|| generated_name(index, &content_type));
                 (filename, bytes.to_vec())
             }
             PartType::InlineBinary(bytes) => match name {
@@ -444,10 +463,7 @@ fn attachments(message: &Message<'_>) -> Vec<Attachment> {
             },
             PartType::Text(t) | PartType::Html(t) => match name {
                 Some(filename) => (filename, t.as_bytes().to_vec()),
-                None if explicit => (
-                    format!("attachment-{}.{}", index + 1, extension(&content_type)),
-                    t.as_bytes().to_vec(),
-                ),
+                None if explicit => (generated_name(index, &content_type), t.as_bytes().to_vec()),
                 None => continue,
             },
             PartType::Multipart(_) => continue,
@@ -466,19 +482,42 @@ fn attachments(message: &Message<'_>) -> Vec<Attachment> {
     out
 }
 
-/// A file extension for a generated attachment name.
-fn extension(content_type: &str) -> &'static str {
-    match content_type {
+/// The name of an attachment whose MIME header carries raw 8-bit bytes
+/// (Outlook Express wrote `name="Résumé.doc"` in Latin-1): the part's
+/// header block re-read with the same windows-1252 fallback as the
+/// top-level one.
+fn latin1_attachment_name(raw: &[u8], part: &mail_parser::MessagePart<'_>) -> Option<String> {
+    let header = raw.get(part.offset_header as usize..part.offset_body as usize)?;
+    let repaired = repair_header_block(header);
+    let parsed = MessageParser::default().parse_headers(&repaired[..])?;
+    let name = parsed.root_part().attachment_name()?;
+    (!name.contains(char::REPLACEMENT_CHARACTER)).then(|| name.to_string())
+}
+
+/// A name for an unnamed attachment: the parts of a report say what they
+/// are, anything else is numbered with an extension for its type.
+fn generated_name(index: usize, content_type: &str) -> String {
+    let extension = match content_type {
+        "message/delivery-status"
+        | "message/global-delivery-status"
+        | "message/disposition-notification"
+        | "message/feedback-report" => {
+            return format!("{}.txt", content_type.trim_start_matches("message/"));
+        }
+        "text/rfc822-headers" | "message/rfc822-headers" | "message/global-headers" => {
+            return "returned-headers.txt".to_string();
+        }
         "application/pdf" => "pdf",
         "message/rfc822" => "eml",
-        "message/delivery-status" | "text/plain" => "txt",
+        "text/plain" => "txt",
         "text/html" => "html",
         "text/calendar" => "ics",
         "image/png" => "png",
         "image/jpeg" => "jpg",
         "image/gif" => "gif",
         _ => "bin",
-    }
+    };
+    format!("attachment-{}.{extension}", index + 1)
 }
 
 /// The first signal of automatic mail (SPEC rule 4), checked in the SPEC's
@@ -491,7 +530,9 @@ fn auto_signal(headers: &[Header<'_>], is_report: bool) -> Option<AutoSignal> {
             .trim()
             .to_ascii_lowercase()
     };
-    if let Some(v) = header_texts(headers, "Auto-Submitted").find(|v| first_token(v) != "no") {
+    if let Some(v) =
+        header_texts(headers, "Auto-Submitted").find(|v| !v.is_empty() && first_token(v) != "no")
+    {
         return Some(AutoSignal::AutoSubmitted(v));
     }
     if let Some(v) = header_texts(headers, "Precedence")
@@ -629,4 +670,258 @@ fn body_hash(text: &str) -> String {
         .collect::<Vec<_>>()
         .join("\n");
     hex::encode(Sha256::digest(normalised.trim_end().as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_ok(raw: &str) -> Inbound {
+        match parse(raw.as_bytes()) {
+            Ok(inbound) => inbound,
+            Err(e) => panic!("should parse: {e}"),
+        }
+    }
+
+    #[test]
+    fn no_header_block_is_unparseable() {
+        assert!(matches!(parse(b""), Err(ParseError::Unparseable)));
+        assert!(matches!(parse(b"\r\n\r\n"), Err(ParseError::Unparseable)));
+        assert!(matches!(
+            parse(b"just some words\nand more\n"),
+            Err(ParseError::Unparseable)
+        ));
+        assert!(matches!(
+            parse(&[0x00, 0xff, 0x13, 0x3a, 0x80, 0x0a, 0x01]),
+            Err(ParseError::Unparseable)
+        ));
+    }
+
+    #[test]
+    fn missing_from_date_and_message_id_are_not_errors() {
+        let m = parse_ok("Subject: hello\r\n\r\nbody\r\n");
+        assert_eq!(m.from, None);
+        assert_eq!(m.date, None);
+        assert_eq!(m.message_id, None);
+        assert_eq!(m.subject, "hello");
+        assert_eq!(m.text, "body\n");
+    }
+
+    #[test]
+    fn addresses_ids_and_date() {
+        let m = parse_ok(
+            "From: \"Doe, Jane\" <Jane.Doe@Example.ORG>, other@example.org\r\n\
+             To: Team: a@example.com, B <B@example.com>;, c@example.com\r\n\
+             Cc: undisclosed-recipients:;\r\n\
+             Reply-To: Desk <desk@example.net>\r\n\
+             Message-ID: <abc@example.org>\r\n\
+             In-Reply-To: <x1@example.org>\r\n\
+             References: <x0@example.org>\r\n <x1@example.org>\r\n\
+             Date: Mon, 4 Mar 2024 10:12:00 +0100\r\n\
+             Subject: =?iso-8859-1?Q?R=E9union?=\r\n =?iso-8859-1?Q?_de_service?=\r\n\
+             \r\nHi\r\n",
+        );
+        assert_eq!(
+            m.from,
+            Some(Mailbox::new(Some("Doe, Jane"), "jane.doe@example.org"))
+        );
+        let to: Vec<&str> = m.to.iter().map(|a| a.address.as_str()).collect();
+        assert_eq!(to, ["a@example.com", "b@example.com", "c@example.com"]);
+        assert!(m.cc.is_empty());
+        assert_eq!(
+            m.reply_to,
+            vec![Mailbox::new(Some("Desk"), "desk@example.net")]
+        );
+        assert_eq!(m.message_id.as_deref(), Some("abc@example.org"));
+        assert_eq!(m.in_reply_to, ["x1@example.org"]);
+        assert_eq!(m.references, ["x0@example.org", "x1@example.org"]);
+        assert_eq!(m.date, Some(1_709_543_520));
+        assert_eq!(m.subject, "Réunion de service");
+    }
+
+    #[test]
+    fn raw_latin1_and_folded_subject() {
+        let mut raw =
+            b"From: a@example.org\r\nSubject: R\xe9union du\r\n\tcomit\xe9\r\n\r\nx\r\n".to_vec();
+        let m = parse(&raw).expect("parses");
+        assert_eq!(m.subject, "Réunion du comité");
+        // Raw UTF-8 (RFC 6532) is kept as it is.
+        raw = "Subject: Réunion\r\n\r\nx\r\n".as_bytes().to_vec();
+        assert_eq!(parse(&raw).expect("parses").subject, "Réunion");
+    }
+
+    #[test]
+    fn automatic_mail_signals() {
+        let auto = |headers: &str| parse_ok(&format!("{headers}Subject: s\r\n\r\nx\r\n")).auto;
+        assert_eq!(auto("Auto-Submitted: no\r\n"), None);
+        assert_eq!(
+            auto("Auto-Submitted: auto-replied\r\n"),
+            Some(AutoSignal::AutoSubmitted("auto-replied".into()))
+        );
+        assert_eq!(
+            auto("Precedence: List\r\n"),
+            Some(AutoSignal::Precedence("List".into()))
+        );
+        assert_eq!(auto("Precedence: first-class\r\n"), None);
+        assert_eq!(
+            auto("X-Autoreply: yes\r\n"),
+            Some(AutoSignal::Header("X-Autoreply".into()))
+        );
+        assert_eq!(
+            auto("X-Autorespond: on\r\n"),
+            Some(AutoSignal::Header("X-Autorespond".into()))
+        );
+        assert_eq!(
+            auto("X-MS-Exchange-Inbox-Rules-Loop: a@example.org\r\n"),
+            Some(AutoSignal::Header("X-MS-Exchange-Inbox-Rules-Loop".into()))
+        );
+        // Our own notifications carry `OOF, AutoReply`: not automatic.
+        assert_eq!(auto("X-Auto-Response-Suppress: OOF, AutoReply\r\n"), None);
+        assert_eq!(auto("X-Auto-Response-Suppress: Allow\r\n"), None);
+        assert_eq!(
+            auto("X-Auto-Response-Suppress: DR, all\r\n"),
+            Some(AutoSignal::Header("X-Auto-Response-Suppress".into()))
+        );
+        assert_eq!(
+            auto("List-Id: <helpdesk.example.org>\r\n"),
+            Some(AutoSignal::Header("List-Id".into()))
+        );
+        assert_eq!(
+            auto("List-Unsubscribe: <mailto:u@example.org>\r\n"),
+            Some(AutoSignal::Header("List-Unsubscribe".into()))
+        );
+        assert_eq!(
+            auto("Content-Type: multipart/report; report-type=disposition-notification; boundary=b\r\n"),
+            Some(AutoSignal::Report)
+        );
+        assert_eq!(auto(""), None);
+    }
+
+    #[test]
+    fn authentication_results_are_read_strictly() {
+        let m = parse_ok(
+            "Authentication-Results: MX.Example.ORG;\r\n\
+             \tdkim=pass header.d=Example.com header.s=sel;\r\n\
+             \tdkim=fail header.d=evil.example;\r\n\
+             \tspf=pass (dkim=pass header.d=comment.example) smtp.mailfrom=a@example.com;\r\n\
+             \tdmarc=pass header.from=example.com\r\n\
+             Authentication-Results: other.example; dkim=pass header.i=@Sub.Example.net;\r\n\
+             \tdmarc=fail; arc=none\r\n\
+             Authentication-Results: third.example; none\r\n\
+             Subject: s\r\n\r\nx\r\n",
+        );
+        assert_eq!(
+            m.auth_results,
+            vec![
+                AuthResult {
+                    authserv_id: "mx.example.org".into(),
+                    dmarc_pass: true,
+                    dkim_pass_domains: vec!["example.com".into()],
+                },
+                AuthResult {
+                    authserv_id: "other.example".into(),
+                    dmarc_pass: false,
+                    dkim_pass_domains: vec!["sub.example.net".into()],
+                },
+                AuthResult {
+                    authserv_id: "third.example".into(),
+                    ..AuthResult::default()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn loop_headers_of_an_attached_message_do_not_count() {
+        let m = parse_ok(
+            "X-Crmgate-Loop: helpdesk.example.org\r\n\
+             From: a@example.org\r\n\
+             Content-Type: multipart/mixed; boundary=\"b\"\r\n\
+             \r\n--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n\
+             --b\r\nContent-Type: message/rfc822\r\n\r\n\
+             X-Crmgate-Loop: inner.example.org\r\nFrom: c@example.com\r\nSubject: inner\r\n\r\nold\r\n\
+             --b--\r\n",
+        );
+        assert_eq!(m.loop_hosts, ["helpdesk.example.org"]);
+        assert_eq!(m.attachments.len(), 1);
+        assert_eq!(m.attachments[0].filename, "inner.eml");
+        assert_eq!(m.attachments[0].content_type, "message/rfc822");
+        assert!(m.attachments[0].data.starts_with(b"X-Crmgate-Loop: inner"));
+    }
+
+    #[test]
+    fn raw_latin1_attachment_name() {
+        let mut raw = b"From: a@example.org\r\n\
+            Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n\
+            --b\r\nContent-Type: text/plain\r\n\r\nCV ci-joint\r\n\
+            --b\r\nContent-Type: application/msword; name=\"R"
+            .to_vec();
+        raw.extend_from_slice(b"\xe9sum\xe9.doc\"\r\nContent-Disposition: attachment\r\n");
+        raw.extend_from_slice(b"Content-Transfer-Encoding: base64\r\n\r\nAAEC\r\n--b--\r\n");
+        let m = parse(&raw).expect("parses");
+        assert_eq!(m.attachments.len(), 1);
+        assert_eq!(m.attachments[0].filename, "Résumé.doc");
+        assert_eq!(m.attachments[0].content_type, "application/msword");
+        assert_eq!(m.attachments[0].data, [0, 1, 2]);
+    }
+
+    #[test]
+    fn empty_plain_alternative_falls_back_to_the_html() {
+        let m = parse_ok(
+            "Subject: s\r\nContent-Type: multipart/alternative; boundary=a\r\n\r\n\
+             --a\r\nContent-Type: text/plain\r\n\r\n \r\n\
+             --a\r\nContent-Type: text/html\r\n\r\n<p>Bonjour&nbsp;!</p><p>Merci</p>\r\n--a--\r\n",
+        );
+        assert_eq!(m.text, "Bonjour !\nMerci");
+        assert_eq!(m.html.as_deref(), Some("<p>Bonjour&nbsp;!</p><p>Merci</p>"));
+    }
+
+    #[test]
+    fn spam_flag() {
+        assert!(parse_ok("X-Spam-Flag: yes\r\n\r\nx").spam_flag);
+        assert!(parse_ok("X-Spam-Flag: YES \r\n\r\nx").spam_flag);
+        assert!(!parse_ok("X-Spam-Flag: NO\r\n\r\nx").spam_flag);
+        assert!(!parse_ok("Subject: YES\r\n\r\nx").spam_flag);
+    }
+
+    #[test]
+    fn body_hash_ignores_line_endings_and_trailing_space() {
+        let crlf = parse_ok("Subject: s\r\n\r\nHello  \r\nworld\r\n\r\n");
+        let lf = parse_ok("Subject: s\n\nHello\nworld\n");
+        let other = parse_ok("Subject: s\n\nHello\nWorld\n");
+        assert_eq!(crlf.body_hash, lf.body_hash);
+        assert_ne!(lf.body_hash, other.body_hash);
+        assert_eq!(lf.body_hash.len(), 64);
+        assert_eq!(lf.body_hash, hex::encode(Sha256::digest(b"Hello\nworld")));
+    }
+
+    #[test]
+    fn delivery_report_with_our_outbox_header() {
+        let m = parse_ok(
+            "From: MAILER-DAEMON@mx.example.net\r\n\
+             Subject: Undelivered Mail Returned to Sender\r\n\
+             Content-Type: multipart/report; report-type=delivery-status; boundary=\"r\"\r\n\
+             \r\n--r\r\nContent-Type: text/plain\r\n\r\nSorry.\r\n\
+             --r\r\nContent-Type: message/delivery-status\r\n\r\n\
+             Reporting-MTA: dns; mx.example.net\r\n\r\n\
+             Final-Recipient: rfc822; Requester@Example.com\r\n\
+             Action: failed\r\nStatus: 5.1.1\r\n\
+             Diagnostic-Code: smtp; 550 5.1.1 No such user\r\n\
+             --r\r\nContent-Type: text/rfc822-headers\r\n\r\n\
+             Message-ID: <TKT0000042.abc@helpdesk.example.org>\r\n\
+             X-Crmgate-Outbox: 42\r\nSubject: [TKT0000042] Panne\r\n\
+             --r--\r\n",
+        );
+        assert_eq!(m.auto, Some(AutoSignal::Report));
+        assert_eq!(
+            m.report,
+            Some(DeliveryReport {
+                failed_recipients: vec!["requester@example.com".into()],
+                diagnostic: "550 5.1.1 No such user".into(),
+                original_message_id: Some("TKT0000042.abc@helpdesk.example.org".into()),
+                outbox_id: Some(42),
+            })
+        );
+        assert_eq!(m.forward, None);
+    }
 }

@@ -128,9 +128,9 @@ fn header_line(line: &str) -> Option<(Field, String)> {
             Field::Subject
         }
         "date" | "sent" | "envoyé" | "datum" | "gesendet" | "enviado" | "inviato" | "verzonden"
-        | "fecha" | "data" | "sent date" => Field::Date,
+        | "fecha" | "data" => Field::Date,
         "to" | "à" | "a" | "an" | "para" | "aan" | "pour" => Field::To,
-        "cc" | "kopie" | "copie" | "cc " => Field::Cc,
+        "cc" | "kopie" | "copie" => Field::Cc,
         "reply-to" | "répondre à" | "antwort an" | "importance" | "priorité" | "bcc" | "cci" => {
             Field::Other
         }
@@ -456,6 +456,28 @@ mod tests {
     }
 
     #[test]
+    fn outlook_french_html_rendering() {
+        // What Outlook desktop puts in its HTML part, rendered to text.
+        let html = "<div class=WordSection1><p class=MsoNormal>Peux-tu voir&nbsp;?<o:p></o:p></p>\
+            <p class=MsoNormal><o:p>&nbsp;</o:p></p>\
+            <div style='border:none;border-top:solid #E1E1E1 1.0pt;padding:3.0pt 0cm 0cm 0cm'>\
+            <p class=MsoNormal><b>De&nbsp;:</b> Sophie Martin &lt;sophie.martin@example.com&gt; <br>\
+            <b>Envoy&eacute;&nbsp;:</b> lundi 4 mars 2024 10:12<br><b>&Agrave;&nbsp;:</b> Jean Agent \
+            &lt;jean.agent@example.org&gt;<br><b>Objet&nbsp;:</b> &Eacute;cran noir<o:p></o:p></p></div>\
+            <p class=MsoNormal><o:p>&nbsp;</o:p></p><p class=MsoNormal>Bonjour,<o:p></o:p></p>\
+            <p class=MsoNormal>Mon &eacute;cran reste noir.<o:p></o:p></p></div>";
+        let text = html::to_text(html);
+        let f = inline(&text, "TR: Écran noir").expect("forward in Outlook HTML");
+        assert_eq!(
+            f.original_from,
+            mailbox(Some("Sophie Martin"), "sophie.martin@example.com")
+        );
+        assert_eq!(f.original_subject, "Écran noir");
+        assert_eq!(f.agent_text, "Peux-tu voir ?");
+        assert_eq!(f.original_text, "Bonjour,\nMon écran reste noir.");
+    }
+
+    #[test]
     fn mutt_forwarded_message_from_block() {
         let text = "FYI\n\n----- Forwarded message from Ann Lee <ann@example.com> -----\n\n\
                     Date: Mon, 4 Mar 2024 10:12:00 +0100\nFrom: Ann Lee <ann@example.com>\n\
@@ -489,5 +511,20 @@ mod tests {
         assert_eq!(inline(text, "Help"), None);
         let text = "Hi\nFrom: Bob <bob@example.com>\nI cannot log in.";
         assert_eq!(inline(text, "Help"), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_is_scanned_without_panic(
+            lines in proptest::collection::vec(
+                "(-{0,12} ?(Forwarded Message|Message transféré)? ?-{0,12}|(From|De\u{a0}|Objet|Subject|To|Sent) ?: ?[^\n]{0,30}|_{0,12}|\\PC{0,20})",
+                0..20,
+            )
+        ) {
+            let text = lines.join("\n");
+            if let Some(f) = inline(&text, "s") {
+                proptest::prop_assert!(f.original_from.address.contains('@'));
+            }
+        }
     }
 }

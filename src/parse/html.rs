@@ -298,4 +298,14 @@ mod tests {
         assert_eq!(to_text("text <!-- never closed"), "text");
         assert_eq!(to_text("text <div class=\"x"), "text <div class=\"x");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_renders_without_panic(html in "(<[/!a-z]{0,6}[^>]{0,8}>?|&[#a-z0-9]{0,6};?|[^<&]{0,12}|\\PC{0,4}){0,40}") {
+            // At most one blank line in a row, no trailing whitespace.
+            let text = to_text(&html);
+            proptest::prop_assert!(!text.contains("\n\n\n"));
+            proptest::prop_assert!(!text.ends_with(char::is_whitespace));
+        }
+    }
 }
