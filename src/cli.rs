@@ -667,6 +667,7 @@ fn email(
             html: None,
             listed_attachments: Vec::new(),
             attachments: attachments.clone(),
+            written_by_agent: true,
         };
         let outbox_id = intake::queue(
             tx,
@@ -680,7 +681,10 @@ fn email(
             now,
         )?;
         tickets::touch(tx, id, now)?;
-        println!("{} e-mail queued (outbox {outbox_id})", view.number);
+        match outbox_id {
+            Some(id) => println!("{} e-mail queued (outbox {id})", view.number),
+            None => bail!("{}: nobody to send the e-mail to", view.number),
+        }
         Ok(())
     })
 }

@@ -250,6 +250,57 @@ pub fn is_robot_address(address: &str) -> bool {
         || squashed == "bounces"
 }
 
+/// Which limit an outgoing message counts against (SPEC, "Limits").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    /// Mail written by a believed agent, and the e-mail function: never capped.
+    Never,
+    /// Receipts, closures and notices: per address per hour and per day.
+    Automatic,
+    /// A re-sent copy of non-agent mail: per recipient and ticket per hour,
+    /// so two auto-responders without headers cannot ping-pong through us.
+    Resend,
+}
+
+/// The cap an outgoing message of `kind` counts against.
+pub fn cap(kind: SendKind, written_by_agent: bool) -> Cap {
+    match kind {
+        SendKind::Email => Cap::Never,
+        SendKind::Receipt
+        | SendKind::Closure
+        | SendKind::ReplyAllNotice
+        | SendKind::FailureNotice => Cap::Automatic,
+        SendKind::PublicCopy | SendKind::AgentCopy | SendKind::WorkNote | SendKind::PartnerCopy => {
+            if written_by_agent {
+                Cap::Never
+            } else {
+                Cap::Resend
+            }
+        }
+    }
+}
+
+/// Is one more message to an address within its cap, given what was
+/// already sent to it (counted by the store)?
+pub fn within_cap(config: &Config, cap: Cap, sent: SentCounts) -> bool {
+    match cap {
+        Cap::Never => true,
+        Cap::Automatic => {
+            sent.automatic_last_hour < config.max_per_address_per_hour
+                && sent.automatic_last_day < config.max_per_address_per_day
+        }
+        Cap::Resend => sent.resends_on_ticket_last_hour < config.max_resends_per_ticket_hour,
+    }
+}
+
+/// What the store counted for one address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SentCounts {
+    pub automatic_last_hour: u32,
+    pub automatic_last_day: u32,
+    pub resends_on_ticket_last_hour: u32,
+}
+
 /// Is this RCPT address one crmgate accepts? CRM addresses with or without
 /// `+tag`, and postmaster at the hostname or a CRM address's domain
 /// (RFC 5321 §4.5.1). Never a relay.

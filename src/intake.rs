@@ -478,8 +478,9 @@ pub fn apply(
             html,
             listed_attachments,
             attachments: Vec::new(),
+            written_by_agent: entry.by_agent,
         };
-        queue(
+        let queued_id = queue(
             conn,
             rt,
             facts,
@@ -490,7 +491,7 @@ pub fn apply(
             Some(entry_ids[send.entry]),
             now,
         )?;
-        queued += 1;
+        queued += usize::from(queued_id.is_some());
     }
     Ok(Applied {
         ticket_id: view.id,
@@ -654,6 +655,7 @@ pub fn failure_notice(
         html: None,
         listed_attachments: Vec::new(),
         attachments: Vec::new(),
+        written_by_agent: false,
     };
     queue(
         conn,
@@ -678,9 +680,13 @@ pub struct Content {
     pub listed_attachments: Vec<(String, u64)>,
     /// Sent along: the e-mail function only.
     pub attachments: Vec<crate::parse::Attachment>,
+    /// Written by a believed agent: never capped.
+    pub written_by_agent: bool,
 }
 
-/// Compose one planned message and put it in the outbox.
+/// Compose one planned message and put it in the outbox, less the
+/// recipients a cap holds back (each noted in a `system` entry). `None`
+/// when nobody is left to send to.
 ///
 /// # Errors
 /// Database or composing failures.
@@ -695,8 +701,58 @@ pub fn queue(
     content: Content,
     entry_id: Option<i64>,
     now: i64,
-) -> Result<i64, IntakeError> {
+) -> Result<Option<i64>, IntakeError> {
     let config = &rt.config;
+    let cap = decide::cap(send.kind, content.written_by_agent);
+    let mut envelope = Vec::with_capacity(send.envelope.len());
+    let mut held_back = Vec::new();
+    for address in &send.envelope {
+        let sent = tickets::sent_counts(conn, address, view.id, now)?;
+        if decide::within_cap(config, cap, sent) {
+            envelope.push(address.clone());
+        } else {
+            held_back.push(address.as_str());
+        }
+    }
+    if !held_back.is_empty() {
+        let system = Mailbox::new(Some(&config.display_name), &config.public_address);
+        let text = format!(
+            "{} not sent to {}: {} reached (see [auto] in the configuration).",
+            send.kind.as_str(),
+            held_back.join(", "),
+            if cap == decide::Cap::Automatic {
+                "the cap of automatic messages per address"
+            } else {
+                "the cap of re-sends per recipient and ticket"
+            },
+        );
+        tickets::insert_entry(
+            conn,
+            &tickets::EntryRow {
+                ticket_id: view.id,
+                kind: EntryKind::System,
+                from: &system,
+                at: now,
+                subject: &view.subject,
+                body: &text,
+                html: None,
+                message_id: None,
+                by_agent: false,
+                sender: None,
+                body_hash: None,
+                raw_id: None,
+            },
+        )?;
+        tracing::warn!(ticket = %view.number, kind = send.kind.as_str(), held_back = ?held_back, "cap reached");
+    }
+    if envelope.is_empty() {
+        return Ok(None);
+    }
+    if cap != decide::Cap::Never {
+        for address in &envelope {
+            tickets::record_send(conn, address, view.id, cap == decide::Cap::Automatic, now)?;
+        }
+    }
     // Mail to non-agents never threads on an agent's own Message-ID.
     let visible: Vec<&str> = thread
         .iter()
@@ -750,13 +806,13 @@ pub fn queue(
         Some(view.id),
         entry_id,
         send.kind.as_str(),
-        &send.envelope,
+        &envelope,
         &message_id,
         &bytes,
         now,
     )?;
     tickets::insert_thread_id(conn, &message_id, view.id, false, now)?;
-    Ok(id)
+    Ok(Some(id))
 }
 
 // ---------------------------------------------------------------------------

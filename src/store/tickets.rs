@@ -596,3 +596,42 @@ pub fn insert_outbox(
     .execute(params![ticket_id, entry_id, kind, recipients, message_id, message, now])?;
     Ok(conn.last_insert_rowid())
 }
+
+/// How many capped messages went to `address` lately (see `decide::within_cap`).
+pub fn sent_counts(
+    conn: &Connection,
+    address: &str,
+    ticket_id: i64,
+    now: i64,
+) -> Result<crate::decide::SentCounts> {
+    let (hour, day, resends): (u32, u32, u32) = conn
+        .prepare_cached(
+            "SELECT COALESCE(SUM(automatic = 1 AND at >= ?2), 0),
+                    COALESCE(SUM(automatic = 1), 0),
+                    COALESCE(SUM(automatic = 0 AND ticket_id = ?3 AND at >= ?2), 0)
+             FROM sends WHERE address = ?1 AND at >= ?4",
+        )?
+        .query_row(params![address, now - 3600, ticket_id, now - 86_400], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+    Ok(crate::decide::SentCounts {
+        automatic_last_hour: hour,
+        automatic_last_day: day,
+        resends_on_ticket_last_hour: resends,
+    })
+}
+
+/// Count one capped message to `address`.
+pub fn record_send(
+    conn: &Connection,
+    address: &str,
+    ticket_id: i64,
+    automatic: bool,
+    now: i64,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO sends (address, ticket_id, automatic, at) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![address, ticket_id, automatic, now])?;
+    Ok(())
+}

@@ -1,0 +1,447 @@
+//! The helpdesk's life cycle, end to end: forwards that open tickets for
+//! the requester, closure and reopening, the e-mail function and its
+//! partners, bounces, caps, the reply-all notice, `crmgate deliver`, and
+//! agents who leave.
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use common::client::Client;
+use common::gateway::*;
+use serde_json::Value;
+
+const MORE_AGENTS: &str = r#"
+[[agents]]
+name = "Jean Agent"
+email = "jean.agent@example.org"
+
+[[agents]]
+name = "John Agent"
+email = "john.agent@example.org"
+"#;
+
+fn fixture(path: &str) -> String {
+    let bytes = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(path),
+    )
+    .unwrap();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn last_entry(t: &Value) -> Value {
+    t["entries"].as_array().unwrap().last().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_from_each_client_opens_a_ticket_for_the_original_sender() {
+    let cases = [
+        (
+            "forwards/outlook-fr.eml",
+            "jean.agent@example.org",
+            "sophie.martin@example.com",
+        ),
+        ("forwards/gmail.eml", "jean.agent@example.org", ""),
+        ("forwards/gmail-de.eml", "jean.agent@example.org", ""),
+        ("forwards/outlook-en.eml", "john.agent@example.org", ""),
+        ("forwards/apple-mail.eml", "jean.agent@example.org", ""),
+        ("forwards/thunderbird.eml", "jean.agent@example.org", ""),
+        (
+            "forwards/thunderbird-fr-html.eml",
+            "jean.agent@example.org",
+            "",
+        ),
+    ];
+    let mut g = Gateway::start_with("", MORE_AGENTS).await;
+    for (i, (file, agent, expected)) in cases.iter().enumerate() {
+        let message = fixture(file);
+        let reply = g.send(agent, &[PUBLIC], &message).await;
+        assert!(reply.starts_with("250"), "{file}: {reply}");
+        let number = format!("TKT{:07}", i + 1);
+        let t = g.show(&number);
+        let requesters = t["requesters"].as_array().unwrap();
+        assert_eq!(requesters.len(), 1, "{file}: {t}");
+        let requester = requesters[0].as_str().unwrap();
+        assert_ne!(requester, *agent, "{file}");
+        if !expected.is_empty() {
+            assert_eq!(requester, *expected, "{file}");
+        }
+        let kinds: Vec<&str> = t["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds[0], "comment", "{file}: {kinds:?}");
+        assert_eq!(t["entries"][0]["from"], requester, "{file}");
+        assert!(kinds.contains(&"work_note"), "{file}: {kinds:?}");
+        assert!(kinds.contains(&"receipt"), "{file}: {kinds:?}");
+        assert!(
+            t["work_notes_list"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a == agent),
+            "{file}: {t}"
+        );
+
+        let sent = g.settle().await;
+        let to_requester = to(&sent, requester);
+        assert_eq!(
+            to_requester.len(),
+            1,
+            "{file}: the requester gets the receipt only"
+        );
+        let text = to_requester[0].text();
+        assert_eq!(
+            header(&text, "Auto-Submitted"),
+            Some("auto-replied"),
+            "{file}"
+        );
+        assert!(
+            !text.to_ascii_lowercase().contains(agent),
+            "{file}: the agent's address leaked: {text}"
+        );
+    }
+    // A subject prefix alone is no forward: the agent's own ticket, no requester.
+    let reply = g
+        .send(
+            "jean.agent@example.org",
+            &[PUBLIC],
+            &fixture("forwards/subject-prefix-only.eml"),
+        )
+        .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let t = g.show(&format!("TKT{:07}", cases.len() + 1));
+    assert_eq!(t["requesters"], serde_json::json!([]));
+    assert_eq!(t["owner"], "jean.agent@example.org");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_sends_the_closure_to_the_watch_group_and_a_reply_reopens() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    let before = g.sink.messages().len();
+    let (code, out, err) = g.cli(&["ticket", "resolve", &number, "--by", JANE]);
+    assert_eq!(code, 0, "{out}{err}");
+    let sent = g.settle().await;
+    let closure: Vec<_> = sent[before..].to_vec();
+    assert_eq!(closure.len(), 1, "{closure:?}");
+    assert_eq!(closure[0].rcpt_to, ["alice@u.example", "carol@u.example"]);
+    let text = closure[0].text();
+    assert_eq!(header(&text, "Auto-Submitted"), Some("auto-generated"));
+    assert_eq!(header(&text, "Precedence"), Some("bulk"));
+    assert!(header(&text, "Subject")
+        .unwrap()
+        .contains(&format!("[{number}]")));
+    assert_eq!(g.show(&number)["state"], "resolved");
+    // Resolving twice is an error with one line.
+    let (code, _, err) = g.cli(&["ticket", "resolve", &number]);
+    assert_eq!(code, 1);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let reply = format!("From: alice@u.example\nTo: support@example.org\nSubject: Re: [{number}] encore\n\nCa recommence.\n");
+    assert!(g
+        .send("alice@u.example", &[PUBLIC], &reply)
+        .await
+        .starts_with("250"));
+    assert_eq!(g.show(&number)["state"], "open");
+    g.cli(&["ticket", "resolve", &number]);
+    let (code, _, err) = g.cli(&["ticket", "reopen", &number, "--by", BOB]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(g.show(&number)["state"], "open");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_email_function_sends_attachments_and_a_partner_reply_reaches_only_agents() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    let before = g.sink.messages().len();
+    let a = g.dir.path().join("journal.txt");
+    let b = g.dir.path().join("capture.png");
+    std::fs::write(&a, "ligne 1\nligne 2\n").unwrap();
+    std::fs::write(&b, [0x89, b'P', b'N', b'G', 0, 1, 2, 3]).unwrap();
+    let (code, out, err) = g.cli(&[
+        "ticket",
+        "email",
+        &number,
+        "--by",
+        JANE,
+        "--to",
+        "vendor@partner.example",
+        "--subject",
+        "Pilote d'imprimante",
+        "--body",
+        "Bonjour, voyez les pièces jointes. Jane, jane.doe@example.org",
+        "--attach",
+        a.to_str().unwrap(),
+        "--attach",
+        b.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let sent = g.settle().await;
+    let mail = to(&sent[before..], "vendor@partner.example");
+    assert_eq!(mail.len(), 1);
+    let text = mail[0].text();
+    assert!(
+        text.contains("journal.txt") && text.contains("capture.png"),
+        "{text}"
+    );
+    assert!(
+        header(&text, "Auto-Submitted").is_none(),
+        "a person's mail: {text}"
+    );
+    assert!(header(&text, "Subject")
+        .unwrap()
+        .contains(&format!("[{number}]")));
+    assert!(
+        !text.to_ascii_lowercase().contains("jane.doe@example.org"),
+        "{text}"
+    );
+    let entry = last_entry(&g.show(&number));
+    assert_eq!(entry["kind"], "email");
+    assert_eq!(entry["attachments"].as_array().unwrap().len(), 2);
+
+    // The partner answers; only the agents see it.
+    let mid = header(&text, "Message-ID").unwrap().to_string();
+    let before = g.sink.messages().len();
+    let reply = format!("From: vendor@partner.example\nTo: support@example.org\nSubject: Re: pilote\nIn-Reply-To: {mid}\n\nVoici le pilote.\n");
+    assert!(g
+        .send("vendor@partner.example", &[PUBLIC], &reply)
+        .await
+        .starts_with("250"));
+    let sent = g.settle().await;
+    let new = &sent[before..];
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert_eq!(new[0].rcpt_to, [JANE, BOB]);
+    assert_eq!(last_entry(&g.show(&number))["kind"], "email");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postfix_dsn_marks_the_row_failed_and_tells_the_agents() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    let sent = g.settle().await;
+    let receipt = to(&sent, "alice@u.example").remove(0);
+    let bounce_to = receipt.mail_from.clone();
+    let original_id = header(&receipt.text(), "Message-ID").unwrap().to_string();
+    let before = sent.len();
+    let dsn = format!(
+        "From: MAILER-DAEMON@mx.u.example (Mail Delivery System)\nTo: {bounce_to}\nSubject: Undelivered Mail Returned to Sender\n\
+         Auto-Submitted: auto-replied\nMIME-Version: 1.0\n\
+         Content-Type: multipart/report; report-type=delivery-status; boundary=\"B1\"\n\n\
+         --B1\nContent-Description: Notification\nContent-Type: text/plain; charset=us-ascii\n\n\
+         This is the mail system at host mx.u.example.\n\nI'm sorry to have to inform you that your message could not\nbe delivered.\n\n\
+         --B1\nContent-Description: Delivery report\nContent-Type: message/delivery-status\n\n\
+         Reporting-MTA: dns; mx.u.example\nArrival-Date: Fri, 27 Nov 2026 10:00:00 +0000\n\n\
+         Final-Recipient: rfc822; alice@u.example\nOriginal-Recipient: rfc822;alice@u.example\nAction: failed\nStatus: 5.1.1\n\
+         Diagnostic-Code: smtp; 550 5.1.1 <alice@u.example>: Recipient address rejected: User unknown\n\n\
+         --B1\nContent-Description: Undelivered Message Headers\nContent-Type: text/rfc822-headers\n\n\
+         From: Soutien TI <support@example.org>\nTo: alice@u.example\nMessage-ID: {original_id}\nSubject: receipt\n\n--B1--\n"
+    );
+    let mut c = Client::connect(g.addr).await;
+    c.expect("220").await;
+    c.cmd("EHLO mx.u.example", "250").await;
+    c.transaction(
+        "",
+        &[&bounce_to],
+        dsn.replace('\n', "\r\n").as_bytes(),
+        "250",
+    )
+    .await;
+    let rows = g.json(&["outbox", "list", "--json"]);
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "receipt")
+        .unwrap()
+        .clone();
+    assert_eq!(row["status"], "failed", "{rows}");
+    assert!(
+        row["last_error"].as_str().unwrap().contains("User unknown"),
+        "{row}"
+    );
+    let sent = g.settle().await;
+    let notices = &sent[before..];
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert_eq!(notices[0].rcpt_to, [JANE, BOB]);
+    assert!(notices[0].text().contains("alice@u.example"));
+    let kinds: Vec<Value> = g.show(&number)["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].clone())
+        .collect();
+    assert!(
+        kinds.iter().filter(|k| *k == "system").count() >= 2,
+        "{kinds:?}"
+    );
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_responder_without_auto_headers_is_cut_off_by_the_cap() {
+    let mut g = Gateway::start_with("", "[auto]\nmax_resends_per_ticket_hour = 3\n").await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    let before = g.sink.messages().len();
+    for i in 0..6 {
+        let reply = format!(
+            "From: alice@u.example\nTo: support@example.org\nSubject: Re: [{number}] Imprimante\nMessage-ID: <auto-{i}@u.example>\n\nJe suis en vacances ({i}).\n"
+        );
+        assert!(g
+            .send("alice@u.example", &[PUBLIC], &reply)
+            .await
+            .starts_with("250"));
+    }
+    let sent = g.settle().await;
+    let new = &sent[before..];
+    assert_eq!(to(new, "carol@u.example").len(), 3, "{new:?}");
+    // Bob's count started with the agent copy of the opening mail.
+    assert_eq!(to(new, BOB).len(), 2);
+    let held: Vec<Value> = g.show(&number)["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "system" && e["body"].as_str().unwrap().contains("not sent to"))
+        .cloned()
+        .collect();
+    // One per held-back send: Bob's 4 agent copies, Carol's 3 public copies.
+    assert_eq!(held.len(), 7, "{held:?}");
+    // An agent's mail is never capped.
+    let before = g.sink.messages().len();
+    let agent = format!("From: Jane.Doe@example.org\nTo: support@example.org\nSubject: Re: [{number}] Imprimante\n\nNous regardons.\n");
+    assert!(g.send(JANE, &[PUBLIC], &agent).await.starts_with("250"));
+    let sent = g.settle().await;
+    assert_eq!(to(&sent[before..], "carol@u.example").len(), 1);
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_who_replies_to_all_gets_the_notice_once_a_day() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    let before = g.sink.messages().len();
+    for i in 0..2 {
+        let m = format!(
+            "From: Jane Doe <jane.doe@example.org>\nTo: support@example.org, alice@u.example\nSubject: RE: [{number}] Imprimante\nMessage-ID: <ra-{i}@example.org>\n\nRéponse {i}.\n"
+        );
+        assert!(g.send(JANE, &[PUBLIC], &m).await.starts_with("250"));
+    }
+    let sent = g.settle().await;
+    let to_jane = to(&sent[before..], JANE);
+    assert_eq!(to_jane.len(), 1, "{to_jane:?}");
+    assert!(to_jane[0].text().contains("CRM"), "{}", to_jane[0].text());
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_through_deliver_lands_like_one_over_smtp() {
+    let mut g = Gateway::start("").await;
+    let message = "From: Alice <alice@u.example>\nTo: support@example.org\nSubject: Par le pipe\nMessage-ID: <pipe-1@u.example>\n\nBonjour.\n";
+    let run = |args: &[&str], input: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_crmgate"))
+            .arg("--config")
+            .arg(g.config_path())
+            .arg("deliver")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(
+        &["--recipient", PUBLIC, "--sender", "alice@u.example"],
+        message,
+    );
+    assert_eq!(code, 0, "{err}");
+    let t = g.show("TKT0000001");
+    assert_eq!(t["requesters"], serde_json::json!(["alice@u.example"]));
+    assert_eq!(t["entries"][0]["message_id"], "pipe-1@u.example");
+    // The running daemon sends what the pipe queued.
+    let sent = g.settle().await;
+    assert_eq!(to(&sent, "alice@u.example").len(), 1);
+    // The same message again is a duplicate, not a second entry.
+    assert_eq!(
+        run(
+            &["--recipient", PUBLIC, "--sender", "alice@u.example"],
+            message
+        )
+        .0,
+        0
+    );
+    assert_eq!(g.show("TKT0000001")["entries"].as_array().unwrap().len(), 2);
+    // sysexits: unknown address, empty input, refused work note.
+    assert_eq!(run(&["--recipient", "nobody@example.org"], message).0, 67);
+    assert_eq!(run(&["--recipient", PUBLIC], "").0, 65);
+    let note =
+        "From: mallory@evil.example\nTo: support-notes@example.org\nSubject: [TKT0000001] x\n\nx\n";
+    assert_eq!(
+        run(
+            &["--recipient", INTERNAL, "--sender", "mallory@evil.example"],
+            note
+        )
+        .0,
+        77
+    );
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_agent_leaves_the_lists_and_stays_scrubbed() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    let (code, _, err) = g.cli(&["ticket", "assign", &number, BOB]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(g.show(&number)["owner"], BOB);
+    g.settle().await;
+    g.stop().await;
+    g.agents.retain(|(_, email)| email != BOB);
+    g.boot().await;
+    let t = g.show(&number);
+    assert_eq!(t["work_notes_list"], serde_json::json!([JANE]));
+    assert_eq!(t["owner"], Value::Null);
+    // Bob, now a former agent, is still scrubbed from what requesters get.
+    let before = g.sink.messages().len();
+    let m = format!(
+        "From: Jane Doe <jane.doe@example.org>\nTo: support@example.org\nSubject: RE: [{number}] x\n\nBob (bob.agent@example.org) est parti.\n"
+    );
+    assert!(g.send(JANE, &[PUBLIC], &m).await.starts_with("250"));
+    let sent = g.settle().await;
+    let public = to(&sent[before..], "alice@u.example");
+    assert_eq!(public.len(), 1);
+    assert!(
+        !public[0].text().to_ascii_lowercase().contains(BOB),
+        "{}",
+        public[0].text()
+    );
+    // And cannot be put back on a list.
+    let (code, _, _) = g.cli(&["notes-list", "add", &number, BOB]);
+    assert_eq!(code, 1);
+    let (code, _, _) = g.cli(&["watch", "add", &number, BOB]);
+    assert_eq!(code, 1);
+    g.stop().await;
+}
