@@ -175,19 +175,27 @@ fn push_chars(pattern: &mut String, part: &str, gap: &str) {
 /// Every way one character of an address is written in mail we have seen:
 /// itself, percent-encoded (its UTF-8 bytes), as a decimal or hexadecimal
 /// character reference, as a named entity, and for `@` and `.` the
-/// full-width look-alikes a reader takes for them.
+/// full-width look-alikes a reader takes for them. Case-insensitive
+/// matching does not reach inside encodings (`&#65;` is `A`, `&#97;` is
+/// `a`), so the encoded forms are listed for each case of a letter.
 fn char_forms(c: char) -> String {
     let mut forms = vec![regex::escape(&c.to_string())];
-    let mut utf8 = [0u8; 4];
-    let percent: String = c
-        .encode_utf8(&mut utf8)
-        .bytes()
-        .map(|b| format!("%{b:02x}"))
-        .collect();
-    forms.push(percent);
-    let code = u32::from(c);
-    forms.push(format!("&#0*{code};?"));
-    forms.push(format!("&#x0*{code:x};?"));
+    let mut cases = vec![c];
+    cases.extend(c.to_lowercase().chain(c.to_uppercase()));
+    cases.sort_unstable();
+    cases.dedup();
+    for variant in cases {
+        let mut utf8 = [0u8; 4];
+        let percent: String = variant
+            .encode_utf8(&mut utf8)
+            .bytes()
+            .map(|b| format!("%{b:02x}"))
+            .collect();
+        forms.push(percent);
+        let code = u32::from(variant);
+        forms.push(format!("&#0*{code};?"));
+        forms.push(format!("&#x0*{code:x};?"));
+    }
     match c {
         '@' => forms.extend(["&commat;".into(), "\u{FF20}".into(), "\u{FE6B}".into()]),
         '.' => forms.extend(["&period;".into(), "\u{FF0E}".into()]),
@@ -317,7 +325,10 @@ fn char_before(head: &str) -> Option<char> {
         }
     }
     if head.ends_with(';') {
-        let window = n.saturating_sub(16);
+        let mut window = n.saturating_sub(16);
+        while !head.is_char_boundary(window) {
+            window += 1;
+        }
         if let Some(amp) = head[window..].rfind('&') {
             let entity = &head[window + amp + 1..n - 1];
             if let Some(c) = decode_entity(entity) {
@@ -337,7 +348,11 @@ fn char_after(rest: &str) -> Option<(char, usize)> {
         }
     }
     if let Some(body) = rest.strip_prefix('&') {
-        if let Some(semi) = body.get(..body.len().min(16)).and_then(|w| w.find(';')) {
+        let mut window = body.len().min(16);
+        while !body.is_char_boundary(window) {
+            window -= 1;
+        }
+        if let Some(semi) = body[..window].find(';') {
             if let Some(c) = decode_entity(&body[..semi]) {
                 return Some((c, semi + 2));
             }
@@ -459,6 +474,20 @@ mod tests {
     }
 
     #[test]
+    fn replaces_entities_of_capital_letters() {
+        // Found by the property test: `&#74;` is `J`, which case-insensitive
+        // matching of `&#106;` cannot see.
+        assert_eq!(
+            scrub_html("&#74;ane.&#x44;oe%45@example.org", &jane()),
+            "&#74;ane.&#x44;oe%45@example.org"
+        );
+        assert_eq!(
+            scrub_html("&#74;ane.&#x44;o%45@example.org", &jane()),
+            "support@example.com"
+        );
+    }
+
+    #[test]
     fn replaces_mailto_href_and_keeps_markup_balanced() {
         let html = r#"<a href="mailto:Jane.Doe@example.org">jane.doe<b>@</b>example.org</a>"#;
         let out = scrub_html(html, &jane());
@@ -531,6 +560,22 @@ mod tests {
             replacement: "support@example.com".into(),
         };
         assert_eq!(scrub_text("t@example.com", &s), "support@example.com");
+    }
+
+    #[test]
+    fn regression_entity_window_inside_a_multibyte_character() {
+        // Found by the property test: looking back for an entity must not
+        // cut a full-width character in two.
+        let s = scrub(&["a@aaaaa.org"]);
+        let html = " a\u{FF20}aaaaa.org(&lt;,a&#64;aaaaa.org ";
+        assert_eq!(
+            scrub_html(html, &s),
+            " support@example.com(&lt;,support@example.com "
+        );
+        assert_eq!(
+            scrub_html("\u{FF20}\u{FF20}&#97;&#64;aaaaa.org", &s),
+            "\u{FF20}\u{FF20}support@example.com"
+        );
     }
 
     #[test]
