@@ -423,3 +423,121 @@ proptest! {
         prop_assert_eq!(scrub_html(&text, &scrub), text);
     }
 }
+
+/// Where the real mail samples are; `CRMGATE_CORPUS` overrides.
+fn corpus_dir() -> std::path::PathBuf {
+    std::env::var_os("CRMGATE_CORPUS")
+        .map(Into::into)
+        .unwrap_or_else(|| "/work/shared/corpus".into())
+}
+
+/// Every address of real mail, taken as an agent's: the worst case for the
+/// scrubber. The public copy built from each sample's subject, names, text
+/// and HTML must contain none of them.
+#[test]
+fn real_mail_scrubbed_of_every_address() {
+    let dir = corpus_dir();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        eprintln!("no corpus at {}; set CRMGATE_CORPUS", dir.display());
+        return;
+    };
+    let address = regex::Regex::new(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+        .expect("valid pattern");
+    let mut checked = 0;
+    let mut scrubbed = 0;
+    let mut paths: Vec<_> = entries.filter_map(Result::ok).map(|e| e.path()).collect();
+    paths.sort();
+    for path in paths {
+        if path.extension().is_none_or(|e| e != "eml") {
+            continue;
+        }
+        let raw = std::fs::read(&path).expect("read sample");
+        let Some(message) = MessageParser::default().parse(&raw) else {
+            continue;
+        };
+        let text = message
+            .body_text(0)
+            .map(|t| t.into_owned())
+            .unwrap_or_default();
+        let html = (message.html_body_count() > 0)
+            .then(|| message.body_html(0).map(|h| h.into_owned()))
+            .flatten();
+        let subject = message.subject().unwrap_or_default().to_string();
+        let mut to = Vec::new();
+        for list in [message.from(), message.to(), message.cc()]
+            .into_iter()
+            .flatten()
+        {
+            for a in list.iter() {
+                if let Some(addr) = a.address() {
+                    to.push(Mailbox::new(a.name(), addr));
+                }
+            }
+        }
+        let mut agents: Vec<String> = to.iter().map(|m| m.address.clone()).collect();
+        for source in [&text, html.as_deref().unwrap_or_default(), &subject] {
+            for found in address.find_iter(source) {
+                agents.push(found.as_str().trim_end_matches('.').to_lowercase());
+            }
+        }
+        agents.retain(|a| a.contains('@') && a != REPLACEMENT);
+        agents.sort();
+        agents.dedup();
+        if agents.is_empty() {
+            continue;
+        }
+        let draft = Draft {
+            kind: SendKind::PublicCopy,
+            ticket_number: "TKT0000042".into(),
+            language: Language::En,
+            from_name: "Support via Soutien TI".into(),
+            from_address: REPLACEMENT.into(),
+            to,
+            cc: vec![],
+            subject,
+            text,
+            html,
+            listed_attachments: vec![],
+            attachments: vec![],
+            message_id: "TKT0000042.1.abc@helpdesk.example".into(),
+            in_reply_to: None,
+            references: vec![],
+            date: 1_780_000_000,
+            loop_host: "helpdesk.example".into(),
+            scrub: Some(Scrub {
+                addresses: agents.clone(),
+                replacement: REPLACEMENT.into(),
+            }),
+        };
+        let out = compose(&draft).expect("compose");
+        let lower = String::from_utf8_lossy(&out).to_lowercase();
+        let parsed = MessageParser::default().parse(&out).expect("parse back");
+        let name = path.display().to_string();
+        for agent in &agents {
+            assert!(
+                !lower.contains(agent.as_str()),
+                "{agent} in raw output of {name}"
+            );
+        }
+        assert_clean(&name, parsed.subject().unwrap_or_default(), false, &agents);
+        for t in address_texts(parsed.to().expect("To")) {
+            assert_clean(&name, &t, false, &agents);
+        }
+        if let Some(t) = parsed.body_text(0) {
+            assert_clean(&name, &t, false, &agents);
+        }
+        if parsed.html_body_count() > 0 {
+            if let Some(h) = parsed.body_html(0) {
+                assert_clean(&name, &h, true, &agents);
+            }
+        }
+        checked += 1;
+        scrubbed += agents.len();
+    }
+    eprintln!("{checked} samples, {scrubbed} addresses scrubbed");
+    assert!(
+        checked >= 20,
+        "only {checked} samples with addresses in {}",
+        dir.display()
+    );
+}
