@@ -190,44 +190,113 @@ fn address_pattern(address: &str) -> String {
     pattern
 }
 
-/// The text as a reader sees it, lower-cased, with the original bytes
-/// behind each of its bytes.
+/// The text as a reader sees it, lower-cased, with the way back to the
+/// bytes of the input each part was read from.
 struct Reading {
     text: String,
-    /// For each byte of `text`, the range of the input it was read from.
-    spans: Vec<(usize, usize)>,
+    /// Where the mapping to the input changes, in order of `text` offset.
+    /// Most text is read byte for byte, so this stays short: a body of
+    /// 25 MB costs no more than the reading itself.
+    segments: Vec<Segment>,
+}
+
+/// A stretch of the reading and where it came from.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    /// Offset in the reading where the stretch starts.
+    text: usize,
+    /// Offset in the input where it starts.
+    input: usize,
+    /// Where it ends in the input, for a decoded stretch.
+    input_end: usize,
+    /// Read byte for byte (same length, maybe another case), as opposed to
+    /// decoded from an escape, a tag or a character that changes length.
+    verbatim: bool,
 }
 
 impl Reading {
     fn new(input: &str, html: bool) -> Reading {
         let mut reading = Reading {
             text: String::with_capacity(input.len()),
-            spans: Vec::with_capacity(input.len()),
+            segments: Vec::new(),
         };
+        // Once a `<` has no `>` after it, no later one has: remembering it
+        // keeps "<<<<…" linear.
+        let mut tags_closed = true;
         let mut at = 0;
         while let Some(rest) = input.get(at..).filter(|r| !r.is_empty()) {
-            let (c, used) = if html && starts_tag(rest) {
-                match rest.find('>') {
-                    Some(close) => (GAP, close + 1),
-                    None => ('<', 1),
-                }
-            } else if let Some(decoded) = percent_char(rest).or_else(|| entity_char(rest)) {
-                decoded
+            let tag_end = if html && tags_closed && starts_tag(rest) {
+                let close = rest.find('>');
+                tags_closed = close.is_some();
+                close
+            } else {
+                None
+            };
+            let (c, used, raw) = if let Some(close) = tag_end {
+                (GAP, close + 1, false)
+            } else if let Some((c, used)) = percent_char(rest).or_else(|| entity_char(rest)) {
+                (c, used, false)
             } else {
                 let c = rest.chars().next().unwrap_or(' ');
-                (c, c.len_utf8())
+                (c, c.len_utf8(), true)
             };
-            reading.push(c, at, at + used);
+            reading.push(c, at, at + used, raw);
             at += used;
         }
         reading
     }
 
-    fn push(&mut self, c: char, start: usize, end: usize) {
-        for folded in fold_char(c) {
-            self.text.push(folded);
-            self.spans
-                .extend(std::iter::repeat_n((start, end), folded.len_utf8()));
+    /// Add `c`, read from `start..end` of the input; `raw` when it was
+    /// there as itself rather than escaped or a tag.
+    fn push(&mut self, c: char, start: usize, end: usize, raw: bool) {
+        let text = self.text.len();
+        let mut folded = fold_char(c);
+        let verbatim = match (folded.next(), folded.next()) {
+            (Some(one), None) => {
+                self.text.push(one);
+                raw && one.len_utf8() == end - start
+            }
+            (first, second) => {
+                self.text
+                    .extend(first.into_iter().chain(second).chain(folded));
+                false
+            }
+        };
+        let continues = self.segments.last().is_some_and(|last| {
+            verbatim && last.verbatim && last.input + (text - last.text) == start
+        });
+        if !continues {
+            self.segments.push(Segment {
+                text,
+                input: start,
+                input_end: end,
+                verbatim,
+            });
+        }
+    }
+
+    fn segment(&self, offset: usize) -> Segment {
+        let i = self.segments.partition_point(|s| s.text <= offset);
+        self.segments[i.saturating_sub(1)]
+    }
+
+    /// Where the reading's byte `offset` starts in the input.
+    fn input_start(&self, offset: usize) -> usize {
+        let s = self.segment(offset);
+        if s.verbatim {
+            s.input + (offset - s.text)
+        } else {
+            s.input
+        }
+    }
+
+    /// Where the reading up to `end` (exclusive, > 0) ends in the input.
+    fn input_end(&self, end: usize) -> usize {
+        let s = self.segment(end - 1);
+        if s.verbatim {
+            s.input + (end - s.text)
+        } else {
+            s.input_end
         }
     }
 }
@@ -311,7 +380,12 @@ fn entity_char(rest: &str) -> Option<(char, usize)> {
         let semi = usize::from(digits[len..].starts_with(';'));
         return Some((c, skip + len + semi));
     }
-    let len = body.find(';')?;
+    // Named entities are short; looking further would make "&&&&…" quadratic.
+    let mut window = body.len().min(32);
+    while !body.is_char_boundary(window) {
+        window -= 1;
+    }
+    let len = body[..window].find(';')?;
     let c = match &body[..len] {
         "commat" => '@',
         "period" => '.',
@@ -340,8 +414,8 @@ fn replace_whole(text: &str, pattern: &Regex, replacement: &str, html: bool) -> 
     while let Some(found) = pattern.find_at(&reading.text, from) {
         let (start, end) = (found.start(), found.end());
         if is_whole_address(&reading.text, start, end) {
-            let original_start = reading.spans[start].0;
-            let original_end = reading.spans[end - 1].1;
+            let original_start = reading.input_start(start);
+            let original_end = reading.input_end(end);
             // Characters folded from one source (an entity read as two
             // letters) cannot be split by a match; never copy backwards.
             if original_start >= copied {
@@ -643,6 +717,34 @@ mod tests {
             scrub_text("jane.doe@example.org", &jane()),
             "support@example.com"
         );
+    }
+
+    #[test]
+    fn maps_back_through_case_changes_and_escapes() {
+        // `İ` lower-cases to two characters; escapes are longer than what
+        // they read as. The bytes around the match must survive intact.
+        let s = scrub(&["an@x.org"]);
+        assert_eq!(
+            scrub_text("İİ %41n&#64;x.org İ an@X.ORG é", &s),
+            "İİ support@example.com İ support@example.com é"
+        );
+        assert_eq!(
+            scrub_html("<p>İ</p><i>a</i>n@x.org<p>é", &s),
+            "<p>İ</p><i>support@example.com</i><p>é"
+        );
+    }
+
+    #[test]
+    fn unclosed_tags_and_stray_ampersands_are_read_as_text() {
+        let s = scrub(&["an@x.org"]);
+        let html = format!("{} an@x.org {}", "<a".repeat(5000), "&".repeat(5000));
+        let expected = format!(
+            "{} support@example.com {}",
+            "<a".repeat(5000),
+            "&".repeat(5000)
+        );
+        // Not assert_eq: the strings are too long to print.
+        assert!(scrub_html(&html, &s) == expected);
     }
 
     #[test]
