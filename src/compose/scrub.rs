@@ -10,20 +10,27 @@
 //! (`&#64;`, `&#x40;`, `&commat;`, every character as an entity), with
 //! invisible characters or, in HTML, tags between its characters.
 //!
+//! It does so by reading the text first as a person would (a [`Reading`]:
+//! escapes decoded, letters lower-cased, invisible characters and tags
+//! turned into a gap marker), with every character of the reading mapped
+//! back to the bytes it came from. The addresses are searched in the
+//! reading, and the bytes behind each match are replaced in the original.
+//!
 //! Only whole addresses are replaced: agent `an@x.org` is not touched inside
 //! `jan@x.org` or `an@x.org.uk`, which belong to someone else. Where a
 //! character could either continue an address or end it, the scrubber errs
 //! on the side of replacing, because a requester's mangled address costs
 //! less than an agent's leaked one.
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use regex::{Regex, RegexBuilder};
 
 use super::Scrub;
 
-/// What may sit between two characters of an address in HTML and still
-/// render as one address: tags and comments, and the invisible characters,
-/// raw or as entities.
-const HTML_GAP: &str = r"(?:<[^<>]*>|&shy;|&#0*173;?|&#x0*ad;?|&zerowidthspace;|&zwj;|&zwnj;|&#0*820[345];?|&#x0*200[bcd];?|[\u{AD}\u{200B}-\u{200D}\u{2060}\u{FEFF}])*";
+/// Stands in the reading for what a person does not see between two
+/// characters: tags, soft hyphens, zero-width spaces and joiners.
+const GAP: char = '\0';
 
 /// An address tag after `+` (`jane+helpdesk@…` is still Jane's mailbox).
 const TAG_CHARS: &str = r"[a-z0-9._=-]{0,64}";
@@ -33,19 +40,20 @@ const TAG_CHARS: &str = r"[a-z0-9._=-]{0,64}";
 /// that makes two halves of an address meet.
 const MAX_PASSES: usize = 4;
 
-/// A compiled [`Scrub`]: one pattern per address for text, one for HTML.
+/// A compiled [`Scrub`]: one pattern that finds every agent address in a
+/// [`Reading`].
 ///
-/// Compiling costs more than scanning a body, so [`super::compose`] builds
-/// one per message and uses it for every header and part.
+/// Build it once per message (or once per configuration) and use it for
+/// every header and part.
 #[derive(Debug, Clone)]
 pub struct Scrubber {
-    text_patterns: Vec<Regex>,
-    html_patterns: Vec<Regex>,
+    /// `None` when there is no address to scrub.
+    pattern: Option<Regex>,
     replacement: String,
 }
 
 impl Scrubber {
-    /// Compile the patterns for every address of `scrub`.
+    /// Compile the pattern for every address of `scrub`.
     ///
     /// Empty entries and the replacement itself are skipped (scrubbing the
     /// public address into itself would never end).
@@ -54,44 +62,51 @@ impl Scrubber {
         let mut addresses: Vec<String> = scrub
             .addresses
             .iter()
-            .map(|a| a.trim().to_lowercase())
-            .filter(|a| !a.is_empty() && *a != replacement.to_lowercase())
+            .map(|a| fold(a.trim()))
+            .filter(|a| !a.is_empty() && *a != fold(&replacement))
             .collect();
-        addresses.sort();
+        // Longest first: at one position, `an@x.org.uk` must be tried before
+        // `an@x.org`.
+        addresses.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
         addresses.dedup();
-        let text_patterns = addresses
-            .iter()
-            .filter_map(|a| compile(a, INVISIBLE_GAP))
-            .collect();
-        let html_patterns = addresses
-            .iter()
-            .filter_map(|a| compile(a, HTML_GAP))
-            .collect();
+        let pattern = if addresses.is_empty() {
+            None
+        } else {
+            let alternatives: Vec<String> = addresses.iter().map(|a| address_pattern(a)).collect();
+            compile(&alternatives.join("|"))
+        };
         Scrubber {
-            text_patterns,
-            html_patterns,
+            pattern,
             replacement,
         }
     }
 
     /// Scrub plain text: a body, a display name, a subject, a file name.
     pub fn text(&self, text: &str) -> String {
-        self.run(text, &self.text_patterns, false)
+        self.run(text, false)
     }
 
     /// Scrub HTML: like [`Scrubber::text`], and tags between the characters
-    /// of an address are kept after the replacement so the markup stays
-    /// balanced.
+    /// of an address are skipped, then kept after the replacement so the
+    /// markup stays balanced.
     pub fn html(&self, html: &str) -> String {
-        self.run(html, &self.html_patterns, true)
+        self.run(html, true)
     }
 
-    fn run(&self, input: &str, patterns: &[Regex], keep_tags: bool) -> String {
+    fn run(&self, input: &str, html: bool) -> String {
+        let Some(pattern) = &self.pattern else {
+            return input.to_string();
+        };
+        // HTML is read twice per pass: as rendered (tags are gaps, so
+        // `jane<b>@</b>x.org` is seen whole) and as source (so attribute
+        // values such as `href="mailto:…"` are seen at all).
+        let readings: &[bool] = if html { &[true, false] } else { &[false] };
         let mut current = input.to_string();
         for _ in 0..MAX_PASSES {
             let mut changed = false;
-            for pattern in patterns {
-                if let Some(next) = replace_whole(&current, pattern, &self.replacement, keep_tags) {
+            for &as_rendered in readings {
+                if let Some(next) = replace_whole(&current, pattern, &self.replacement, as_rendered)
+                {
                     current = next;
                     changed = true;
                 }
@@ -104,134 +119,328 @@ impl Scrubber {
     }
 }
 
+impl Scrubber {
+    /// The scrubber of `scrub`, compiled once and reused while the agents
+    /// do not change.
+    ///
+    /// Every outgoing message of one configuration has the same [`Scrub`],
+    /// and compiling it costs more than scrubbing a typical message (about
+    /// 60 ms for 50 agents in a release build), so the last one is kept.
+    pub fn shared(scrub: &Scrub) -> Arc<Scrubber> {
+        static LAST: Mutex<Option<(Scrub, Arc<Scrubber>)>> = Mutex::new(None);
+        // A panic elsewhere while holding the lock leaves a usable cache.
+        let mut last = LAST.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((cached, scrubber)) = last.as_ref() {
+            if cached == scrub {
+                return Arc::clone(scrubber);
+            }
+        }
+        let scrubber = Arc::new(Scrubber::new(scrub));
+        *last = Some((scrub.clone(), Arc::clone(&scrubber)));
+        scrubber
+    }
+}
+
 /// Replace every agent address in `text` with `scrub.replacement`.
 pub fn scrub_text(text: &str, scrub: &Scrub) -> String {
-    Scrubber::new(scrub).text(text)
+    Scrubber::shared(scrub).text(text)
 }
 
 /// Replace every agent address in `html` with `scrub.replacement`, including
 /// entity-encoded forms and `mailto:` hrefs.
 pub fn scrub_html(html: &str, scrub: &Scrub) -> String {
-    Scrubber::new(scrub).html(html)
+    Scrubber::shared(scrub).html(html)
 }
 
-/// What may sit between two characters of an address in plain text:
-/// characters a person does not see, which some clients and obfuscators put
-/// inside addresses (soft hyphen, zero-width space and joiners, word joiner,
-/// byte-order mark).
-const INVISIBLE_GAP: &str = r"[\u{AD}\u{200B}-\u{200D}\u{2060}\u{FEFF}]*";
-
-/// The pattern of one address in every written form, with `gap` allowed
-/// between its characters.
-///
-/// Every piece is escaped, so building only fails on an absurdly long
-/// address; then the literal form still catches the common case, and only
-/// if even that fails is the address logged and skipped.
-fn compile(address: &str, gap: &str) -> Option<Regex> {
-    let build = |pattern: &str| {
-        RegexBuilder::new(pattern)
-            .case_insensitive(true)
-            .size_limit(64 << 20)
-            .build()
-    };
-    match build(&address_pattern(address, gap)).or_else(|_| build(&regex::escape(address))) {
+/// Every piece is escaped, so building only fails on an absurd number of
+/// agents; then the error is logged and nothing can be scrubbed, which the
+/// log must make visible.
+fn compile(pattern: &str) -> Option<Regex> {
+    match RegexBuilder::new(pattern).size_limit(64 << 20).build() {
         Ok(regex) => Some(regex),
         Err(error) => {
-            tracing::error!(%address, %error, "cannot scrub this agent address");
+            tracing::error!(%error, "cannot compile the agent addresses to scrub");
             None
         }
     }
 }
 
-fn address_pattern(address: &str, gap: &str) -> String {
+/// One folded address, gaps allowed between its characters, with an
+/// optional `+tag` before the `@`.
+fn address_pattern(address: &str) -> String {
     let (local, domain) = match address.rfind('@') {
         Some(at) => (&address[..at], Some(&address[at + 1..])),
         None => (address, None),
     };
-    let mut pattern = String::new();
-    push_chars(&mut pattern, local, gap);
+    let gap = format!("{}*", regex::escape(&GAP.to_string()));
+    let spaced = |part: &str| -> String {
+        part.chars()
+            .map(|c| regex::escape(&c.to_string()))
+            .collect::<Vec<_>>()
+            .join(&gap)
+    };
+    let mut pattern = format!("(?:{}", spaced(local));
     if let Some(domain) = domain {
-        // An optional `+tag`, then `@`, then the domain.
         pattern.push_str(&format!(
-            "(?:{gap}(?:\\+|%2b|&#0*43;?|&#x0*2b;?|&plus;){TAG_CHARS})?"
+            "(?:{gap}\\+{TAG_CHARS})?{gap}@{gap}{}",
+            spaced(domain)
         ));
-        pattern.push_str(gap);
-        pattern.push_str(&char_forms('@'));
-        pattern.push_str(gap);
-        push_chars(&mut pattern, domain, gap);
     }
+    pattern.push(')');
     pattern
 }
 
-fn push_chars(pattern: &mut String, part: &str, gap: &str) {
-    for (i, c) in part.chars().enumerate() {
-        if i > 0 {
-            pattern.push_str(gap);
+/// The text as a reader sees it, lower-cased, with the way back to the
+/// bytes of the input each part was read from.
+struct Reading {
+    text: String,
+    /// Where the mapping to the input changes, in order of `text` offset.
+    /// Most text is read byte for byte, so this stays short: a body of
+    /// 25 MB costs no more than the reading itself.
+    segments: Vec<Segment>,
+}
+
+/// A stretch of the reading and where it came from.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    /// Offset in the reading where the stretch starts.
+    text: usize,
+    /// Offset in the input where it starts.
+    input: usize,
+    /// Where it ends in the input, for a decoded stretch.
+    input_end: usize,
+    /// Read byte for byte (same length, maybe another case), as opposed to
+    /// decoded from an escape, a tag or a character that changes length.
+    verbatim: bool,
+}
+
+impl Reading {
+    fn new(input: &str, html: bool) -> Reading {
+        let mut reading = Reading {
+            text: String::with_capacity(input.len()),
+            segments: Vec::new(),
+        };
+        // Once a `<` has no `>` after it, no later one has: remembering it
+        // keeps "<<<<…" linear.
+        let mut tags_closed = true;
+        let mut at = 0;
+        while let Some(rest) = input.get(at..).filter(|r| !r.is_empty()) {
+            let tag_end = if html && tags_closed && starts_tag(rest) {
+                let close = rest.find('>');
+                tags_closed = close.is_some();
+                close
+            } else {
+                None
+            };
+            let (c, used, raw) = if let Some(close) = tag_end {
+                (GAP, close + 1, false)
+            } else if let Some((c, used)) = percent_char(rest).or_else(|| entity_char(rest)) {
+                (c, used, false)
+            } else {
+                let c = rest.chars().next().unwrap_or(' ');
+                (c, c.len_utf8(), true)
+            };
+            reading.push(c, at, at + used, raw);
+            at += used;
         }
-        pattern.push_str(&char_forms(c));
+        reading
+    }
+
+    /// Add `c`, read from `start..end` of the input; `raw` when it was
+    /// there as itself rather than escaped or a tag.
+    fn push(&mut self, c: char, start: usize, end: usize, raw: bool) {
+        let text = self.text.len();
+        let mut folded = fold_char(c);
+        let verbatim = match (folded.next(), folded.next()) {
+            (Some(one), None) => {
+                self.text.push(one);
+                raw && one.len_utf8() == end - start
+            }
+            (first, second) => {
+                self.text
+                    .extend(first.into_iter().chain(second).chain(folded));
+                false
+            }
+        };
+        let continues = self.segments.last().is_some_and(|last| {
+            verbatim && last.verbatim && last.input + (text - last.text) == start
+        });
+        if !continues {
+            self.segments.push(Segment {
+                text,
+                input: start,
+                input_end: end,
+                verbatim,
+            });
+        }
+    }
+
+    fn segment(&self, offset: usize) -> Segment {
+        let i = self.segments.partition_point(|s| s.text <= offset);
+        self.segments[i.saturating_sub(1)]
+    }
+
+    /// Where the reading's byte `offset` starts in the input.
+    fn input_start(&self, offset: usize) -> usize {
+        let s = self.segment(offset);
+        if s.verbatim {
+            s.input + (offset - s.text)
+        } else {
+            s.input
+        }
+    }
+
+    /// Where the reading up to `end` (exclusive, > 0) ends in the input.
+    fn input_end(&self, end: usize) -> usize {
+        let s = self.segment(end - 1);
+        if s.verbatim {
+            s.input + (end - s.text)
+        } else {
+            s.input_end
+        }
     }
 }
 
-/// Every way one character of an address is written in mail we have seen:
-/// itself, percent-encoded (its UTF-8 bytes), as a decimal or hexadecimal
-/// character reference, as a named entity, and for `@` and `.` the
-/// full-width look-alikes a reader takes for them.
-fn char_forms(c: char) -> String {
-    let mut forms = vec![regex::escape(&c.to_string())];
-    let mut utf8 = [0u8; 4];
-    let percent: String = c
-        .encode_utf8(&mut utf8)
-        .bytes()
-        .map(|b| format!("%{b:02x}"))
-        .collect();
-    forms.push(percent);
-    let code = u32::from(c);
-    forms.push(format!("&#0*{code};?"));
-    forms.push(format!("&#x0*{code:x};?"));
-    match c {
-        '@' => forms.extend(["&commat;".into(), "\u{FF20}".into(), "\u{FE6B}".into()]),
-        '.' => forms.extend(["&period;".into(), "\u{FF0E}".into()]),
-        '_' => forms.extend(["&lowbar;".into(), "&underbar;".into()]),
-        '+' => forms.push("&plus;".into()),
-        '-' => forms.push("&#x2010;".into()),
-        _ => {}
-    }
-    format!("(?:{})", forms.join("|"))
+/// Lower-case, with the look-alikes and invisible characters folded.
+fn fold(text: &str) -> String {
+    text.chars().flat_map(fold_char).collect()
 }
 
-/// One pass of `pattern` over `text`, replacing the matches that are whole
-/// addresses. `None` when nothing was replaced.
-fn replace_whole(
-    text: &str,
-    pattern: &Regex,
-    replacement: &str,
-    keep_tags: bool,
-) -> Option<String> {
+fn fold_char(c: char) -> impl Iterator<Item = char> {
+    let c = match c {
+        '\u{AD}' | '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}' => GAP,
+        '\u{FF20}' | '\u{FE6B}' => '@',
+        '\u{FF0E}' => '.',
+        c => c,
+    };
+    c.to_lowercase()
+}
+
+/// `<` that opens a tag or a comment (not "a < b").
+fn starts_tag(rest: &str) -> bool {
+    let mut chars = rest.chars();
+    chars.next() == Some('<')
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || matches!(c, '/' | '!' | '?'))
+}
+
+/// A percent-escaped character at the start of `rest` (one to four `%XX`
+/// forming one UTF-8 character), and its length.
+fn percent_char(rest: &str) -> Option<(char, usize)> {
+    let mut bytes = Vec::with_capacity(4);
+    let mut used = 0;
+    while bytes.len() < 4 {
+        let b = rest
+            .get(used..)?
+            .strip_prefix('%')
+            .and_then(|r| r.get(..2))
+            .and_then(hex_byte);
+        match b {
+            Some(b) => {
+                bytes.push(b);
+                used += 3;
+                if let Ok(s) = std::str::from_utf8(&bytes) {
+                    return s.chars().next().map(|c| (c, used));
+                }
+            }
+            None => return None,
+        }
+    }
+    None
+}
+
+fn hex_byte(two: &str) -> Option<u8> {
+    if two.len() == 2 && two.bytes().all(|b| b.is_ascii_hexdigit()) {
+        u8::from_str_radix(two, 16).ok()
+    } else {
+        None
+    }
+}
+
+/// A character reference at the start of `rest` and its length: numeric
+/// (`&#64;`, `&#x40;`, the `;` optional as browsers allow) or one of the
+/// named entities that can sit in or around an address.
+fn entity_char(rest: &str) -> Option<(char, usize)> {
+    let body = rest.strip_prefix('&')?;
+    if let Some(number) = body.strip_prefix('#') {
+        let (digits, radix, skip) = match number.strip_prefix(['x', 'X']) {
+            Some(hex) => (hex, 16, 3),
+            None => (number, 10, 2),
+        };
+        let len = digits
+            .find(|c: char| !c.is_digit(radix))
+            .unwrap_or(digits.len())
+            .min(8);
+        if len == 0 {
+            return None;
+        }
+        let code = u32::from_str_radix(&digits[..len], radix).ok()?;
+        let c = char::from_u32(code).unwrap_or(' ');
+        let semi = usize::from(digits[len..].starts_with(';'));
+        return Some((c, skip + len + semi));
+    }
+    // Named entities are short; looking further would make "&&&&…" quadratic.
+    let mut window = body.len().min(32);
+    while !body.is_char_boundary(window) {
+        window -= 1;
+    }
+    let len = body[..window].find(';')?;
+    let c = match &body[..len] {
+        "commat" => '@',
+        "period" => '.',
+        "lowbar" | "UnderBar" => '_',
+        "plus" => '+',
+        "lt" => '<',
+        "gt" => '>',
+        "quot" => '"',
+        "apos" => '\'',
+        "amp" => '&',
+        "nbsp" => ' ',
+        "shy" | "zwj" | "zwnj" | "ZeroWidthSpace" | "NoBreak" => GAP,
+        _ => return None,
+    };
+    Some((c, len + 2))
+}
+
+/// One pass over `text`, replacing the matches that are whole addresses;
+/// `html` reads tags as gaps and keeps them. `None` when nothing was
+/// replaced.
+fn replace_whole(text: &str, pattern: &Regex, replacement: &str, html: bool) -> Option<String> {
+    let reading = Reading::new(text, html);
     let mut out = String::new();
     let mut copied = 0;
     let mut from = 0;
-    let mut changed = false;
-    while let Some(found) = pattern.find_at(text, from) {
+    while let Some(found) = pattern.find_at(&reading.text, from) {
         let (start, end) = (found.start(), found.end());
-        if is_whole_address(text, start, end) {
-            out.push_str(&text[copied..start]);
-            out.push_str(replacement);
-            if keep_tags {
-                push_tags(&mut out, found.as_str());
+        if is_whole_address(&reading.text, start, end) {
+            let original_start = reading.input_start(start);
+            let original_end = reading.input_end(end);
+            // Characters folded from one source (an entity read as two
+            // letters) cannot be split by a match; never copy backwards.
+            if original_start >= copied {
+                out.push_str(&text[copied..original_start]);
+                out.push_str(replacement);
+                if html {
+                    push_tags(&mut out, &text[original_start..original_end]);
+                }
+                copied = original_end;
             }
-            copied = end;
             from = end;
-            changed = true;
         } else {
             // Try again one character further: a shorter match may start
             // inside this one.
-            from = start + text[start..].chars().next().map_or(1, char::len_utf8);
+            from = start
+                + reading.text[start..]
+                    .chars()
+                    .next()
+                    .map_or(1, char::len_utf8);
         }
-        if from >= text.len() {
+        if from >= reading.text.len() {
             break;
         }
     }
-    if !changed {
+    if copied == 0 {
         return None;
     }
     out.push_str(&text[copied..]);
@@ -243,6 +452,10 @@ fn replace_whole(
 fn push_tags(out: &mut String, matched: &str) {
     let mut rest = matched;
     while let Some(open) = rest.find('<') {
+        if !starts_tag(&rest[open..]) {
+            rest = &rest[open + 1..];
+            continue;
+        }
         match rest[open..].find('>') {
             Some(close) => {
                 out.push_str(&rest[open..open + close + 1]);
@@ -257,13 +470,26 @@ fn push_tags(out: &mut String, matched: &str) {
 /// a local part and what follows cannot continue a domain: "…@x.org." ends
 /// a sentence and "…@x.org.pdf" names a file, but "…@x.org.uk" is another
 /// domain.
-fn is_whole_address(text: &str, start: usize, end: usize) -> bool {
-    if char_before(&text[..start]).is_some_and(continues_local_part) {
+fn is_whole_address(reading: &str, start: usize, end: usize) -> bool {
+    if reading[..start]
+        .chars()
+        .next_back()
+        .is_some_and(continues_local_part)
+    {
         return false;
     }
-    let rest = &text[end..];
-    is_whole_address_end(rest)
-        || matches!(char_after(rest), Some(('.', used)) if is_file_extension(&rest[used..]))
+    let rest = &reading[end..];
+    is_whole_address_end(rest) || rest.strip_prefix('.').is_some_and(is_file_extension)
+}
+
+/// Nothing after this point continues a domain.
+fn is_whole_address_end(rest: &str) -> bool {
+    let mut chars = rest.chars();
+    match chars.next() {
+        None => true,
+        Some('.') => !chars.next().is_some_and(continues_domain),
+        Some(c) => !continues_domain(c),
+    }
 }
 
 /// File name extensions that people append to an address
@@ -280,17 +506,7 @@ fn is_file_extension(rest: &str) -> bool {
     let label_end = rest
         .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
         .unwrap_or(rest.len());
-    let label = rest[..label_end].to_ascii_lowercase();
-    FILE_EXTENSIONS.contains(&label.as_str()) && is_whole_address_end(&rest[label_end..])
-}
-
-/// Nothing after this point continues a domain.
-fn is_whole_address_end(rest: &str) -> bool {
-    match char_after(rest) {
-        None => true,
-        Some(('.', used)) => !char_after(&rest[used..]).is_some_and(|(c, _)| continues_domain(c)),
-        Some((c, _)) => !continues_domain(c),
-    }
+    FILE_EXTENSIONS.contains(&&rest[..label_end]) && is_whole_address_end(&rest[label_end..])
 }
 
 /// Letters, digits, `.`, `_` and `-` make a longer local part
@@ -303,85 +519,6 @@ fn continues_local_part(c: char) -> bool {
 
 fn continues_domain(c: char) -> bool {
     c.is_alphanumeric() || matches!(c, '-' | '_')
-}
-
-/// The character a reader sees just before `head`'s end, decoding a
-/// trailing `%XX` or character reference. Non-ASCII percent-encoded bytes
-/// and unknown entities come out as a space (a boundary).
-fn char_before(head: &str) -> Option<char> {
-    let bytes = head.as_bytes();
-    let n = bytes.len();
-    if n >= 3 && bytes[n - 3] == b'%' {
-        if let Some(b) = hex_byte(&head[n - 2..]) {
-            return Some(ascii_or_space(b));
-        }
-    }
-    if head.ends_with(';') {
-        let window = n.saturating_sub(16);
-        if let Some(amp) = head[window..].rfind('&') {
-            let entity = &head[window + amp + 1..n - 1];
-            if let Some(c) = decode_entity(entity) {
-                return Some(c);
-            }
-        }
-    }
-    head.chars().next_back()
-}
-
-/// The character a reader sees at the start of `rest`, and how many bytes
-/// it takes there.
-fn char_after(rest: &str) -> Option<(char, usize)> {
-    if let Some(hex) = rest.strip_prefix('%').and_then(|r| r.get(..2)) {
-        if let Some(b) = hex_byte(hex) {
-            return Some((ascii_or_space(b), 3));
-        }
-    }
-    if let Some(body) = rest.strip_prefix('&') {
-        if let Some(semi) = body.get(..body.len().min(16)).and_then(|w| w.find(';')) {
-            if let Some(c) = decode_entity(&body[..semi]) {
-                return Some((c, semi + 2));
-            }
-        }
-    }
-    rest.chars().next().map(|c| (c, c.len_utf8()))
-}
-
-fn hex_byte(two: &str) -> Option<u8> {
-    if two.len() == 2 && two.bytes().all(|b| b.is_ascii_hexdigit()) {
-        u8::from_str_radix(two, 16).ok()
-    } else {
-        None
-    }
-}
-
-fn ascii_or_space(b: u8) -> char {
-    if b.is_ascii() {
-        char::from(b)
-    } else {
-        ' '
-    }
-}
-
-/// The character of an entity name without `&` and `;`: numeric references
-/// and the few named ones that can sit inside an address. Any other entity
-/// (`lt`, `nbsp`, `quot`…) reads as a space.
-fn decode_entity(name: &str) -> Option<char> {
-    if let Some(num) = name.strip_prefix('#') {
-        let code = match num.strip_prefix(['x', 'X']) {
-            Some(hex) => u32::from_str_radix(hex, 16).ok()?,
-            None => num.parse::<u32>().ok()?,
-        };
-        return char::from_u32(code);
-    }
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric()) {
-        return None;
-    }
-    Some(match name.to_ascii_lowercase().as_str() {
-        "period" => '.',
-        "lowbar" | "underbar" => '_',
-        "commat" => '@',
-        _ => ' ',
-    })
 }
 
 #[cfg(test)]
@@ -459,6 +596,20 @@ mod tests {
     }
 
     #[test]
+    fn replaces_entities_of_capital_letters() {
+        // Found by the property test: `&#74;` is `J`, which case-insensitive
+        // matching of `&#106;` cannot see.
+        assert_eq!(
+            scrub_html("&#74;ane.&#x44;oe%45@example.org", &jane()),
+            "&#74;ane.&#x44;oe%45@example.org"
+        );
+        assert_eq!(
+            scrub_html("&#74;ane.&#x44;o%45@example.org", &jane()),
+            "support@example.com"
+        );
+    }
+
+    #[test]
     fn replaces_mailto_href_and_keeps_markup_balanced() {
         let html = r#"<a href="mailto:Jane.Doe@example.org">jane.doe<b>@</b>example.org</a>"#;
         let out = scrub_html(html, &jane());
@@ -531,6 +682,69 @@ mod tests {
             replacement: "support@example.com".into(),
         };
         assert_eq!(scrub_text("t@example.com", &s), "support@example.com");
+    }
+
+    #[test]
+    fn regression_entity_window_inside_a_multibyte_character() {
+        // Found by the property test: looking back for an entity must not
+        // cut a full-width character in two.
+        let s = scrub(&["a@aaaaa.org"]);
+        let html = " a\u{FF20}aaaaa.org(&lt;,a&#64;aaaaa.org ";
+        assert_eq!(
+            scrub_html(html, &s),
+            " support@example.com(&lt;,support@example.com "
+        );
+        assert_eq!(
+            scrub_html("\u{FF20}\u{FF20}&#97;&#64;aaaaa.org", &s),
+            "\u{FF20}\u{FF20}support@example.com"
+        );
+    }
+
+    #[test]
+    fn shared_scrubber_follows_the_agents() {
+        // Other tests share the cache in parallel, so only behaviour is
+        // asserted: a changed scrub is never answered with a stale one.
+        assert_eq!(
+            Scrubber::shared(&jane()).text("jane.doe@example.org"),
+            "support@example.com"
+        );
+        let other = scrub(&["bob@example.org"]);
+        assert_eq!(
+            Scrubber::shared(&other).text("bob@example.org jane.doe@example.org"),
+            "support@example.com jane.doe@example.org"
+        );
+        assert_eq!(
+            scrub_text("jane.doe@example.org", &jane()),
+            "support@example.com"
+        );
+    }
+
+    #[test]
+    fn maps_back_through_case_changes_and_escapes() {
+        // `İ` lower-cases to two characters; escapes are longer than what
+        // they read as. The bytes around the match must survive intact.
+        let s = scrub(&["an@x.org"]);
+        assert_eq!(
+            scrub_text("İİ %41n&#64;x.org İ an@X.ORG é", &s),
+            "İİ support@example.com İ support@example.com é"
+        );
+        assert_eq!(
+            scrub_html("<p>İ</p><i>a</i>n@x.org<p>é", &s),
+            "<p>İ</p><i>support@example.com</i><p>é"
+        );
+    }
+
+    #[test]
+    fn unclosed_tags_and_stray_ampersands_are_read_as_text() {
+        let s = scrub(&["an@x.org"]);
+        let html = format!("{} an@x.org {}", "<a".repeat(5000), "&".repeat(5000));
+        let expected = format!(
+            "{} support@example.com {}",
+            "<a".repeat(5000),
+            "&".repeat(5000)
+        );
+        // Not assert_eq: the strings are too long to print.
+        assert!(scrub_html(&html, &s) == expected);
     }
 
     #[test]
