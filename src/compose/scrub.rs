@@ -40,11 +40,11 @@ const TAG_CHARS: &str = r"[a-z0-9._=-]{0,64}";
 /// that makes two halves of an address meet.
 const MAX_PASSES: usize = 4;
 
-/// A compiled [`Scrub`]: one pattern that finds every agent address in a
-/// [`Reading`].
+/// A compiled [`Scrub`]: one pattern that finds every agent address in the
+/// reading of a text.
 ///
-/// Build it once per message (or once per configuration) and use it for
-/// every header and part.
+/// Compiling costs more than scrubbing a message: take it from
+/// [`Scrubber::shared`] and use it for every header and part.
 #[derive(Debug, Clone)]
 pub struct Scrubber {
     /// `None` when there is no address to scrub.
