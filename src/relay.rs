@@ -83,6 +83,7 @@ pub async fn run(
         key,
         on_failed,
         unrecorded: Vec::new(),
+        relay_down: None,
     };
     worker.run(&wake, &shutdown).await;
     worker.transport.close().await;
@@ -374,6 +375,11 @@ struct Worker {
     /// Outcomes the database refused to record (busy, disk full): retried
     /// before anything else, and their rows are not sent again meanwhile.
     unrecorded: Vec<(OutboxRow, Disposition)>,
+    /// Consecutive passes that found the relay down, and until when nothing
+    /// is tried. The backoff of an outage belongs to the relay, not to each
+    /// row: every queued row waits for the same moment, so the outbox drains
+    /// in order when the relay is back.
+    relay_down: Option<(u32, i64)>,
 }
 
 impl Worker {
@@ -381,6 +387,12 @@ impl Worker {
         while !shutdown.is_cancelled() {
             self.record_unrecorded().await;
             let now = store::now();
+            if let Some((_, until)) = self.relay_down.filter(|(_, until)| *until > now) {
+                // New rows wait too: sent before the older ones, they would
+                // overtake them.
+                pause(self::until(until), shutdown).await;
+                continue;
+            }
             let batch = match self.db.call(move |c| outbox::due(c, now, BATCH)).await {
                 Ok(batch) => batch,
                 Err(e) => {
@@ -431,6 +443,7 @@ impl Worker {
     }
 
     async fn send_batch(&mut self, batch: Vec<OutboxRow>, shutdown: &CancellationToken) {
+        let last_id = batch.last().map_or(0, |r| r.id);
         let mut rows = batch.into_iter();
         while let Some(row) = rows.next() {
             if shutdown.is_cancelled() {
@@ -445,6 +458,12 @@ impl Worker {
             );
             match self.attempt(&row, shutdown).instrument(span.clone()).await {
                 Attempt::Outcomes(outcomes) => {
+                    if outcomes
+                        .iter()
+                        .any(|(_, o)| *o == RecipientOutcome::Delivered)
+                    {
+                        self.relay_down = None;
+                    }
                     self.settle(row, &outcomes).instrument(span).await;
                 }
                 Attempt::Interrupted => return,
@@ -462,9 +481,25 @@ impl Worker {
                         let span = info_span!("delivery", outbox_id = row.id, message_id = %row.message_id);
                         self.settle(row, &outcomes).instrument(span).await;
                     }
+                    self.defer_all(last_id).await;
                     return;
                 }
             }
+        }
+    }
+
+    /// The relay is down: every queued row up to this batch, and every row
+    /// due before the relay's next try, waits for that same moment.
+    async fn defer_all(&mut self, last_id: i64) {
+        let failures = self.relay_down.map_or(0, |(n, _)| n) + 1;
+        let until = store::now() + self.policy.delay(i64::from(failures) - 1);
+        self.relay_down = Some((failures, until));
+        let deferred = self
+            .db
+            .call(move |c| outbox::defer_queued(c, until, last_id))
+            .await;
+        if let Err(e) = deferred {
+            error!(error = %e, "cannot defer the outbox");
         }
     }
 

@@ -300,7 +300,9 @@ async fn transaction(
 
     match step(conn.command(Mail::new(Some(from), parameters))).await {
         Ok(_) => {}
-        Err(StepError::Reply { code, text }) if code != 421 => {
+        // A 5xx to MAIL refuses this message; a 4xx says the relay cannot
+        // take mail now, whatever the message: the whole outbox waits.
+        Err(StepError::Reply { code, text }) if code >= 500 => {
             let reply = format!("MAIL FROM: {code} {text}");
             reset(conn).await.map_err(Failed::During)?;
             return Ok(all(outcome_for(code, reply)));

@@ -5,7 +5,7 @@
 //! the daemon runs; `synchronous=FULL` makes a commit durable, which is what
 //! the SMTP `250` promises. In the daemon, one writer thread owns the
 //! connection that writes inbound mail and commits in batches
-//! ([`writer`]); the relay worker and the CLI use connections of their own.
+//! ([`crate::intake::Writer`]); the relay worker and the CLI use connections of their own.
 
 use std::path::Path;
 use std::time::Duration;
@@ -61,8 +61,20 @@ pub fn open(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    migrations().to_latest(&mut conn)?;
-    Ok(conn)
+    // Two processes that open a new database at once (the daemon starting,
+    // `crmgate deliver` from the MTA) both see version 0; the loser's
+    // transaction fails and rolls back. Trying again finds the schema made.
+    let mut attempt = 0;
+    loop {
+        match migrations().to_latest(&mut conn) {
+            Ok(()) => return Ok(conn),
+            Err(_) if attempt < 5 => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(50 * attempt));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Unix seconds now. The store is the only place that reads the clock for
