@@ -380,6 +380,20 @@ pub fn retry(conn: &Connection, id: Option<i64>, now: i64) -> Result<usize> {
     }
 }
 
+/// The relay is down until `until`: every queued row due before then, and
+/// every queued row up to `last_id` (whatever its own backoff), is tried
+/// again at that moment, so they go out in id order.
+///
+/// # Errors
+/// A database error.
+pub fn defer_queued(conn: &Connection, until: i64, last_id: i64) -> Result<usize> {
+    Ok(conn.execute(
+        "UPDATE outbox SET next_attempt_at = ?1
+         WHERE status = 'queued' AND (next_attempt_at < ?1 OR id <= ?2)",
+        rusqlite::params![until, last_id],
+    )?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,18 +592,4 @@ mod tests {
             Err(StoreError::Invalid(_))
         ));
     }
-}
-
-/// The relay is down until `until`: every queued row due before then, and
-/// every queued row up to `last_id` (whatever its own backoff), is tried
-/// again at that moment, so they go out in id order.
-///
-/// # Errors
-/// A database error.
-pub fn defer_queued(conn: &Connection, until: i64, last_id: i64) -> Result<usize> {
-    Ok(conn.execute(
-        "UPDATE outbox SET next_attempt_at = ?1
-         WHERE status = 'queued' AND (next_attempt_at < ?1 OR id <= ?2)",
-        rusqlite::params![until, last_id],
-    )?)
 }
