@@ -150,7 +150,11 @@ pub async fn serve(
             [],
             |r| r.get::<_, i64>(0),
         ) {
-            tracing::info!(pending, "stopped; queued mail is sent at the next start");
+            if pending > 0 {
+                tracing::info!(pending, "stopped; queued mail is sent at the next start");
+            } else {
+                tracing::info!("stopped; the outbox is empty");
+            }
         }
     }
     listened.context("SMTP listener")?;
