@@ -194,11 +194,18 @@ pub fn process(
     match decision {
         Decision::Quarantine(reason) => {
             quarantine(reason.as_str())?;
+            let mut queued = 0;
+            if let (decide::QuarantineReason::Postmaster, Some(operator)) =
+                (reason, &config.operator)
+            {
+                forward_to_operator(conn, config, operator, inbound, &arrival.raw, now)?;
+                queued = 1;
+            }
             Ok(Outcome {
                 verdict: Verdict::Stored,
                 ticket: number,
                 decision: reason.as_str(),
-                queued: 0,
+                queued,
             })
         }
         Decision::Duplicate { entry_id } => {
@@ -248,6 +255,38 @@ pub fn process(
             })
         }
     }
+}
+
+/// Mail to postmaster@ goes on, unchanged but for our loop header, to the
+/// operator (`[gateway] operator`): RFC 5321 wants a human to read it.
+fn forward_to_operator(
+    conn: &Connection,
+    config: &Config,
+    operator: &str,
+    inbound: &Inbound,
+    raw: &[u8],
+    now: i64,
+) -> Result<(), IntakeError> {
+    let mut message = format!("X-Crmgate-Loop: {}\r\n", config.hostname).into_bytes();
+    message.extend_from_slice(raw);
+    let message_id = inbound.message_id.clone().unwrap_or_else(|| {
+        format!(
+            "postmaster.{:016x}@{}",
+            rand::random::<u64>(),
+            config.hostname
+        )
+    });
+    tickets::insert_outbox(
+        conn,
+        None,
+        None,
+        "postmaster",
+        &[operator.to_string()],
+        &message_id,
+        &message,
+        now,
+    )?;
+    Ok(())
 }
 
 /// Threading: our bounce address, then the Subject's number, a `+NUMBER`

@@ -381,3 +381,26 @@ async fn every_corpus_message_is_accepted_and_logged() {
     );
     g.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_to_postmaster_reaches_the_operator_and_the_quarantine() {
+    let mut g = Gateway::start("").await;
+    g.stop().await;
+    g.operator = Some("ops@example.org".into());
+    g.boot().await;
+    let reply = g
+        .send(
+            "someone@else.example",
+            &["postmaster@crm.example.org"],
+            "From: someone@else.example\nTo: postmaster@crm.example.org\nSubject: your server\n\nHello.\n",
+        )
+        .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let sent = g.settle().await;
+    let to_ops = to(&sent, "ops@example.org");
+    assert_eq!(to_ops.len(), 1, "{sent:?}");
+    assert!(to_ops[0].text().contains("Subject: your server"));
+    let q = g.json(&["quarantine", "list", "--json"]);
+    assert_eq!(q[0]["reason"], "postmaster");
+    g.stop().await;
+}

@@ -32,6 +32,8 @@ pub struct Gateway {
     pub tail: String,
     /// (name, address) of the agents, all on every new work-notes list.
     pub agents: Vec<(String, String)>,
+    /// `[gateway] operator`.
+    pub operator: Option<String>,
 }
 
 fn config_text(
@@ -40,6 +42,7 @@ fn config_text(
     extra: &str,
     tail: &str,
     agents: &[(String, String)],
+    operator: &str,
 ) -> String {
     let agents: String = agents
         .iter()
@@ -61,6 +64,7 @@ hostname = "crm.example.org"
 state_dir = "{state}"
 language = "fr"
 display_name = "Soutien TI"
+operator = "{operator}"
 
 [smtp]
 listen = "127.0.0.1:0"
@@ -100,6 +104,7 @@ impl Gateway {
             task: None,
             extra: extra.to_string(),
             tail: tail.to_string(),
+            operator: None,
             agents: vec![
                 ("Jane Doe".into(), "Jane.Doe@example.org".into()),
                 ("Bob Agent".into(), BOB.into()),
@@ -120,6 +125,7 @@ impl Gateway {
             &self.extra,
             &self.tail,
             &self.agents,
+            self.operator.as_deref().unwrap_or(""),
         );
         std::fs::write(self.config_path(), &text).unwrap();
         let config = crmgate::config::Config::from_toml(&text, "test").unwrap();
