@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{oneshot, Notify};
 
 use crate::compose::{self, Draft, Scrub, SendKind};
@@ -588,30 +588,30 @@ fn apply_bounce(
     bounce: &decide::Bounce,
     now: i64,
 ) -> Result<usize, IntakeError> {
-    let row: Option<(i64, String, String)> = match (bounce.outbox_id, &bounce.original_message_id) {
-        (Some(id), _) => conn
-            .query_row(
-                "SELECT id, kind, recipients FROM outbox WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .ok(),
+    let id = match (bounce.outbox_id, &bounce.original_message_id) {
+        (Some(id), _) => Some(id),
         (None, Some(mid)) => conn
             .query_row(
-                "SELECT id, kind, recipients FROM outbox WHERE message_id = ?1 ORDER BY id LIMIT 1",
+                "SELECT id FROM outbox WHERE message_id = ?1 ORDER BY id LIMIT 1",
                 [mid],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| r.get::<_, i64>(0),
             )
-            .ok(),
+            .optional()?,
         (None, None) => None,
     };
-    let Some((id, kind, recipients)) = row else {
+    let row = match id {
+        Some(id) => match crate::store::outbox::get(conn, id) {
+            Ok(row) => Some(row),
+            Err(StoreError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        },
+        None => None,
+    };
+    let Some(row) = row else {
         return Ok(0);
     };
     let failed = if bounce.failed_recipients.is_empty() {
-        serde_json::from_str::<Vec<String>>(&recipients)
-            .unwrap_or_default()
-            .join(", ")
+        row.recipients.join(", ")
     } else {
         bounce.failed_recipients.join(", ")
     };
@@ -620,12 +620,15 @@ fn apply_bounce(
     } else {
         bounce.diagnostic.clone()
     };
-    conn.execute(
-        "UPDATE outbox SET status = 'failed', last_error = ?2 WHERE id = ?1",
-        rusqlite::params![id, format!("bounced: {failed}: {reason}")],
+    let newly_failed = crate::store::outbox::mark_failed_by_report(
+        conn,
+        row.id,
+        &format!("bounced: {failed}: {reason}"),
     )?;
-    if kind == SendKind::FailureNotice.as_str()
-        || kind == SendKind::ReplyAllNotice.as_str()
+    // Told once per row, and never about a failed notice: no loop of notices.
+    if !newly_failed
+        || row.kind == SendKind::FailureNotice.as_str()
+        || row.kind == SendKind::ReplyAllNotice.as_str()
         || view.work_notes_list.is_empty()
     {
         return Ok(0);
