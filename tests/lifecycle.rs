@@ -445,3 +445,210 @@ async fn a_removed_agent_leaves_the_lists_and_stays_scrubbed() {
     assert_eq!(code, 1);
     g.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_from_the_command_line_sends_as_if_the_agent_had_mailed() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    let before = g.sink.messages().len();
+    let (code, out, err) = g.cli(&[
+        "ticket",
+        "comment",
+        &number,
+        "--by",
+        JANE,
+        "--body",
+        "Redémarrez l'imprimante.",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = g.cli(&[
+        "ticket",
+        "work-note",
+        &number,
+        "--by",
+        BOB,
+        "--body",
+        "Pilote à mettre à jour.",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let sent = g.settle().await;
+    let new = &sent[before..];
+    let public = to(new, "alice@u.example");
+    assert_eq!(public.len(), 1, "{new:?}");
+    assert_eq!(public[0].rcpt_to, ["alice@u.example", "carol@u.example"]);
+    assert!(public[0].text().contains("Jane Doe via Soutien TI"));
+    assert!(
+        !public[0].text().contains("Pilote"),
+        "a work note reached a requester"
+    );
+    // Bob gets Jane's comment; Jane gets Bob's work note; nobody gets their own.
+    let to_bob = to(new, BOB);
+    let to_jane = to(new, JANE);
+    assert_eq!((to_bob.len(), to_jane.len()), (1, 1), "{new:?}");
+    assert!(header(&to_jane[0].text(), "From")
+        .unwrap()
+        .contains(INTERNAL));
+    let t = g.show(&number);
+    assert_eq!(t["state"], "open");
+    let kinds: Vec<&str> = t["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.ends_with(&["comment", "work_note"]), "{kinds:?}");
+    // Only agents publish.
+    let (code, _, err) = g.cli(&[
+        "ticket",
+        "comment",
+        &number,
+        "--by",
+        "alice@u.example",
+        "--body",
+        "x",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_to_one_address_are_capped_per_hour() {
+    let mut g = Gateway::start_with("", "[auto]\nmax_per_address_per_hour = 2\n").await;
+    for i in 0..3 {
+        let m = format!("From: alice@u.example\nTo: support@example.org\nSubject: Demande {i}\nMessage-ID: <cap-{i}@u.example>\n\nBonjour {i}.\n");
+        assert!(g
+            .send("alice@u.example", &[PUBLIC], &m)
+            .await
+            .starts_with("250"));
+    }
+    let sent = g.settle().await;
+    assert_eq!(to(&sent, "alice@u.example").len(), 2, "{sent:?}");
+    let third = g.show("TKT0000003");
+    let held = last_entry(&third);
+    assert_eq!(held["kind"], "system", "{third}");
+    assert!(
+        held["body"].as_str().unwrap().contains("alice@u.example"),
+        "{held}"
+    );
+    g.stop().await;
+}
+
+/// The real binary: ready once it listens, SIGHUP reloads the agents,
+/// SIGTERM stops it with exit 0.
+#[test]
+fn the_binary_reloads_on_sighup_and_stops_cleanly_on_sigterm() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = |agents: &str| {
+        format!(
+            "[gateway]\nstate_dir = \"{}\"\n[smtp]\nlisten = \"127.0.0.1:{port}\"\n[relay]\nurl = \"file://{}\"\n{agents}",
+            dir.path().join("state").display(),
+            dir.path().join("sent").display()
+        )
+    };
+    let both = "[[agents]]\nname = \"A\"\nemail = \"a@example.org\"\ndefault_notes_list = true\n\
+                [[agents]]\nname = \"B\"\nemail = \"b@example.org\"\ndefault_notes_list = true\n";
+    let path = dir.path().join("crmgate.toml");
+    std::fs::write(&path, config(both)).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crmgate"))
+        .args(["--config", path.to_str().unwrap(), "serve"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the daemon never listened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_crmgate"))
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null)
+    };
+    let mut input = Command::new(env!("CARGO_BIN_EXE_crmgate"))
+        .args([
+            "--config",
+            path.to_str().unwrap(),
+            "deliver",
+            "--recipient",
+            "support@localhost",
+            "--sender",
+            "r@u.example",
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    input
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"From: r@u.example\r\nSubject: x\r\n\r\nx\r\n")
+        .unwrap();
+    assert!(input.wait().unwrap().success());
+    assert_eq!(
+        cli(&["notes-list", "list", "TKT0000001", "--json"]),
+        serde_json::json!(["a@example.org", "b@example.org"])
+    );
+
+    std::fs::write(
+        &path,
+        config(&both[..both.find("[[agents]]\nname = \"B\"").unwrap()]),
+    )
+    .unwrap();
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let start = Instant::now();
+    loop {
+        if cli(&["notes-list", "list", "TKT0000001", "--json"])
+            == serde_json::json!(["a@example.org"])
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "SIGHUP did not take b@ off the list"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Still listening after the reload.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "SIGTERM did not stop the daemon"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+}
