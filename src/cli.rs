@@ -533,23 +533,8 @@ fn system_entry(
         [ticket_id],
         |r| r.get(0),
     )?;
-    tickets::insert_entry(
-        conn,
-        &tickets::EntryRow {
-            ticket_id,
-            kind: EntryKind::System,
-            from: &Mailbox::new(Some(&config.display_name), &config.public_address),
-            at: now,
-            subject: &subject,
-            body: text,
-            html: None,
-            message_id: None,
-            by_agent: false,
-            sender: None,
-            body_hash: None,
-            raw_id: None,
-        },
-    )?;
+    let system = Mailbox::new(Some(&config.display_name), &config.public_address);
+    tickets::insert_system_entry(conn, ticket_id, &system, &subject, text, now)?;
     Ok(())
 }
 

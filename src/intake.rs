@@ -118,27 +118,10 @@ pub fn process(
 ) -> Result<Outcome, IntakeError> {
     let config = &rt.config;
     let env = &arrival.envelope;
-    let peer = env.peer.to_string();
     let inbound = match &arrival.parsed {
         Ok(inbound) => inbound,
         Err(ParseError::Unparseable) => {
-            let raw_id = tickets::insert_raw(
-                conn,
-                now,
-                Some(&peer),
-                env.mail_from.as_deref(),
-                &env.rcpt_to,
-                &arrival.raw,
-            )?;
-            tickets::insert_quarantine(
-                conn,
-                now,
-                "unparseable",
-                env.mail_from.as_deref(),
-                None,
-                None,
-                Some(raw_id),
-            )?;
+            keep_in_quarantine(conn, arrival, now, "unparseable", None, None, None)?;
             return Ok(Outcome {
                 verdict: Verdict::Stored,
                 ticket: None,
@@ -170,25 +153,16 @@ pub fn process(
         reply_key: rt.reply_key.as_deref(),
     };
     let decision = decide::decide(&facts, env, inbound, ticket.as_ref(), duplicate_of);
-    let quarantine = |reason: &str| -> Result<(), IntakeError> {
-        let raw_id = tickets::insert_raw(
+    let quarantine = |reason: &str| {
+        keep_in_quarantine(
             conn,
-            now,
-            Some(&peer),
-            env.mail_from.as_deref(),
-            &env.rcpt_to,
-            &arrival.raw,
-        )?;
-        tickets::insert_quarantine(
-            conn,
+            arrival,
             now,
             reason,
             Some(&sender).filter(|s| !s.is_empty()).map(String::as_str),
             Some(&inbound.subject),
             inbound.message_id.as_deref(),
-            Some(raw_id),
-        )?;
-        Ok(())
+        )
     };
     let number = ticket.as_ref().map(|t| t.number.clone());
     match decision {
@@ -228,14 +202,7 @@ pub fn process(
             })
         }
         Decision::Record(plan) => {
-            let raw_id = tickets::insert_raw(
-                conn,
-                now,
-                Some(&peer),
-                env.mail_from.as_deref(),
-                &env.rcpt_to,
-                &arrival.raw,
-            )?;
+            let raw_id = store_raw(conn, arrival, now)?;
             let applied = apply(
                 conn,
                 rt,
@@ -255,6 +222,43 @@ pub fn process(
             })
         }
     }
+}
+
+/// Keep a message that goes to no ticket, raw, with the reason.
+fn keep_in_quarantine(
+    conn: &Connection,
+    arrival: &Arrival,
+    now: i64,
+    reason: &str,
+    sender: Option<&str>,
+    subject: Option<&str>,
+    message_id: Option<&str>,
+) -> Result<(), IntakeError> {
+    let env = &arrival.envelope;
+    let raw_id = store_raw(conn, arrival, now)?;
+    tickets::insert_quarantine(
+        conn,
+        now,
+        reason,
+        sender.or(env.mail_from.as_deref()),
+        subject,
+        message_id,
+        Some(raw_id),
+    )?;
+    Ok(())
+}
+
+/// The raw message, stored once with its envelope.
+fn store_raw(conn: &Connection, arrival: &Arrival, now: i64) -> Result<i64, IntakeError> {
+    let env = &arrival.envelope;
+    Ok(tickets::insert_raw(
+        conn,
+        now,
+        Some(&env.peer.to_string()),
+        env.mail_from.as_deref(),
+        &env.rcpt_to,
+        &arrival.raw,
+    )?)
 }
 
 /// Mail to postmaster@ goes on, unchanged but for our loop header, to the
@@ -652,22 +656,13 @@ pub fn failure_notice(
     let config = &rt.config;
     let text = render(rt, "failure", view, failed, reason)?;
     let system = Mailbox::new(Some(&config.display_name), &config.public_address);
-    let entry_id = tickets::insert_entry(
+    let entry_id = tickets::insert_system_entry(
         conn,
-        &tickets::EntryRow {
-            ticket_id: view.id,
-            kind: EntryKind::System,
-            from: &system,
-            at: now,
-            subject: &templates::subject("failure", config.language, &view.subject),
-            body: &text,
-            html: None,
-            message_id: None,
-            by_agent: false,
-            sender: None,
-            body_hash: None,
-            raw_id: None,
-        },
+        view.id,
+        &system,
+        &templates::subject("failure", config.language, &view.subject),
+        &text,
+        now,
     )?;
     let notes: Vec<Mailbox> = view
         .work_notes_list
@@ -768,23 +763,7 @@ pub fn queue(
                 "the cap of re-sends per recipient and ticket"
             },
         );
-        tickets::insert_entry(
-            conn,
-            &tickets::EntryRow {
-                ticket_id: view.id,
-                kind: EntryKind::System,
-                from: &system,
-                at: now,
-                subject: &view.subject,
-                body: &text,
-                html: None,
-                message_id: None,
-                by_agent: false,
-                sender: None,
-                body_hash: None,
-                raw_id: None,
-            },
-        )?;
+        tickets::insert_system_entry(conn, view.id, &system, &view.subject, &text, now)?;
         tracing::warn!(ticket = %view.number, kind = send.kind.as_str(), held_back = ?held_back, "cap reached");
     }
     if envelope.is_empty() {

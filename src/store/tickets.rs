@@ -345,6 +345,35 @@ pub fn insert_entry(conn: &Connection, e: &EntryRow<'_>) -> Result<i64> {
     Ok(conn.last_insert_rowid())
 }
 
+/// A `system` entry: what crmgate itself notes on a ticket (a cap reached,
+/// a delivery failure, a list changed from the command line).
+pub fn insert_system_entry(
+    conn: &Connection,
+    ticket_id: i64,
+    from: &Mailbox,
+    subject: &str,
+    body: &str,
+    now: i64,
+) -> Result<i64> {
+    insert_entry(
+        conn,
+        &EntryRow {
+            ticket_id,
+            kind: EntryKind::System,
+            from,
+            at: now,
+            subject,
+            body,
+            html: None,
+            message_id: None,
+            by_agent: false,
+            sender: None,
+            body_hash: None,
+            raw_id: None,
+        },
+    )
+}
+
 pub fn insert_attachment(conn: &Connection, entry_id: i64, a: &Attachment) -> Result<()> {
     conn.prepare_cached(
         "INSERT INTO attachments (entry_id, filename, content_type, size, data) VALUES (?1, ?2, ?3, ?4, ?5)",
