@@ -280,6 +280,17 @@ pub fn cap(kind: SendKind, written_by_agent: bool) -> Cap {
     }
 }
 
+impl SentCounts {
+    /// The configured limits, in the same shape: the store counts no further.
+    pub fn caps(config: &Config) -> SentCounts {
+        SentCounts {
+            automatic_last_hour: config.max_per_address_per_hour,
+            automatic_last_day: config.max_per_address_per_day,
+            resends_on_ticket_last_hour: config.max_resends_per_ticket_hour,
+        }
+    }
+}
+
 /// Is one more message to an address within its cap, given what was
 /// already sent to it (counted by the store)?
 pub fn within_cap(config: &Config, cap: Cap, sent: SentCounts) -> bool {
@@ -293,7 +304,7 @@ pub fn within_cap(config: &Config, cap: Cap, sent: SentCounts) -> bool {
     }
 }
 
-/// What the store counted for one address.
+/// What the store counted for one address (or, as caps, the limits).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SentCounts {
     pub automatic_last_hour: u32,

@@ -744,7 +744,17 @@ pub fn queue(
     let mut envelope = Vec::with_capacity(send.envelope.len());
     let mut held_back = Vec::new();
     for address in &send.envelope {
-        let sent = tickets::sent_counts(conn, address, view.id, now)?;
+        let sent = if cap == decide::Cap::Never {
+            decide::SentCounts::default()
+        } else {
+            tickets::sent_counts(
+                conn,
+                address,
+                view.id,
+                decide::SentCounts::caps(config),
+                now,
+            )?
+        };
         if decide::within_cap(config, cap, sent) {
             envelope.push(address.clone());
         } else {
@@ -851,7 +861,7 @@ struct Job {
 /// The handle SMTP sessions use to hand messages to the writer thread.
 #[derive(Clone)]
 pub struct Writer {
-    jobs: std::sync::mpsc::SyncSender<Job>,
+    jobs: tokio::sync::mpsc::Sender<Job>,
 }
 
 impl Writer {
@@ -864,11 +874,11 @@ impl Writer {
         runtime: Arc<RwLock<Arc<Runtime>>>,
         wake: Arc<Notify>,
     ) -> std::io::Result<Writer> {
-        let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(4 * MAX_BATCH);
+        let (jobs, mut rx) = tokio::sync::mpsc::channel::<Job>(4 * MAX_BATCH);
         std::thread::Builder::new()
             .name("crmgate-writer".into())
             .spawn(move || {
-                while let Ok(first) = rx.recv() {
+                while let Some(first) = rx.blocking_recv() {
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
                         match rx.try_recv() {
@@ -898,12 +908,9 @@ impl Writer {
     /// Hand a message over and wait for the commit that holds it.
     pub async fn submit(&self, arrival: Arrival) -> Verdict {
         let (reply, answer) = oneshot::channel();
-        let jobs = self.jobs.clone();
-        // The channel is bounded: a full queue blocks, which must not block
-        // tokio's worker thread.
-        let sent =
-            tokio::task::spawn_blocking(move || jobs.send(Job { arrival, reply }).is_ok()).await;
-        if !matches!(sent, Ok(true)) {
+        // The channel is bounded: a full queue makes the session wait (back
+        // pressure) without blocking tokio's worker thread.
+        if self.jobs.send(Job { arrival, reply }).await.is_err() {
             return Verdict::TempFailure;
         }
         answer.await.unwrap_or(Verdict::TempFailure)

@@ -105,7 +105,9 @@ CREATE TABLE sends (
     automatic  INTEGER NOT NULL,
     at         INTEGER NOT NULL
 );
-CREATE INDEX sends_address ON sends (address, at);
+-- Each count stops at the cap, along one of these.
+CREATE INDEX sends_automatic ON sends (address, automatic, at);
+CREATE INDEX sends_ticket ON sends (ticket_id, address, automatic, at);
 
 CREATE TABLE quarantine (
     id          INTEGER PRIMARY KEY,

@@ -136,6 +136,10 @@ impl Gateway {
         self.task = Some(tokio::spawn(crmgate::daemon::serve(
             config, listener, shutdown, None, false,
         )));
+        // Ready once it greets: the database is open and the agents synced.
+        let mut c = Client::connect(self.addr).await;
+        c.expect("220").await;
+        c.cmd("QUIT", "221").await;
     }
 
     pub async fn stop(&mut self) {
