@@ -129,7 +129,7 @@ pub enum ComposeError {
 /// # Errors
 /// Only when mail-builder fails to write into memory.
 pub fn compose(draft: &Draft) -> Result<Vec<u8>, ComposeError> {
-    let scrubber = draft.scrub.as_ref().map(Scrubber::new);
+    let scrubber = draft.scrub.as_ref().map(Scrubber::shared);
     let clean = |text: &str| -> String {
         match &scrubber {
             Some(scrubber) => scrubber.text(text),
@@ -188,7 +188,7 @@ pub fn compose(draft: &Draft) -> Result<Vec<u8>, ComposeError> {
 
     if draft.kind == SendKind::Email {
         for attachment in &draft.attachments {
-            message = attach(message, attachment, scrubber.as_ref());
+            message = attach(message, attachment, scrubber.as_deref());
         }
     }
 

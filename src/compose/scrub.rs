@@ -16,9 +16,20 @@
 //! on the side of replacing, because a requester's mangled address costs
 //! less than an agent's leaked one.
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use regex::{Regex, RegexBuilder};
 
 use super::Scrub;
+
+/// The last scrubber built, with the [`Scrub`] it was built from.
+///
+/// Compiling the patterns of one agent costs milliseconds (the HTML form
+/// allows tags and entities between every character), and the list of
+/// agents changes only on reload, so the daemon's writer reuses it instead
+/// of compiling it again for every outgoing message. Keyed on the whole
+/// `Scrub`, so a change of agents or replacement builds a new one.
+static LAST: Mutex<Option<(Scrub, Arc<Scrubber>)>> = Mutex::new(None);
 
 /// What may sit between two characters of an address in HTML and still
 /// render as one address: tags and comments, and the invisible characters,
@@ -72,6 +83,20 @@ impl Scrubber {
             html_patterns,
             replacement,
         }
+    }
+
+    /// The scrubber for `scrub`, compiled once and reused while the same
+    /// addresses are asked for (see [`LAST`]).
+    pub fn shared(scrub: &Scrub) -> Arc<Scrubber> {
+        let mut last = LAST.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((key, scrubber)) = last.as_ref() {
+            if key == scrub {
+                return scrubber.clone();
+            }
+        }
+        let scrubber = Arc::new(Scrubber::new(scrub));
+        *last = Some((scrub.clone(), scrubber.clone()));
+        scrubber
     }
 
     /// Scrub plain text: a body, a display name, a subject, a file name.
