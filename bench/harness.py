@@ -225,8 +225,13 @@ def wait_drained(db: Path, timeout: float) -> float | None:
 
 
 def loadgen(binary: Path, port: int, *args: str, check: bool = True) -> dict:
-    """Run `loadgen send` against 127.0.0.1:port; its JSON figures."""
-    out = subprocess.run([str(binary), "send", "--server", f"127.0.0.1:{port}", *args],
+    """Run `loadgen send` against 127.0.0.1:port; its JSON figures.
+
+    `--retries 3`: crmgate closes a session after 1,000 commands (`421`), as
+    a careful MTA does; the message in flight then goes again on a new
+    session, as an MTA's would, instead of being counted lost."""
+    out = subprocess.run([str(binary), "send", "--server", f"127.0.0.1:{port}", "--retries", "3",
+                          *args],
                          capture_output=True, text=True)
     if out.returncode != 0 and check:
         raise RuntimeError(f"loadgen failed: {out.stderr.strip()}")
