@@ -165,6 +165,16 @@ class Daemon:
         )
         logfile.close()
         wait_port(self.port, self.proc)
+        # The listener is bound before the schema is migrated: wait for it,
+        # so the scripts can read the log as soon as `start` returns.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                query(self.db, "SELECT COUNT(*) FROM outbox")
+                return
+            except sqlite3.Error:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.db}: no schema 20 s after the listener was bound")
 
     def vm(self, key: str) -> int:
         """A /proc/<pid>/status figure in kB (VmHWM: peak RSS, VmRSS: now)."""
