@@ -86,6 +86,10 @@ struct SendArgs {
     /// Messages per second over all sessions (open schedule); none: as fast as possible.
     #[arg(long)]
     rate: Option<f64>,
+    /// Fill the size with a base64 attachment (multipart/mixed) instead of
+    /// plain text: how a large real message looks.
+    #[arg(long)]
+    attachment: bool,
     /// Makes Message-IDs and senders distinct between runs.
     #[arg(long, default_value = "run")]
     tag: String,
@@ -376,16 +380,40 @@ fn message(args: &SendArgs, i: usize) -> (String, String, Vec<u8>) {
     let date = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc2822)
         .unwrap_or_default();
+    let content_type = if args.attachment {
+        "multipart/mixed; boundary=\"loadgen-boundary\""
+    } else {
+        "text/plain; charset=utf-8"
+    };
     let mut out = format!(
         "From: Requester {i} <{sender}>\r\nTo: {to}\r\nSubject: {subject}\r\n\
          Date: {date}\r\nMessage-ID: {message_id}\r\nMIME-Version: 1.0\r\n\
-         Content-Type: text/plain; charset=utf-8\r\n\r\n",
+         Content-Type: {content_type}\r\n\r\n",
         to = args.to
     )
     .into_bytes();
+    if args.attachment {
+        out.extend_from_slice(
+            b"--loadgen-boundary\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n\
+              The log file is attached.\r\n--loadgen-boundary\r\n\
+              Content-Type: application/octet-stream; name=\"printer.log\"\r\n\
+              Content-Disposition: attachment; filename=\"printer.log\"\r\n\
+              Content-Transfer-Encoding: base64\r\n\r\n",
+        );
+        // 76 base64 characters a line: 57 bytes of (arbitrary) content.
+        let line = "UHJpbnRlciBsb2c6IHBhcGVyIGphbSBvbiB0cmF5IDIsIHRvbmVyIGxvdywgZHJ1bSBvay4gICAg";
+        while out.len() + 24 < args.size {
+            out.extend_from_slice(line.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"--loadgen-boundary--\r\n");
+    }
     let mut line_no = 0usize;
     while out.len() < args.size {
-        let line = format!("Line {line_no} of message {i} ({}): the printer on floor 3 still does not print anything at all.", args.tag);
+        let line = format!(
+            "Line {line_no} of message {i} ({}): the printer on floor 3 still does not print anything at all.",
+            args.tag
+        );
         out.extend_from_slice(line.as_bytes());
         out.extend_from_slice(b"\r\n");
         line_no += 1;
