@@ -35,15 +35,20 @@ def target_dir() -> Path:
 
 
 def build() -> tuple[Path, Path]:
-    """Build crmgate and the load generator in release mode; return their paths."""
-    log("building crmgate and examples/loadgen (release)…")
+    """Build crmgate and the load generator; return their paths.
+
+    Release mode, unless CRMGATE_PROFILE=debug (CI reuses the debug build of
+    `cargo test` rather than compiling everything once more)."""
+    profile = os.environ.get("CRMGATE_PROFILE", "release")
+    log(f"building crmgate and examples/loadgen ({profile})…")
+    flags = [] if profile == "debug" else ["--release"]
     subprocess.run(
-        ["cargo", "build", "--release", "--bin", "crmgate", "--example", "loadgen"],
+        ["cargo", "build", *flags, "--bin", "crmgate", "--example", "loadgen"],
         cwd=REPO,
         check=True,
     )
-    release = target_dir() / "release"
-    return release / "crmgate", release / "examples" / "loadgen"
+    out = target_dir() / ("debug" if profile == "debug" else "release")
+    return out / "crmgate", out / "examples" / "loadgen"
 
 
 def free_port() -> int:
