@@ -92,6 +92,7 @@ pub async fn serve(
     if !removed.is_empty() {
         tracing::info!(?removed, "former agents taken off every work-notes list");
     }
+    store::tune_for_writer(&conn)?;
     let runtime = Arc::new(RwLock::new(Arc::new(Runtime::new(config.clone())?)));
     let wake = Arc::new(Notify::new());
     let writer =
@@ -132,6 +133,8 @@ pub async fn serve(
         });
     }
 
+    let checkpointer = spawn_checkpointer(db_path.clone(), shutdown.clone())?;
+
     tracing::info!(listen = %listener.local_addr()?, relay = ?config.relay, "crmgate ready");
     if notify_systemd {
         // Not under systemd this is a no-op.
@@ -144,6 +147,7 @@ pub async fn serve(
         Ok(Err(e)) => tracing::error!(error = %e, "relay worker stopped with an error"),
         Err(e) => tracing::error!(error = %e, "relay worker panicked"),
     }
+    let _ = checkpointer.join();
     if let Ok(conn) = store::open(&db_path) {
         if let Ok(pending) = conn.query_row(
             "SELECT COUNT(*) FROM outbox WHERE status = 'queued'",
@@ -159,6 +163,30 @@ pub async fn serve(
     }
     listened.context("SMTP listener")?;
     Ok(())
+}
+
+/// How often the checkpointer copies the WAL back into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Checkpoints on a thread of their own, so the writer's commits never pay
+/// for one (the writer's connection has `wal_autocheckpoint=0`).
+fn spawn_checkpointer(
+    db_path: PathBuf,
+    shutdown: CancellationToken,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let conn = store::open(&db_path)?;
+    Ok(std::thread::Builder::new()
+        .name("crmgate-checkpoint".into())
+        .spawn(move || {
+            while !shutdown.is_cancelled() {
+                std::thread::sleep(CHECKPOINT_EVERY);
+                if let Err(e) = store::checkpoint(&conn) {
+                    tracing::warn!(error = %e, "checkpoint failed; trying again");
+                }
+            }
+            // A last one, so a stopped daemon leaves a short WAL.
+            let _ = store::checkpoint(&conn);
+        })?)
 }
 
 fn reload_runtime(

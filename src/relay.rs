@@ -74,7 +74,9 @@ pub async fn run(
     on_failed: FailureHook,
 ) -> Result<(), RelayError> {
     let key = read_reply_secret(&config)?;
-    let conn = tokio::task::spawn_blocking(move || store::open(&db_path)).await??;
+    let conn =
+        tokio::task::spawn_blocking(move || store::open_with(&db_path, store::Durability::Relaxed))
+            .await??;
     let mut worker = Worker {
         db: Db(Arc::new(Mutex::new(conn))),
         transport: Transport::new(&config),

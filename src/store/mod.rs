@@ -50,6 +50,26 @@ fn migrations() -> Migrations<'static> {
 /// The directory cannot be created, the file cannot be opened, or the
 /// schema is from a newer crmgate.
 pub fn open(path: &Path) -> Result<Connection> {
+    open_with(path, Durability::Full)
+}
+
+/// How a connection commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Every commit is on disk when it returns: what the SMTP `250` and the
+    /// commands promise.
+    Full,
+    /// The relay worker's marks (sent, retry, failed): a crash may lose the
+    /// last ones, which only means the message is sent again — at least
+    /// once, as promised — and saves an fsync per delivery.
+    Relaxed,
+}
+
+/// [`open`], with the durability this connection needs.
+///
+/// # Errors
+/// As [`open`].
+pub fn open_with(path: &Path, durability: Durability) -> Result<Connection> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::StateDir {
             path: dir.display().to_string(),
@@ -59,7 +79,11 @@ pub fn open(path: &Path) -> Result<Connection> {
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
+    let synchronous = match durability {
+        Durability::Full => "FULL",
+        Durability::Relaxed => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", synchronous)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // Two processes that open a new database at once (the daemon starting,
     // `crmgate deliver` from the MTA) both see version 0; the loser's
@@ -75,6 +99,29 @@ pub fn open(path: &Path) -> Result<Connection> {
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// The daemon's writer connection: a page cache large enough for the
+/// indexes of a big log, and no checkpoint inside its commits (a
+/// checkpoint copies and fsyncs the database file: the SMTP session
+/// waiting for that commit would wait for it too). [`checkpoint`] runs
+/// them beside it.
+///
+/// # Errors
+/// A database error.
+pub fn tune_for_writer(conn: &Connection) -> Result<()> {
+    conn.pragma_update(None, "cache_size", -65_536)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    Ok(())
+}
+
+/// Copy what the WAL holds back into the database file, without waiting
+/// for readers or writers (`PASSIVE`). Returns the WAL's size in pages.
+///
+/// # Errors
+/// A database error.
+pub fn checkpoint(conn: &Connection) -> Result<i64> {
+    Ok(conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))?)
 }
 
 /// Unix seconds now. The store is the only place that reads the clock for
