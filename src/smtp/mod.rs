@@ -113,7 +113,9 @@ impl Settings {
             max_sessions: config.max_sessions,
             // RFC 5321 §4.5.3.2.7: a server should wait at least 5 minutes.
             idle_timeout: Duration::from_secs(5 * 60),
-            max_commands: 1000,
+            // About 3,000 messages of MAIL, RCPT, DATA: enough for an MTA that
+            // reuses its connection, bounded for one that never sends one.
+            max_commands: 10_000,
             // RFC 5321 §4.5.3.2.6: 3 minutes per data block; we are lenient.
             data_timeout: Duration::from_secs(5 * 60),
             shutdown_grace: Duration::from_secs(30),
