@@ -18,7 +18,7 @@ use std::net::IpAddr;
 
 use crmgate::compose::{self, Draft, Scrub, SendKind};
 use crmgate::config::Config;
-use crmgate::decide::{self, Decision, Facts, Plan, TicketState, TicketView, ThreadRef};
+use crmgate::decide::{self, Decision, Facts, Plan, ThreadRef, TicketState, TicketView};
 use crmgate::parse::{self, Inbound, Mailbox};
 use crmgate::smtp::Envelope;
 
@@ -212,8 +212,12 @@ pub fn run(fixed: &Fixed, data: &[u8]) -> Result<(), Violation> {
 
 /// The scrub `intake::queue` applies to mail for non-agents.
 pub fn scrub_for(fixed: &Fixed) -> Scrub {
-    let mut addresses: BTreeSet<String> =
-        fixed.config.agents.iter().map(|a| a.email.clone()).collect();
+    let mut addresses: BTreeSet<String> = fixed
+        .config
+        .agents
+        .iter()
+        .map(|a| a.email.clone())
+        .collect();
     addresses.extend(fixed.former.iter().cloned());
     Scrub {
         addresses: addresses.into_iter().collect(),
@@ -436,9 +440,18 @@ pub fn check_no_agent_address(fixed: &Fixed, bytes: &[u8]) -> Result<(), Violati
     let mut decoded: Vec<(&str, String)> = vec![
         ("subject", parsed.subject.to_lowercase()),
         ("text", parsed.text.to_lowercase()),
-        ("html", parsed.html.clone().unwrap_or_default().to_lowercase()),
+        (
+            "html",
+            parsed.html.clone().unwrap_or_default().to_lowercase(),
+        ),
     ];
-    for m in parsed.from.iter().chain(&parsed.to).chain(&parsed.cc).chain(&parsed.reply_to) {
+    for m in parsed
+        .from
+        .iter()
+        .chain(&parsed.to)
+        .chain(&parsed.cc)
+        .chain(&parsed.reply_to)
+    {
         decoded.push(("address header", m.address.clone()));
         decoded.push((
             "display name",
@@ -467,7 +480,10 @@ pub fn contains_whole(haystack: &str, address: &str) -> bool {
     while let Some(at) = haystack[from..].find(address) {
         let start = from + at;
         let end = start + address.len();
-        let before_ok = !haystack[..start].chars().next_back().is_some_and(local_char);
+        let before_ok = !haystack[..start]
+            .chars()
+            .next_back()
+            .is_some_and(local_char);
         let mut after = haystack[end..].chars();
         let after_ok = match after.next() {
             None => true,

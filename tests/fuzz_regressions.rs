@@ -44,10 +44,28 @@ fn every_input_the_fuzzer_found_keeps_the_invariants() {
 #[test]
 fn the_checker_sees_a_whole_address_and_only_a_whole_one() {
     use pipeline::contains_whole;
-    assert!(contains_whole("de : jane.doe@example.org a écrit", "jane.doe@example.org"));
-    assert!(contains_whole("<jane.doe@example.org>", "jane.doe@example.org"));
-    assert!(contains_whole("jane.doe@example.org.", "jane.doe@example.org"));
-    assert!(!contains_whole("xjane.doe@example.org", "jane.doe@example.org"));
-    assert!(!contains_whole("jane.doe@example.org.uk", "jane.doe@example.org"));
-    assert!(!contains_whole("jane.doe@example.orgs", "jane.doe@example.org"));
+    assert!(contains_whole(
+        "de : jane.doe@example.org a écrit",
+        "jane.doe@example.org"
+    ));
+    assert!(contains_whole(
+        "<jane.doe@example.org>",
+        "jane.doe@example.org"
+    ));
+    assert!(contains_whole(
+        "jane.doe@example.org.",
+        "jane.doe@example.org"
+    ));
+    assert!(!contains_whole(
+        "xjane.doe@example.org",
+        "jane.doe@example.org"
+    ));
+    assert!(!contains_whole(
+        "jane.doe@example.org.uk",
+        "jane.doe@example.org"
+    ));
+    assert!(!contains_whole(
+        "jane.doe@example.orgs",
+        "jane.doe@example.org"
+    ));
 }

@@ -24,7 +24,7 @@ mod pipeline;
 
 use std::net::IpAddr;
 
-use crmgate::decide::{self, Decision, TicketState, TicketView, ThreadRef};
+use crmgate::decide::{self, Decision, ThreadRef, TicketState, TicketView};
 use crmgate::parse::{AuthResult, Forward, Inbound, Mailbox};
 use crmgate::smtp::Envelope;
 use pipeline::{Fixed, BOB, FORMER, INTERNAL, JANE, PUBLIC};
@@ -87,17 +87,15 @@ fn html() -> impl Strategy<Value = Option<String>> {
         )),
         Just(Some("<p>jane.doe&#64;example.org</p>".to_string())),
         Just(Some("<p>bob.<b>agent</b>@example.org</p>".to_string())),
-        Just(Some("<p>old.agent&commat;example&period;org</p>".to_string())),
+        Just(Some(
+            "<p>old.agent&commat;example&period;org</p>".to_string()
+        )),
         "<p>[ -~]{0,30}</p>".prop_map(Some),
     ]
 }
 
 fn mailboxes(max: usize) -> impl Strategy<Value = Vec<Mailbox>> {
-    prop::collection::vec(
-        (anyone(), prop::option::of("[A-Za-z .]{1,12}")),
-        0..max,
-    )
-    .prop_map(|v| {
+    prop::collection::vec((anyone(), prop::option::of("[A-Za-z .]{1,12}")), 0..max).prop_map(|v| {
         v.into_iter()
             .map(|(a, n)| Mailbox::new(n.as_deref(), &a))
             .collect()
@@ -255,9 +253,18 @@ fn keeps_the_rules(
     Ok(())
 }
 
+/// 64 cases per property by default (a few seconds in a debug build, for
+/// CI); `PROPTEST_CASES=5000 cargo test --test properties` for a long run.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 256,
+        cases: cases(),
         failure_persistence: None,
         ..ProptestConfig::default()
     })]
