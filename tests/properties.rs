@@ -23,12 +23,19 @@
 mod pipeline;
 
 use std::net::IpAddr;
+use std::sync::OnceLock;
 
 use crmgate::decide::{self, Decision, ThreadRef, TicketState, TicketView};
 use crmgate::parse::{AuthResult, Forward, Inbound, Mailbox};
 use crmgate::smtp::Envelope;
 use pipeline::{Fixed, BOB, FORMER, INTERNAL, JANE, PUBLIC};
 use proptest::prelude::*;
+
+/// The configuration is parsed once: parsing it per case would dominate.
+fn fixed() -> &'static Fixed {
+    static FIXED: OnceLock<Fixed> = OnceLock::new();
+    FIXED.get_or_init(Fixed::new)
+}
 
 /// Who writes, as the rules tell people apart.
 fn sender() -> impl Strategy<Value = String> {
@@ -274,8 +281,8 @@ proptest! {
         (envelope, inbound) in arrival(),
         ticket in ticket(),
     ) {
-        let fixed = Fixed::new();
-        if let Err(v) = keeps_the_rules(&fixed, &envelope, &inbound, ticket.as_ref()) {
+        let fixed = fixed();
+        if let Err(v) = keeps_the_rules(fixed, &envelope, &inbound, ticket.as_ref()) {
             prop_assert!(false, "{}", v);
         }
     }
@@ -287,7 +294,7 @@ proptest! {
         (envelope, inbound) in arrival(),
         ticket in ticket(),
     ) {
-        let fixed = Fixed::new();
+        let fixed = fixed();
         let facts = fixed.facts();
         let sender = inbound.from.as_ref().map(|m| m.address.clone()).unwrap_or_default();
         let believed = fixed.config.agent(&sender).is_some()
