@@ -9,6 +9,8 @@
 //! It may not write a work note (`550 5.7.1`), publish as the helpdesk (its
 //! comment reaches the agents only, as a partner's `email` entry), open a
 //! ticket for someone else by a forged forward, or read a work note.
+//! The same forgeries through `crmgate deliver` (the pipe transport) are
+//! refused with exit 77.
 
 mod common;
 
@@ -349,5 +351,57 @@ async fn an_outsider_cannot_read_a_work_note() {
         .flat_map(|k| t[*k].as_array().into_iter().flatten())
         .collect();
     assert!(everyone.iter().all(|a| *a != "mallory@evil.example"), "{t}");
+    g.stop().await;
+}
+
+/// `crmgate deliver` (the MTA's pipe transport) runs with peer 127.0.0.1:
+/// when loopback is not trusted, a forged agent is refused there too (exit
+/// 77, EX_NOPERM), and believed only on our MTA's passing result. With the
+/// default `trusted_relays` (loopback) every agent From through the pipe
+/// would be believed: see the README's threat model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_agent_through_the_pipe_transport_is_refused() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    let mut g = Gateway::start(HOSTILE).await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    let deliver = |message: &str| -> i32 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_crmgate"))
+            .arg("--config")
+            .arg(g.config_path())
+            .args(["deliver", "--sender", JANE, "--recipient", INTERNAL])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(message.as_bytes())
+            .unwrap();
+        child.wait().unwrap().code().unwrap_or(-1)
+    };
+    let mut let_in = Vec::new();
+    for (i, (what, forged)) in FORGERIES.iter().enumerate() {
+        let message = format!(
+            "{forged}From: Jane Doe <jane.doe@example.org>\nTo: {INTERNAL}\n\
+             Subject: [{number}] note\nMessage-ID: <piped-{i}@evil.example>\n\nx\n"
+        );
+        let code = deliver(&message);
+        if code != 77 {
+            let_in.push(format!("{what}: exit {code}"));
+        }
+    }
+    assert!(let_in.is_empty(), "{let_in:#?}");
+    let genuine = format!(
+        "{GENUINE}From: Jane Doe <jane.doe@example.org>\nTo: {INTERNAL}\n\
+         Subject: [{number}] note\nMessage-ID: <piped-genuine@example.org>\n\nx\n"
+    );
+    assert_eq!(deliver(&genuine), 0);
+    assert!(kinds(&g.show(&number)).contains(&"work_note".to_string()));
     g.stop().await;
 }
