@@ -405,3 +405,47 @@ async fn a_forged_agent_through_the_pipe_transport_is_refused() {
     assert!(kinds(&g.show(&number)).contains(&"work_note".to_string()));
     g.stop().await;
 }
+
+/// Forgeries that ride on a *genuine* pass of our MTA for another domain:
+/// the attacker's own domain passes DMARC, and the From crmgate reads is
+/// the agent's. Found here: crmgate believed `dmarc=pass` without comparing
+/// its `header.from` with the From it reads, so a parser difference between
+/// the MTA's DMARC check and mail-parser (which reads the *last* of two From
+/// headers) made a forged agent believed. `parse` now counts `dmarc=pass`
+/// only for the domain of a single From header with a single mailbox.
+const PASS_FOR_ANOTHER_DOMAIN: [(&str, &str); 3] = [
+    (
+        "dmarc=pass for another header.from domain",
+        "Authentication-Results: mx.example.org; dkim=pass header.d=evil.example; dmarc=pass header.from=evil.example\n\
+         From: Jane Doe <jane.doe@example.org>\n",
+    ),
+    (
+        "two From headers, the attacker's first",
+        "Authentication-Results: mx.example.org; dkim=pass header.d=evil.example; dmarc=pass header.from=evil.example\n\
+         From: Mallory <mallory@evil.example>\nFrom: Jane Doe <jane.doe@example.org>\n",
+    ),
+    (
+        "two mailboxes in one From, the agent's first",
+        "Authentication-Results: mx.example.org; dkim=pass header.d=evil.example; dmarc=pass header.from=evil.example\n\
+         From: Jane Doe <jane.doe@example.org>, Mallory <mallory@evil.example>\n",
+    ),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dmarc_pass_for_another_domain_does_not_make_an_agent() {
+    let mut g = Gateway::start(HOSTILE).await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    let mut let_in = Vec::new();
+    for (i, (what, head)) in PASS_FOR_ANOTHER_DOMAIN.iter().enumerate() {
+        let message = format!(
+            "{head}To: {INTERNAL}\nSubject: [{number}] note\nMessage-ID: <other-domain-{i}@evil.example>\n\nx\n"
+        );
+        let reply = g.send("mallory@evil.example", &[INTERNAL], &message).await;
+        if !reply.starts_with("550 5.7.1") {
+            let_in.push(format!("{what}: {reply}"));
+        }
+    }
+    assert!(let_in.is_empty(), "forged work notes let in: {let_in:#?}");
+    g.stop().await;
+}
