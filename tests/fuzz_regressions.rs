@@ -69,3 +69,32 @@ fn the_checker_sees_a_whole_address_and_only_a_whole_one() {
         "jane.doe@example.org"
     ));
 }
+
+/// Found by `tests/properties.rs` (fixed in decide): an agent's From that
+/// is not believed (here: untrusted peer, no Authentication-Results) opened
+/// a ticket with the agent's address as its requester, i.e. in the watch
+/// group. The fixture's last bytes (`1`, `0`) pick that envelope.
+#[test]
+fn unbelieved_agent_from_became_requester() {
+    let fixed = pipeline::Fixed::new();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/fuzz/unbelieved-agent-from-became-requester.eml");
+    let data = std::fs::read(&path).unwrap();
+    let inbound = crmgate::parse::parse(&data).unwrap();
+    let (envelope, _) = pipeline::envelope_for(&data, &inbound);
+    assert!(!crmgate::decide::from_is_believed(
+        &fixed.config,
+        &envelope,
+        &inbound,
+        pipeline::JANE
+    ));
+    let decision = crmgate::decide::decide(&fixed.facts(), &envelope, &inbound, None, None);
+    let crmgate::decide::Decision::Record(plan) = decision else {
+        panic!("{decision:?}")
+    };
+    let crmgate::decide::TicketTarget::New(new) = &plan.ticket else {
+        panic!("{:?}", plan.ticket)
+    };
+    assert!(new.requesters.is_empty(), "{:?}", new.requesters);
+    run_file(&fixed, &path);
+}
