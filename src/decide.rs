@@ -604,7 +604,16 @@ pub fn decide(
                 plan.entries
                     .push(inbound_entry(EntryKind::Comment, &sender));
             } else {
-                new.requesters.push(sender.clone());
+                // An outsider opens a ticket for themselves. An agent's From
+                // that is not believed (a forgery, or an agent writing from
+                // an unauthenticated path), a former agent or a CRM address
+                // is an outsider too, but never joins a watch group: the
+                // ticket then has no requester.
+                if !facts.is_agent_or_former(&sender.address)
+                    && !facts.is_crm_address(&sender.address)
+                {
+                    new.requesters.push(sender.clone());
+                }
                 plan.entries
                     .push(inbound_entry(EntryKind::Comment, &sender));
             }
@@ -1442,6 +1451,25 @@ default_notes_list = true
             Some(&t),
         ));
         assert_eq!(p.state, Some(TicketState::Open));
+    }
+
+    #[test]
+    fn an_unbelieved_agent_from_opening_a_ticket_is_no_requester() {
+        // Found by tests/properties.rs: a forged agent From (untrusted peer,
+        // no Authentication-Results) opened a ticket with the agent as its
+        // requester, i.e. in the watch group.
+        for from in [AGENT, "old.agent@example.org", "support@example.org"] {
+            let env = envelope("other@else.example", &["support@example.org"], false);
+            let inbound = mail(from, &["support@example.org"], &[], "Imprimante");
+            let p = plan(run(&env, &inbound, None));
+            let TicketTarget::New(new) = &p.ticket else {
+                panic!()
+            };
+            assert!(new.requesters.is_empty(), "{from}: {:?}", new.requesters);
+            assert_eq!(p.entries[0].kind, EntryKind::Comment);
+            assert!(!p.entries[0].by_agent);
+            assert!(p.sends.iter().all(|s| s.agents_only), "{:?}", p.sends);
+        }
     }
 
     #[test]

@@ -195,8 +195,23 @@ fn extract(message: &Message<'_>) -> Inbound {
     } else {
         forward::attached(message, &text, &subject).or_else(|| forward::inline(&text, &subject))
     };
+    let from_mailboxes = mailboxes(message.from());
+    let from = from_mailboxes.first().cloned();
+    // The From that `dmarc=pass` vouches for must be the one crmgate reads:
+    // one From header holding one mailbox, whose domain is the result's
+    // `header.from`. Otherwise a genuine pass for the sender's own domain
+    // would make a second From (or a second mailbox) believed.
+    let from_headers = headers
+        .iter()
+        .filter(|h| h.name.as_str().eq_ignore_ascii_case("From"))
+        .count();
+    let dmarc_domain = from
+        .as_ref()
+        .filter(|_| from_headers == 1 && from_mailboxes.len() == 1)
+        .and_then(|m| m.address.rsplit_once('@'))
+        .map(|(_, domain)| domain.to_string());
     Inbound {
-        from: mailboxes(message.from()).into_iter().next(),
+        from,
         to: message.all_to().flat_map(|a| mailboxes(Some(a))).collect(),
         cc: message.all_cc().flat_map(|a| mailboxes(Some(a))).collect(),
         reply_to: mailboxes(message.reply_to()),
@@ -222,7 +237,7 @@ fn extract(message: &Message<'_>) -> Inbound {
             .filter(|v| !v.is_empty())
             .collect(),
         auth_results: header_texts(headers, "Authentication-Results")
-            .map(|v| auth_result(&v))
+            .map(|v| auth_result(&v, dmarc_domain.as_deref()))
             .collect(),
         spam_flag: header_texts(headers, "X-Spam-Flag").any(|v| v.eq_ignore_ascii_case("yes")),
         forward,
@@ -574,8 +589,9 @@ fn auto_signal(headers: &[Header<'_>], is_report: bool) -> Option<AutoSignal> {
 ///
 /// Comments are removed first, so `(dkim=pass would be nice)` counts for
 /// nothing; a result counts only when its own `method=result` token says
-/// `pass`.
-fn auth_result(value: &str) -> AuthResult {
+/// `pass`. `dmarc=pass` counts only when its `header.from` is `from_domain`,
+/// the domain of the message's single From mailbox (`None`: no such From).
+fn auth_result(value: &str, from_domain: Option<&str>) -> AuthResult {
     let value = strip_comments(value);
     let mut segments = value.split(';');
     let authserv_id = segments
@@ -597,7 +613,14 @@ fn auth_result(value: &str) -> AuthResult {
             continue;
         }
         if method.eq_ignore_ascii_case("dmarc") {
-            result.dmarc_pass = true;
+            let header_from = tokens
+                .filter_map(|t| t.split_once('='))
+                .find(|(key, _)| key.eq_ignore_ascii_case("header.from"))
+                .map(|(_, val)| val.trim_matches('"').to_ascii_lowercase());
+            if header_from.is_some_and(|d| from_domain.is_some_and(|f| f.eq_ignore_ascii_case(&d)))
+            {
+                result.dmarc_pass = true;
+            }
         } else if method.eq_ignore_ascii_case("dkim") {
             let mut d = None;
             let mut i = None;
@@ -808,6 +831,7 @@ mod tests {
              Authentication-Results: other.example; dkim=pass header.i=@Sub.Example.net;\r\n\
              \tdmarc=fail; arc=none\r\n\
              Authentication-Results: third.example; none\r\n\
+             From: a@example.com\r\n\
              Subject: s\r\n\r\nx\r\n",
         );
         assert_eq!(
@@ -829,6 +853,24 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn dmarc_pass_for_another_domain_or_an_ambiguous_from_does_not_count() {
+        // Found by tests/spoofing.rs: a genuine pass for the attacker's
+        // domain made an agent's From believed.
+        let ar = "Authentication-Results: mx.example.org; dmarc=pass header.from=evil.example\r\n";
+        for (from, counts) in [
+            ("From: m@evil.example\r\n", true),
+            ("From: m@EVIL.example\r\n", true),
+            ("From: jane@example.org\r\n", false),
+            ("From: m@evil.example\r\nFrom: jane@example.org\r\n", false),
+            ("From: jane@example.org, m@evil.example\r\n", false),
+            ("", false),
+        ] {
+            let m = parse_ok(&format!("{ar}{from}Subject: s\r\n\r\nx\r\n"));
+            assert_eq!(m.auth_results[0].dmarc_pass, counts, "{from}");
+        }
     }
 
     #[test]
