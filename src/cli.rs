@@ -288,20 +288,15 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
                         .with_context(|| format!("--state {s}: use new, open or resolved"))?,
                 ),
             };
-            let list = tickets::list(conn, state)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                for t in list {
-                    println!(
-                        "{}  {:<8}  {}  {}",
-                        t.number,
-                        t.state,
-                        t.requesters.join(","),
-                        t.subject
-                    );
-                }
-            }
+            print_rows(&tickets::list(conn, state)?, json, |t| {
+                format!(
+                    "{}  {:<8}  {}  {}",
+                    t.number,
+                    t.state,
+                    t.requesters.join(","),
+                    t.subject
+                )
+            })?;
         }
         Command::Ticket(TicketCommand::Show { number, json }) => {
             let id = tickets::require(conn, &number)?;
@@ -433,22 +428,17 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
             print_list(conn, &number, "notes", json)?
         }
         Command::Outbox(OutboxCommand::List { json }) => {
-            let rows = outbox::list(conn)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                for r in rows {
-                    println!(
-                        "{}  {}  {}  {}  attempts={}  {}",
-                        r.id,
-                        r.ticket.as_deref().unwrap_or("-"),
-                        r.kind,
-                        r.status.as_str(),
-                        r.attempts,
-                        r.recipients.join(",")
-                    );
-                }
-            }
+            print_rows(&outbox::list(conn)?, json, |r| {
+                format!(
+                    "{}  {}  {}  {}  attempts={}  {}",
+                    r.id,
+                    r.ticket.as_deref().unwrap_or("-"),
+                    r.kind,
+                    r.status.as_str(),
+                    r.attempts,
+                    r.recipients.join(",")
+                )
+            })?;
         }
         Command::Outbox(OutboxCommand::Retry { id }) => {
             let n = outbox::retry(conn, id, store::now())?;
@@ -461,23 +451,34 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
             println!("{n} row(s) queued again");
         }
         Command::Quarantine(QuarantineCommand::List { json }) => {
-            let rows = tickets::quarantine_list(conn)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                for q in rows {
-                    println!(
-                        "{}  {}  {:<10}  {}  {}",
-                        q.id,
-                        q.at,
-                        q.reason,
-                        q.sender.as_deref().unwrap_or("-"),
-                        q.subject.as_deref().unwrap_or("")
-                    );
-                }
-            }
+            print_rows(&tickets::quarantine_list(conn)?, json, |q| {
+                format!(
+                    "{}  {}  {:<10}  {}  {}",
+                    q.id,
+                    q.at,
+                    q.reason,
+                    q.sender.as_deref().unwrap_or("-"),
+                    q.subject.as_deref().unwrap_or("")
+                )
+            })?;
         }
         Command::Serve | Command::CheckConfig | Command::Deliver { .. } => {}
+    }
+    Ok(())
+}
+
+/// One JSON document, or one line per row for a person.
+fn print_rows<T: serde::Serialize>(
+    rows: &[T],
+    json: bool,
+    line: impl Fn(&T) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+    } else {
+        for row in rows {
+            println!("{}", line(row));
+        }
     }
     Ok(())
 }
@@ -776,12 +777,5 @@ fn print_list(conn: &Connection, number: &str, role: &str, json: bool) -> anyhow
     } else {
         info.work_notes_list
     };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
-    } else {
-        for a in list {
-            println!("{a}");
-        }
-    }
-    Ok(())
+    print_rows(&list, json, String::clone)
 }
