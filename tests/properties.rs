@@ -260,13 +260,13 @@ fn keeps_the_rules(
     Ok(())
 }
 
-/// 64 cases per property by default (a few seconds in a debug build, for
+/// 128 cases per property by default (a few seconds in a debug build, for
 /// CI); `PROPTEST_CASES=5000 cargo test --test properties` for a long run.
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(64)
+        .unwrap_or(128)
 }
 
 proptest! {
