@@ -89,7 +89,7 @@ fn prefix_regex() -> &'static Regex {
     static RE: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
     RE.get_or_init(|| {
         match Regex::new(
-            r"(?i)^\s*(?:(?:re|tr|fwd?|aw|wg|sv|vs|antw|rv|réf\.?|ref\.?|r|i|enc|res|odp|pd|vb|doorst|ynt|ilt|sv|svar|vl|atb|tr\s?:?)\s*(?:\[\d+\]|\(\d+\))?\s*[:：]|\[\d+\])\s*",
+            r"(?i)^\s*(?:(?:re|tr|fwd?|aw|wg|sv|vs|antw|rv|réf\.?|ref\.?|r|i|enc|res|odp|pd|vb|doorst|ynt|ilt|svar|vl|atb)\s*(?:\[\d+\]|\(\d+\))?\s*[:：]|\[\d+\])\s*",
         ) {
             Ok(re) => re,
             Err(e) => unreachable!("constant regex: {e}"),
