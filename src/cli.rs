@@ -14,7 +14,7 @@ use rusqlite::{Connection, TransactionBehavior};
 
 use crate::compose::SendKind;
 use crate::config::Config;
-use crate::decide::{self, EntryKind, Facts, PlannedSend, TicketState};
+use crate::decide::{self, EntryKind, PlannedSend, TicketState};
 use crate::intake::{self, Arrival, Runtime};
 use crate::parse::{Attachment, Inbound, Mailbox};
 use crate::smtp::{Envelope, Verdict};
@@ -207,8 +207,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Deliver { recipients, sender } => Ok(deliver(config, recipients, sender)),
         command => {
-            let runtime = Runtime::new(Arc::new(config))?;
+            let mut runtime = Runtime::new(Arc::new(config))?;
             let mut conn = store::open(&runtime.config.database_path())?;
+            runtime.load_former_agents(&conn)?;
             dispatch(&mut conn, &runtime, command)?;
             Ok(0)
         }
@@ -232,7 +233,7 @@ fn deliver(config: Config, recipients: Vec<String>, sender: Option<String>) -> i
         eprintln!("crmgate: {bad}: no such address here");
         return sysexits::NOUSER;
     }
-    let runtime = match Runtime::new(Arc::new(config)) {
+    let mut runtime = match Runtime::new(Arc::new(config)) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("crmgate: {e:#}");
@@ -254,7 +255,9 @@ fn deliver(config: Config, recipients: Vec<String>, sender: Option<String>) -> i
         eprintln!("crmgate: not an RFC 5322 message");
         return sysexits::DATAERR;
     }
-    let mut conn = match store::open(&runtime.config.database_path()) {
+    let mut conn = match store::open(&runtime.config.database_path())
+        .and_then(|c| runtime.load_former_agents(&c).map(|()| c))
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("crmgate: {e}");
@@ -344,16 +347,13 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
                 if view.state == TicketState::Resolved {
                     bail!("{number} is already resolved");
                 }
-                let former = tickets::former_agents(tx)?;
-                let facts = facts(rt, &former);
-                let mut plan = decide::resolve(&facts, &view);
+                let mut plan = decide::resolve(&rt.facts(), &view);
                 if let Some(agent) = &by {
                     plan.entries[0].text = format!("resolved by {}", agent.address);
                 }
                 intake::apply(
                     tx,
                     rt,
-                    &facts,
                     &plan,
                     Some(&view),
                     &Inbound::default(),
@@ -483,14 +483,6 @@ fn print_rows<T: serde::Serialize>(
     Ok(())
 }
 
-fn facts<'a>(rt: &'a Runtime, former: &'a std::collections::BTreeSet<String>) -> Facts<'a> {
-    Facts {
-        config: &rt.config,
-        former_agents: former,
-        reply_key: rt.reply_key.as_deref(),
-    }
-}
-
 fn in_transaction<T>(
     conn: &mut Connection,
     f: impl FnOnce(&Connection) -> anyhow::Result<T>,
@@ -552,13 +544,10 @@ fn publish(
     in_transaction(conn, |tx| {
         let id = tickets::require(tx, number)?;
         let view = tickets::view(tx, id)?;
-        let former = tickets::former_agents(tx)?;
-        let facts = facts(rt, &former);
-        let plan = decide::publish(&facts, &view, &agent, kind, &text);
+        let plan = decide::publish(&rt.facts(), &view, &agent, kind, &text);
         let applied = intake::apply(
             tx,
             rt,
-            &facts,
             &plan,
             Some(&view),
             &Inbound::default(),
@@ -604,8 +593,6 @@ fn email(
         let now = store::now();
         let id = tickets::require(tx, number)?;
         let view = tickets::view(tx, id)?;
-        let former = tickets::former_agents(tx)?;
-        let facts = facts(rt, &former);
         let clean = crate::thread::clean_subject(subject, &config.ticket_pattern);
         let entry_id = tickets::insert_entry(
             tx,
@@ -658,7 +645,6 @@ fn email(
         let outbox_id = intake::queue(
             tx,
             rt,
-            &facts,
             &view,
             &view.thread,
             &send,
@@ -731,8 +717,7 @@ fn change_list(
             _ => "work-notes list",
         };
         if add && role != "notes" {
-            let former = tickets::former_agents(tx)?;
-            if config.agent(&address).is_some() || former.contains(&address) {
+            if config.agent(&address).is_some() || rt.former_agents.contains(&address) {
                 bail!("{address} is an agent: agents go on the work-notes list, never in the watch group");
             }
             if decide::accepts_recipient(config, &address) {

@@ -93,7 +93,9 @@ pub async fn serve(
         tracing::info!(?removed, "former agents taken off every work-notes list");
     }
     store::tune_for_writer(&conn)?;
-    let runtime = Arc::new(RwLock::new(Arc::new(Runtime::new(config.clone())?)));
+    let mut first = Runtime::new(config.clone())?;
+    first.load_former_agents(&conn)?;
+    let runtime = Arc::new(RwLock::new(Arc::new(first)));
     let wake = Arc::new(Notify::new());
     let writer =
         Writer::spawn(conn, runtime.clone(), wake.clone()).context("starting the writer thread")?;
@@ -200,9 +202,10 @@ fn reload_runtime(
     };
     let result = (|| -> anyhow::Result<()> {
         let config = Config::load(Some(path))?;
-        let new = Runtime::new(Arc::new(config))?;
+        let mut new = Runtime::new(Arc::new(config))?;
         let conn = store::open(db_path)?;
         let removed = tickets::sync_agents(&conn, &new.config.agents, store::now())?;
+        new.load_former_agents(&conn)?;
         tracing::info!(
             agents = new.config.agents.len(),
             ?removed,

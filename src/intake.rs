@@ -49,6 +49,11 @@ pub struct Runtime {
     pub templates: Templates,
     /// Content of `reply_secret_file`, trimmed.
     pub reply_key: Option<Vec<u8>>,
+    /// Addresses that were agents once. They change only when the agents
+    /// are synced (start, SIGHUP), so they are read then, not per message.
+    pub former_agents: BTreeSet<String>,
+    /// What mail to non-agents is scrubbed of: agents and former agents.
+    pub scrub: Scrub,
 }
 
 impl Runtime {
@@ -67,11 +72,44 @@ impl Runtime {
             ),
             None => None,
         };
-        Ok(Runtime {
+        let mut runtime = Runtime {
+            scrub: Scrub {
+                addresses: Vec::new(),
+                replacement: config.public_address.clone(),
+            },
             config,
             templates,
             reply_key,
-        })
+            former_agents: BTreeSet::new(),
+        };
+        runtime.set_former_agents(BTreeSet::new());
+        Ok(runtime)
+    }
+
+    /// Read the former agents from the log (after `tickets::sync_agents`).
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn load_former_agents(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        self.set_former_agents(tickets::former_agents(conn)?);
+        Ok(())
+    }
+
+    fn set_former_agents(&mut self, former_agents: BTreeSet<String>) {
+        let mut addresses: BTreeSet<String> =
+            self.config.agents.iter().map(|a| a.email.clone()).collect();
+        addresses.extend(former_agents.iter().cloned());
+        self.scrub.addresses = addresses.into_iter().collect();
+        self.former_agents = former_agents;
+    }
+
+    /// What the rules read besides the message.
+    pub fn facts(&self) -> Facts<'_> {
+        Facts {
+            config: &self.config,
+            former_agents: &self.former_agents,
+            reply_key: self.reply_key.as_deref(),
+        }
     }
 }
 
@@ -146,13 +184,7 @@ pub fn process(
         &inbound.body_hash,
         now,
     )?;
-    let former_agents = tickets::former_agents(conn)?;
-    let facts = Facts {
-        config,
-        former_agents: &former_agents,
-        reply_key: rt.reply_key.as_deref(),
-    };
-    let decision = decide::decide(&facts, env, inbound, ticket.as_ref(), duplicate_of);
+    let decision = decide::decide(&rt.facts(), env, inbound, ticket.as_ref(), duplicate_of);
     let quarantine = |reason: &str| {
         keep_in_quarantine(
             conn,
@@ -206,7 +238,6 @@ pub fn process(
             let applied = apply(
                 conn,
                 rt,
-                &facts,
                 &plan,
                 ticket.as_ref(),
                 inbound,
@@ -368,7 +399,6 @@ pub struct Applied {
 pub fn apply(
     conn: &Connection,
     rt: &Runtime,
-    facts: &Facts<'_>,
     plan: &Plan,
     ticket: Option<&TicketView>,
     inbound: &Inbound,
@@ -526,7 +556,6 @@ pub fn apply(
         let queued_id = queue(
             conn,
             rt,
-            facts,
             &view,
             &thread,
             send,
@@ -679,12 +708,6 @@ pub fn failure_notice(
         cc: Vec::new(),
         agents_only: true,
     };
-    let former = tickets::former_agents(conn)?;
-    let facts = Facts {
-        config,
-        former_agents: &former,
-        reply_key: rt.reply_key.as_deref(),
-    };
     let subject = templates::subject("failure", config.language, &view.subject);
     let content = Content {
         subject,
@@ -697,7 +720,6 @@ pub fn failure_notice(
     queue(
         conn,
         rt,
-        &facts,
         view,
         &view.thread,
         &send,
@@ -731,7 +753,6 @@ pub struct Content {
 pub fn queue(
     conn: &Connection,
     rt: &Runtime,
-    facts: &Facts<'_>,
     view: &TicketView,
     thread: &[crate::decide::ThreadRef],
     send: &PlannedSend,
@@ -796,15 +817,7 @@ pub fn queue(
     }
     let tail_start = visible.len().saturating_sub(10).max(1);
     references.extend(visible.iter().skip(tail_start).map(|s| s.to_string()));
-    let scrub = (!send.agents_only).then(|| {
-        let mut addresses: BTreeSet<String> =
-            config.agents.iter().map(|a| a.email.clone()).collect();
-        addresses.extend(facts.former_agents.iter().cloned());
-        Scrub {
-            addresses: addresses.into_iter().collect(),
-            replacement: config.public_address.clone(),
-        }
-    });
+    let scrub = (!send.agents_only).then(|| rt.scrub.clone());
     let message_id = format!(
         "{}.{:016x}@{}",
         view.number,
