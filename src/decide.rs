@@ -638,7 +638,7 @@ pub fn decide(
                 work_notes_list: new.work_notes_list.clone(),
                 thread: Vec::new(),
             };
-            plan_sends(facts, envelope, inbound, &view, &sender, agent, &mut plan);
+            plan_sends(facts, inbound, &view, &sender, agent, &mut plan);
             if plan.decision == "forward" {
                 // The requester gets only the receipt: drop the public copy.
                 plan.sends.retain(|s| s.kind != SendKind::PublicCopy);
@@ -674,7 +674,7 @@ pub fn decide(
             if agent_on_new || requester_reopens {
                 plan.state = Some(TicketState::Open);
             }
-            plan_sends(facts, envelope, inbound, t, &sender, agent, &mut plan);
+            plan_sends(facts, inbound, t, &sender, agent, &mut plan);
         }
     }
     if agent && plan.state.is_none() {
@@ -696,7 +696,6 @@ fn add_agent(list: &mut Vec<String>, address: &str) {
 /// 7 and 8: who receives the message of `plan.entries[0]`, under which From.
 fn plan_sends(
     facts: &Facts<'_>,
-    envelope: &Envelope,
     inbound: &Inbound,
     ticket: &TicketView,
     sender: &Mailbox,
@@ -803,7 +802,6 @@ fn plan_sends(
         }
         _ => {}
     }
-    let _ = envelope;
     // A message with nobody to send to is not queued.
     plan.sends.retain(|s| !s.envelope.is_empty());
 }
@@ -951,17 +949,12 @@ pub fn publish(
             "comment"
         },
     };
-    let envelope = Envelope {
-        peer: std::net::IpAddr::from([127, 0, 0, 1]),
-        helo: String::new(),
-        mail_from: Some(agent.address.clone()),
-        rcpt_to: Vec::new(),
-    };
+    // Published from the CRM: nobody had it directly.
     let inbound = Inbound {
         from: Some(agent.clone()),
         ..Inbound::default()
     };
-    plan_sends(facts, &envelope, &inbound, ticket, agent, true, &mut plan);
+    plan_sends(facts, &inbound, ticket, agent, true, &mut plan);
     plan
 }
 

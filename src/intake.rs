@@ -386,7 +386,6 @@ fn find_ticket(
 
 /// What applying a plan wrote.
 pub struct Applied {
-    pub ticket_id: i64,
     pub number: String,
     pub queued: usize,
 }
@@ -566,7 +565,6 @@ pub fn apply(
         queued += usize::from(queued_id.is_some());
     }
     Ok(Applied {
-        ticket_id: view.id,
         number: view.number,
         queued,
     })
