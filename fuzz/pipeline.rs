@@ -273,6 +273,7 @@ pub fn compose_send(
         language: fixed.config.language,
         from_name: send.from_name.clone(),
         from_address: send.from_address.clone(),
+        reply_address: None,
         to: send.to.clone(),
         cc: send.cc.clone(),
         subject: entry.subject.clone(),

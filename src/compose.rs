@@ -84,6 +84,9 @@ pub struct Draft {
     pub from_name: String,
     /// A CRM address: the public or the internal one.
     pub from_address: String,
+    /// Reply-To when it is not the From address: a work note's signed
+    /// reply address (see [`crate::thread::reply_address`]).
+    pub reply_address: Option<String>,
     pub to: Vec<Mailbox>,
     pub cc: Vec<Mailbox>,
     /// The subject without ticket tag or reply prefixes; compose adds `[NUMBER] `.
@@ -141,9 +144,15 @@ pub fn compose(draft: &Draft) -> Result<Vec<u8>, ComposeError> {
         Some(one_line(&clean(&draft.from_name))),
         draft.from_address.clone(),
     );
+    let reply_to = match &draft.reply_address {
+        Some(address) => {
+            Address::new_address(Some(one_line(&clean(&draft.from_name))), address.clone())
+        }
+        None => from.clone(),
+    };
     let mut message = MessageBuilder::new()
-        .from(from.clone())
-        .reply_to(from)
+        .from(from)
+        .reply_to(reply_to)
         .header("Message-ID", MessageId::new(bare_id(&draft.message_id)));
 
     let to = header_mailboxes(&draft.to, &clean);
@@ -450,6 +459,7 @@ mod tests {
             language: Language::Fr,
             from_name: "Hélène Côté via Soutien TI".into(),
             from_address: "support@example.com".into(),
+            reply_address: None,
             to: vec![Mailbox::new(Some("Zoé Ménard"), "zoe@client.example")],
             cc: vec![],
             subject: "Imprimante en panne à l'étage".into(),

@@ -324,8 +324,8 @@ fn forward_to_operator(
     Ok(())
 }
 
-/// Threading: our bounce address, then the Subject's number, a `+NUMBER`
-/// tag, In-Reply-To/References, and the Message-ID a delivery report returns.
+/// Threading: our bounce address, our signed reply address, then the
+/// Subject's number, a `+NUMBER` tag, In-Reply-To/References, and the Message-ID a delivery report returns.
 fn find_ticket(
     conn: &Connection,
     rt: &Runtime,
@@ -358,8 +358,10 @@ fn find_ticket(
             &inbound.in_reply_to,
             &inbound.references,
             &config.ticket_pattern,
+            rt.reply_key.as_deref(),
         );
-        for number in c.subject_numbers.iter().chain(&c.tag_numbers) {
+        let numbers = c.signed_numbers.iter().chain(&c.subject_numbers);
+        for number in numbers.chain(&c.tag_numbers) {
             if let Some(id) = tickets::find_by_number(conn, number)? {
                 found = Some(id);
                 break;
@@ -828,6 +830,14 @@ pub fn queue(
         language: config.language,
         from_name: send.from_name.clone(),
         from_address: send.from_address.clone(),
+        reply_address: match send.kind {
+            SendKind::WorkNote => crate::thread::reply_address(
+                &config.internal_address,
+                &view.number,
+                rt.reply_key.as_deref(),
+            ),
+            _ => None,
+        },
         to: send.to.clone(),
         cc: send.cc.clone(),
         subject: content.subject,

@@ -5,7 +5,8 @@
 //! an In-Reply-To or References naming a message in the log. This module
 //! produces the candidates as plain values; the store says which exists.
 //! It also owns the shape of crmgate's own tagged addresses (`+NUMBER`,
-//! `+bounce-ID-MAC`), since recognising them is part of threading.
+//! `+NUMBER.MAC` on the work notes' Reply-To, `+bounce-ID-MAC`), since
+//! recognising them is part of threading.
 
 use hmac::{Hmac, Mac};
 use regex::Regex;
@@ -14,6 +15,10 @@ use sha2::Sha256;
 /// What to look up, in order; the first that names a ticket wins.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Candidates {
+    /// Ticket numbers from our signed reply addresses (`+NUMBER.MAC` whose
+    /// MAC checks): crmgate's own word, so they come before the Subject,
+    /// which a person may have edited.
+    pub signed_numbers: Vec<String>,
     /// Ticket numbers from the Subject, normalised to the configured case.
     pub subject_numbers: Vec<String>,
     /// Ticket numbers from `+NUMBER` recipient tags.
@@ -59,7 +64,35 @@ pub fn strip_tag(address: &str) -> String {
     }
 }
 
-/// Gather the candidates of one message.
+/// What one recipient tag says about the ticket.
+#[derive(Debug, PartialEq, Eq)]
+enum Tag {
+    Signed(String),
+    Plain(Vec<String>),
+    /// A `NUMBER.MAC` tag whose MAC does not check: it names nothing.
+    Forged,
+}
+
+/// Read a `+tag`: with a key, `NUMBER.MAC` is a signed reply address and
+/// must check; anything else is searched for ticket numbers as the SPEC's
+/// plain `+NUMBER`. Without a key nothing is signed, so a dotted tag is plain.
+fn read_tag(tag: &str, pattern: &Regex, key: Option<&[u8]>) -> Tag {
+    if key.is_some() {
+        if let Some((number, given)) = tag.rsplit_once('.') {
+            if let [number] = subject_numbers(number, pattern).as_slice() {
+                let expected = mac(key, &format!("notes-{number}"));
+                return match expected.eq_ignore_ascii_case(given) {
+                    true => Tag::Signed(number.clone()),
+                    false => Tag::Forged,
+                };
+            }
+        }
+    }
+    Tag::Plain(subject_numbers(tag, pattern))
+}
+
+/// Gather the candidates of one message. `key` is `reply_secret_file`'s,
+/// which signs the work notes' reply addresses.
 pub fn candidates(
     subject: &str,
     rcpt_to: &[String],
@@ -67,16 +100,22 @@ pub fn candidates(
     in_reply_to: &[String],
     references: &[String],
     pattern: &Regex,
+    key: Option<&[u8]>,
 ) -> Candidates {
-    let tag_numbers = rcpt_to
-        .iter()
-        .filter_map(|r| plus_tag(r, crm_addresses))
-        .flat_map(|tag| subject_numbers(tag, pattern))
-        .collect();
+    let mut signed_numbers = Vec::new();
+    let mut tag_numbers = Vec::new();
+    for tag in rcpt_to.iter().filter_map(|r| plus_tag(r, crm_addresses)) {
+        match read_tag(tag, pattern, key) {
+            Tag::Signed(number) => signed_numbers.push(number),
+            Tag::Plain(numbers) => tag_numbers.extend(numbers),
+            Tag::Forged => tracing::debug!(tag, "reply address tag with a bad MAC ignored"),
+        }
+    }
     let mut message_ids: Vec<String> = in_reply_to.to_vec();
     message_ids.extend(references.iter().rev().cloned());
     message_ids.dedup();
     Candidates {
+        signed_numbers,
         subject_numbers: subject_numbers(subject, pattern),
         tag_numbers,
         message_ids,
@@ -155,6 +194,20 @@ pub fn mac(key: Option<&[u8]>, text: &str) -> String {
         },
         None => "0".into(),
     }
+}
+
+/// The Reply-To of a work note when `reply_secret_file` is set:
+/// `internal+NUMBER.MAC@domain`. A reply to it names its ticket with
+/// crmgate's signature, whatever the Subject became, and it goes to the
+/// internal address, so it comes back as a work note (and, like any work
+/// note, only from a believed agent). Without a key there is nothing to sign
+/// with, and the Reply-To stays the From address, as the SPEC says.
+pub fn reply_address(internal: &str, ticket_number: &str, key: Option<&[u8]>) -> Option<String> {
+    key?;
+    let (local, domain) = internal.rsplit_once('@')?;
+    let number = ticket_number.to_ascii_uppercase();
+    let mac = mac(key, &format!("notes-{number}"));
+    Some(format!("{local}+{number}.{mac}@{domain}"))
 }
 
 /// crmgate's envelope sender for one outbox row: `public+bounce-ID-MAC@domain`
@@ -240,6 +293,7 @@ mod tests {
             &["a@x".into()],
             &["first@x".into(), "last@x".into()],
             &pattern(),
+            None,
         );
         assert_eq!(c.tag_numbers, ["TKT0000042"]);
         assert_eq!(c.message_ids, ["a@x", "last@x", "first@x"]);
@@ -264,5 +318,62 @@ mod tests {
             parse_bounce_address(&plain, "support@example.org", None),
             Some(7)
         );
+    }
+
+    #[test]
+    fn signed_reply_addresses_name_their_ticket_and_nothing_else() {
+        let key = b"0123456789abcdef0123".as_slice();
+        let bases = ["support@example.org", "support-notes@example.org"];
+        assert_eq!(
+            reply_address("support-notes@example.org", "TKT0000042", None),
+            None,
+            "no key, no signed address: Reply-To stays the From"
+        );
+        let signed = reply_address("support-notes@example.org", "tkt0000042", Some(key))
+            .expect("signed with a key");
+        assert!(signed.starts_with("support-notes+TKT0000042."), "{signed}");
+        let with = |rcpt: &str, key: Option<&[u8]>| {
+            candidates(
+                "[TKT0000007] autre",
+                &[rcpt.into()],
+                &bases,
+                &[],
+                &[],
+                &pattern(),
+                key,
+            )
+        };
+        // Upper or lower case, as MTAs may rewrite local parts.
+        for rcpt in [signed.clone(), signed.to_ascii_lowercase()] {
+            let c = with(&rcpt, Some(key));
+            assert_eq!(c.signed_numbers, ["TKT0000042"], "{rcpt}");
+            assert!(c.tag_numbers.is_empty());
+            assert_eq!(c.subject_numbers, ["TKT0000007"]);
+        }
+        // Another ticket's number under this MAC, or a made-up MAC: nothing.
+        let local = signed.split_once('@').map(|(l, _)| l).unwrap_or_default();
+        let mac = local.rsplit_once('.').map(|(_, m)| m).unwrap_or_default();
+        assert_eq!(mac.len(), 10, "{signed}");
+        let moved = format!("support-notes+TKT0000043.{mac}@example.org");
+        let c = with(&moved, Some(key));
+        assert!(
+            c.signed_numbers.is_empty() && c.tag_numbers.is_empty(),
+            "{c:?}"
+        );
+        let c = with("support-notes+TKT0000042.0000000000@example.org", Some(key));
+        assert!(
+            c.signed_numbers.is_empty() && c.tag_numbers.is_empty(),
+            "{c:?}"
+        );
+        // Another key does not check either.
+        let c = with(&signed, Some(b"another key".as_slice()));
+        assert!(
+            c.signed_numbers.is_empty() && c.tag_numbers.is_empty(),
+            "{c:?}"
+        );
+        // The SPEC's plain +NUMBER keeps working with a key.
+        let c = with("support-notes+TKT0000042@example.org", Some(key));
+        assert_eq!(c.tag_numbers, ["TKT0000042"]);
+        assert!(c.signed_numbers.is_empty());
     }
 }

@@ -328,6 +328,7 @@ proptest! {
             language: Language::Fr,
             from_name: format!("{} via Soutien TI", line(&name)),
             from_address: REPLACEMENT.into(),
+            reply_address: None,
             to: vec![
                 Mailbox::new(Some(&line(&name)), "requester@client.example"),
                 Mailbox::new(None, &recase(&agents[0], case)),
@@ -487,6 +488,7 @@ fn real_mail_scrubbed_of_every_address() {
             language: Language::En,
             from_name: "Support via Soutien TI".into(),
             from_address: REPLACEMENT.into(),
+            reply_address: None,
             to,
             cc: vec![],
             subject,

@@ -449,3 +449,122 @@ async fn a_dmarc_pass_for_another_domain_does_not_make_an_agent() {
     assert!(let_in.is_empty(), "forged work notes let in: {let_in:#?}");
     g.stop().await;
 }
+
+/// With `reply_secret_file`, a work note's Reply-To is
+/// `support-notes+NUMBER.MAC@…`: an agent's reply to it comes back as a
+/// work note on that ticket even when the Subject lost its number; the same
+/// address with another number or a made-up MAC names no ticket; and an
+/// outsider who has the address still cannot write a work note.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_to_a_work_note_comes_back_as_a_work_note_on_its_ticket() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("reply.key");
+    std::fs::write(&key, "9f2c61d0a4b84e17b3c55e0a7d2f8c41\n").unwrap();
+    let mut g = Gateway::start(&format!(
+        "{HOSTILE}\nreply_secret_file = \"{}\"",
+        key.display()
+    ))
+    .await;
+    let number = g.open_ticket().await;
+    let (code, _, err) = g.cli(&[
+        "ticket",
+        "work-note",
+        &number,
+        "--by",
+        JANE,
+        "--body",
+        "Carte réseau à changer.",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let sent = g.settle().await;
+    let note: Vec<Received> = to(&sent, BOB)
+        .into_iter()
+        .filter(|m| m.text().contains("Carte r"))
+        .collect();
+    assert_eq!(note.len(), 1, "{}", describe(&sent));
+    let text = note[0].text();
+    assert!(
+        header(&text, "From").is_some_and(|f| f.ends_with(&format!("<{INTERNAL}>"))),
+        "{text}"
+    );
+    let reply_to_of = |m: &Received| -> Option<String> {
+        let parsed = mail_parser::MessageParser::default().parse(&m.data)?;
+        let first = parsed.reply_to()?.first()?;
+        first.address().map(str::to_string)
+    };
+    let signed = reply_to_of(&note[0]).unwrap_or_default();
+    assert!(
+        signed.starts_with(&format!("support-notes+{number}.")) && signed.ends_with("@example.org"),
+        "work note Reply-To: {signed:?}"
+    );
+    // The public copy and the receipt keep Reply-To = From.
+    let to_alice = to(&sent, "alice@u.example");
+    assert!(!to_alice.is_empty(), "{}", describe(&sent));
+    for m in &to_alice {
+        assert_eq!(reply_to_of(m).as_deref(), Some(PUBLIC), "{}", m.text());
+    }
+    let entries = kinds(&g.show(&number)).len();
+
+    // Bob's genuine reply to the signed address, the Subject rewritten.
+    let reply = g
+        .send(
+            BOB,
+            &[&signed],
+            &format!("{GENUINE}From: Bob Agent <{BOB}>\nTo: {signed}\nSubject: commande passée\n\nCarte commandée.\n"),
+        )
+        .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let t = g.show(&number);
+    let k = kinds(&t);
+    assert_eq!(k.len(), entries + 1, "{t}");
+    assert_eq!(k.last().map(String::as_str), Some("work_note"), "{t}");
+    assert_eq!(
+        g.json(&["ticket", "list", "--json"])
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+
+    // The MAC moved to another number, or made up: the tag names nothing,
+    // so Bob's mail (no number in the Subject) opens a ticket of its own.
+    let local = signed.split_once('@').map(|(l, _)| l).unwrap_or_default();
+    let mac = local.rsplit_once('.').map(|(_, m)| m).unwrap_or_default();
+    for (i, forged) in [
+        format!("support-notes+TKT0000009.{mac}@example.org"),
+        format!("support-notes+{number}.0123456789@example.org"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let reply = g
+            .send(
+                BOB,
+                &[forged],
+                &format!(
+                    "{GENUINE}From: Bob Agent <{BOB}>\nTo: {forged}\nSubject: autre {i}\n\nRien.\n"
+                ),
+            )
+            .await;
+        assert!(reply.starts_with("250"), "{reply}");
+        assert_eq!(kinds(&g.show(&number)).len(), entries + 1, "{forged}");
+    }
+    assert_eq!(
+        g.json(&["ticket", "list", "--json"])
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
+
+    // The address is no key to the notes: Mallory, and Alice, are refused.
+    for from in ["mallory@evil.example", "alice@u.example"] {
+        let reply = g
+            .send(
+                from,
+                &[&signed],
+                &format!("From: {from}\nTo: {signed}\nSubject: RE: [{number}] x\n\nMontrez-moi.\n"),
+            )
+            .await;
+        assert!(reply.starts_with("550 5.7.1"), "{from}: {reply}");
+    }
+    g.stop().await;
+}
