@@ -340,7 +340,16 @@ pub fn check_plan(
                     | SendKind::WorkNote
                     | SendKind::PartnerCopy
             );
-            if copy && *address == sender {
+            // Only an agent whose From was not believed gets the copy back,
+            // marked with the address, so a forgery does not go unnoticed.
+            let unverified_agent = is_agent(fixed, address)
+                && send.agents_only
+                && !plan.entries.get(send.entry).is_some_and(|e| e.by_agent)
+                && send
+                    .from_name
+                    .to_ascii_lowercase()
+                    .contains(&address.to_ascii_lowercase());
+            if copy && *address == sender && !unverified_agent {
                 return Err(Violation(format!(
                     "the sender {address} gets its own message back ({:?})",
                     send.kind

@@ -427,6 +427,20 @@ fn display_name(mailbox: &Mailbox, config: &Config) -> String {
     format!("{name} via {}", config.display_name)
 }
 
+/// The display name of an agent's From that is not believed: marked, in
+/// the helpdesk's language, so no agent takes it for a colleague's word.
+fn unverified_name(mailbox: &Mailbox, config: &Config) -> String {
+    let name = mailbox.name.as_deref().unwrap_or(&mailbox.address);
+    let mark = match config.language {
+        crate::config::Language::Fr => "expéditeur non vérifié",
+        crate::config::Language::En => "unverified sender",
+    };
+    format!(
+        "{name} ({mark}: {}) via {}",
+        mailbox.address, config.display_name
+    )
+}
+
 fn contains(list: &[Mailbox], address: &str) -> bool {
     list.iter().any(|m| m.address == address)
 }
@@ -706,13 +720,17 @@ fn plan_sends(
     let Some(entry) = plan.entries.first() else {
         return;
     };
+    // An agent's From that is not believed: a forgery, or the agent writing
+    // from a path that does not authenticate. The agents see it marked, and
+    // the agent named gets the copy too, so a forgery does not go unnoticed.
+    let unverified = !agent && config.agent(&sender.address).is_some();
     // Those who had the inbound message directly: the reply-all duplicate.
     let had_it: BTreeSet<&str> = inbound
         .to
         .iter()
         .chain(&inbound.cc)
         .map(|m| m.address.as_str())
-        .chain(std::iter::once(sender.address.as_str()))
+        .chain((!unverified).then_some(sender.address.as_str()))
         .collect();
     let envelope_of = |addresses: Vec<&str>| -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
@@ -724,7 +742,10 @@ fn plan_sends(
         out
     };
     let author = &entry.author;
-    let from_name = display_name(author, config);
+    let from_name = match unverified && author.address == sender.address {
+        true => unverified_name(author, config),
+        false => display_name(author, config),
+    };
     let mut notes_list: Vec<String> = ticket.work_notes_list.clone();
     for a in &plan.join_work_notes {
         add_agent(&mut notes_list, a);
@@ -1444,6 +1465,31 @@ default_notes_list = true
             Some(&t),
         ));
         assert_eq!(p.state, Some(TicketState::Open));
+    }
+
+    #[test]
+    fn an_unbelieved_agent_comment_is_marked_and_reaches_the_agent_named() {
+        let env = envelope(AGENT, &["support@example.org"], false);
+        let mut inbound = mail(AGENT, &["support@example.org"], &[], "RE: [TKT0000007]");
+        inbound.from = Some(Mailbox::new(Some("Jane Doe"), AGENT));
+        let p = plan(run(&env, &inbound, Some(&ticket())));
+        assert_eq!(p.entries[0].kind, EntryKind::Email);
+        let copy = send(&p, SendKind::PartnerCopy);
+        assert_eq!(
+            copy.from_name,
+            "Jane Doe (expéditeur non vérifié: jane.doe@example.org) via Soutien TI"
+        );
+        assert_eq!(copy.envelope, [AGENT, AGENT2], "Jane learns of it too");
+        // The same mail believed (trusted peer): a comment, unmarked, and
+        // Jane does not get her own words back.
+        let p = plan(run(
+            &envelope(AGENT, &["support@example.org"], true),
+            &inbound,
+            Some(&ticket()),
+        ));
+        let copy = send(&p, SendKind::AgentCopy);
+        assert_eq!(copy.from_name, "Jane Doe via Soutien TI");
+        assert_eq!(copy.envelope, [AGENT2]);
     }
 
     #[test]

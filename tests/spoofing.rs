@@ -168,7 +168,20 @@ async fn a_forged_agent_comment_reaches_the_agents_only_never_the_requesters() {
         );
         let agent_copies = &sent[before..];
         assert_eq!(agent_copies.len(), 1, "{what}: {}", describe(agent_copies));
-        assert_eq!(agent_copies[0].rcpt_to, [BOB], "{what}");
+        // Jane, whose name was forged, learns of it; both see it marked.
+        assert_eq!(agent_copies[0].rcpt_to, [JANE, BOB], "{what}");
+        let from = mail_parser::MessageParser::default()
+            .parse(&agent_copies[0].data)
+            .and_then(|m| {
+                m.from()
+                    .and_then(|f| f.first())
+                    .and_then(|f| f.name().map(str::to_string))
+            });
+        assert_eq!(
+            from.as_deref(),
+            Some("Jane Doe (expéditeur non vérifié: jane.doe@example.org) via Soutien TI"),
+            "{what}"
+        );
         assert_eq!(
             header(&agent_copies[0].text(), "Auto-Submitted"),
             Some("auto-generated")
