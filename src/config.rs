@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::CertificateDer;
+use tokio_rustls::rustls::RootCertStore;
 
 /// Where the configuration is looked for when neither `--config` nor
 /// `$CRMGATE_CONFIG` names a file.
@@ -180,6 +183,7 @@ pub struct RawRelay {
     pub url: String,
     pub username: String,
     pub password_file: String,
+    pub ca_file: String,
     pub retry_initial_seconds: i64,
     pub retry_max_seconds: i64,
     pub give_up_after_hours: i64,
@@ -191,6 +195,7 @@ impl Default for RawRelay {
             url: "file://./crmgate-data/sent".into(),
             username: String::new(),
             password_file: String::new(),
+            ca_file: String::new(),
             retry_initial_seconds: 30,
             retry_max_seconds: 3600,
             give_up_after_hours: 72,
@@ -339,6 +344,11 @@ pub struct Config {
     pub relay: RelayTarget,
     pub relay_username: Option<String>,
     pub relay_password_file: Option<PathBuf>,
+    /// `relay.ca_file`: CA certificates trusted for the relay's TLS on top of
+    /// the web PKI roots, for a relay with a certificate from an internal CA.
+    /// Read and checked once, at load: the relay needs a restart to see a
+    /// new bundle, like every other relay setting.
+    pub relay_ca_certificates: Vec<CertificateDer<'static>>,
     pub retry_initial_seconds: u64,
     pub retry_max_seconds: u64,
     pub give_up_after_hours: u64,
@@ -610,6 +620,14 @@ impl RawConfig {
                 "username and password_file go together".into(),
             );
         }
+        let relay_ca_certificates = if r.ca_file.is_empty() {
+            Vec::new()
+        } else {
+            read_ca_bundle(Path::new(&r.ca_file)).unwrap_or_else(|reason| {
+                bad("relay.ca_file", reason);
+                Vec::new()
+            })
+        };
         let retry_initial_seconds = positive(
             &mut bad,
             "relay.retry_initial_seconds",
@@ -753,6 +771,7 @@ impl RawConfig {
             relay,
             relay_username,
             relay_password_file,
+            relay_ca_certificates,
             retry_initial_seconds,
             retry_max_seconds,
             give_up_after_hours,
@@ -805,6 +824,36 @@ fn parse_net(text: &str) -> Option<IpNet> {
     text.parse::<IpNet>()
         .ok()
         .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+}
+
+/// The certificates of a PEM bundle (other PEM sections, such as a key, are
+/// skipped), each checked to be usable as a trust anchor.
+///
+/// # Errors
+/// The file cannot be read, is not PEM, holds no certificate, or holds one
+/// that rustls cannot use as a root; the reason names the file.
+fn read_ca_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not a PEM bundle: {e}", path.display()))?;
+    if certificates.is_empty() {
+        return Err(format!(
+            "{} holds no certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    let mut roots = RootCertStore::empty();
+    for (i, certificate) in certificates.iter().enumerate() {
+        roots.add(certificate.clone()).map_err(|e| {
+            format!(
+                "certificate {} of {} cannot be a CA: {e}",
+                i + 1,
+                path.display()
+            )
+        })?;
+    }
+    Ok(certificates)
 }
 
 /// Parse `smtp://host:port`, `smtp://host:587?tls=required`,
@@ -961,6 +1010,71 @@ mod tests {
     fn wrong_type_names_the_key() {
         let p = problems("[smtp]\nmax_recipients = \"many\"\n");
         assert_eq!(p[0].key, "smtp.max_recipients");
+    }
+
+    #[test]
+    fn relay_ca_file_is_read_at_load_and_must_hold_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let with_ca = |path: &Path| {
+            format!(
+                "[relay]\nurl = \"smtp://mx.example.org\"\nca_file = {:?}\n",
+                path.display().to_string()
+            )
+        };
+        let reasons = |text: &str| {
+            problems(text)
+                .into_iter()
+                .map(|p| format!("{}: {}", p.key, p.reason))
+                .collect::<Vec<_>>()
+        };
+
+        let missing = dir.path().join("missing.pem");
+        let r = reasons(&with_ca(&missing));
+        assert!(
+            r.len() == 1 && r[0].starts_with("relay.ca_file: cannot read"),
+            "{r:?}"
+        );
+
+        // A key file given by mistake: PEM, but no certificate in it.
+        let generated = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
+        let key_only = dir.path().join("key.pem");
+        std::fs::write(&key_only, generated.signing_key.serialize_pem()).unwrap();
+        let r = reasons(&with_ca(&key_only));
+        assert!(
+            r.len() == 1 && r[0].starts_with("relay.ca_file:") && r[0].contains("no certificate"),
+            "{r:?}"
+        );
+
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let r = reasons(&with_ca(&garbage));
+        assert!(
+            r.len() == 1 && r[0].starts_with("relay.ca_file:") && r[0].contains("cannot be a CA"),
+            "{r:?}"
+        );
+
+        // A bundle of two, with text between them as bundles often have.
+        let other = rcgen::generate_simple_self_signed(vec!["ca2.test".into()]).unwrap();
+        let bundle = dir.path().join("bundle.pem");
+        std::fs::write(
+            &bundle,
+            format!(
+                "# internal CA\n{}\n# its successor\n{}",
+                generated.cert.pem(),
+                other.cert.pem()
+            ),
+        )
+        .unwrap();
+        let c = Config::from_toml(&with_ca(&bundle), "test").unwrap();
+        assert_eq!(
+            c.relay_ca_certificates,
+            [generated.cert.der().clone(), other.cert.der().clone()]
+        );
+        assert!(Config::embedded_default().relay_ca_certificates.is_empty());
     }
 
     #[test]

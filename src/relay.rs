@@ -45,6 +45,8 @@ pub enum RelayError {
     },
     #[error("relay worker: a database task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("relay worker: cannot prepare TLS towards the relay: {0}")]
+    Tls(String),
 }
 
 /// At most this many rows are read per query; the worker loops until none is due.
@@ -63,9 +65,11 @@ const STORE_PAUSE: Duration = Duration::from_secs(1);
 /// committed rows), at least every [`POLL`], and at shutdown.
 ///
 /// # Errors
-/// The database cannot be opened or the reply secret read. Errors while
-/// running (database busy, relay down) are logged and retried, never
-/// returned: the queue is durable and the worker keeps draining it.
+/// The database cannot be opened, the reply secret read, or the TLS
+/// configuration built (the configuration check makes that last one
+/// unexpected). Errors while running (database busy, relay down) are logged
+/// and retried, never returned: the queue is durable and the worker keeps
+/// draining it.
 pub async fn run(
     config: Arc<Config>,
     db_path: PathBuf,
@@ -79,7 +83,7 @@ pub async fn run(
             .await??;
     let mut worker = Worker {
         db: Db(Arc::new(Mutex::new(conn))),
-        transport: Transport::new(&config),
+        transport: Transport::new(&config)?,
         policy: RetryPolicy::from_config(&config),
         public_address: config.public_address.clone(),
         key,
@@ -332,23 +336,28 @@ enum Transport {
 }
 
 impl Transport {
-    fn new(config: &Config) -> Transport {
-        match &config.relay {
+    /// # Errors
+    /// [`RelayError::Tls`] when the TLS configuration cannot be built.
+    fn new(config: &Config) -> Result<Transport, RelayError> {
+        Ok(match &config.relay {
             RelayTarget::File(dir) => Transport::File(file::FileRelay::new(dir.clone())),
             RelayTarget::Smtp { host, port, tls } => {
                 let credentials = config
                     .relay_username
                     .clone()
                     .zip(config.relay_password_file.clone());
-                Transport::Smtp(Box::new(smtp::SmtpRelay::new(
+                let relay = smtp::SmtpRelay::new(
                     host.clone(),
                     *port,
                     *tls,
+                    &config.relay_ca_certificates,
                     &config.hostname,
                     credentials,
-                )))
+                )
+                .map_err(RelayError::Tls)?;
+                Transport::Smtp(Box::new(relay))
             }
-        }
+        })
     }
 
     async fn close(&mut self) {

@@ -104,6 +104,49 @@ fn a_broken_template_is_a_check_config_error() {
 }
 
 #[test]
+fn check_config_reads_relay_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let ca = dir.path().join("ca.pem");
+    let config = format!(
+        "[relay]\nurl = \"smtp://relay.example.org:587?tls=required\"\nca_file = {:?}\n",
+        ca.display().to_string()
+    );
+    std::fs::write(&path, &config).unwrap();
+    let check = || {
+        crmgate(
+            dir.path(),
+            &["check-config", "--config", path.to_str().unwrap()],
+            &[],
+        )
+    };
+
+    // Missing, then present but with no certificate (a key, say).
+    let o = check();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("relay.ca_file: cannot read"),
+        "{}",
+        stderr(&o)
+    );
+    let generated = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
+    std::fs::write(&ca, generated.signing_key.serialize_pem()).unwrap();
+    let o = check();
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("relay.ca_file") && err.contains("no certificate"),
+        "{err}"
+    );
+
+    std::fs::write(&ca, generated.cert.pem()).unwrap();
+    let o = check();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("ca_file = "), "{out}");
+}
+
+#[test]
 fn usage_errors_exit_2_and_unknown_tickets_exit_1() {
     let dir = tempfile::tempdir().unwrap();
     let o = crmgate(dir.path(), &["ticket", "frobnicate"], &[]);

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::pki::TestPki;
 use common::sink::Sink;
 use crmgate::config::Config;
 use crmgate::relay::{self, FailureHook, RelayError};
@@ -605,6 +606,188 @@ async fn smtps_to_a_plain_text_relay_is_a_tls_failure_and_a_retry() {
             .contains("TLS handshake failed"),
         "{row:?}"
     );
+    assert!(sink.messages().is_empty());
+    worker.stop().await;
+}
+
+/// `[relay]` keys for a relay with a private CA: the test CA in `ca_file`
+/// and, when `login`, `username = "crmgate"` with its password in a file.
+/// The files live in `dir`.
+fn tls_keys(dir: &Path, pki: &TestPki, login: bool) -> String {
+    let mut keys = format!("ca_file = {:?}\n", path_str(&pki.write_ca(dir)));
+    if login {
+        let password_file = dir.join("relay-password");
+        std::fs::write(&password_file, "s3cret over TLS\n").unwrap();
+        keys.push_str(&format!(
+            "username = \"crmgate\"\npassword_file = {:?}\n",
+            path_str(&password_file)
+        ));
+    }
+    keys
+}
+
+fn crmgate_login() -> Option<(String, String)> {
+    Some(("crmgate".to_string(), "s3cret over TLS".to_string()))
+}
+
+#[tokio::test]
+async fn tls_required_to_a_relay_of_the_ca_in_ca_file_logs_in_inside_tls() {
+    let pki = TestPki::new();
+    let sink = Sink::start_starttls(Arc::clone(&pki.server)).await;
+    let files = tempfile::tempdir().unwrap();
+    let h = Harness::with_extra(
+        &format!("{}?tls=required", sink.url()),
+        &tls_keys(files.path(), &pki, true),
+    );
+    let first = h.queue(&["a@example.org"], "over-starttls-1");
+    let second = h.queue(&["b@example.org"], "over-starttls-2");
+    let worker = h.start();
+    for id in [first, second] {
+        let row = h.wait_row(id, Duration::from_secs(5), is_sent).await;
+        assert_eq!((row.attempts, row.last_error), (1, None));
+    }
+    let got = sink.messages();
+    assert_eq!(got.len(), 2);
+    for message in &got {
+        assert!(message.tls, "sent in clear text: {message:?}");
+        assert_eq!(message.login, crmgate_login());
+    }
+    // The sink offers AUTH before STARTTLS too; crmgate did not take it.
+    assert_eq!(sink.auth_in_clear(), 0);
+    assert_eq!(sink.logins().len(), 1, "one login for the session");
+    assert_eq!(sink.sessions(), 1, "the TLS session is reused");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn smtps_to_a_relay_of_the_ca_in_ca_file_is_delivered_over_tls() {
+    let pki = TestPki::new();
+    let sink = Sink::start_smtps(Arc::clone(&pki.server)).await;
+    assert!(sink.url().starts_with("smtps://"), "{}", sink.url());
+    let files = tempfile::tempdir().unwrap();
+    let h = Harness::with_extra(&sink.url(), &tls_keys(files.path(), &pki, true));
+    let id = h.queue(&["a@example.org"], "over-smtps");
+    let worker = h.start();
+    h.wait_row(id, Duration::from_secs(5), is_sent).await;
+    let got = sink.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(subject_of(&got[0].data), "over-smtps");
+    assert!(got[0].tls);
+    assert_eq!(got[0].login, crmgate_login());
+    assert_eq!(sink.auth_in_clear(), 0);
+    worker.stop().await;
+}
+
+/// Without `ca_file` the private CA is unknown: the handshake fails, no
+/// password leaves, the row stays queued and is retried, and the error
+/// says what to fix.
+#[tokio::test]
+async fn an_untrusted_relay_certificate_is_a_retry_that_names_ca_file() {
+    let pki = TestPki::new();
+    let sink = Sink::start_starttls(Arc::clone(&pki.server)).await;
+    let files = tempfile::tempdir().unwrap();
+    let mut keys = tls_keys(files.path(), &pki, true);
+    keys = keys
+        .lines()
+        .filter(|l| !l.starts_with("ca_file"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let h = Harness::with_extra(&format!("{}?tls=required", sink.url()), &keys);
+    let id = h.queue(&["a@example.org"], "untrusted");
+    let worker = h.start();
+
+    // Retried: a second attempt after the 1 s backoff, still queued.
+    let row = h
+        .wait_row(id, Duration::from_secs(5), |r| r.attempts >= 2)
+        .await;
+    assert_eq!(row.status, OutboxStatus::Queued);
+    let error = row.last_error.unwrap_or_default();
+    for expected in ["STARTTLS failed", "UnknownIssuer", "relay.ca_file"] {
+        assert!(error.contains(expected), "{expected:?} not in {error:?}");
+    }
+    assert!(sink.messages().is_empty());
+    assert!(sink.logins().is_empty(), "{:?}", sink.logins());
+    assert_eq!(sink.auth_in_clear(), 0);
+    assert!(h.failures.lock().unwrap().is_empty());
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn smtps_to_a_relay_of_an_unknown_ca_names_ca_file() {
+    let pki = TestPki::new();
+    let sink = Sink::start_smtps(Arc::clone(&pki.server)).await;
+    let h = Harness::new(&sink.url());
+    let id = h.queue(&["a@example.org"], "untrusted-smtps");
+    let worker = h.start();
+    let row = h
+        .wait_row(id, Duration::from_secs(5), |r| r.attempts >= 1)
+        .await;
+    assert_eq!(row.status, OutboxStatus::Queued);
+    let error = row.last_error.unwrap_or_default();
+    for expected in ["TLS handshake failed", "UnknownIssuer", "relay.ca_file"] {
+        assert!(error.contains(expected), "{expected:?} not in {error:?}");
+    }
+    assert!(sink.messages().is_empty());
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn plain_smtp_url_upgrades_with_starttls_when_the_relay_offers_it() {
+    let pki = TestPki::new();
+    let sink = Sink::start_starttls(Arc::clone(&pki.server)).await;
+    let files = tempfile::tempdir().unwrap();
+    let h = Harness::with_extra(&sink.url(), &tls_keys(files.path(), &pki, false));
+    assert!(!sink.url().contains("tls="), "{}", sink.url());
+    let id = h.queue(&["a@example.org"], "opportunistic");
+    let worker = h.start();
+    h.wait_row(id, Duration::from_secs(5), is_sent).await;
+    let got = sink.messages();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].tls, "opportunistic TLS was not used");
+    assert_eq!(got[0].login, None);
+    worker.stop().await;
+}
+
+/// Opportunistic TLS still verifies: once STARTTLS is offered, a refused
+/// certificate does not make crmgate fall back to clear text.
+#[tokio::test]
+async fn plain_smtp_url_does_not_fall_back_to_clear_text_after_a_refused_certificate() {
+    let pki = TestPki::new();
+    let sink = Sink::start_starttls(Arc::clone(&pki.server)).await;
+    let h = Harness::new(&sink.url());
+    let id = h.queue(&["a@example.org"], "no-fallback");
+    let worker = h.start();
+    let row = h
+        .wait_row(id, Duration::from_secs(5), |r| r.attempts >= 1)
+        .await;
+    assert_eq!(row.status, OutboxStatus::Queued);
+    let error = row.last_error.unwrap_or_default();
+    assert!(error.contains("UnknownIssuer"), "{error}");
+    assert!(sink.messages().is_empty());
+    worker.stop().await;
+}
+
+/// A relay (or a man in the middle) that offers no STARTTLS: with
+/// tls=required crmgate sends no AUTH and no message in clear text.
+#[tokio::test]
+async fn tls_required_without_starttls_sends_neither_password_nor_message() {
+    let pki = TestPki::new();
+    let sink = Sink::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let h = Harness::with_extra(
+        &format!("{}?tls=required", sink.url()),
+        &tls_keys(files.path(), &pki, true),
+    );
+    let id = h.queue(&["a@example.org"], "stripped");
+    let worker = h.start();
+    let row = h
+        .wait_row(id, Duration::from_secs(5), |r| r.attempts >= 1)
+        .await;
+    assert_eq!(row.status, OutboxStatus::Queued);
+    let error = row.last_error.unwrap_or_default();
+    assert!(error.contains("STARTTLS is not offered"), "{error}");
+    assert_eq!(sink.auth_in_clear(), 0);
+    assert!(sink.logins().is_empty());
     assert!(sink.messages().is_empty());
     worker.stop().await;
 }

@@ -7,6 +7,11 @@
 //! So this module opens the TCP connection itself, sets `nodelay`, hands it
 //! to [`AsyncSmtpConnection::connect_with_transport`], and drives MAIL, RCPT
 //! and DATA with lettre's command API, keeping one outcome per recipient.
+//!
+//! TLS trusts the web PKI roots plus `relay.ca_file`'s certificates, both
+//! prepared once in [`SmtpRelay::new`]: rustls for `smtps://` over our own
+//! socket, lettre's [`TlsParameters`] for STARTTLS. AUTH is sent only after
+//! STARTTLS when the URL says `tls=required`.
 
 use std::borrow::Cow;
 use std::io;
@@ -19,13 +24,16 @@ use std::time::{Duration, Instant};
 
 use lettre::address::Address;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
+use lettre::transport::smtp::client::{
+    AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters,
+};
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 
 use super::RecipientOutcome;
@@ -56,6 +64,8 @@ pub(crate) struct SmtpRelay {
     host: String,
     port: u16,
     tls: RelayTls,
+    /// Built once: the roots are not re-read or re-parsed per connection.
+    client_tls: ClientTls,
     hello: ClientId,
     /// Username and the file whose first line is the password; the file is
     /// read at each connection so an operator can rotate it without a restart.
@@ -68,6 +78,50 @@ struct Session {
     last_used: Instant,
 }
 
+/// The TLS client configurations, one per way of starting TLS; both trust
+/// the same roots.
+struct ClientTls {
+    /// `smtps://`: our own rustls handshake over our own nodelay socket.
+    implicit: Arc<rustls::ClientConfig>,
+    /// STARTTLS, which lettre performs; cloning it clones an `Arc`.
+    starttls: TlsParameters,
+}
+
+impl ClientTls {
+    /// # Errors
+    /// A certificate rustls or lettre cannot take as a root (the
+    /// configuration check already refused those, so this is unexpected).
+    fn new(host: &str, extra_roots: &[CertificateDer<'static>]) -> Result<ClientTls, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let mut starttls = TlsParameters::builder(host.to_string());
+        for certificate in extra_roots {
+            roots
+                .add(certificate.clone())
+                .map_err(|e| format!("relay.ca_file: {e}"))?;
+            let certificate = Certificate::from_der(certificate.to_vec())
+                .map_err(|e| format!("relay.ca_file: {}", describe(&e)))?;
+            starttls = starttls.add_root_certificate(certificate);
+        }
+        // tokio-rustls is built with the ring provider only: name it rather
+        // than rely on a process-wide default that may not be installed.
+        let implicit = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        // lettre's builder starts from the web PKI roots (its `webpki-roots`
+        // feature) and adds ours, as the implicit configuration does.
+        let starttls = starttls.build().map_err(|e| describe(&e))?;
+        Ok(ClientTls {
+            implicit: Arc::new(implicit),
+            starttls,
+        })
+    }
+}
+
 /// A failed SMTP step: either a reply from the relay (the session goes on,
 /// except for 421), or a broken session.
 enum StepError {
@@ -76,21 +130,25 @@ enum StepError {
 }
 
 impl SmtpRelay {
+    /// # Errors
+    /// The TLS configuration cannot be built from `extra_roots`.
     pub(crate) fn new(
         host: String,
         port: u16,
         tls: RelayTls,
+        extra_roots: &[CertificateDer<'static>],
         hostname: &str,
         credentials: Option<(String, PathBuf)>,
-    ) -> SmtpRelay {
-        SmtpRelay {
+    ) -> Result<SmtpRelay, String> {
+        Ok(SmtpRelay {
+            client_tls: ClientTls::new(&host, extra_roots)?,
             host,
             port,
             tls,
             hello: ClientId::Domain(hostname.to_string()),
             credentials,
             session: None,
-        }
+        })
     }
 
     /// Deliver one message, reusing the open session when there is one.
@@ -186,7 +244,8 @@ impl SmtpRelay {
 
         let stream: Box<dyn AsyncTokioStream> = match self.tls {
             RelayTls::Wrapper => {
-                let tls = tokio::time::timeout(CONNECT_TIMEOUT, wrap_tls(&self.host, tcp))
+                let config = Arc::clone(&self.client_tls.implicit);
+                let tls = tokio::time::timeout(CONNECT_TIMEOUT, wrap_tls(config, &self.host, tcp))
                     .await
                     .map_err(|_| fail("TLS handshake timed out with", &"no answer"))?
                     .map_err(|e| fail("TLS handshake failed with", &e))?;
@@ -215,24 +274,40 @@ impl SmtpRelay {
             }
         };
         if starttls {
-            let parameters = TlsParameters::new(self.host.clone())
-                .map_err(|e| fail("cannot prepare TLS for", &describe(&e)))?;
+            let parameters = self.client_tls.starttls.clone();
             let upgraded =
                 tokio::time::timeout(CONNECT_TIMEOUT, conn.starttls(parameters, &self.hello)).await;
+            // No QUIT after a failure here: a failed (or cancelled) handshake
+            // leaves lettre's connection without a stream, and writing to it
+            // trips a debug assertion inside lettre. Dropping it closes the
+            // socket, and a relay that refused STARTTLS sees a hang-up.
             match upgraded {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    abort(conn).await;
-                    return Err(fail("STARTTLS failed with", &describe(&e)));
+                    drop(conn);
+                    let reason = certificate_problem(&e).unwrap_or_else(|| describe(&e));
+                    return Err(fail("STARTTLS failed with", &reason));
                 }
                 Err(_) => {
-                    abort(conn).await;
+                    drop(conn);
                     return Err(fail("STARTTLS timed out with", &"no answer"));
                 }
             }
         }
+        let encrypted = starttls || self.tls == RelayTls::Wrapper;
 
         if let Some((username, password_file)) = &self.credentials {
+            // With tls=required the checks above already made sure of TLS;
+            // this says it where the password leaves. With plain `smtp://`
+            // to a relay that offers no STARTTLS, AUTH goes in clear text:
+            // the operator chose opportunistic TLS.
+            if self.tls == RelayTls::Required && !encrypted {
+                abort(conn).await;
+                return Err(fail(
+                    "tls=required: no password in clear text to",
+                    &"the session is not encrypted",
+                ));
+            }
             let password = read_password(password_file)
                 .await
                 .map_err(|e| fail("no password for", &e))?;
@@ -451,23 +526,50 @@ pub(crate) fn wire_body(message: &[u8]) -> Cow<'_, [u8]> {
 
 /// TLS from the first byte (`smtps://`), over our own nodelay socket:
 /// lettre's implicit-TLS connect would open a socket of its own.
-async fn wrap_tls(host: &str, tcp: TcpStream) -> Result<WrappedTls, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+async fn wrap_tls(
+    config: Arc<rustls::ClientConfig>,
+    host: &str,
+    tcp: TcpStream,
+) -> Result<WrappedTls, String> {
     let name = rustls::pki_types::ServerName::try_from(host.to_string())
         .map_err(|e| format!("{host:?} is not a TLS server name: {e}"))?;
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let stream = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| certificate_problem(&e).unwrap_or_else(|| e.to_string()))?;
     Ok(WrappedTls(stream))
+}
+
+/// When a TLS handshake failed because we refused the relay's certificate:
+/// rustls's reason and what the operator should do about it. rustls's
+/// error sits inside an `io::Error` (which does not list it as its
+/// source), possibly inside lettre's errors.
+fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<io::Error>()
+                .and_then(io::Error::get_ref)
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(tls @ rustls::Error::InvalidCertificate(problem)) = tls {
+            let hint = match problem {
+                rustls::CertificateError::UnknownIssuer => {
+                    "the relay's certificate is not signed by a CA crmgate trusts; \
+                     put that CA (PEM) in relay.ca_file"
+                }
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. } => {
+                    "the relay's certificate does not name the host of relay.url; \
+                     use the name the certificate gives"
+                }
+                _ => "the relay's certificate was refused",
+            };
+            return Some(format!("{tls}: {hint}"));
+        }
+        cause = e.source();
+    }
+    None
 }
 
 /// A client TLS stream that lettre can drive as its transport.

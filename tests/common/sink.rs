@@ -4,9 +4,14 @@
 //! 5xx or 4xx for given recipients, or its port closed for a while.
 //!
 //! It speaks enough ESMTP for lettre and for hand-written sessions: EHLO
-//! (PIPELINING, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, AUTH PLAIN), HELO,
-//! MAIL, RCPT, DATA with dot-unstuffing, RSET, NOOP, QUIT. Commands are
-//! answered in order as they are read, so a pipelined client works.
+//! (PIPELINING, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, AUTH PLAIN, and
+//! STARTTLS when it has a certificate), HELO, MAIL, RCPT, DATA with
+//! dot-unstuffing, RSET, NOOP, QUIT. Commands are answered in order as they
+//! are read, so a pipelined client works.
+//!
+//! With a certificate ([`Sink::start_starttls`], [`Sink::start_smtps`]) it
+//! is a TLS relay, and each message records whether it came over TLS and
+//! with which AUTH login, so a test sees what the relay would have seen.
 
 // Each test binary uses a different part of this helper.
 #![allow(dead_code)]
@@ -16,9 +21,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 /// One message the sink accepted, with its envelope.
@@ -29,6 +36,10 @@ pub struct Received {
     /// The message as the client meant it: dot-unstuffed, CRLF line ends,
     /// without the final `.` line.
     pub data: Vec<u8>,
+    /// The transaction ran inside TLS (STARTTLS or smtps).
+    pub tls: bool,
+    /// The AUTH PLAIN login of the session, as (user, password).
+    pub login: Option<(String, String)>,
 }
 
 impl Received {
@@ -53,11 +64,28 @@ struct State {
     sessions: usize,
     /// The `user` of each AUTH PLAIN, with its password.
     logins: Vec<(String, String)>,
+    /// AUTH commands (of any mechanism) received outside TLS.
+    auth_in_clear: usize,
 }
+
+/// How the sink offers TLS.
+#[derive(Clone)]
+enum SinkTls {
+    None,
+    /// Plain SMTP, STARTTLS advertised and served with this configuration.
+    StartTls(Arc<ServerConfig>),
+    /// TLS from the first byte (`smtps://`).
+    Implicit(Arc<ServerConfig>),
+}
+
+/// What a session runs over: TCP, or TLS over TCP.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// A running sink. Dropping it stops the server.
 pub struct Sink {
     addr: SocketAddr,
+    tls: SinkTls,
     state: Arc<Mutex<State>>,
     running: Mutex<Option<(CancellationToken, JoinHandle<()>)>>,
 }
@@ -65,10 +93,26 @@ pub struct Sink {
 impl Sink {
     /// Start a sink on a free port of 127.0.0.1.
     pub async fn start() -> Sink {
+        Sink::start_with(SinkTls::None)
+    }
+
+    /// A sink that advertises STARTTLS and serves it with `tls` (e.g.
+    /// [`super::pki::TestPki::server`]).
+    pub async fn start_starttls(tls: Arc<ServerConfig>) -> Sink {
+        Sink::start_with(SinkTls::StartTls(tls))
+    }
+
+    /// A sink that speaks TLS from the first byte, as on port 465.
+    pub async fn start_smtps(tls: Arc<ServerConfig>) -> Sink {
+        Sink::start_with(SinkTls::Implicit(tls))
+    }
+
+    fn start_with(tls: SinkTls) -> Sink {
         let listener = bind("127.0.0.1:0".parse().unwrap());
         let addr = listener.local_addr().unwrap();
         let sink = Sink {
             addr,
+            tls,
             state: Arc::default(),
             running: Mutex::new(None),
         };
@@ -80,9 +124,14 @@ impl Sink {
         self.addr
     }
 
-    /// The relay URL for a crmgate configuration, e.g. `smtp://127.0.0.1:40123`.
+    /// The relay URL for a crmgate configuration, e.g. `smtp://127.0.0.1:40123`
+    /// (`smtps://` for a sink started with [`Sink::start_smtps`]).
     pub fn url(&self) -> String {
-        format!("smtp://{}", self.addr)
+        let scheme = match self.tls {
+            SinkTls::Implicit(_) => "smtps",
+            SinkTls::None | SinkTls::StartTls(_) => "smtp",
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Every message accepted so far, in order.
@@ -140,6 +189,11 @@ impl Sink {
         self.state().logins.clone()
     }
 
+    /// How many AUTH commands came outside TLS, whatever their mechanism.
+    pub fn auth_in_clear(&self) -> usize {
+        self.state().auth_in_clear
+    }
+
     /// Close the port and drop every open session: connections are
     /// refused until [`Sink::reopen`].
     pub async fn close(&self) {
@@ -163,6 +217,7 @@ impl Sink {
     fn serve(&self, listener: TcpListener) {
         let token = CancellationToken::new();
         let state = Arc::clone(&self.state);
+        let tls = self.tls.clone();
         let stop = token.clone();
         let task = tokio::spawn(async move {
             let mut sessions = tokio::task::JoinSet::new();
@@ -172,7 +227,7 @@ impl Sink {
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { continue };
                         lock(&state).sessions += 1;
-                        sessions.spawn(session(stream, Arc::clone(&state), stop.clone()));
+                        sessions.spawn(session(stream, Arc::clone(&state), tls.clone(), stop.clone()));
                     }
                 }
             }
@@ -222,26 +277,39 @@ fn path_of(argument: &str) -> Option<String> {
     Some(argument[start + 1..end].to_string())
 }
 
-async fn session(stream: TcpStream, state: Arc<Mutex<State>>, stop: CancellationToken) {
+async fn session(
+    stream: TcpStream,
+    state: Arc<Mutex<State>>,
+    tls: SinkTls,
+    stop: CancellationToken,
+) {
     tokio::select! {
         () = stop.cancelled() => {}
-        _ = converse(stream, &state) => {}
+        _ = converse(stream, &state, tls) => {}
     }
 }
 
-/// One SMTP session; returns on QUIT, EOF or an I/O error.
-async fn converse(stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::new(read);
-    write
-        .write_all(b"220 sink.test ESMTP test sink\r\n")
-        .await?;
+/// One SMTP session; returns on QUIT, EOF or an I/O error (a TLS handshake
+/// the client gave up on is one).
+async fn converse(tcp: TcpStream, state: &Mutex<State>, tls: SinkTls) -> std::io::Result<()> {
+    // `starttls` is what STARTTLS would use, while it is still on offer.
+    let (stream, mut starttls, mut encrypted): (Box<dyn Stream>, _, _) = match tls {
+        SinkTls::None => (Box::new(tcp), None, false),
+        SinkTls::StartTls(config) => (Box::new(tcp), Some(config), false),
+        SinkTls::Implicit(config) => {
+            let stream = TlsAcceptor::from(config).accept(tcp).await?;
+            (Box::new(stream), None, true)
+        }
+    };
+    let mut conn = BufReader::new(stream);
+    conn.write_all(b"220 sink.test ESMTP test sink\r\n").await?;
     let mut mail_from: Option<String> = None;
     let mut rcpt_to: Vec<String> = Vec::new();
+    let mut login: Option<(String, String)> = None;
     let mut line = Vec::new();
     loop {
         line.clear();
-        if read.read_until(b'\n', &mut line).await? == 0 {
+        if conn.read_until(b'\n', &mut line).await? == 0 {
             return Ok(());
         }
         let command = String::from_utf8_lossy(&line).trim_end().to_string();
@@ -251,9 +319,33 @@ async fn converse(stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()
             .unwrap_or("")
             .to_ascii_uppercase();
         let reply: String = match verb.as_str() {
-            "EHLO" => "250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n\
-                       250-ENHANCEDSTATUSCODES\r\n250-AUTH PLAIN\r\n250 SIZE 52428800\r\n"
-                .into(),
+            "EHLO" => format!(
+                "250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n\
+                 250-ENHANCEDSTATUSCODES\r\n{}250-AUTH PLAIN\r\n250 SIZE 52428800\r\n",
+                if starttls.is_some() {
+                    "250-STARTTLS\r\n"
+                } else {
+                    ""
+                }
+            ),
+            "STARTTLS" => match starttls.take() {
+                Some(config) => {
+                    conn.write_all(b"220 2.0.0 ready to start TLS\r\n").await?;
+                    conn.flush().await?;
+                    // What the client pipelined after STARTTLS in clear
+                    // text is dropped with the buffer (RFC 3207 §4.2).
+                    let tcp = conn.into_inner();
+                    let stream = TlsAcceptor::from(config).accept(tcp).await?;
+                    conn = BufReader::new(Box::new(stream));
+                    encrypted = true;
+                    mail_from = None;
+                    rcpt_to.clear();
+                    login = None;
+                    continue;
+                }
+                None if encrypted => "503 5.5.1 TLS already active\r\n".into(),
+                None => "502 5.5.1 STARTTLS not offered\r\n".into(),
+            },
             "HELO" => "250 sink.test\r\n".into(),
             "NOOP" => "250 2.0.0 OK\r\n".into(),
             "RSET" => {
@@ -262,14 +354,19 @@ async fn converse(stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()
                 "250 2.0.0 OK\r\n".into()
             }
             "QUIT" => {
-                write.write_all(b"221 2.0.0 bye\r\n").await?;
+                conn.write_all(b"221 2.0.0 bye\r\n").await?;
+                conn.flush().await?;
                 return Ok(());
             }
             "AUTH" => {
-                let login = command.split_whitespace().nth(2).and_then(decode_plain);
-                match login {
-                    Some(login) => {
-                        lock(state).logins.push(login);
+                if !encrypted {
+                    lock(state).auth_in_clear += 1;
+                }
+                let plain = command.split_whitespace().nth(2).and_then(decode_plain);
+                match plain {
+                    Some(plain) => {
+                        lock(state).logins.push(plain.clone());
+                        login = Some(plain);
                         "235 2.7.0 authenticated\r\n".into()
                     }
                     None => "535 5.7.8 only AUTH PLAIN with an initial response\r\n".into(),
@@ -300,28 +397,29 @@ async fn converse(stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()
             },
             "DATA" if rcpt_to.is_empty() => "554 5.5.1 no valid recipients\r\n".into(),
             "DATA" => {
-                write
-                    .write_all(b"354 end data with <CR><LF>.<CR><LF>\r\n")
+                conn.write_all(b"354 end data with <CR><LF>.<CR><LF>\r\n")
                     .await?;
-                let data = read_data(&mut read).await?;
+                conn.flush().await?;
+                let data = read_data(&mut conn).await?;
                 let received = Received {
                     mail_from: mail_from.take().unwrap_or_default(),
                     rcpt_to: std::mem::take(&mut rcpt_to),
                     data,
+                    tls: encrypted,
+                    login: login.clone(),
                 };
                 lock(state).messages.push(received);
                 "250 2.0.0 OK queued\r\n".into()
             }
             _ => "500 5.5.2 command not recognized\r\n".into(),
         };
-        write.write_all(reply.as_bytes()).await?;
+        conn.write_all(reply.as_bytes()).await?;
+        conn.flush().await?;
     }
 }
 
 /// Read DATA lines up to `.` alone on a line, removing the stuffed dots.
-async fn read_data(
-    read: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-) -> std::io::Result<Vec<u8>> {
+async fn read_data(read: &mut (impl AsyncBufRead + Unpin)) -> std::io::Result<Vec<u8>> {
     let mut data = Vec::new();
     let mut line = Vec::new();
     loop {
