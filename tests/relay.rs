@@ -513,6 +513,46 @@ async fn credentials_come_from_the_password_file() {
     worker.stop().await;
 }
 
+/// A password never goes in clear text over a network: to a relay that is
+/// not on loopback and offers no STARTTLS, the session fails before AUTH
+/// and the row waits. The test needs an address of this machine that is not
+/// loopback; without one it says so and checks nothing.
+#[tokio::test]
+async fn no_password_in_clear_text_beyond_loopback() {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    let ip = probe
+        .connect("192.0.2.1:9")
+        .and_then(|()| probe.local_addr())
+        .map(|a| a.ip())
+        .ok()
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified());
+    let Some(ip) = ip else {
+        eprintln!("no non-loopback address on this machine: test not run");
+        return;
+    };
+    let sink = Sink::start_on(ip).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("relay-password");
+    std::fs::write(&password_file, "s3cret pass\n").unwrap();
+    let extra = format!(
+        "username = \"crmgate\"\npassword_file = {:?}\n",
+        path_str(&password_file)
+    );
+    let h = Harness::with_extra(&sink.url(), &extra);
+    let id = h.queue(&["a@example.org"], "not in clear text");
+    let worker = h.start();
+    let row = h
+        .wait_row(id, Duration::from_secs(5), |r| r.last_error.is_some())
+        .await;
+    worker.stop().await;
+    let error = row.last_error.unwrap_or_default();
+    assert!(error.contains("no password in clear text"), "{error}");
+    assert_eq!(row.status, OutboxStatus::Queued);
+    assert!(sink.logins().is_empty(), "{:?}", sink.logins());
+    assert_eq!(sink.auth_in_clear(), 0);
+    assert!(sink.messages().is_empty());
+}
+
 #[tokio::test]
 async fn shutdown_returns_promptly_when_idle() {
     let sink = Sink::start().await;

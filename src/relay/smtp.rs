@@ -241,6 +241,7 @@ impl SmtpRelay {
         .map_err(|e| fail("cannot connect to", &e))?;
         tcp.set_nodelay(true)
             .map_err(|e| fail("cannot set TCP_NODELAY towards", &e))?;
+        let loopback = tcp.peer_addr().is_ok_and(|a| a.ip().is_loopback());
 
         let stream: Box<dyn AsyncTokioStream> = match self.tls {
             RelayTls::Wrapper => {
@@ -298,14 +299,16 @@ impl SmtpRelay {
 
         if let Some((username, password_file)) = &self.credentials {
             // With tls=required the checks above already made sure of TLS;
-            // this says it where the password leaves. With plain `smtp://`
-            // to a relay that offers no STARTTLS, AUTH goes in clear text:
-            // the operator chose opportunistic TLS.
-            if self.tls == RelayTls::Required && !encrypted {
+            // this says it where the password leaves. Plain `smtp://` to a
+            // relay that offers no STARTTLS: no password in clear text over
+            // a network (Postfix's `noplaintext` default), only to a relay
+            // on loopback, where nobody but root can listen.
+            if !encrypted && (self.tls == RelayTls::Required || !loopback) {
                 abort(conn).await;
                 return Err(fail(
-                    "tls=required: no password in clear text to",
-                    &"the session is not encrypted",
+                    "no password in clear text to",
+                    &"the session is not encrypted (the relay offers no STARTTLS); \
+                      use smtps:// or a relay that offers STARTTLS",
                 ));
             }
             let password = read_password(password_file)

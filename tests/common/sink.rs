@@ -107,8 +107,18 @@ impl Sink {
         Sink::start_with(SinkTls::Implicit(tls))
     }
 
+    /// A plain sink on a free port of `ip` (e.g. a non-loopback address).
+    #[allow(dead_code)] // not every test binary uses every sink
+    pub async fn start_on(ip: std::net::IpAddr) -> Sink {
+        Sink::start_at(SinkTls::None, SocketAddr::new(ip, 0))
+    }
+
     fn start_with(tls: SinkTls) -> Sink {
-        let listener = bind("127.0.0.1:0".parse().unwrap());
+        Sink::start_at(tls, "127.0.0.1:0".parse().unwrap())
+    }
+
+    fn start_at(tls: SinkTls, at: SocketAddr) -> Sink {
+        let listener = bind(at);
         let addr = listener.local_addr().unwrap();
         let sink = Sink {
             addr,
