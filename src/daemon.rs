@@ -112,13 +112,12 @@ pub async fn serve(
         writer,
     });
 
-    let on_failed = failure_hook(runtime.clone());
-    let relay = tokio::spawn(crate::relay::run(
+    let relay = tokio::spawn(supervise_relay(
         config.clone(),
         db_path.clone(),
         wake.clone(),
         shutdown.clone(),
-        on_failed,
+        failure_hook(runtime.clone()),
     ));
 
     if let Some((path, signal)) = reload {
@@ -144,10 +143,8 @@ pub async fn serve(
     }
     let listened = crate::smtp::run(listener, Arc::new(settings), intake, shutdown.clone()).await;
     shutdown.cancel();
-    match relay.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "relay worker stopped with an error"),
-        Err(e) => tracing::error!(error = %e, "relay worker panicked"),
+    if let Err(e) = relay.await {
+        tracing::error!(error = %e, "relay supervisor panicked");
     }
     let _ = checkpointer.join();
     if let Ok(conn) = store::open(&db_path) {
@@ -165,6 +162,71 @@ pub async fn serve(
     }
     listened.context("SMTP listener")?;
     Ok(())
+}
+
+/// How long the supervisor waits before starting a relay worker that
+/// stopped with an error or panicked.
+const RELAY_RESTART_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keep a relay worker running until shutdown. The listener keeps taking
+/// mail whatever happens here, so a worker that stops with an error or
+/// panics (a database it cannot open, a bug in a dependency) would leave
+/// the outbox growing in silence: it is logged at once and started again.
+async fn supervise_relay(
+    config: Arc<Config>,
+    db_path: PathBuf,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+    on_failed: crate::relay::FailureHook,
+) {
+    let start = || {
+        crate::relay::run(
+            config.clone(),
+            db_path.clone(),
+            wake.clone(),
+            shutdown.clone(),
+            on_failed.clone(),
+        )
+    };
+    supervise("relay worker", &shutdown, RELAY_RESTART_AFTER, start).await;
+}
+
+/// Run the task `start` makes until it returns `Ok` or `shutdown` is
+/// cancelled; after an error or a panic, log it and start it again.
+/// Returns how many times it was started.
+async fn supervise<F, Fut, E>(
+    what: &str,
+    shutdown: &CancellationToken,
+    restart_after: std::time::Duration,
+    mut start: F,
+) -> usize
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let mut starts = 0;
+    loop {
+        starts += 1;
+        let why = match tokio::spawn(start()).await {
+            Ok(Ok(())) => return starts,
+            Ok(Err(e)) => format!("stopped with an error: {e}"),
+            Err(e) => format!("panicked: {e}"),
+        };
+        if shutdown.is_cancelled() {
+            tracing::error!(error = %why, "{what}");
+            return starts;
+        }
+        tracing::error!(
+            error = %why,
+            restart_in_s = restart_after.as_secs_f64(),
+            "{what}; queued work waits for the restart"
+        );
+        tokio::select! {
+            () = shutdown.cancelled() => return starts,
+            () = tokio::time::sleep(restart_after) => {}
+        }
+    }
 }
 
 /// How often the checkpointer copies the WAL back into the database file.
@@ -251,4 +313,39 @@ fn failure_hook(runtime: Arc<RwLock<Arc<Runtime>>>) -> crate::relay::FailureHook
         )
         .map_err(|e| store::StoreError::Invalid(e.to_string()))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn a_worker_that_fails_or_panics_is_started_again_until_it_ends() {
+        let shutdown = CancellationToken::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let start = || {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match n {
+                    0 => Err("database locked"),
+                    1 => panic!("a bug in a dependency"),
+                    _ => Ok(()),
+                }
+            }
+        };
+        let pause = std::time::Duration::from_millis(5);
+        let starts = supervise("test worker", &shutdown, pause, start).await;
+        assert_eq!(starts, 3);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn no_restart_after_shutdown() {
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let start = || async { Err::<(), _>("stopped") };
+        let pause = std::time::Duration::from_secs(3600);
+        assert_eq!(supervise("test worker", &shutdown, pause, start).await, 1);
+    }
 }
