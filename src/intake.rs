@@ -325,7 +325,8 @@ fn forward_to_operator(
 }
 
 /// Threading: our bounce address, our signed reply address, then the
-/// Subject's number, a `+NUMBER` tag, In-Reply-To/References, and the Message-ID a delivery report returns.
+/// Subject's number, a `+NUMBER` tag, In-Reply-To/References, and the
+/// Message-ID a delivery report returns.
 fn find_ticket(
     conn: &Connection,
     rt: &Runtime,
