@@ -98,3 +98,16 @@ fn unbelieved_agent_from_became_requester() {
     assert!(new.requesters.is_empty(), "{:?}", new.requesters);
     run_file(&fixed, &path);
 }
+
+/// Found by the fuzzer (2026-11-28): a To whose address reads
+/// `jane.doe@example.orgö«…port@example.org` (bytes of a mangled header)
+/// kept the agent's address in the public copy: the scrubber took the
+/// non-ASCII letter after `.org` for more of the domain, while a reader
+/// sees the agent's address followed by noise.
+#[test]
+fn garbled_agent_name_in_public_copy() {
+    let fixed = pipeline::Fixed::new();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/fuzz/garbled-agent-name-in-public-copy.eml");
+    run_file(&fixed, &path);
+}

@@ -509,16 +509,18 @@ fn is_file_extension(rest: &str) -> bool {
     FILE_EXTENSIONS.contains(&&rest[..label_end]) && is_whole_address_end(&rest[label_end..])
 }
 
-/// Letters, digits, `.`, `_` and `-` make a longer local part
+/// ASCII letters, digits, `.`, `_` and `-` make a longer local part
 /// (`jan@` is not `an@`). `+`, `=`, `/`, `'` and the like count as a
 /// boundary: in URLs they separate words (`?cc=`, `body=write+to+`), and
-/// wrongly replacing `o'brien@` is the lesser harm.
+/// wrongly replacing `o'brien@` is the lesser harm. So does a non-ASCII
+/// letter: the fuzzer sent `jane.doe@example.orgö«…`, which a reader sees
+/// as the agent's address followed by noise.
 fn continues_local_part(c: char) -> bool {
-    c.is_alphanumeric() || matches!(c, '.' | '_' | '-')
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
 }
 
 fn continues_domain(c: char) -> bool {
-    c.is_alphanumeric() || matches!(c, '-' | '_')
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_')
 }
 
 #[cfg(test)]
@@ -541,6 +543,25 @@ mod tests {
         assert_eq!(
             scrub_text("Write to Jane.Doe@Example.ORG today", &jane()),
             "Write to support@example.com today"
+        );
+    }
+
+    #[test]
+    fn a_non_ascii_letter_ends_the_address() {
+        assert_eq!(
+            scrub_text(
+                "<jane.doe@example.orgö«port@x> éjane.doe@example.org",
+                &jane()
+            ),
+            "<support@example.comö«port@x> ésupport@example.com"
+        );
+        // ASCII still continues it: another address, left alone.
+        assert_eq!(
+            scrub_text(
+                "jane.doe@example.organic.com xjane.doe@example.org",
+                &jane()
+            ),
+            "jane.doe@example.organic.com xjane.doe@example.org"
         );
     }
 
