@@ -163,6 +163,29 @@ fn is_sent(row: &OutboxRow) -> bool {
     row.status == OutboxStatus::Sent
 }
 
+/// A session that failed before anything was handed over: after
+/// `attempts` tries the row is still queued, its error says each of
+/// `expected`, and the sink got no message, no login, no AUTH in clear.
+async fn assert_still_queued(
+    h: &Harness,
+    sink: &Sink,
+    id: i64,
+    attempts: i64,
+    expected: &[&str],
+) {
+    let row = h
+        .wait_row(id, Duration::from_secs(5), |r| r.attempts >= attempts)
+        .await;
+    assert_eq!(row.status, OutboxStatus::Queued, "{row:?}");
+    let error = row.last_error.unwrap_or_default();
+    for e in expected {
+        assert!(error.contains(e), "{e:?} not in {error:?}");
+    }
+    assert!(sink.messages().is_empty());
+    assert!(sink.logins().is_empty(), "{:?}", sink.logins());
+    assert_eq!(sink.auth_in_clear(), 0);
+}
+
 #[tokio::test]
 async fn rows_are_sent_in_order_over_one_session_and_marked_sent() {
     let sink = Sink::start().await;
@@ -541,16 +564,8 @@ async fn no_password_in_clear_text_beyond_loopback() {
     let h = Harness::with_extra(&sink.url(), &extra);
     let id = h.queue(&["a@example.org"], "not in clear text");
     let worker = h.start();
-    let row = h
-        .wait_row(id, Duration::from_secs(5), |r| r.last_error.is_some())
-        .await;
+    assert_still_queued(&h, &sink, id, 1, &["no password in clear text"]).await;
     worker.stop().await;
-    let error = row.last_error.unwrap_or_default();
-    assert!(error.contains("no password in clear text"), "{error}");
-    assert_eq!(row.status, OutboxStatus::Queued);
-    assert!(sink.logins().is_empty(), "{:?}", sink.logins());
-    assert_eq!(sink.auth_in_clear(), 0);
-    assert!(sink.messages().is_empty());
 }
 
 #[tokio::test]
@@ -635,18 +650,7 @@ async fn smtps_to_a_plain_text_relay_is_a_tls_failure_and_a_retry() {
     let h = Harness::new(&format!("smtps://{}", sink.addr()));
     let id = h.queue(&["a@example.org"], "over-tls");
     let worker = h.start();
-    let row = h
-        .wait_row(id, Duration::from_secs(5), |r| r.attempts >= 1)
-        .await;
-    assert_eq!(row.status, OutboxStatus::Queued);
-    assert!(
-        row.last_error
-            .as_deref()
-            .unwrap_or("")
-            .contains("TLS handshake failed"),
-        "{row:?}"
-    );
-    assert!(sink.messages().is_empty());
+    assert_still_queued(&h, &sink, id, 1, &["TLS handshake failed"]).await;
     worker.stop().await;
 }
 
@@ -737,17 +741,8 @@ async fn an_untrusted_relay_certificate_is_a_retry_that_names_ca_file() {
     let worker = h.start();
 
     // Retried: a second attempt after the 1 s backoff, still queued.
-    let row = h
-        .wait_row(id, Duration::from_secs(5), |r| r.attempts >= 2)
-        .await;
-    assert_eq!(row.status, OutboxStatus::Queued);
-    let error = row.last_error.unwrap_or_default();
-    for expected in ["STARTTLS failed", "UnknownIssuer", "relay.ca_file"] {
-        assert!(error.contains(expected), "{expected:?} not in {error:?}");
-    }
-    assert!(sink.messages().is_empty());
-    assert!(sink.logins().is_empty(), "{:?}", sink.logins());
-    assert_eq!(sink.auth_in_clear(), 0);
+    let expected = ["STARTTLS failed", "UnknownIssuer", "relay.ca_file"];
+    assert_still_queued(&h, &sink, id, 2, &expected).await;
     assert!(h.failures.lock().unwrap().is_empty());
     worker.stop().await;
 }
@@ -759,15 +754,8 @@ async fn smtps_to_a_relay_of_an_unknown_ca_names_ca_file() {
     let h = Harness::new(&sink.url());
     let id = h.queue(&["a@example.org"], "untrusted-smtps");
     let worker = h.start();
-    let row = h
-        .wait_row(id, Duration::from_secs(5), |r| r.attempts >= 1)
-        .await;
-    assert_eq!(row.status, OutboxStatus::Queued);
-    let error = row.last_error.unwrap_or_default();
-    for expected in ["TLS handshake failed", "UnknownIssuer", "relay.ca_file"] {
-        assert!(error.contains(expected), "{expected:?} not in {error:?}");
-    }
-    assert!(sink.messages().is_empty());
+    let expected = ["TLS handshake failed", "UnknownIssuer", "relay.ca_file"];
+    assert_still_queued(&h, &sink, id, 1, &expected).await;
     worker.stop().await;
 }
 
@@ -797,13 +785,7 @@ async fn plain_smtp_url_does_not_fall_back_to_clear_text_after_a_refused_certifi
     let h = Harness::new(&sink.url());
     let id = h.queue(&["a@example.org"], "no-fallback");
     let worker = h.start();
-    let row = h
-        .wait_row(id, Duration::from_secs(5), |r| r.attempts >= 1)
-        .await;
-    assert_eq!(row.status, OutboxStatus::Queued);
-    let error = row.last_error.unwrap_or_default();
-    assert!(error.contains("UnknownIssuer"), "{error}");
-    assert!(sink.messages().is_empty());
+    assert_still_queued(&h, &sink, id, 1, &["UnknownIssuer"]).await;
     worker.stop().await;
 }
 
@@ -820,15 +802,7 @@ async fn tls_required_without_starttls_sends_neither_password_nor_message() {
     );
     let id = h.queue(&["a@example.org"], "stripped");
     let worker = h.start();
-    let row = h
-        .wait_row(id, Duration::from_secs(5), |r| r.attempts >= 1)
-        .await;
-    assert_eq!(row.status, OutboxStatus::Queued);
-    let error = row.last_error.unwrap_or_default();
-    assert!(error.contains("STARTTLS is not offered"), "{error}");
-    assert_eq!(sink.auth_in_clear(), 0);
-    assert!(sink.logins().is_empty());
-    assert!(sink.messages().is_empty());
+    assert_still_queued(&h, &sink, id, 1, &["STARTTLS is not offered"]).await;
     worker.stop().await;
 }
 
