@@ -111,3 +111,14 @@ fn garbled_agent_name_in_public_copy() {
         .join("fixtures/fuzz/garbled-agent-name-in-public-copy.eml");
     run_file(&fixed, &path);
 }
+
+/// Found by the fuzzer (2026-11-28): a From of
+/// `jane.doe@example.org_----------=_1342…` kept the agent's address in the
+/// public copy: the scrubber took `_` for more of the host name.
+#[test]
+fn agent_address_then_underscore_in_public_copy() {
+    let fixed = pipeline::Fixed::new();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/fuzz/agent-address-then-underscore-in-public-copy.eml");
+    run_file(&fixed, &path);
+}

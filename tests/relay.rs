@@ -166,13 +166,7 @@ fn is_sent(row: &OutboxRow) -> bool {
 /// A session that failed before anything was handed over: after
 /// `attempts` tries the row is still queued, its error says each of
 /// `expected`, and the sink got no message, no login, no AUTH in clear.
-async fn assert_still_queued(
-    h: &Harness,
-    sink: &Sink,
-    id: i64,
-    attempts: i64,
-    expected: &[&str],
-) {
+async fn assert_still_queued(h: &Harness, sink: &Sink, id: i64, attempts: i64, expected: &[&str]) {
     let row = h
         .wait_row(id, Duration::from_secs(5), |r| r.attempts >= attempts)
         .await;

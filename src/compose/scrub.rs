@@ -519,8 +519,11 @@ fn continues_local_part(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
 }
 
+/// ASCII letters, digits and `-`: what a host name is made of. Not `_`:
+/// the fuzzer sent `jane.doe@example.org_----=_1342…`, where a reader sees
+/// the agent's address.
 fn continues_domain(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '-' | '_')
+    c.is_ascii_alphanumeric() || c == '-'
 }
 
 #[cfg(test)]
@@ -547,7 +550,7 @@ mod tests {
     }
 
     #[test]
-    fn a_non_ascii_letter_ends_the_address() {
+    fn a_non_ascii_letter_or_an_underscore_ends_the_address() {
         assert_eq!(
             scrub_text(
                 "<jane.doe@example.orgö«port@x> éjane.doe@example.org",
