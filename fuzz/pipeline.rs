@@ -439,6 +439,14 @@ pub fn check_no_agent_address(fixed: &Fixed, bytes: &[u8]) -> Result<(), Violati
         outside_threading.push_str(line);
         outside_threading.push('\n');
     }
+    // A quoted-printable soft line break (`=` at the end of a body line)
+    // joins two lines: it is no boundary. The fuzzer had a line break put
+    // before `bob.agent@…` inside `-bob.agent@…`, another address.
+    if let Some(split) = outside_threading.find("\n\n") {
+        let body = outside_threading[split..].replace("=\n", "");
+        outside_threading.truncate(split);
+        outside_threading.push_str(&body);
+    }
     for address in &addresses {
         if contains_whole(&outside_threading, address) {
             return Err(Violation(format!("{address} in the raw message")));

@@ -122,3 +122,16 @@ fn agent_address_then_underscore_in_public_copy() {
         .join("fixtures/fuzz/agent-address-then-underscore-in-public-copy.eml");
     run_file(&fixed, &path);
 }
+
+/// Found by the fuzzer (2026-11-28), a false alarm of the checker: the
+/// text held `-bob.agent@example.org` (another address, which the scrubber
+/// rightly leaves), and quoted-printable broke the line right after the
+/// `-`; the checker read the line start as a boundary. Soft line breaks
+/// are joined before the raw bytes are searched.
+#[test]
+fn soft_line_break_before_an_agent_address_suffix() {
+    let fixed = pipeline::Fixed::new();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/fuzz/soft-line-break-before-an-agent-address-suffix.eml");
+    run_file(&fixed, &path);
+}
