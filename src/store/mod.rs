@@ -39,6 +39,12 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// and the daemon share the file.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Prepared statements each connection keeps. rusqlite's default (16) is
+/// fewer than the writer uses for one message, so the least recently used
+/// ones were compiled again for every message (13 % of the writer's time
+/// in `sqlite3Prepare` under load).
+const STATEMENT_CACHE: usize = 128;
+
 fn migrations() -> Migrations<'static> {
     Migrations::new(vec![M::up(include_str!("schema.sql"))])
 }
@@ -78,6 +84,7 @@ pub fn open_with(path: &Path, durability: Durability) -> Result<Connection> {
     }
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.pragma_update(None, "journal_mode", "WAL")?;
     let synchronous = match durability {
         Durability::Full => "FULL",
