@@ -5,7 +5,11 @@
 //! (5xx, or given up after `give_up_after_hours`), in which case the
 //! [`FailureHook`] logs it on the ticket in the same transaction.
 //!
-//! One long-lived task owns the relay session; the database work runs on
+//! One long-lived task owns the relay sessions: a small pool of
+//! [`RELAY_CONNECTIONS`] lanes, each a session of its own. A ticket's rows
+//! always take the same lane, so a ticket's mail leaves in the order it was
+//! written while other tickets' mail goes out beside it. The outcomes of a
+//! batch are recorded in one transaction. The database work runs on
 //! tokio's blocking pool with a connection of its own, so a busy SQLite
 //! never stalls the SMTP listener.
 
@@ -48,7 +52,11 @@ pub enum RelayError {
 }
 
 /// At most this many rows are read per query; the worker loops until none is due.
-const BATCH: usize = 100;
+const BATCH: usize = 256;
+/// Sessions with the relay at most: enough to keep a local relay busy while
+/// each lane waits for its replies, few enough to stay far below any relay's
+/// per-client connection limit (Postfix: 50).
+pub const RELAY_CONNECTIONS: usize = 4;
 /// The longest the worker sleeps without looking at the table: the CLI
 /// queues rows from another process, and the SPEC promises they leave
 /// within a second.
@@ -79,7 +87,8 @@ pub async fn run(
             .await??;
     let mut worker = Worker {
         db: Db(Arc::new(Mutex::new(conn))),
-        transport: Transport::new(&config),
+        lanes: Lane::pool(&config),
+        config: Arc::clone(&config),
         policy: RetryPolicy::from_config(&config),
         public_address: config.public_address.clone(),
         key,
@@ -88,7 +97,9 @@ pub async fn run(
         relay_down: None,
     };
     worker.run(&wake, &shutdown).await;
-    worker.transport.close().await;
+    for lane in &mut worker.lanes {
+        lane.close().await;
+    }
     worker.record_unrecorded().await;
     for (row, _) in &worker.unrecorded {
         error!(
@@ -255,21 +266,47 @@ pub fn dispose(
     }
 }
 
-/// Record a disposition in one transaction, with the hook for failures.
+/// Record the outcomes of a batch in one transaction, each failure with
+/// its hook. A row that is no longer queued (an operator's `outbox retry`,
+/// a delivery report that came first) keeps what it has: its outcome is
+/// logged and dropped, the others are recorded.
 ///
 /// # Errors
-/// A database error; the transaction is then rolled back.
+/// A database error; the transaction is then rolled back, and nothing of
+/// the batch is recorded.
 fn record(
     conn: &mut Connection,
+    settled: &[(OutboxRow, Disposition)],
+    now: i64,
+    on_failed: &FailureHook,
+) -> Result<(), StoreError> {
+    let mut tx = conn.transaction()?;
+    for (row, disposition) in settled {
+        match record_one(&mut tx, row, disposition, now, on_failed) {
+            Ok(()) => {}
+            Err(StoreError::NotFound(why)) => {
+                warn!(outbox_id = row.id, "outcome not recorded: {why}");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Record one disposition, with the hook for failures. Each mark is a
+/// single `UPDATE ... WHERE status = 'queued'`: `NotFound` means it changed
+/// nothing.
+fn record_one(
+    tx: &mut rusqlite::Transaction<'_>,
     row: &OutboxRow,
     disposition: &Disposition,
     now: i64,
     on_failed: &FailureHook,
 ) -> Result<(), StoreError> {
-    let mut tx = conn.transaction()?;
     let hook_reason = match disposition {
         Disposition::Sent => {
-            outbox::mark_sent(&tx, row.id, now)?;
+            outbox::mark_sent(tx, row.id, now)?;
             None
         }
         Disposition::Retry {
@@ -279,13 +316,13 @@ fn record(
             refused,
         } => {
             if let Some(keep) = narrow_to {
-                outbox::narrow_recipients(&tx, row.id, keep)?;
+                outbox::narrow_recipients(tx, row.id, keep)?;
             }
-            outbox::mark_retry(&tx, row.id, *next_at, error)?;
+            outbox::mark_retry(tx, row.id, *next_at, error)?;
             refused.as_deref()
         }
         Disposition::Failed { error } => {
-            outbox::mark_failed(&tx, row.id, error)?;
+            outbox::mark_failed(tx, row.id, error)?;
             Some(error.as_str())
         }
     };
@@ -301,7 +338,6 @@ fn record(
             }
         }
     }
-    tx.commit()?;
     Ok(())
 }
 
@@ -325,22 +361,33 @@ impl Db {
     }
 }
 
-enum Transport {
+/// One way out: the file relay, or one session with the SMTP relay.
+enum Lane {
     File(file::FileRelay),
     /// Boxed: the session is large, the file relay is a path.
     Smtp(Box<smtp::SmtpRelay>),
 }
 
-impl Transport {
-    fn new(config: &Config) -> Transport {
+impl Lane {
+    /// The lanes of the configured relay: [`RELAY_CONNECTIONS`] sessions
+    /// with an SMTP relay, one writer of `.eml` files.
+    fn pool(config: &Config) -> Vec<Lane> {
+        let lanes = match &config.relay {
+            RelayTarget::File(_) => 1,
+            RelayTarget::Smtp { .. } => RELAY_CONNECTIONS,
+        };
+        (0..lanes).map(|_| Lane::new(config)).collect()
+    }
+
+    fn new(config: &Config) -> Lane {
         match &config.relay {
-            RelayTarget::File(dir) => Transport::File(file::FileRelay::new(dir.clone())),
+            RelayTarget::File(dir) => Lane::File(file::FileRelay::new(dir.clone())),
             RelayTarget::Smtp { host, port, tls } => {
                 let credentials = config
                     .relay_username
                     .clone()
                     .zip(config.relay_password_file.clone());
-                Transport::Smtp(Box::new(smtp::SmtpRelay::new(
+                Lane::Smtp(Box::new(smtp::SmtpRelay::new(
                     host.clone(),
                     *port,
                     *tls,
@@ -352,10 +399,111 @@ impl Transport {
     }
 
     async fn close(&mut self) {
-        if let Transport::Smtp(relay) = self {
+        if let Lane::Smtp(relay) = self {
             relay.close().await;
         }
     }
+
+    async fn close_if_idle(&mut self) {
+        if let Lane::Smtp(relay) = self {
+            relay.close_if_idle().await;
+        }
+    }
+
+    /// Hand one row to the relay.
+    async fn attempt(
+        &mut self,
+        row: &OutboxRow,
+        mail_from: &str,
+        shutdown: &CancellationToken,
+    ) -> Attempt {
+        match self {
+            Lane::Smtp(relay) => {
+                match relay
+                    .send(mail_from, &row.recipients, &row.message, shutdown)
+                    .await
+                {
+                    Ok(outcomes) => Attempt::Outcomes(outcomes),
+                    Err(smtp::SessionFailure::Down(reason)) => Attempt::RelayDown(reason),
+                    Err(smtp::SessionFailure::Interrupted) => Attempt::Interrupted,
+                }
+            }
+            Lane::File(relay) => {
+                let relay = relay.clone();
+                let (id, recipients, message) =
+                    (row.id, row.recipients.clone(), row.message.clone());
+                let from = mail_from.to_string();
+                let written = tokio::task::spawn_blocking(move || {
+                    relay.write(id, &from, &recipients, &message)
+                })
+                .await;
+                let outcome = match written {
+                    Ok(Ok(_)) => RecipientOutcome::Delivered,
+                    Ok(Err(e)) => {
+                        RecipientOutcome::Deferred(format!("cannot write the .eml file: {e}"))
+                    }
+                    Err(e) => RecipientOutcome::Deferred(format!("file relay task failed: {e}")),
+                };
+                Attempt::Outcomes(
+                    row.recipients
+                        .iter()
+                        .map(|r| (r.clone(), outcome.clone()))
+                        .collect(),
+                )
+            }
+        }
+    }
+}
+
+/// Which lane a row takes: always the same for a ticket, so a ticket's
+/// mail is sent in order; rows of no ticket take the first.
+fn lane_of(row: &OutboxRow, lanes: usize) -> usize {
+    let ticket = u64::try_from(row.ticket_id.unwrap_or(0)).unwrap_or(0);
+    usize::try_from(ticket % lanes.max(1) as u64).unwrap_or(0)
+}
+
+/// Send one lane's rows in order over its session. When the relay cannot
+/// be used, the rest of the lane is answered with the same reason, without
+/// a connection attempt each; at shutdown, the rows not yet handed over are
+/// left out (they stay queued).
+async fn run_lane(
+    mut lane: Lane,
+    rows: Vec<OutboxRow>,
+    public_address: String,
+    key: Option<Vec<u8>>,
+    shutdown: CancellationToken,
+) -> (Lane, Vec<(OutboxRow, Attempt)>) {
+    let mut done = Vec::with_capacity(rows.len());
+    let mut rows = rows.into_iter();
+    while let Some(row) = rows.next() {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let mail_from = crate::thread::bounce_address(&public_address, row.id, key.as_deref());
+        let span = info_span!(
+            "delivery",
+            outbox_id = row.id,
+            message_id = %row.message_id,
+            recipients = %row.recipients.join(","),
+            attempt = row.attempts + 1,
+        );
+        match lane
+            .attempt(&row, &mail_from, &shutdown)
+            .instrument(span.clone())
+            .await
+        {
+            Attempt::Interrupted => break,
+            Attempt::RelayDown(reason) => {
+                warn!(parent: &span, error = %reason, "relay unreachable");
+                for row in std::iter::once(row).chain(rows.by_ref()) {
+                    done.push((row, Attempt::RelayDown(reason.clone())));
+                }
+                break;
+            }
+            outcomes => done.push((row, outcomes)),
+        }
+    }
+    (lane, done)
 }
 
 /// The result of one attempt at a row.
@@ -369,7 +517,10 @@ enum Attempt {
 
 struct Worker {
     db: Db,
-    transport: Transport,
+    /// The sessions with the relay; each is lent to a task while a batch
+    /// is sent.
+    lanes: Vec<Lane>,
+    config: Arc<Config>,
     policy: RetryPolicy,
     public_address: String,
     key: Option<Vec<u8>>,
@@ -422,8 +573,8 @@ impl Worker {
 
     /// Sleep until the next row is due, at most [`POLL`], or until woken.
     async fn idle(&mut self, wake: &Notify, shutdown: &CancellationToken) {
-        if let Transport::Smtp(relay) = &mut self.transport {
-            relay.close_if_idle().await;
+        for lane in &mut self.lanes {
+            lane.close_if_idle().await;
         }
         let next_due = self
             .db
@@ -444,49 +595,97 @@ impl Worker {
         }
     }
 
+    /// Send a batch over the lanes, then record every outcome in one
+    /// transaction.
     async fn send_batch(&mut self, batch: Vec<OutboxRow>, shutdown: &CancellationToken) {
         let last_id = batch.last().map_or(0, |r| r.id);
-        let mut rows = batch.into_iter();
-        while let Some(row) = rows.next() {
-            if shutdown.is_cancelled() {
-                return;
+        let mut lanes: Vec<Option<Lane>> = std::mem::take(&mut self.lanes)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut rows_of: Vec<Vec<OutboxRow>> = lanes.iter().map(|_| Vec::new()).collect();
+        for row in batch {
+            rows_of[lane_of(&row, lanes.len())].push(row);
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, rows) in rows_of.into_iter().enumerate() {
+            if rows.is_empty() {
+                continue;
             }
-            let span = info_span!(
-                "delivery",
-                outbox_id = row.id,
-                message_id = %row.message_id,
-                recipients = %row.recipients.join(","),
-                attempt = row.attempts + 1,
+            let Some(lane) = lanes[i].take() else {
+                continue;
+            };
+            let (public_address, key, shutdown) = (
+                self.public_address.clone(),
+                self.key.clone(),
+                shutdown.clone(),
             );
-            match self.attempt(&row, shutdown).instrument(span.clone()).await {
-                Attempt::Outcomes(outcomes) => {
-                    if outcomes
-                        .iter()
-                        .any(|(_, o)| *o == RecipientOutcome::Delivered)
-                    {
-                        self.relay_down = None;
-                    }
-                    self.settle(row, &outcomes).instrument(span).await;
+            tasks.spawn(async move {
+                let (lane, done) = run_lane(lane, rows, public_address, key, shutdown).await;
+                (i, lane, done)
+            });
+        }
+        let mut attempts = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((i, lane, done)) => {
+                    lanes[i] = Some(lane);
+                    attempts.extend(done);
                 }
-                Attempt::Interrupted => return,
+                // Its rows stay queued and are sent again; the lane gets a
+                // fresh session below.
+                Err(e) => error!(error = %e, "a relay lane failed"),
+            }
+        }
+        self.lanes = lanes
+            .into_iter()
+            .map(|lane| lane.unwrap_or_else(|| Lane::new(&self.config)))
+            .collect();
+        attempts.sort_by_key(|(row, _)| row.id);
+
+        let now = store::now();
+        let mut down = false;
+        let mut delivered = false;
+        let mut settled = Vec::with_capacity(attempts.len());
+        for (row, attempt) in attempts {
+            let outcomes = match attempt {
+                Attempt::Outcomes(outcomes) => outcomes,
                 Attempt::RelayDown(reason) => {
-                    // Defer this row and the rest of the batch without a
-                    // connection attempt each: one failure says the relay
-                    // is down for all of them.
-                    warn!(parent: &span, error = %reason, "relay unreachable");
-                    for row in std::iter::once(row).chain(rows.by_ref()) {
-                        let outcomes: Vec<_> = row
-                            .recipients
-                            .iter()
-                            .map(|r| (r.clone(), RecipientOutcome::Deferred(reason.clone())))
-                            .collect();
-                        let span = info_span!("delivery", outbox_id = row.id, message_id = %row.message_id);
-                        self.settle(row, &outcomes).instrument(span).await;
-                    }
-                    self.defer_all(last_id).await;
-                    return;
+                    down = true;
+                    row.recipients
+                        .iter()
+                        .map(|r| (r.clone(), RecipientOutcome::Deferred(reason.clone())))
+                        .collect()
+                }
+                Attempt::Interrupted => continue,
+            };
+            delivered |= outcomes
+                .iter()
+                .any(|(_, o)| *o == RecipientOutcome::Delivered);
+            let disposition = dispose(&row, &outcomes, now, &self.policy);
+            let span = info_span!("delivery", outbox_id = row.id, message_id = %row.message_id);
+            let _entered = span.enter();
+            match &disposition {
+                Disposition::Sent => info!(outcome = "sent", "delivered"),
+                Disposition::Retry { next_at, error, .. } => {
+                    info!(outcome = "retry", retry_in = next_at - now, error = %error, "deferred")
+                }
+                Disposition::Failed { error } => {
+                    warn!(outcome = "failed", error = %error, "failed")
                 }
             }
+            settled.push((row, disposition));
+        }
+        if let Err(e) = self.record(settled.clone(), now).await {
+            error!(error = %e, rows = settled.len(), "cannot record the outcomes; will try again");
+            self.unrecorded.extend(settled);
+        }
+        if delivered {
+            self.relay_down = None;
+        }
+        if down {
+            // One failure says the relay is down for every row.
+            self.defer_all(last_id).await;
         }
     }
 
@@ -505,86 +704,23 @@ impl Worker {
         }
     }
 
-    /// Hand one row to the transport.
-    async fn attempt(&mut self, row: &OutboxRow, shutdown: &CancellationToken) -> Attempt {
-        let mail_from =
-            crate::thread::bounce_address(&self.public_address, row.id, self.key.as_deref());
-        match &mut self.transport {
-            Transport::Smtp(relay) => {
-                match relay
-                    .send(&mail_from, &row.recipients, &row.message, shutdown)
-                    .await
-                {
-                    Ok(outcomes) => Attempt::Outcomes(outcomes),
-                    Err(smtp::SessionFailure::Down(reason)) => Attempt::RelayDown(reason),
-                    Err(smtp::SessionFailure::Interrupted) => Attempt::Interrupted,
-                }
-            }
-            Transport::File(relay) => {
-                let relay = relay.clone();
-                let (id, recipients, message) =
-                    (row.id, row.recipients.clone(), row.message.clone());
-                let from = mail_from.clone();
-                let written = tokio::task::spawn_blocking(move || {
-                    relay.write(id, &from, &recipients, &message)
-                })
-                .await;
-                let outcome = match written {
-                    Ok(Ok(_)) => RecipientOutcome::Delivered,
-                    Ok(Err(e)) => {
-                        RecipientOutcome::Deferred(format!("cannot write the .eml file: {e}"))
-                    }
-                    Err(e) => RecipientOutcome::Deferred(format!("file relay task failed: {e}")),
-                };
-                Attempt::Outcomes(
-                    row.recipients
-                        .iter()
-                        .map(|r| (r.clone(), outcome.clone()))
-                        .collect(),
-                )
-            }
-        }
-    }
-
-    /// Decide and record what an attempt means for the row; log it.
-    async fn settle(&mut self, row: OutboxRow, outcomes: &[(String, RecipientOutcome)]) {
-        let now = store::now();
-        let disposition = dispose(&row, outcomes, now, &self.policy);
-        match &disposition {
-            Disposition::Sent => info!(outcome = "sent", "delivered"),
-            Disposition::Retry { next_at, error, .. } => {
-                info!(outcome = "retry", retry_in = next_at - now, error = %error, "deferred")
-            }
-            Disposition::Failed { error } => warn!(outcome = "failed", error = %error, "failed"),
-        }
-        if let Err(e) = self.record(row.clone(), disposition.clone(), now).await {
-            error!(error = %e, "cannot record the outcome; will try again");
-            self.unrecorded.push((row, disposition));
-        }
-    }
-
     async fn record(
         &self,
-        row: OutboxRow,
-        disposition: Disposition,
+        settled: Vec<(OutboxRow, Disposition)>,
         now: i64,
     ) -> Result<(), RelayError> {
         let hook = Arc::clone(&self.on_failed);
-        self.db
-            .call(move |c| record(c, &row, &disposition, now, &hook))
-            .await
+        self.db.call(move |c| record(c, &settled, now, &hook)).await
     }
 
     async fn record_unrecorded(&mut self) {
+        if self.unrecorded.is_empty() {
+            return;
+        }
         let pending = std::mem::take(&mut self.unrecorded);
-        for (row, disposition) in pending {
-            if let Err(e) = self
-                .record(row.clone(), disposition.clone(), store::now())
-                .await
-            {
-                error!(outbox_id = row.id, error = %e, "still cannot record the outcome");
-                self.unrecorded.push((row, disposition));
-            }
+        if let Err(e) = self.record(pending.clone(), store::now()).await {
+            error!(rows = pending.len(), error = %e, "still cannot record the outcomes");
+            self.unrecorded = pending;
         }
     }
 }
