@@ -135,7 +135,9 @@ pub struct PlannedEntry {
     /// Written by a believed agent.
     pub by_agent: bool,
     pub subject: String,
-    pub text: String,
+    /// Shared with the inbound message when it is its text: a long text is
+    /// not copied once more.
+    pub text: std::sync::Arc<str>,
     pub html: Option<String>,
     /// The inbound message's attachments are kept on this entry.
     pub keeps_attachments: bool,
@@ -579,7 +581,7 @@ pub fn decide(
                     author: forward.original_from.clone(),
                     by_agent: false,
                     subject: new.subject.clone(),
-                    text: forward.original_text.clone(),
+                    text: forward.original_text.as_str().into(),
                     html: None,
                     keeps_attachments: true,
                     message_id: inbound.message_id.clone(),
@@ -590,7 +592,7 @@ pub fn decide(
                         author: sender.clone(),
                         by_agent: true,
                         subject: new.subject.clone(),
-                        text: forward.agent_text.clone(),
+                        text: forward.agent_text.as_str().into(),
                         html: None,
                         keeps_attachments: false,
                         message_id: None,
@@ -850,7 +852,7 @@ fn plan_receipt(
         author: Mailbox::new(Some(&config.display_name), &config.public_address),
         by_agent: false,
         subject: new.subject.clone(),
-        text: String::new(),
+        text: "".into(),
         html: None,
         keeps_attachments: false,
         message_id: None,
@@ -901,7 +903,8 @@ fn automatic(
             text: format!(
                 "Automatic mail ({reason}), not re-sent.\n\n{}",
                 inbound.text
-            ),
+            )
+            .into(),
             html: None,
             keeps_attachments: false,
             message_id: inbound.message_id.clone(),
@@ -930,7 +933,7 @@ pub fn publish(
             author: agent.clone(),
             by_agent: true,
             subject: ticket.subject.clone(),
-            text: text.to_string(),
+            text: text.into(),
             html: None,
             keeps_attachments: false,
             message_id: None,
@@ -977,7 +980,7 @@ pub fn resolve(facts: &Facts<'_>, ticket: &TicketView) -> Plan {
             author: system,
             by_agent: false,
             subject: ticket.subject.clone(),
-            text: String::new(),
+            text: "".into(),
             html: None,
             keeps_attachments: false,
             message_id: None,

@@ -446,10 +446,10 @@ pub fn apply(
         .map(|a| (a.filename.clone(), a.data.len() as u64))
         .collect();
     for entry in &plan.entries {
-        let text = match entry.kind {
-            EntryKind::Receipt => render(rt, "receipt", &view, "", "")?,
-            EntryKind::Closure => render(rt, "closure", &view, "", "")?,
-            _ => entry.text.clone(),
+        let text: std::borrow::Cow<'_, str> = match entry.kind {
+            EntryKind::Receipt => render(rt, "receipt", &view, "", "")?.into(),
+            EntryKind::Closure => render(rt, "closure", &view, "", "")?.into(),
+            _ => (*entry.text).into(),
         };
         let stands_for_message =
             entry.message_id.is_some() || (entry.keeps_attachments && !attachments_kept);
@@ -526,7 +526,7 @@ pub fn apply(
                     config.language,
                     &view.subject,
                 ),
-                entry_texts[send.entry].clone(),
+                entry_texts[send.entry].to_string(),
                 None,
             ),
             _ => (
@@ -535,8 +535,13 @@ pub fn apply(
                 } else {
                     entry.subject.clone()
                 },
-                entry_texts[send.entry].clone(),
-                entry.html.clone(),
+                notification_text(&entry_texts[send.entry], &view.number, config.language),
+                // A text that long is cut: the HTML would say more than it.
+                entry
+                    .html
+                    .clone()
+                    .filter(|_| entry_texts[send.entry].len() <= NOTIFICATION_TEXT_MAX)
+                    .filter(|html| html.len() <= NOTIFICATION_TEXT_MAX),
             ),
         };
         let listed_attachments = if entry.keeps_attachments && send.kind != SendKind::Receipt {
@@ -568,6 +573,41 @@ pub fn apply(
         number: view.number,
         queued,
     })
+}
+
+/// The most text one copy carries. Real mail is far below it; a longer
+/// text (a log pasted whole, 25 MB of it) stays whole on the ticket, and
+/// each copy carries its beginning and says where the rest is, instead of
+/// holding the whole text once more per copy while it is composed, stored
+/// and sent.
+pub const NOTIFICATION_TEXT_MAX: usize = 1024 * 1024;
+
+/// `text`, cut at the last line end before [`NOTIFICATION_TEXT_MAX`] with
+/// a note naming the ticket, when it is longer.
+fn notification_text(text: &str, number: &str, language: crate::config::Language) -> String {
+    if text.len() <= NOTIFICATION_TEXT_MAX {
+        return text.to_string();
+    }
+    let mut end = NOTIFICATION_TEXT_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let head = &text[..end];
+    let head = head.rfind('\n').map_or(head, |i| &head[..=i]);
+    let note = match language {
+        crate::config::Language::Fr => format!(
+            "\n[… coupé : ce message fait {} octets ; le texte entier est sur le billet {number}.]\n",
+            text.len()
+        ),
+        crate::config::Language::En => format!(
+            "\n[… cut: this message is {} bytes long; its whole text is on ticket {number}.]\n",
+            text.len()
+        ),
+    };
+    let mut out = String::with_capacity(head.len() + note.len());
+    out.push_str(head);
+    out.push_str(&note);
+    out
 }
 
 fn render(
@@ -1058,4 +1098,28 @@ pub fn deliver_once(
     tx.commit()?;
     log_outcome(arrival, &outcome);
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Language;
+
+    #[test]
+    fn a_short_text_goes_into_copies_whole() {
+        let text = "Bonjour,\nl'imprimante ne marche plus.\n";
+        assert_eq!(notification_text(text, "TKT0000001", Language::Fr), text);
+    }
+
+    #[test]
+    fn a_long_text_is_cut_at_a_line_end_with_a_note_naming_the_ticket() {
+        let line = "é".repeat(40) + "\n";
+        let text = line.repeat(2 * NOTIFICATION_TEXT_MAX / line.len());
+        let cut = notification_text(&text, "TKT0000042", Language::En);
+        assert!(cut.len() <= NOTIFICATION_TEXT_MAX + 200, "{}", cut.len());
+        let (head, note) = cut.split_once("\n[… cut:").unwrap();
+        assert!(text.starts_with(head) && head.ends_with('\n'));
+        assert!(note.contains(&format!("{} bytes", text.len())), "{note}");
+        assert!(note.contains("ticket TKT0000042"), "{note}");
+    }
 }
