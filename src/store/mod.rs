@@ -53,6 +53,10 @@ fn migrations() -> Migrations<'static> {
         // row in place, where a value in the middle of a row is copied twice
         // while the row is built (50 MB more for a 25 MB text).
         M::up("ALTER TABLE entries ADD COLUMN long_body BLOB;"),
+        // The relay reads queued rows in id order: along this index, rather
+        // than sorting every queued row at each batch (a backlog of 20,000
+        // rows was sorted 80 times to be sent).
+        M::up("CREATE INDEX outbox_queued ON outbox (id) WHERE status = 'queued';"),
     ])
 }
 
@@ -122,16 +126,22 @@ pub fn open_with(path: &Path, durability: Durability) -> Result<Connection> {
     }
 }
 
-/// The daemon's writer connection: a page cache large enough for the
-/// indexes of a big log, and no checkpoint inside its commits (a
-/// checkpoint copies and fsyncs the database file: the SMTP session
-/// waiting for that commit would wait for it too). [`checkpoint`] runs
+/// How much of the database file the writer reads through a mapping
+/// rather than `pread` (the pages of a big log's indexes it looks up).
+const WRITER_MMAP: i64 = 256 * 1024 * 1024;
+
+/// The daemon's writer connection: a page cache for the hot pages of the
+/// indexes (16 MiB: small enough that a 25 MB message written through it
+/// does not stay in memory), reads through a mapping, and no checkpoint
+/// inside its commits (a checkpoint copies and fsyncs the database file:
+/// the SMTP session waiting for that commit would wait for it too). [`checkpoint`] runs
 /// them beside it.
 ///
 /// # Errors
 /// A database error.
 pub fn tune_for_writer(conn: &Connection) -> Result<()> {
     conn.pragma_update(None, "cache_size", -16_384)?;
+    conn.pragma_update(None, "mmap_size", WRITER_MMAP)?;
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     Ok(())
 }

@@ -166,13 +166,14 @@ fn into_row(raw: RawRow) -> Result<OutboxRow> {
 }
 
 /// Queued rows whose time has come, oldest first: the relay sends them in
-/// this order so a ticket's mail arrives in the order it was written.
+/// this order so a ticket's mail arrives in the order it was written. Read
+/// along the queued rows' id index, never by sorting the whole queue.
 ///
 /// # Errors
 /// A database error, or a row whose recipients or status column is corrupt.
 pub fn due(conn: &Connection, now: i64, limit: usize) -> Result<Vec<OutboxRow>> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {ROW_COLUMNS} FROM outbox
+        "SELECT {ROW_COLUMNS} FROM outbox INDEXED BY outbox_queued
          WHERE status = 'queued' AND next_attempt_at <= ?1
          ORDER BY id LIMIT ?2"
     ))?;
