@@ -987,13 +987,38 @@ fn log_outcome(arrival: &Arrival, outcome: &Outcome) {
 
 /// One transaction for the whole batch, one savepoint per message.
 fn write_batch(conn: &mut Connection, rt: &Runtime, batch: &[Job]) -> Vec<Outcome> {
+    let now = store::now();
+    let large = batch.iter().map(|j| j.arrival.raw.len()).sum::<usize>() > LARGE_BATCH_BYTES;
+    if large {
+        if let Err(e) = store::writer_cache(conn, true) {
+            tracing::warn!(error = %e, "cannot shrink the page cache for a large message");
+        }
+    }
+    let outcomes = write_batch_in_transaction(conn, rt, batch, now);
+    if large {
+        if let Err(e) = store::writer_cache(conn, false) {
+            tracing::warn!(error = %e, "cannot restore the page cache");
+        }
+    }
+    outcomes
+}
+
+/// Above this many bytes of raw mail, a batch is written with a small page
+/// cache ([`store::writer_cache`]).
+const LARGE_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+fn write_batch_in_transaction(
+    conn: &mut Connection,
+    rt: &Runtime,
+    batch: &[Job],
+    now: i64,
+) -> Vec<Outcome> {
     let temp = |decision| Outcome {
         verdict: Verdict::TempFailure,
         ticket: None,
         decision,
         queued: 0,
     };
-    let now = store::now();
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {

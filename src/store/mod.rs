@@ -126,23 +126,41 @@ pub fn open_with(path: &Path, durability: Durability) -> Result<Connection> {
     }
 }
 
-/// How much of the database file the writer reads through a mapping
-/// rather than `pread` (the pages of a big log's indexes it looks up).
-const WRITER_MMAP: i64 = 256 * 1024 * 1024;
+/// The writer's page cache: the hot pages of a big log's indexes (with
+/// 1,000,000 entries, a 16 MiB cache made ingest 10 % slower than on an
+/// empty log; 64 MiB, 1 %).
+const WRITER_CACHE_KIB: i64 = 64 * 1024;
+/// The writer's page cache while it writes a large message: a 25 MB
+/// message would otherwise fill the whole cache with its own pages, and
+/// the daemon's memory with them.
+const WRITER_CACHE_LARGE_KIB: i64 = 4 * 1024;
 
 /// The daemon's writer connection: a page cache for the hot pages of the
-/// indexes (16 MiB: small enough that a 25 MB message written through it
-/// does not stay in memory), reads through a mapping, and no checkpoint
-/// inside its commits (a checkpoint copies and fsyncs the database file:
-/// the SMTP session waiting for that commit would wait for it too). [`checkpoint`] runs
-/// them beside it.
+/// indexes, and no checkpoint inside its commits (a checkpoint copies and
+/// fsyncs the database file: the SMTP session waiting for that commit
+/// would wait for it too). [`checkpoint`] runs them beside it.
 ///
 /// # Errors
 /// A database error.
 pub fn tune_for_writer(conn: &Connection) -> Result<()> {
-    conn.pragma_update(None, "cache_size", -16_384)?;
-    conn.pragma_update(None, "mmap_size", WRITER_MMAP)?;
+    writer_cache(conn, false)?;
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    Ok(())
+}
+
+/// Size the writer's page cache for what comes: `large` before a batch
+/// that holds a large message, then back. A smaller cache only spills the
+/// transaction's pages to the WAL sooner; nothing is committed early.
+///
+/// # Errors
+/// A database error.
+pub fn writer_cache(conn: &Connection, large: bool) -> Result<()> {
+    let kib = if large {
+        WRITER_CACHE_LARGE_KIB
+    } else {
+        WRITER_CACHE_KIB
+    };
+    conn.pragma_update(None, "cache_size", -kib)?;
     Ok(())
 }
 
