@@ -107,18 +107,28 @@ pub async fn serve(
                 .context("smtp.tls_cert / smtp.tls_key")?,
         );
     }
+    // The relay worker's outcomes go through the writer thread too: one
+    // writer, so neither waits for the other's lock.
+    let (marks, mut marks_in) = tokio::sync::mpsc::channel::<crate::relay::MarkRequest>(16);
+    let marks_writer = writer.clone();
+    tokio::spawn(async move {
+        while let Some(request) = marks_in.recv().await {
+            marks_writer.record_marks(request).await;
+        }
+    });
     let intake = Arc::new(Intake {
         runtime: runtime.clone(),
         writer,
     });
 
     let on_failed = failure_hook(runtime.clone());
-    let relay = tokio::spawn(crate::relay::run(
+    let relay = tokio::spawn(crate::relay::run_with(
         config.clone(),
         db_path.clone(),
         wake.clone(),
         shutdown.clone(),
         on_failed,
+        Some(marks),
     ));
 
     if let Some((path, signal)) = reload {

@@ -904,12 +904,29 @@ pub fn queue(
 /// How many messages one commit may hold at most.
 const MAX_BATCH: usize = 256;
 
-struct Job {
-    arrival: Arrival,
-    reply: oneshot::Sender<Verdict>,
+// Messages are the common job and were this size before marks joined
+// them: boxing them would cost an allocation per message for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Job {
+    /// An inbound message, answered with its verdict once committed.
+    Message {
+        arrival: Arrival,
+        reply: oneshot::Sender<Verdict>,
+    },
+    /// The relay worker's outcomes, answered once committed: written by
+    /// the one writer, in its batches, they never wait for its lock (nor
+    /// make it wait for theirs).
+    Marks(crate::relay::MarkRequest),
 }
 
-/// The handle SMTP sessions use to hand messages to the writer thread.
+/// What became of one job of a batch.
+enum Done {
+    Message(Outcome),
+    Marks(Result<(), String>),
+}
+
+/// The handle SMTP sessions (and the relay worker) use to hand work to the
+/// writer thread.
 #[derive(Clone)]
 pub struct Writer {
     jobs: tokio::sync::mpsc::Sender<Job>,
@@ -941,14 +958,30 @@ impl Writer {
                         Ok(guard) => guard.clone(),
                         Err(poisoned) => poisoned.into_inner().clone(),
                     };
-                    let outcomes = write_batch(&mut conn, &rt, &batch);
-                    let mut queued = 0;
-                    for (job, outcome) in batch.into_iter().zip(outcomes) {
-                        queued += outcome.queued;
-                        log_outcome(&job.arrival, &outcome);
-                        let _ = job.reply.send(outcome.verdict);
+                    let done = write_batch(&mut conn, &rt, &batch);
+                    let mut wake_relay = false;
+                    for (job, done) in batch.into_iter().zip(done) {
+                        match (job, done) {
+                            (Job::Message { arrival, reply }, Done::Message(outcome)) => {
+                                wake_relay |= outcome.queued > 0;
+                                log_outcome(&arrival, &outcome);
+                                let _ = reply.send(outcome.verdict);
+                            }
+                            (Job::Marks(marks), Done::Marks(result)) => {
+                                // A failure may have queued a notice.
+                                wake_relay |= result.is_ok() && marks.may_queue();
+                                let _ = marks.reply.send(result);
+                            }
+                            // `write_batch` answers each job in kind.
+                            (Job::Message { reply, .. }, Done::Marks(_)) => {
+                                let _ = reply.send(Verdict::TempFailure);
+                            }
+                            (Job::Marks(marks), Done::Message(_)) => {
+                                let _ = marks.reply.send(Err("not recorded".into()));
+                            }
+                        }
                     }
-                    if queued > 0 {
+                    if wake_relay {
                         wake.notify_one();
                     }
                 }
@@ -961,10 +994,27 @@ impl Writer {
         let (reply, answer) = oneshot::channel();
         // The channel is bounded: a full queue makes the session wait (back
         // pressure) without blocking tokio's worker thread.
-        if self.jobs.send(Job { arrival, reply }).await.is_err() {
+        if self
+            .jobs
+            .send(Job::Message { arrival, reply })
+            .await
+            .is_err()
+        {
             return Verdict::TempFailure;
         }
         answer.await.unwrap_or(Verdict::TempFailure)
+    }
+
+    /// Hand the relay worker's outcomes over; `marks.reply` is answered
+    /// once they are committed (or could not be).
+    pub async fn record_marks(&self, marks: crate::relay::MarkRequest) {
+        if let Err(refused) = self.jobs.send(Job::Marks(marks)).await {
+            if let Job::Marks(marks) = refused.0 {
+                let _ = marks
+                    .reply
+                    .send(Err("the writer thread has stopped".into()));
+            }
+        }
     }
 }
 
@@ -985,22 +1035,29 @@ fn log_outcome(arrival: &Arrival, outcome: &Outcome) {
     );
 }
 
-/// One transaction for the whole batch, one savepoint per message.
-fn write_batch(conn: &mut Connection, rt: &Runtime, batch: &[Job]) -> Vec<Outcome> {
+/// One transaction for the whole batch, one savepoint per job.
+fn write_batch(conn: &mut Connection, rt: &Runtime, batch: &[Job]) -> Vec<Done> {
     let now = store::now();
-    let large = batch.iter().map(|j| j.arrival.raw.len()).sum::<usize>() > LARGE_BATCH_BYTES;
+    let raw_bytes: usize = batch
+        .iter()
+        .map(|job| match job {
+            Job::Message { arrival, .. } => arrival.raw.len(),
+            Job::Marks(_) => 0,
+        })
+        .sum();
+    let large = raw_bytes > LARGE_BATCH_BYTES;
     if large {
         if let Err(e) = store::writer_cache(conn, true) {
             tracing::warn!(error = %e, "cannot shrink the page cache for a large message");
         }
     }
-    let outcomes = write_batch_in_transaction(conn, rt, batch, now);
+    let done = write_batch_in_transaction(conn, rt, batch, now);
     if large {
         if let Err(e) = store::writer_cache(conn, false) {
             tracing::warn!(error = %e, "cannot restore the page cache");
         }
     }
-    outcomes
+    done
 }
 
 /// Above this many bytes of raw mail, a batch is written with a small page
@@ -1012,64 +1069,61 @@ fn write_batch_in_transaction(
     rt: &Runtime,
     batch: &[Job],
     now: i64,
-) -> Vec<Outcome> {
-    let temp = |decision| Outcome {
-        verdict: Verdict::TempFailure,
-        ticket: None,
-        decision,
-        queued: 0,
+) -> Vec<Done> {
+    let failed = |why: &str| -> Vec<Done> {
+        batch
+            .iter()
+            .map(|job| match job {
+                Job::Message { .. } => Done::Message(Outcome {
+                    verdict: Verdict::TempFailure,
+                    ticket: None,
+                    decision: "error",
+                    queued: 0,
+                }),
+                Job::Marks(_) => Done::Marks(Err(why.to_string())),
+            })
+            .collect()
     };
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
             tracing::error!(error = %e, "cannot begin a transaction");
-            return batch.iter().map(|_| temp("error")).collect();
+            return failed(&format!("cannot begin a transaction: {e}"));
         }
     };
-    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut done = Vec::with_capacity(batch.len());
     for job in batch {
-        let outcome = match in_savepoint(&tx, |conn| process(conn, rt, &job.arrival, now)) {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "message not stored");
-                temp("error")
+        let result = match job {
+            Job::Message { arrival, .. } => {
+                store::in_savepoint(&tx, |conn| process(conn, rt, arrival, now)).map(|r| {
+                    Done::Message(r.unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "message not stored");
+                        Outcome {
+                            verdict: Verdict::TempFailure,
+                            ticket: None,
+                            decision: "error",
+                            queued: 0,
+                        }
+                    }))
+                })
             }
+            Job::Marks(marks) => store::in_savepoint(&tx, |conn| marks.write(conn))
+                .map(|r| Done::Marks(r.map_err(|e| e.to_string()))),
+        };
+        match result {
+            Ok(d) => done.push(d),
             Err(e) => {
                 // Dropping `tx` rolls the whole batch back.
                 tracing::error!(error = %e, "savepoint failed: the whole batch is answered 451");
-                return batch.iter().map(|_| temp("error")).collect();
+                return failed(&format!("savepoint failed: {e}"));
             }
-        };
-        outcomes.push(outcome);
+        }
     }
     if let Err(e) = tx.commit() {
         tracing::error!(error = %e, "commit failed: the whole batch is answered 451");
-        return batch.iter().map(|_| temp("error")).collect();
+        return failed(&format!("commit failed: {e}"));
     }
-    outcomes
-}
-
-/// Run `f` in a savepoint of its own: released when it succeeds, rolled
-/// back (and released) when it fails, so one message's failure leaves
-/// nothing of it in the batch. The statements are prepared once (rusqlite's
-/// `Savepoint` parses its SQL at every use: three parses per message).
-///
-/// # Errors
-/// The outer error: the savepoint itself could not be opened, released or
-/// rolled back, so the batch cannot be trusted (the caller rolls it all
-/// back). The inner one: `f` failed, and nothing of it is left.
-fn in_savepoint<T>(
-    conn: &Connection,
-    f: impl FnOnce(&Connection) -> Result<T, IntakeError>,
-) -> Result<Result<T, IntakeError>, rusqlite::Error> {
-    let run = |sql: &str| conn.prepare_cached(sql)?.execute([]).map(|_| ());
-    run("SAVEPOINT message")?;
-    let result = f(conn);
-    if result.is_err() {
-        run("ROLLBACK TO message")?;
-    }
-    run("RELEASE message")?;
-    Ok(result)
+    done
 }
 
 /// The [`Deliver`] the SMTP listener hands messages to.

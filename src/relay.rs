@@ -8,8 +8,8 @@
 //! One long-lived task owns the relay sessions: a small pool of
 //! [`RELAY_CONNECTIONS`] lanes, each a session of its own. A ticket's rows
 //! always take the same lane, so a ticket's mail leaves in the order it was
-//! written while other tickets' mail goes out beside it. The outcomes of a
-//! batch are recorded in one transaction. The database work runs on
+//! written while other tickets' mail goes out beside it. Outcomes are
+//! recorded as they come, those that arrive together in one transaction. The database work runs on
 //! tokio's blocking pool with a connection of its own, so a busy SQLite
 //! never stalls the SMTP listener.
 
@@ -49,6 +49,8 @@ pub enum RelayError {
     },
     #[error("relay worker: a database task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("relay worker: outcomes not recorded by the writer: {0}")]
+    Marks(String),
 }
 
 /// At most this many rows are read per query; the worker loops until none is due.
@@ -81,6 +83,24 @@ pub async fn run(
     shutdown: CancellationToken,
     on_failed: FailureHook,
 ) -> Result<(), RelayError> {
+    run_with(config, db_path, wake, shutdown, on_failed, None).await
+}
+
+/// [`run`], with the outcomes written by the daemon's writer thread when
+/// `marks` is given (the daemon forwards each request to
+/// [`crate::intake::Writer::record_marks`]), else on the worker's own
+/// connection.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with(
+    config: Arc<Config>,
+    db_path: PathBuf,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+    on_failed: FailureHook,
+    marks: Option<tokio::sync::mpsc::Sender<MarkRequest>>,
+) -> Result<(), RelayError> {
     let key = read_reply_secret(&config)?;
     let conn =
         tokio::task::spawn_blocking(move || store::open_with(&db_path, store::Durability::Relaxed))
@@ -88,6 +108,7 @@ pub async fn run(
     let mut worker = Worker {
         db: Db(Arc::new(Mutex::new(conn))),
         lanes: Lane::pool(&config),
+        marks,
         config: Arc::clone(&config),
         policy: RetryPolicy::from_config(&config),
         public_address: config.public_address.clone(),
@@ -266,10 +287,37 @@ pub fn dispose(
     }
 }
 
-/// Record the outcomes of a batch in one transaction, each failure with
-/// its hook. A row that is no longer queued (an operator's `outbox retry`,
-/// a delivery report that came first) keeps what it has: its outcome is
-/// logged and dropped, the others are recorded.
+/// Outcomes for the daemon's writer thread to record in its next batch
+/// (see [`run_with`]): one writer, so the worker's marks never wait for
+/// the database's write lock, nor make inbound mail wait for theirs.
+pub struct MarkRequest {
+    pub settled: Vec<(OutboxRow, Disposition)>,
+    pub now: i64,
+    pub on_failed: FailureHook,
+    /// Answered once the marks are committed, or with why they are not.
+    pub reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+impl MarkRequest {
+    /// Write the marks on `conn`, which the caller has put in a
+    /// transaction (see [`write_marks`]).
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn write(&self, conn: &Connection) -> Result<(), StoreError> {
+        write_marks(conn, &self.settled, self.now, &self.on_failed)
+    }
+
+    /// Whether a failure hook may have queued a notice.
+    pub fn may_queue(&self) -> bool {
+        self.settled
+            .iter()
+            .any(|(_, d)| !matches!(d, Disposition::Sent))
+    }
+}
+
+/// Record the outcomes of a batch in one transaction on the worker's own
+/// connection (when it runs without the daemon's writer).
 ///
 /// # Errors
 /// A database error; the transaction is then rolled back, and nothing of
@@ -280,9 +328,27 @@ fn record(
     now: i64,
     on_failed: &FailureHook,
 ) -> Result<(), StoreError> {
-    let mut tx = conn.transaction()?;
+    let tx = conn.transaction()?;
+    write_marks(&tx, settled, now, on_failed)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Write outcomes, each failure with its hook, on a connection in a
+/// transaction. A row that is no longer queued (an operator's `outbox
+/// retry`, a delivery report that came first) keeps what it has: its
+/// outcome is logged and dropped, the others are written.
+///
+/// # Errors
+/// A database error.
+pub fn write_marks(
+    conn: &Connection,
+    settled: &[(OutboxRow, Disposition)],
+    now: i64,
+    on_failed: &FailureHook,
+) -> Result<(), StoreError> {
     for (row, disposition) in settled {
-        match record_one(&mut tx, row, disposition, now, on_failed) {
+        match record_one(conn, row, disposition, now, on_failed) {
             Ok(()) => {}
             Err(StoreError::NotFound(why)) => {
                 warn!(outbox_id = row.id, "outcome not recorded: {why}");
@@ -290,7 +356,6 @@ fn record(
             Err(e) => return Err(e),
         }
     }
-    tx.commit()?;
     Ok(())
 }
 
@@ -298,7 +363,7 @@ fn record(
 /// single `UPDATE ... WHERE status = 'queued'`: `NotFound` means it changed
 /// nothing.
 fn record_one(
-    tx: &mut rusqlite::Transaction<'_>,
+    conn: &Connection,
     row: &OutboxRow,
     disposition: &Disposition,
     now: i64,
@@ -306,7 +371,7 @@ fn record_one(
 ) -> Result<(), StoreError> {
     let hook_reason = match disposition {
         Disposition::Sent => {
-            outbox::mark_sent(tx, row.id, now)?;
+            outbox::mark_sent(conn, row.id, now)?;
             None
         }
         Disposition::Retry {
@@ -316,26 +381,21 @@ fn record_one(
             refused,
         } => {
             if let Some(keep) = narrow_to {
-                outbox::narrow_recipients(tx, row.id, keep)?;
+                outbox::narrow_recipients(conn, row.id, keep)?;
             }
-            outbox::mark_retry(tx, row.id, *next_at, error)?;
+            outbox::mark_retry(conn, row.id, *next_at, error)?;
             refused.as_deref()
         }
         Disposition::Failed { error } => {
-            outbox::mark_failed(tx, row.id, error)?;
+            outbox::mark_failed(conn, row.id, error)?;
             Some(error.as_str())
         }
     };
     if let Some(reason) = hook_reason {
         // A savepoint, so that a hook failing half-way leaves nothing behind
         // while the outcome itself is still committed.
-        let mut savepoint = tx.savepoint()?;
-        match on_failed(&savepoint, row, reason) {
-            Ok(()) => savepoint.commit()?,
-            Err(e) => {
-                error!(outbox_id = row.id, error = %e, "failure hook failed; failure recorded without it");
-                savepoint.rollback()?;
-            }
+        if let Err(e) = store::in_savepoint(conn, |sp| on_failed(sp, row, reason))? {
+            error!(outbox_id = row.id, error = %e, "failure hook failed; failure recorded without it");
         }
     }
     Ok(())
@@ -462,18 +522,19 @@ fn lane_of(row: &OutboxRow, lanes: usize) -> usize {
     usize::try_from(ticket % lanes.max(1) as u64).unwrap_or(0)
 }
 
-/// Send one lane's rows in order over its session. When the relay cannot
-/// be used, the rest of the lane is answered with the same reason, without
-/// a connection attempt each; at shutdown, the rows not yet handed over are
-/// left out (they stay queued).
+/// Send one lane's rows in order over its session, handing each result to
+/// `done` as soon as it is known. When the relay cannot be used, the rest
+/// of the lane is answered with the same reason, without a connection
+/// attempt each; at shutdown, the rows not yet handed over are left out
+/// (they stay queued).
 async fn run_lane(
     mut lane: Lane,
     rows: Vec<OutboxRow>,
     public_address: String,
     key: Option<Vec<u8>>,
     shutdown: CancellationToken,
-) -> (Lane, Vec<(OutboxRow, Attempt)>) {
-    let mut done = Vec::with_capacity(rows.len());
+    done: tokio::sync::mpsc::UnboundedSender<(OutboxRow, Attempt)>,
+) -> Lane {
     let mut rows = rows.into_iter();
     while let Some(row) = rows.next() {
         if shutdown.is_cancelled() {
@@ -496,14 +557,17 @@ async fn run_lane(
             Attempt::RelayDown(reason) => {
                 warn!(parent: &span, error = %reason, "relay unreachable");
                 for row in std::iter::once(row).chain(rows.by_ref()) {
-                    done.push((row, Attempt::RelayDown(reason.clone())));
+                    let _ = done.send((row, Attempt::RelayDown(reason.clone())));
                 }
                 break;
             }
-            outcomes => done.push((row, outcomes)),
+            // The worker records it with whatever else came meanwhile.
+            outcomes => {
+                let _ = done.send((row, outcomes));
+            }
         }
     }
-    (lane, done)
+    lane
 }
 
 /// The result of one attempt at a row.
@@ -521,6 +585,8 @@ struct Worker {
     /// is sent.
     lanes: Vec<Lane>,
     config: Arc<Config>,
+    /// The daemon's writer, when it records the outcomes.
+    marks: Option<tokio::sync::mpsc::Sender<MarkRequest>>,
     policy: RetryPolicy,
     public_address: String,
     key: Option<Vec<u8>>,
@@ -595,8 +661,10 @@ impl Worker {
         }
     }
 
-    /// Send a batch over the lanes, then record every outcome in one
-    /// transaction.
+    /// Send a batch over the lanes, recording outcomes as they come: each
+    /// transaction holds every outcome that arrived while the previous one
+    /// was written (group commit, as for inbound mail), so a crash re-sends
+    /// only the few rows whose marks were not written yet.
     async fn send_batch(&mut self, batch: Vec<OutboxRow>, shutdown: &CancellationToken) {
         let last_id = batch.last().map_or(0, |r| r.id);
         let mut lanes: Vec<Option<Lane>> = std::mem::take(&mut self.lanes)
@@ -607,6 +675,7 @@ impl Worker {
         for row in batch {
             rows_of[lane_of(&row, lanes.len())].push(row);
         }
+        let (done, mut results) = tokio::sync::mpsc::unbounded_channel();
         let mut tasks = tokio::task::JoinSet::new();
         for (i, rows) in rows_of.into_iter().enumerate() {
             if rows.is_empty() {
@@ -615,25 +684,40 @@ impl Worker {
             let Some(lane) = lanes[i].take() else {
                 continue;
             };
-            let (public_address, key, shutdown) = (
+            let (public_address, key, shutdown, done) = (
                 self.public_address.clone(),
                 self.key.clone(),
                 shutdown.clone(),
+                done.clone(),
             );
             tasks.spawn(async move {
-                let (lane, done) = run_lane(lane, rows, public_address, key, shutdown).await;
-                (i, lane, done)
+                let lane = run_lane(lane, rows, public_address, key, shutdown, done).await;
+                (i, lane)
             });
         }
-        let mut attempts = Vec::new();
+        drop(done);
+
+        let mut down = false;
+        let mut delivered = false;
+        while let Some(first) = results.recv().await {
+            let mut arrived = vec![first];
+            while let Ok(more) = results.try_recv() {
+                arrived.push(more);
+            }
+            let settled = self.settle(arrived, &mut down, &mut delivered);
+            if settled.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.record(settled.clone(), store::now()).await {
+                error!(error = %e, rows = settled.len(), "cannot record the outcomes; will try again");
+                self.unrecorded.extend(settled);
+            }
+        }
         while let Some(joined) = tasks.join_next().await {
             match joined {
-                Ok((i, lane, done)) => {
-                    lanes[i] = Some(lane);
-                    attempts.extend(done);
-                }
-                // Its rows stay queued and are sent again; the lane gets a
-                // fresh session below.
+                Ok((i, lane)) => lanes[i] = Some(lane),
+                // Its rows not yet sent stay queued; the lane gets a fresh
+                // session below.
                 Err(e) => error!(error = %e, "a relay lane failed"),
             }
         }
@@ -641,17 +725,29 @@ impl Worker {
             .into_iter()
             .map(|lane| lane.unwrap_or_else(|| Lane::new(&self.config)))
             .collect();
-        attempts.sort_by_key(|(row, _)| row.id);
+        if delivered {
+            self.relay_down = None;
+        }
+        if down {
+            // One failure says the relay is down for every row.
+            self.defer_all(last_id).await;
+        }
+    }
 
+    /// Decide what each attempt means for its row, and log it.
+    fn settle(
+        &self,
+        attempts: Vec<(OutboxRow, Attempt)>,
+        down: &mut bool,
+        delivered: &mut bool,
+    ) -> Vec<(OutboxRow, Disposition)> {
         let now = store::now();
-        let mut down = false;
-        let mut delivered = false;
         let mut settled = Vec::with_capacity(attempts.len());
         for (row, attempt) in attempts {
             let outcomes = match attempt {
                 Attempt::Outcomes(outcomes) => outcomes,
                 Attempt::RelayDown(reason) => {
-                    down = true;
+                    *down = true;
                     row.recipients
                         .iter()
                         .map(|r| (r.clone(), RecipientOutcome::Deferred(reason.clone())))
@@ -659,7 +755,7 @@ impl Worker {
                 }
                 Attempt::Interrupted => continue,
             };
-            delivered |= outcomes
+            *delivered |= outcomes
                 .iter()
                 .any(|(_, o)| *o == RecipientOutcome::Delivered);
             let disposition = dispose(&row, &outcomes, now, &self.policy);
@@ -676,17 +772,7 @@ impl Worker {
             }
             settled.push((row, disposition));
         }
-        if let Err(e) = self.record(settled.clone(), now).await {
-            error!(error = %e, rows = settled.len(), "cannot record the outcomes; will try again");
-            self.unrecorded.extend(settled);
-        }
-        if delivered {
-            self.relay_down = None;
-        }
-        if down {
-            // One failure says the relay is down for every row.
-            self.defer_all(last_id).await;
-        }
+        settled
     }
 
     /// The relay is down: every queued row up to this batch, and every row
@@ -710,7 +796,24 @@ impl Worker {
         now: i64,
     ) -> Result<(), RelayError> {
         let hook = Arc::clone(&self.on_failed);
-        self.db.call(move |c| record(c, &settled, now, &hook)).await
+        let Some(marks) = &self.marks else {
+            return self.db.call(move |c| record(c, &settled, now, &hook)).await;
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = MarkRequest {
+            settled,
+            now,
+            on_failed: hook,
+            reply,
+        };
+        if marks.send(request).await.is_err() {
+            return Err(RelayError::Marks("the writer thread has stopped".into()));
+        }
+        match answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(RelayError::Marks(why)),
+            Err(_) => Err(RelayError::Marks("no answer from the writer thread".into())),
+        }
     }
 
     async fn record_unrecorded(&mut self) {

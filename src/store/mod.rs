@@ -173,6 +173,29 @@ pub fn checkpoint(conn: &Connection) -> Result<i64> {
     Ok(conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))?)
 }
 
+/// Run `f` in a savepoint: released when it succeeds, rolled back (and
+/// released) when it fails, so nothing of a failed step is left in the
+/// transaction. The statements are prepared once (rusqlite's `Savepoint`
+/// parses its SQL at every use).
+///
+/// # Errors
+/// The outer error: the savepoint itself could not be opened, released or
+/// rolled back, so the transaction cannot be trusted (the caller rolls it
+/// all back). The inner one: `f` failed, and nothing of it is left.
+pub fn in_savepoint<T, E>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> std::result::Result<T, E>,
+) -> rusqlite::Result<std::result::Result<T, E>> {
+    let run = |sql: &str| conn.prepare_cached(sql)?.execute([]).map(|_| ());
+    run("SAVEPOINT step")?;
+    let result = f(conn);
+    if result.is_err() {
+        run("ROLLBACK TO step")?;
+    }
+    run("RELEASE step")?;
+    Ok(result)
+}
+
 /// Unix seconds now. The store is the only place that reads the clock for
 /// the log; `decide` receives the time as a value.
 pub fn now() -> i64 {
