@@ -9,9 +9,11 @@
 //! [`RELAY_CONNECTIONS`] lanes, each a session of its own. A ticket's rows
 //! always take the same lane, so a ticket's mail leaves in the order it was
 //! written while other tickets' mail goes out beside it. Outcomes are
-//! recorded as they come, those that arrive together in one transaction. The database work runs on
-//! tokio's blocking pool with a connection of its own, so a busy SQLite
-//! never stalls the SMTP listener.
+//! recorded as they come, those that arrive together in one transaction:
+//! in the daemon by the writer thread, in its batches ([`run_with`]: one
+//! writer, so neither waits for the other's lock), else on the worker's
+//! own connection. Database work runs on tokio's blocking pool, so a busy
+//! SQLite never stalls the SMTP listener.
 
 use std::collections::HashSet;
 use std::path::PathBuf;

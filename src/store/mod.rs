@@ -4,8 +4,9 @@
 //! messages, the outbox and the quarantine. WAL mode lets the CLI write while
 //! the daemon runs; `synchronous=FULL` makes a commit durable, which is what
 //! the SMTP `250` promises. In the daemon, one writer thread owns the
-//! connection that writes inbound mail and commits in batches
-//! ([`crate::intake::Writer`]); the relay worker and the CLI use connections of their own.
+//! connection that writes inbound mail and the relay's outcomes, and
+//! commits in batches ([`crate::intake::Writer`]); the relay worker reads
+//! the outbox, and the CLI writes, on connections of their own.
 
 use std::path::Path;
 use std::time::Duration;
@@ -76,9 +77,11 @@ pub enum Durability {
     /// Every commit is on disk when it returns: what the SMTP `250` and the
     /// commands promise.
     Full,
-    /// The relay worker's marks (sent, retry, failed): a crash may lose the
+    /// The relay worker's own connection (its marks when it runs without
+    /// the daemon's writer, the relay-down deferral): a crash may lose the
     /// last ones, which only means the message is sent again — at least
-    /// once, as promised — and saves an fsync per delivery.
+    /// once, as promised — and saves an fsync per delivery. In the daemon
+    /// the marks go through the writer thread, in its `Full` batches.
     Relaxed,
 }
 
