@@ -277,7 +277,7 @@ pub fn compose_send(
         to: send.to.clone(),
         cc: send.cc.clone(),
         subject: entry.subject.clone(),
-        text: entry.text.clone(),
+        text: entry.text.to_string(),
         html: entry.html.clone(),
         listed_attachments: listed,
         attachments: Vec::new(),

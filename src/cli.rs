@@ -349,7 +349,7 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
                 }
                 let mut plan = decide::resolve(&rt.facts(), &view);
                 if let Some(agent) = &by {
-                    plan.entries[0].text = format!("resolved by {}", agent.address);
+                    plan.entries[0].text = format!("resolved by {}", agent.address).into();
                 }
                 intake::apply(
                     tx,

@@ -107,6 +107,15 @@ pub async fn serve(
                 .context("smtp.tls_cert / smtp.tls_key")?,
         );
     }
+    // The relay worker's outcomes go through the writer thread too: one
+    // writer, so neither waits for the other's lock.
+    let (marks, mut marks_in) = tokio::sync::mpsc::channel::<crate::relay::MarkRequest>(16);
+    let marks_writer = writer.clone();
+    tokio::spawn(async move {
+        while let Some(request) = marks_in.recv().await {
+            marks_writer.record_marks(request).await;
+        }
+    });
     let intake = Arc::new(Intake {
         runtime: runtime.clone(),
         writer,
@@ -118,6 +127,7 @@ pub async fn serve(
         wake.clone(),
         shutdown.clone(),
         failure_hook(runtime.clone()),
+        marks,
     ));
 
     if let Some((path, signal)) = reload {
@@ -178,14 +188,16 @@ async fn supervise_relay(
     wake: Arc<Notify>,
     shutdown: CancellationToken,
     on_failed: crate::relay::FailureHook,
+    marks: tokio::sync::mpsc::Sender<crate::relay::MarkRequest>,
 ) {
     let start = || {
-        crate::relay::run(
+        crate::relay::run_with(
             config.clone(),
             db_path.clone(),
             wake.clone(),
             shutdown.clone(),
             on_failed.clone(),
+            Some(marks.clone()),
         )
     };
     supervise("relay worker", &shutdown, RELAY_RESTART_AFTER, start).await;

@@ -135,7 +135,9 @@ pub struct PlannedEntry {
     /// Written by a believed agent.
     pub by_agent: bool,
     pub subject: String,
-    pub text: String,
+    /// Shared with the inbound message when it is its text: a long text is
+    /// not copied once more.
+    pub text: std::sync::Arc<str>,
     pub html: Option<String>,
     /// The inbound message's attachments are kept on this entry.
     pub keeps_attachments: bool,
@@ -593,7 +595,7 @@ pub fn decide(
                     author: forward.original_from.clone(),
                     by_agent: false,
                     subject: new.subject.clone(),
-                    text: forward.original_text.clone(),
+                    text: forward.original_text.as_str().into(),
                     html: None,
                     keeps_attachments: true,
                     message_id: inbound.message_id.clone(),
@@ -604,7 +606,7 @@ pub fn decide(
                         author: sender.clone(),
                         by_agent: true,
                         subject: new.subject.clone(),
-                        text: forward.agent_text.clone(),
+                        text: forward.agent_text.as_str().into(),
                         html: None,
                         keeps_attachments: false,
                         message_id: None,
@@ -871,7 +873,7 @@ fn plan_receipt(
         author: Mailbox::new(Some(&config.display_name), &config.public_address),
         by_agent: false,
         subject: new.subject.clone(),
-        text: String::new(),
+        text: "".into(),
         html: None,
         keeps_attachments: false,
         message_id: None,
@@ -922,7 +924,8 @@ fn automatic(
             text: format!(
                 "Automatic mail ({reason}), not re-sent.\n\n{}",
                 inbound.text
-            ),
+            )
+            .into(),
             html: None,
             keeps_attachments: false,
             message_id: inbound.message_id.clone(),
@@ -951,7 +954,7 @@ pub fn publish(
             author: agent.clone(),
             by_agent: true,
             subject: ticket.subject.clone(),
-            text: text.to_string(),
+            text: text.into(),
             html: None,
             keeps_attachments: false,
             message_id: None,
@@ -998,7 +1001,7 @@ pub fn resolve(facts: &Facts<'_>, ticket: &TicketView) -> Plan {
             author: system,
             by_agent: false,
             subject: ticket.subject.clone(),
-            text: String::new(),
+            text: "".into(),
             html: None,
             keeps_attachments: false,
             message_id: None,

@@ -449,10 +449,10 @@ pub fn apply(
         .map(|a| (a.filename.clone(), a.data.len() as u64))
         .collect();
     for entry in &plan.entries {
-        let text = match entry.kind {
-            EntryKind::Receipt => render(rt, "receipt", &view, "", "")?,
-            EntryKind::Closure => render(rt, "closure", &view, "", "")?,
-            _ => entry.text.clone(),
+        let text: std::borrow::Cow<'_, str> = match entry.kind {
+            EntryKind::Receipt => render(rt, "receipt", &view, "", "")?.into(),
+            EntryKind::Closure => render(rt, "closure", &view, "", "")?.into(),
+            _ => (*entry.text).into(),
         };
         let stands_for_message =
             entry.message_id.is_some() || (entry.keeps_attachments && !attachments_kept);
@@ -529,7 +529,7 @@ pub fn apply(
                     config.language,
                     &view.subject,
                 ),
-                entry_texts[send.entry].clone(),
+                entry_texts[send.entry].to_string(),
                 None,
             ),
             _ => (
@@ -538,8 +538,13 @@ pub fn apply(
                 } else {
                     entry.subject.clone()
                 },
-                entry_texts[send.entry].clone(),
-                entry.html.clone(),
+                notification_text(&entry_texts[send.entry], &view.number, config.language),
+                // A text that long is cut: the HTML would say more than it.
+                entry
+                    .html
+                    .clone()
+                    .filter(|_| entry_texts[send.entry].len() <= NOTIFICATION_TEXT_MAX)
+                    .filter(|html| html.len() <= NOTIFICATION_TEXT_MAX),
             ),
         };
         let listed_attachments = if entry.keeps_attachments && send.kind != SendKind::Receipt {
@@ -571,6 +576,41 @@ pub fn apply(
         number: view.number,
         queued,
     })
+}
+
+/// The most text one copy carries. Real mail is far below it; a longer
+/// text (a log pasted whole, 25 MB of it) stays whole on the ticket, and
+/// each copy carries its beginning and says where the rest is, instead of
+/// holding the whole text once more per copy while it is composed, stored
+/// and sent.
+pub const NOTIFICATION_TEXT_MAX: usize = 1024 * 1024;
+
+/// `text`, cut at the last line end before [`NOTIFICATION_TEXT_MAX`] with
+/// a note naming the ticket, when it is longer.
+fn notification_text(text: &str, number: &str, language: crate::config::Language) -> String {
+    if text.len() <= NOTIFICATION_TEXT_MAX {
+        return text.to_string();
+    }
+    let mut end = NOTIFICATION_TEXT_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let head = &text[..end];
+    let head = head.rfind('\n').map_or(head, |i| &head[..=i]);
+    let note = match language {
+        crate::config::Language::Fr => format!(
+            "\n[… coupé : ce message fait {} octets ; le texte entier est sur le billet {number}.]\n",
+            text.len()
+        ),
+        crate::config::Language::En => format!(
+            "\n[… cut: this message is {} bytes long; its whole text is on ticket {number}.]\n",
+            text.len()
+        ),
+    };
+    let mut out = String::with_capacity(head.len() + note.len());
+    out.push_str(head);
+    out.push_str(&note);
+    out
 }
 
 fn render(
@@ -875,12 +915,29 @@ pub fn queue(
 /// How many messages one commit may hold at most.
 const MAX_BATCH: usize = 256;
 
-struct Job {
-    arrival: Arrival,
-    reply: oneshot::Sender<Verdict>,
+// Messages are the common job and were this size before marks joined
+// them: boxing them would cost an allocation per message for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Job {
+    /// An inbound message, answered with its verdict once committed.
+    Message {
+        arrival: Arrival,
+        reply: oneshot::Sender<Verdict>,
+    },
+    /// The relay worker's outcomes, answered once committed: written by
+    /// the one writer, in its batches, they never wait for its lock (nor
+    /// make it wait for theirs).
+    Marks(crate::relay::MarkRequest),
 }
 
-/// The handle SMTP sessions use to hand messages to the writer thread.
+/// What became of one job of a batch.
+enum Done {
+    Message(Outcome),
+    Marks(Result<(), String>),
+}
+
+/// The handle SMTP sessions (and the relay worker) use to hand work to the
+/// writer thread.
 #[derive(Clone)]
 pub struct Writer {
     jobs: tokio::sync::mpsc::Sender<Job>,
@@ -912,14 +969,30 @@ impl Writer {
                         Ok(guard) => guard.clone(),
                         Err(poisoned) => poisoned.into_inner().clone(),
                     };
-                    let outcomes = write_batch(&mut conn, &rt, &batch);
-                    let mut queued = 0;
-                    for (job, outcome) in batch.into_iter().zip(outcomes) {
-                        queued += outcome.queued;
-                        log_outcome(&job.arrival, &outcome);
-                        let _ = job.reply.send(outcome.verdict);
+                    let done = write_batch(&mut conn, &rt, &batch);
+                    let mut wake_relay = false;
+                    for (job, done) in batch.into_iter().zip(done) {
+                        match (job, done) {
+                            (Job::Message { arrival, reply }, Done::Message(outcome)) => {
+                                wake_relay |= outcome.queued > 0;
+                                log_outcome(&arrival, &outcome);
+                                let _ = reply.send(outcome.verdict);
+                            }
+                            (Job::Marks(marks), Done::Marks(result)) => {
+                                // A failure may have queued a notice.
+                                wake_relay |= result.is_ok() && marks.may_queue();
+                                let _ = marks.reply.send(result);
+                            }
+                            // `write_batch` answers each job in kind.
+                            (Job::Message { reply, .. }, Done::Marks(_)) => {
+                                let _ = reply.send(Verdict::TempFailure);
+                            }
+                            (Job::Marks(marks), Done::Message(_)) => {
+                                let _ = marks.reply.send(Err("not recorded".into()));
+                            }
+                        }
                     }
-                    if queued > 0 {
+                    if wake_relay {
                         wake.notify_one();
                     }
                 }
@@ -932,10 +1005,27 @@ impl Writer {
         let (reply, answer) = oneshot::channel();
         // The channel is bounded: a full queue makes the session wait (back
         // pressure) without blocking tokio's worker thread.
-        if self.jobs.send(Job { arrival, reply }).await.is_err() {
+        if self
+            .jobs
+            .send(Job::Message { arrival, reply })
+            .await
+            .is_err()
+        {
             return Verdict::TempFailure;
         }
         answer.await.unwrap_or(Verdict::TempFailure)
+    }
+
+    /// Hand the relay worker's outcomes over; `marks.reply` is answered
+    /// once they are committed (or could not be).
+    pub async fn record_marks(&self, marks: crate::relay::MarkRequest) {
+        if let Err(refused) = self.jobs.send(Job::Marks(marks)).await {
+            if let Job::Marks(marks) = refused.0 {
+                let _ = marks
+                    .reply
+                    .send(Err("the writer thread has stopped".into()));
+            }
+        }
     }
 }
 
@@ -956,51 +1046,95 @@ fn log_outcome(arrival: &Arrival, outcome: &Outcome) {
     );
 }
 
-/// One transaction for the whole batch, one savepoint per message.
-fn write_batch(conn: &mut Connection, rt: &Runtime, batch: &[Job]) -> Vec<Outcome> {
-    let temp = |decision| Outcome {
-        verdict: Verdict::TempFailure,
-        ticket: None,
-        decision,
-        queued: 0,
-    };
+/// One transaction for the whole batch, one savepoint per job.
+fn write_batch(conn: &mut Connection, rt: &Runtime, batch: &[Job]) -> Vec<Done> {
     let now = store::now();
-    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+    let raw_bytes: usize = batch
+        .iter()
+        .map(|job| match job {
+            Job::Message { arrival, .. } => arrival.raw.len(),
+            Job::Marks(_) => 0,
+        })
+        .sum();
+    let large = raw_bytes > LARGE_BATCH_BYTES;
+    if large {
+        if let Err(e) = store::writer_cache(conn, true) {
+            tracing::warn!(error = %e, "cannot shrink the page cache for a large message");
+        }
+    }
+    let done = write_batch_in_transaction(conn, rt, batch, now);
+    if large {
+        if let Err(e) = store::writer_cache(conn, false) {
+            tracing::warn!(error = %e, "cannot restore the page cache");
+        }
+    }
+    done
+}
+
+/// Above this many bytes of raw mail, a batch is written with a small page
+/// cache ([`store::writer_cache`]).
+const LARGE_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+fn write_batch_in_transaction(
+    conn: &mut Connection,
+    rt: &Runtime,
+    batch: &[Job],
+    now: i64,
+) -> Vec<Done> {
+    let failed = |why: &str| -> Vec<Done> {
+        batch
+            .iter()
+            .map(|job| match job {
+                Job::Message { .. } => Done::Message(Outcome {
+                    verdict: Verdict::TempFailure,
+                    ticket: None,
+                    decision: "error",
+                    queued: 0,
+                }),
+                Job::Marks(_) => Done::Marks(Err(why.to_string())),
+            })
+            .collect()
+    };
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
             tracing::error!(error = %e, "cannot begin a transaction");
-            return batch.iter().map(|_| temp("error")).collect();
+            return failed(&format!("cannot begin a transaction: {e}"));
         }
     };
-    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut done = Vec::with_capacity(batch.len());
     for job in batch {
-        let outcome = match tx.savepoint() {
-            Ok(mut sp) => match process(&sp, rt, &job.arrival, now) {
-                Ok(outcome) => match sp.commit() {
-                    Ok(()) => outcome,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot release a savepoint");
-                        temp("error")
-                    }
-                },
-                Err(e) => {
-                    tracing::error!(error = %e, "message not stored");
-                    let _ = sp.rollback();
-                    temp("error")
-                }
-            },
-            Err(e) => {
-                tracing::error!(error = %e, "cannot open a savepoint");
-                temp("error")
+        let result = match job {
+            Job::Message { arrival, .. } => {
+                store::in_savepoint(&tx, |conn| process(conn, rt, arrival, now)).map(|r| {
+                    Done::Message(r.unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "message not stored");
+                        Outcome {
+                            verdict: Verdict::TempFailure,
+                            ticket: None,
+                            decision: "error",
+                            queued: 0,
+                        }
+                    }))
+                })
             }
+            Job::Marks(marks) => store::in_savepoint(&tx, |conn| marks.write(conn))
+                .map(|r| Done::Marks(r.map_err(|e| e.to_string()))),
         };
-        outcomes.push(outcome);
+        match result {
+            Ok(d) => done.push(d),
+            Err(e) => {
+                // Dropping `tx` rolls the whole batch back.
+                tracing::error!(error = %e, "savepoint failed: the whole batch is answered 451");
+                return failed(&format!("savepoint failed: {e}"));
+            }
+        }
     }
     if let Err(e) = tx.commit() {
         tracing::error!(error = %e, "commit failed: the whole batch is answered 451");
-        return batch.iter().map(|_| temp("error")).collect();
+        return failed(&format!("commit failed: {e}"));
     }
-    outcomes
+    done
 }
 
 /// The [`Deliver`] the SMTP listener hands messages to.
@@ -1054,4 +1188,28 @@ pub fn deliver_once(
     tx.commit()?;
     log_outcome(arrival, &outcome);
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Language;
+
+    #[test]
+    fn a_short_text_goes_into_copies_whole() {
+        let text = "Bonjour,\nl'imprimante ne marche plus.\n";
+        assert_eq!(notification_text(text, "TKT0000001", Language::Fr), text);
+    }
+
+    #[test]
+    fn a_long_text_is_cut_at_a_line_end_with_a_note_naming_the_ticket() {
+        let line = "é".repeat(40) + "\n";
+        let text = line.repeat(2 * NOTIFICATION_TEXT_MAX / line.len());
+        let cut = notification_text(&text, "TKT0000042", Language::En);
+        assert!(cut.len() <= NOTIFICATION_TEXT_MAX + 200, "{}", cut.len());
+        let (head, note) = cut.split_once("\n[… cut:").unwrap();
+        assert!(text.starts_with(head) && head.ends_with('\n'));
+        assert!(note.contains(&format!("{} bytes", text.len())), "{note}");
+        assert!(note.contains("ticket TKT0000042"), "{note}");
+    }
 }

@@ -5,9 +5,15 @@
 //! (5xx, or given up after `give_up_after_hours`), in which case the
 //! [`FailureHook`] logs it on the ticket in the same transaction.
 //!
-//! One long-lived task owns the relay session; the database work runs on
-//! tokio's blocking pool with a connection of its own, so a busy SQLite
-//! never stalls the SMTP listener.
+//! One long-lived task owns the relay sessions: a small pool of
+//! [`RELAY_CONNECTIONS`] lanes, each a session of its own. A ticket's rows
+//! always take the same lane, so a ticket's mail leaves in the order it was
+//! written while other tickets' mail goes out beside it. Outcomes are
+//! recorded as they come, those that arrive together in one transaction:
+//! in the daemon by the writer thread, in its batches ([`run_with`]: one
+//! writer, so neither waits for the other's lock), else on the worker's
+//! own connection. Database work runs on tokio's blocking pool, so a busy
+//! SQLite never stalls the SMTP listener.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -47,10 +53,16 @@ pub enum RelayError {
     Task(#[from] tokio::task::JoinError),
     #[error("relay worker: cannot prepare TLS towards the relay: {0}")]
     Tls(String),
+    #[error("relay worker: outcomes not recorded by the writer: {0}")]
+    Marks(String),
 }
 
 /// At most this many rows are read per query; the worker loops until none is due.
-const BATCH: usize = 100;
+const BATCH: usize = 256;
+/// Sessions with the relay at most: enough to keep a local relay busy while
+/// each lane waits for its replies, few enough to stay far below any relay's
+/// per-client connection limit (Postfix: 50).
+pub const RELAY_CONNECTIONS: usize = 4;
 /// The longest the worker sleeps without looking at the table: the CLI
 /// queues rows from another process, and the SPEC promises they leave
 /// within a second.
@@ -77,13 +89,34 @@ pub async fn run(
     shutdown: CancellationToken,
     on_failed: FailureHook,
 ) -> Result<(), RelayError> {
+    run_with(config, db_path, wake, shutdown, on_failed, None).await
+}
+
+/// [`run`], with the outcomes written by the daemon's writer thread when
+/// `marks` is given (the daemon forwards each request to
+/// [`crate::intake::Writer::record_marks`]), else on the worker's own
+/// connection.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with(
+    config: Arc<Config>,
+    db_path: PathBuf,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+    on_failed: FailureHook,
+    marks: Option<tokio::sync::mpsc::Sender<MarkRequest>>,
+) -> Result<(), RelayError> {
     let key = read_reply_secret(&config)?;
     let conn =
         tokio::task::spawn_blocking(move || store::open_with(&db_path, store::Durability::Relaxed))
             .await??;
+    let template = Lane::new(&config)?;
     let mut worker = Worker {
         db: Db(Arc::new(Mutex::new(conn))),
-        transport: Transport::new(&config)?,
+        lanes: Lane::pool(&template),
+        template,
+        marks,
         policy: RetryPolicy::from_config(&config),
         public_address: config.public_address.clone(),
         key,
@@ -92,7 +125,9 @@ pub async fn run(
         relay_down: None,
     };
     worker.run(&wake, &shutdown).await;
-    worker.transport.close().await;
+    for lane in &mut worker.lanes {
+        lane.close().await;
+    }
     worker.record_unrecorded().await;
     for (row, _) in &worker.unrecorded {
         error!(
@@ -259,21 +294,91 @@ pub fn dispose(
     }
 }
 
-/// Record a disposition in one transaction, with the hook for failures.
+/// Outcomes for the daemon's writer thread to record in its next batch
+/// (see [`run_with`]): one writer, so the worker's marks never wait for
+/// the database's write lock, nor make inbound mail wait for theirs.
+pub struct MarkRequest {
+    pub settled: Vec<(OutboxRow, Disposition)>,
+    pub now: i64,
+    pub on_failed: FailureHook,
+    /// Answered once the marks are committed, or with why they are not.
+    pub reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+impl MarkRequest {
+    /// Write the marks on `conn`, which the caller has put in a
+    /// transaction (see [`write_marks`]).
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn write(&self, conn: &Connection) -> Result<(), StoreError> {
+        write_marks(conn, &self.settled, self.now, &self.on_failed)
+    }
+
+    /// Whether a failure hook may have queued a notice.
+    pub fn may_queue(&self) -> bool {
+        self.settled
+            .iter()
+            .any(|(_, d)| !matches!(d, Disposition::Sent))
+    }
+}
+
+/// Record the outcomes of a batch in one transaction on the worker's own
+/// connection (when it runs without the daemon's writer).
 ///
 /// # Errors
-/// A database error; the transaction is then rolled back.
+/// A database error; the transaction is then rolled back, and nothing of
+/// the batch is recorded.
 fn record(
     conn: &mut Connection,
+    settled: &[(OutboxRow, Disposition)],
+    now: i64,
+    on_failed: &FailureHook,
+) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    write_marks(&tx, settled, now, on_failed)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Write outcomes, each failure with its hook, on a connection in a
+/// transaction. A row that is no longer queued (an operator's `outbox
+/// retry`, a delivery report that came first) keeps what it has: its
+/// outcome is logged and dropped, the others are written.
+///
+/// # Errors
+/// A database error.
+pub fn write_marks(
+    conn: &Connection,
+    settled: &[(OutboxRow, Disposition)],
+    now: i64,
+    on_failed: &FailureHook,
+) -> Result<(), StoreError> {
+    for (row, disposition) in settled {
+        match record_one(conn, row, disposition, now, on_failed) {
+            Ok(()) => {}
+            Err(StoreError::NotFound(why)) => {
+                warn!(outbox_id = row.id, "outcome not recorded: {why}");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Record one disposition, with the hook for failures. Each mark is a
+/// single `UPDATE ... WHERE status = 'queued'`: `NotFound` means it changed
+/// nothing.
+fn record_one(
+    conn: &Connection,
     row: &OutboxRow,
     disposition: &Disposition,
     now: i64,
     on_failed: &FailureHook,
 ) -> Result<(), StoreError> {
-    let mut tx = conn.transaction()?;
     let hook_reason = match disposition {
         Disposition::Sent => {
-            outbox::mark_sent(&tx, row.id, now)?;
+            outbox::mark_sent(conn, row.id, now)?;
             None
         }
         Disposition::Retry {
@@ -283,29 +388,23 @@ fn record(
             refused,
         } => {
             if let Some(keep) = narrow_to {
-                outbox::narrow_recipients(&tx, row.id, keep)?;
+                outbox::narrow_recipients(conn, row.id, keep)?;
             }
-            outbox::mark_retry(&tx, row.id, *next_at, error)?;
+            outbox::mark_retry(conn, row.id, *next_at, error)?;
             refused.as_deref()
         }
         Disposition::Failed { error } => {
-            outbox::mark_failed(&tx, row.id, error)?;
+            outbox::mark_failed(conn, row.id, error)?;
             Some(error.as_str())
         }
     };
     if let Some(reason) = hook_reason {
         // A savepoint, so that a hook failing half-way leaves nothing behind
         // while the outcome itself is still committed.
-        let mut savepoint = tx.savepoint()?;
-        match on_failed(&savepoint, row, reason) {
-            Ok(()) => savepoint.commit()?,
-            Err(e) => {
-                error!(outbox_id = row.id, error = %e, "failure hook failed; failure recorded without it");
-                savepoint.rollback()?;
-            }
+        if let Err(e) = store::in_savepoint(conn, |sp| on_failed(sp, row, reason))? {
+            error!(outbox_id = row.id, error = %e, "failure hook failed; failure recorded without it");
         }
     }
-    tx.commit()?;
     Ok(())
 }
 
@@ -329,18 +428,42 @@ impl Db {
     }
 }
 
-enum Transport {
+/// One way out: the file relay, or one session with the SMTP relay.
+enum Lane {
     File(file::FileRelay),
     /// Boxed: the session is large, the file relay is a path.
     Smtp(Box<smtp::SmtpRelay>),
 }
 
-impl Transport {
+impl Lane {
+    /// The lanes of the configured relay: [`RELAY_CONNECTIONS`] sessions
+    /// with an SMTP relay, one writer of `.eml` files.
+    ///
     /// # Errors
     /// [`RelayError::Tls`] when the TLS configuration cannot be built.
-    fn new(config: &Config) -> Result<Transport, RelayError> {
+    fn pool(template: &Lane) -> Vec<Lane> {
+        let lanes = match template {
+            Lane::File(_) => 1,
+            Lane::Smtp(_) => RELAY_CONNECTIONS,
+        };
+        (0..lanes).map(|_| template.fresh()).collect()
+    }
+
+    /// A lane like this one, without a session.
+    fn fresh(&self) -> Lane {
+        match self {
+            Lane::File(relay) => Lane::File(relay.clone()),
+            Lane::Smtp(relay) => Lane::Smtp(Box::new(relay.fresh())),
+        }
+    }
+
+    /// The configured relay, TLS configuration built once.
+    ///
+    /// # Errors
+    /// [`RelayError::Tls`] when the TLS configuration cannot be built.
+    fn new(config: &Config) -> Result<Lane, RelayError> {
         Ok(match &config.relay {
-            RelayTarget::File(dir) => Transport::File(file::FileRelay::new(dir.clone())),
+            RelayTarget::File(dir) => Lane::File(file::FileRelay::new(dir.clone())),
             RelayTarget::Smtp { host, port, tls } => {
                 let credentials = config
                     .relay_username
@@ -355,16 +478,121 @@ impl Transport {
                     credentials,
                 )
                 .map_err(RelayError::Tls)?;
-                Transport::Smtp(Box::new(relay))
+                Lane::Smtp(Box::new(relay))
             }
         })
     }
 
     async fn close(&mut self) {
-        if let Transport::Smtp(relay) = self {
+        if let Lane::Smtp(relay) = self {
             relay.close().await;
         }
     }
+
+    async fn close_if_idle(&mut self) {
+        if let Lane::Smtp(relay) = self {
+            relay.close_if_idle().await;
+        }
+    }
+
+    /// Hand one row to the relay.
+    async fn attempt(
+        &mut self,
+        row: &OutboxRow,
+        mail_from: &str,
+        shutdown: &CancellationToken,
+    ) -> Attempt {
+        match self {
+            Lane::Smtp(relay) => {
+                match relay
+                    .send(mail_from, &row.recipients, &row.message, shutdown)
+                    .await
+                {
+                    Ok(outcomes) => Attempt::Outcomes(outcomes),
+                    Err(smtp::SessionFailure::Down(reason)) => Attempt::RelayDown(reason),
+                    Err(smtp::SessionFailure::Interrupted) => Attempt::Interrupted,
+                }
+            }
+            Lane::File(relay) => {
+                let relay = relay.clone();
+                let (id, recipients, message) =
+                    (row.id, row.recipients.clone(), row.message.clone());
+                let from = mail_from.to_string();
+                let written = tokio::task::spawn_blocking(move || {
+                    relay.write(id, &from, &recipients, &message)
+                })
+                .await;
+                let outcome = match written {
+                    Ok(Ok(_)) => RecipientOutcome::Delivered,
+                    Ok(Err(e)) => {
+                        RecipientOutcome::Deferred(format!("cannot write the .eml file: {e}"))
+                    }
+                    Err(e) => RecipientOutcome::Deferred(format!("file relay task failed: {e}")),
+                };
+                Attempt::Outcomes(
+                    row.recipients
+                        .iter()
+                        .map(|r| (r.clone(), outcome.clone()))
+                        .collect(),
+                )
+            }
+        }
+    }
+}
+
+/// Which lane a row takes: always the same for a ticket, so a ticket's
+/// mail is sent in order; rows of no ticket take the first.
+fn lane_of(row: &OutboxRow, lanes: usize) -> usize {
+    let ticket = u64::try_from(row.ticket_id.unwrap_or(0)).unwrap_or(0);
+    usize::try_from(ticket % lanes.max(1) as u64).unwrap_or(0)
+}
+
+/// Send one lane's rows in order over its session, handing each result to
+/// `done` as soon as it is known. When the relay cannot be used, the rest
+/// of the lane is answered with the same reason, without a connection
+/// attempt each; at shutdown, the rows not yet handed over are left out
+/// (they stay queued).
+async fn run_lane(
+    mut lane: Lane,
+    rows: Vec<OutboxRow>,
+    public_address: String,
+    key: Option<Vec<u8>>,
+    shutdown: CancellationToken,
+    done: tokio::sync::mpsc::UnboundedSender<(OutboxRow, Attempt)>,
+) -> Lane {
+    let mut rows = rows.into_iter();
+    while let Some(row) = rows.next() {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let mail_from = crate::thread::bounce_address(&public_address, row.id, key.as_deref());
+        let span = info_span!(
+            "delivery",
+            outbox_id = row.id,
+            message_id = %row.message_id,
+            recipients = %row.recipients.join(","),
+            attempt = row.attempts + 1,
+        );
+        match lane
+            .attempt(&row, &mail_from, &shutdown)
+            .instrument(span.clone())
+            .await
+        {
+            Attempt::Interrupted => break,
+            Attempt::RelayDown(reason) => {
+                warn!(parent: &span, error = %reason, "relay unreachable");
+                for row in std::iter::once(row).chain(rows.by_ref()) {
+                    let _ = done.send((row, Attempt::RelayDown(reason.clone())));
+                }
+                break;
+            }
+            // The worker records it with whatever else came meanwhile.
+            outcomes => {
+                let _ = done.send((row, outcomes));
+            }
+        }
+    }
+    lane
 }
 
 /// The result of one attempt at a row.
@@ -378,7 +606,13 @@ enum Attempt {
 
 struct Worker {
     db: Db,
-    transport: Transport,
+    /// The sessions with the relay; each is lent to a task while a batch
+    /// is sent.
+    lanes: Vec<Lane>,
+    /// What a lane that failed is replaced with.
+    template: Lane,
+    /// The daemon's writer, when it records the outcomes.
+    marks: Option<tokio::sync::mpsc::Sender<MarkRequest>>,
     policy: RetryPolicy,
     public_address: String,
     key: Option<Vec<u8>>,
@@ -431,8 +665,8 @@ impl Worker {
 
     /// Sleep until the next row is due, at most [`POLL`], or until woken.
     async fn idle(&mut self, wake: &Notify, shutdown: &CancellationToken) {
-        if let Transport::Smtp(relay) = &mut self.transport {
-            relay.close_if_idle().await;
+        for lane in &mut self.lanes {
+            lane.close_if_idle().await;
         }
         let next_due = self
             .db
@@ -453,50 +687,118 @@ impl Worker {
         }
     }
 
+    /// Send a batch over the lanes, recording outcomes as they come: each
+    /// transaction holds every outcome that arrived while the previous one
+    /// was written (group commit, as for inbound mail), so a crash re-sends
+    /// only the few rows whose marks were not written yet.
     async fn send_batch(&mut self, batch: Vec<OutboxRow>, shutdown: &CancellationToken) {
         let last_id = batch.last().map_or(0, |r| r.id);
-        let mut rows = batch.into_iter();
-        while let Some(row) = rows.next() {
-            if shutdown.is_cancelled() {
-                return;
+        let mut lanes: Vec<Option<Lane>> = std::mem::take(&mut self.lanes)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut rows_of: Vec<Vec<OutboxRow>> = lanes.iter().map(|_| Vec::new()).collect();
+        for row in batch {
+            rows_of[lane_of(&row, lanes.len())].push(row);
+        }
+        let (done, mut results) = tokio::sync::mpsc::unbounded_channel();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, rows) in rows_of.into_iter().enumerate() {
+            if rows.is_empty() {
+                continue;
             }
-            let span = info_span!(
-                "delivery",
-                outbox_id = row.id,
-                message_id = %row.message_id,
-                recipients = %row.recipients.join(","),
-                attempt = row.attempts + 1,
+            let Some(lane) = lanes[i].take() else {
+                continue;
+            };
+            let (public_address, key, shutdown, done) = (
+                self.public_address.clone(),
+                self.key.clone(),
+                shutdown.clone(),
+                done.clone(),
             );
-            match self.attempt(&row, shutdown).instrument(span.clone()).await {
-                Attempt::Outcomes(outcomes) => {
-                    if outcomes
-                        .iter()
-                        .any(|(_, o)| *o == RecipientOutcome::Delivered)
-                    {
-                        self.relay_down = None;
-                    }
-                    self.settle(row, &outcomes).instrument(span).await;
-                }
-                Attempt::Interrupted => return,
-                Attempt::RelayDown(reason) => {
-                    // Defer this row and the rest of the batch without a
-                    // connection attempt each: one failure says the relay
-                    // is down for all of them.
-                    warn!(parent: &span, error = %reason, "relay unreachable");
-                    for row in std::iter::once(row).chain(rows.by_ref()) {
-                        let outcomes: Vec<_> = row
-                            .recipients
-                            .iter()
-                            .map(|r| (r.clone(), RecipientOutcome::Deferred(reason.clone())))
-                            .collect();
-                        let span = info_span!("delivery", outbox_id = row.id, message_id = %row.message_id);
-                        self.settle(row, &outcomes).instrument(span).await;
-                    }
-                    self.defer_all(last_id).await;
-                    return;
-                }
+            tasks.spawn(async move {
+                let lane = run_lane(lane, rows, public_address, key, shutdown, done).await;
+                (i, lane)
+            });
+        }
+        drop(done);
+
+        let mut down = false;
+        let mut delivered = false;
+        while let Some(first) = results.recv().await {
+            let mut arrived = vec![first];
+            while let Ok(more) = results.try_recv() {
+                arrived.push(more);
+            }
+            let settled = self.settle(arrived, &mut down, &mut delivered);
+            if settled.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.record(settled.clone(), store::now()).await {
+                error!(error = %e, rows = settled.len(), "cannot record the outcomes; will try again");
+                self.unrecorded.extend(settled);
             }
         }
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((i, lane)) => lanes[i] = Some(lane),
+                // Its rows not yet sent stay queued; the lane gets a fresh
+                // session below.
+                Err(e) => error!(error = %e, "a relay lane failed"),
+            }
+        }
+        self.lanes = lanes
+            .into_iter()
+            .map(|lane| lane.unwrap_or_else(|| self.template.fresh()))
+            .collect();
+        if delivered {
+            self.relay_down = None;
+        }
+        if down {
+            // One failure says the relay is down for every row.
+            self.defer_all(last_id).await;
+        }
+    }
+
+    /// Decide what each attempt means for its row, and log it.
+    fn settle(
+        &self,
+        attempts: Vec<(OutboxRow, Attempt)>,
+        down: &mut bool,
+        delivered: &mut bool,
+    ) -> Vec<(OutboxRow, Disposition)> {
+        let now = store::now();
+        let mut settled = Vec::with_capacity(attempts.len());
+        for (row, attempt) in attempts {
+            let outcomes = match attempt {
+                Attempt::Outcomes(outcomes) => outcomes,
+                Attempt::RelayDown(reason) => {
+                    *down = true;
+                    row.recipients
+                        .iter()
+                        .map(|r| (r.clone(), RecipientOutcome::Deferred(reason.clone())))
+                        .collect()
+                }
+                Attempt::Interrupted => continue,
+            };
+            *delivered |= outcomes
+                .iter()
+                .any(|(_, o)| *o == RecipientOutcome::Delivered);
+            let disposition = dispose(&row, &outcomes, now, &self.policy);
+            let span = info_span!("delivery", outbox_id = row.id, message_id = %row.message_id);
+            let _entered = span.enter();
+            match &disposition {
+                Disposition::Sent => info!(outcome = "sent", "delivered"),
+                Disposition::Retry { next_at, error, .. } => {
+                    info!(outcome = "retry", retry_in = next_at - now, error = %error, "deferred")
+                }
+                Disposition::Failed { error } => {
+                    warn!(outcome = "failed", error = %error, "failed")
+                }
+            }
+            settled.push((row, disposition));
+        }
+        settled
     }
 
     /// The relay is down: every queued row up to this batch, and every row
@@ -514,86 +816,40 @@ impl Worker {
         }
     }
 
-    /// Hand one row to the transport.
-    async fn attempt(&mut self, row: &OutboxRow, shutdown: &CancellationToken) -> Attempt {
-        let mail_from =
-            crate::thread::bounce_address(&self.public_address, row.id, self.key.as_deref());
-        match &mut self.transport {
-            Transport::Smtp(relay) => {
-                match relay
-                    .send(&mail_from, &row.recipients, &row.message, shutdown)
-                    .await
-                {
-                    Ok(outcomes) => Attempt::Outcomes(outcomes),
-                    Err(smtp::SessionFailure::Down(reason)) => Attempt::RelayDown(reason),
-                    Err(smtp::SessionFailure::Interrupted) => Attempt::Interrupted,
-                }
-            }
-            Transport::File(relay) => {
-                let relay = relay.clone();
-                let (id, recipients, message) =
-                    (row.id, row.recipients.clone(), row.message.clone());
-                let from = mail_from.clone();
-                let written = tokio::task::spawn_blocking(move || {
-                    relay.write(id, &from, &recipients, &message)
-                })
-                .await;
-                let outcome = match written {
-                    Ok(Ok(_)) => RecipientOutcome::Delivered,
-                    Ok(Err(e)) => {
-                        RecipientOutcome::Deferred(format!("cannot write the .eml file: {e}"))
-                    }
-                    Err(e) => RecipientOutcome::Deferred(format!("file relay task failed: {e}")),
-                };
-                Attempt::Outcomes(
-                    row.recipients
-                        .iter()
-                        .map(|r| (r.clone(), outcome.clone()))
-                        .collect(),
-                )
-            }
-        }
-    }
-
-    /// Decide and record what an attempt means for the row; log it.
-    async fn settle(&mut self, row: OutboxRow, outcomes: &[(String, RecipientOutcome)]) {
-        let now = store::now();
-        let disposition = dispose(&row, outcomes, now, &self.policy);
-        match &disposition {
-            Disposition::Sent => info!(outcome = "sent", "delivered"),
-            Disposition::Retry { next_at, error, .. } => {
-                info!(outcome = "retry", retry_in = next_at - now, error = %error, "deferred")
-            }
-            Disposition::Failed { error } => warn!(outcome = "failed", error = %error, "failed"),
-        }
-        if let Err(e) = self.record(row.clone(), disposition.clone(), now).await {
-            error!(error = %e, "cannot record the outcome; will try again");
-            self.unrecorded.push((row, disposition));
-        }
-    }
-
     async fn record(
         &self,
-        row: OutboxRow,
-        disposition: Disposition,
+        settled: Vec<(OutboxRow, Disposition)>,
         now: i64,
     ) -> Result<(), RelayError> {
         let hook = Arc::clone(&self.on_failed);
-        self.db
-            .call(move |c| record(c, &row, &disposition, now, &hook))
-            .await
+        let Some(marks) = &self.marks else {
+            return self.db.call(move |c| record(c, &settled, now, &hook)).await;
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = MarkRequest {
+            settled,
+            now,
+            on_failed: hook,
+            reply,
+        };
+        if marks.send(request).await.is_err() {
+            return Err(RelayError::Marks("the writer thread has stopped".into()));
+        }
+        match answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(RelayError::Marks(why)),
+            Err(_) => Err(RelayError::Marks("no answer from the writer thread".into())),
+        }
     }
 
     async fn record_unrecorded(&mut self) {
+        if self.unrecorded.is_empty() {
+            return;
+        }
         let pending = std::mem::take(&mut self.unrecorded);
-        for (row, disposition) in pending {
-            if let Err(e) = self
-                .record(row.clone(), disposition.clone(), store::now())
-                .await
-            {
-                error!(outbox_id = row.id, error = %e, "still cannot record the outcome");
-                self.unrecorded.push((row, disposition));
-            }
+        if let Err(e) = self.record(pending.clone(), store::now()).await {
+            error!(rows = pending.len(), error = %e, "still cannot record the outcomes");
+            self.unrecorded = pending;
         }
     }
 }

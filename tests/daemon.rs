@@ -277,6 +277,47 @@ async fn a_pdf_stays_on_the_ticket_and_is_only_named_in_notifications() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_text_stays_whole_on_the_ticket_and_copies_carry_its_beginning() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    let before = g.sink.messages().len();
+    // 3 MB of text: over the 64 KiB stored in place and the 1 MiB a copy carries.
+    let line = "Le journal de l'imprimante : bourrage papier, bac 2, toner bas.\n";
+    let body = line.repeat(3_000_000 / line.len());
+    let message = format!(
+        "From: Alice Martin <alice@u.example>\nTo: support@example.org\nSubject: RE: [{number}] Imprimante\n\
+         MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n\n{body}"
+    );
+    assert!(g
+        .send("alice@u.example", &[PUBLIC], &message)
+        .await
+        .starts_with("250"));
+    let sent = g.settle().await;
+    let agent_copy = to(&sent[before..], JANE);
+    assert_eq!(agent_copy.len(), 1);
+    assert!(
+        agent_copy[0].data.len() < 1_500_000,
+        "{} bytes",
+        agent_copy[0].data.len()
+    );
+    let parsed = mail_parser::MessageParser::default()
+        .parse(&agent_copy[0].data)
+        .unwrap();
+    let text = parsed.body_text(0).unwrap().replace("\r\n", "\n");
+    assert!(body.starts_with(text.split("\n[…").next().unwrap()));
+    assert!(
+        text.contains(&format!("its whole text is on ticket {number}"))
+            || text.contains(&format!("le texte entier est sur le billet {number}")),
+        "no note in the copy"
+    );
+    let entries = g.show(&number)["entries"].clone();
+    let last = entries.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["body"].as_str().unwrap().trim_end(), body.trim_end());
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_threads_by_in_reply_to_alone_and_survives_a_restart() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;

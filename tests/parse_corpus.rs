@@ -226,7 +226,7 @@ fn message_without_message_id() {
         Some(Mailbox::new(Some("Jöhn Doe"), "jdöe@mächine.example"))
     );
     assert_eq!(m.subject, "Säying Hello");
-    assert_eq!(m.text, "body\n");
+    assert_eq!(&*m.text, "body\n");
 }
 
 #[test]

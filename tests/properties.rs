@@ -175,7 +175,7 @@ fn arrival() -> impl Strategy<Value = (Envelope, Inbound)> {
                     cc,
                     subject: "RE: [TKT0000007] Imprimante jane.doe@example.org".into(),
                     message_id: Some(format!("{}.{}@client", from.len(), text.len())),
-                    text,
+                    text: text.into(),
                     html,
                     attachments: files
                         .into_iter()

@@ -80,6 +80,7 @@ struct Session {
 
 /// The TLS client configurations, one per way of starting TLS; both trust
 /// the same roots.
+#[derive(Clone)]
 struct ClientTls {
     /// `smtps://`: our own rustls handshake over our own nodelay socket.
     implicit: Arc<rustls::ClientConfig>,
@@ -149,6 +150,20 @@ impl SmtpRelay {
             credentials,
             session: None,
         })
+    }
+
+    /// Another relay like this one, without a session: a lane of the pool
+    /// (the TLS configuration is shared, not built again).
+    pub(crate) fn fresh(&self) -> SmtpRelay {
+        SmtpRelay {
+            host: self.host.clone(),
+            port: self.port,
+            tls: self.tls,
+            client_tls: self.client_tls.clone(),
+            hello: self.hello.clone(),
+            credentials: self.credentials.clone(),
+            session: None,
+        }
     }
 
     /// Deliver one message, reusing the open session when there is one.

@@ -166,13 +166,14 @@ fn into_row(raw: RawRow) -> Result<OutboxRow> {
 }
 
 /// Queued rows whose time has come, oldest first: the relay sends them in
-/// this order so a ticket's mail arrives in the order it was written.
+/// this order so a ticket's mail arrives in the order it was written. Read
+/// along the queued rows' id index, never by sorting the whole queue.
 ///
 /// # Errors
 /// A database error, or a row whose recipients or status column is corrupt.
 pub fn due(conn: &Connection, now: i64, limit: usize) -> Result<Vec<OutboxRow>> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {ROW_COLUMNS} FROM outbox
+        "SELECT {ROW_COLUMNS} FROM outbox INDEXED BY outbox_queued
          WHERE status = 'queued' AND next_attempt_at <= ?1
          ORDER BY id LIMIT ?2"
     ))?;
@@ -226,12 +227,13 @@ fn one_row(changed: usize, id: i64) -> Result<()> {
 /// # Errors
 /// `NotFound` when the row is not queued; a database error.
 pub fn mark_sent(conn: &Connection, id: i64, now: i64) -> Result<()> {
-    let changed = conn.execute(
-        "UPDATE outbox SET status = 'sent', sent_at = ?2, attempts = attempts + 1,
+    let changed = conn
+        .prepare_cached(
+            "UPDATE outbox SET status = 'sent', sent_at = ?2, attempts = attempts + 1,
                 last_error = NULL
          WHERE id = ?1 AND status = 'queued'",
-        params![id, now],
-    )?;
+        )?
+        .execute(params![id, now])?;
     one_row(changed, id)
 }
 
@@ -240,11 +242,12 @@ pub fn mark_sent(conn: &Connection, id: i64, now: i64) -> Result<()> {
 /// # Errors
 /// `NotFound` when the row is not queued; a database error.
 pub fn mark_retry(conn: &Connection, id: i64, next_at: i64, error: &str) -> Result<()> {
-    let changed = conn.execute(
-        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3
+    let changed = conn
+        .prepare_cached(
+            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3
          WHERE id = ?1 AND status = 'queued'",
-        params![id, next_at, error],
-    )?;
+        )?
+        .execute(params![id, next_at, error])?;
     one_row(changed, id)
 }
 
@@ -254,11 +257,12 @@ pub fn mark_retry(conn: &Connection, id: i64, next_at: i64, error: &str) -> Resu
 /// # Errors
 /// `NotFound` when the row is not queued; a database error.
 pub fn mark_failed(conn: &Connection, id: i64, error: &str) -> Result<()> {
-    let changed = conn.execute(
-        "UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = ?2
+    let changed = conn
+        .prepare_cached(
+            "UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = ?2
          WHERE id = ?1 AND status = 'queued'",
-        params![id, error],
-    )?;
+        )?
+        .execute(params![id, error])?;
     one_row(changed, id)
 }
 
@@ -290,10 +294,9 @@ pub fn mark_failed_by_report(conn: &Connection, id: i64, error: &str) -> Result<
 pub fn narrow_recipients(conn: &Connection, id: i64, recipients: &[String]) -> Result<()> {
     let json = serde_json::to_string(recipients)
         .map_err(|e| StoreError::Invalid(format!("outbox row {id}: recipients: {e}")))?;
-    let changed = conn.execute(
-        "UPDATE outbox SET recipients = ?2 WHERE id = ?1 AND status = 'queued'",
-        params![id, json],
-    )?;
+    let changed = conn
+        .prepare_cached("UPDATE outbox SET recipients = ?2 WHERE id = ?1 AND status = 'queued'")?
+        .execute(params![id, json])?;
     one_row(changed, id)
 }
 

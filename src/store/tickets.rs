@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 
+use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
@@ -289,6 +290,38 @@ pub fn touch(conn: &Connection, ticket_id: i64, now: i64) -> Result<()> {
     Ok(())
 }
 
+/// Above this size a blob is written in place (SQLite's incremental blob
+/// I/O) rather than bound: SQLite copies a bound value whole, then copies
+/// it again into the row it builds, two more copies of a 25 MB message.
+const BLOB_IN_PLACE: usize = 64 * 1024;
+
+/// The value to insert for `data`: the bytes themselves when small, else
+/// room for them, which [`fill_in_place`] then fills.
+fn blob_value(data: &[u8]) -> Result<ToSqlOutput<'_>> {
+    if data.len() <= BLOB_IN_PLACE {
+        return Ok(ToSqlOutput::Borrowed(ValueRef::Blob(data)));
+    }
+    let len = i32::try_from(data.len())
+        .map_err(|_| StoreError::Invalid(format!("a blob of {} bytes", data.len())))?;
+    Ok(ToSqlOutput::ZeroBlob(len))
+}
+
+/// Write `data` into the room [`blob_value`] made in the row just inserted.
+fn fill_in_place(
+    conn: &Connection,
+    table: &'static str,
+    column: &'static str,
+    rowid: i64,
+    data: &[u8],
+) -> Result<()> {
+    if data.len() > BLOB_IN_PLACE {
+        let mut blob = conn.blob_open(rusqlite::MAIN_DB, table, column, rowid, false)?;
+        blob.write_all_at(data, 0)?;
+        blob.close()?;
+    }
+    Ok(())
+}
+
 /// Store a raw message once; entries and quarantine rows point at it.
 pub fn insert_raw(
     conn: &Connection,
@@ -300,8 +333,10 @@ pub fn insert_raw(
 ) -> Result<i64> {
     let rcpt = serde_json::to_string(rcpt_to).unwrap_or_else(|_| "[]".into());
     conn.prepare_cached("INSERT INTO raw_messages (received_at, peer, mail_from, rcpt_to, data) VALUES (?1, ?2, ?3, ?4, ?5)")?
-        .execute(params![now, peer, mail_from, rcpt, data])?;
-    Ok(conn.last_insert_rowid())
+        .execute(params![now, peer, mail_from, rcpt, blob_value(data)?])?;
+    let id = conn.last_insert_rowid();
+    fill_in_place(conn, "raw_messages", "data", id, data)?;
+    Ok(id)
 }
 
 /// One log entry to write.
@@ -322,10 +357,11 @@ pub struct EntryRow<'a> {
 }
 
 pub fn insert_entry(conn: &Connection, e: &EntryRow<'_>) -> Result<i64> {
+    let long = e.body.len() > BLOB_IN_PLACE;
     conn.prepare_cached(
         "INSERT INTO entries (ticket_id, kind, from_addr, from_name, at, subject, body, html, message_id,
-                              by_agent, sender, body_hash, raw_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                              by_agent, sender, body_hash, raw_id, long_body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
     .execute(params![
         e.ticket_id,
@@ -334,15 +370,32 @@ pub fn insert_entry(conn: &Connection, e: &EntryRow<'_>) -> Result<i64> {
         e.from.name,
         e.at,
         e.subject,
-        e.body,
+        if long { "" } else { e.body },
         e.html,
         e.message_id,
         e.by_agent,
         e.sender,
         e.body_hash,
-        e.raw_id
+        e.raw_id,
+        long.then(|| blob_value(e.body.as_bytes())).transpose()?
     ])?;
-    Ok(conn.last_insert_rowid())
+    let id = conn.last_insert_rowid();
+    // A long body goes in `long_body`, written in place (see the schema's
+    // second migration); readers take either ([`text_column`]).
+    if long {
+        fill_in_place(conn, "entries", "long_body", id, e.body.as_bytes())?;
+    }
+    Ok(id)
+}
+
+/// A text column that may hold its UTF-8 as a blob (`long_body`).
+fn text_column(r: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<String> {
+    match r.get_ref(index)? {
+        ValueRef::Blob(bytes) => String::from_utf8(bytes.to_vec()).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Blob, e.into())
+        }),
+        _ => r.get(index),
+    }
 }
 
 /// A `system` entry: what crmgate itself notes on a ticket (a cap reached,
@@ -378,7 +431,14 @@ pub fn insert_attachment(conn: &Connection, entry_id: i64, a: &Attachment) -> Re
     conn.prepare_cached(
         "INSERT INTO attachments (entry_id, filename, content_type, size, data) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
-    .execute(params![entry_id, a.filename, a.content_type, a.data.len() as i64, a.data])?;
+    .execute(params![entry_id, a.filename, a.content_type, a.data.len() as i64, blob_value(&a.data)?])?;
+    fill_in_place(
+        conn,
+        "attachments",
+        "data",
+        conn.last_insert_rowid(),
+        &a.data,
+    )?;
     Ok(())
 }
 
@@ -511,7 +571,7 @@ pub fn info(conn: &Connection, ticket_id: i64) -> Result<TicketInfo> {
     )?;
     let mut entries: Vec<EntryInfo> = conn
         .prepare_cached(
-            "SELECT id, kind, from_addr, at, subject, body, message_id, duplicates FROM entries WHERE ticket_id = ?1 ORDER BY id",
+            "SELECT id, kind, from_addr, at, subject, COALESCE(long_body, body), message_id, duplicates FROM entries WHERE ticket_id = ?1 ORDER BY id",
         )?
         .query_map([ticket_id], |r| {
             Ok(EntryInfo {
@@ -520,7 +580,7 @@ pub fn info(conn: &Connection, ticket_id: i64) -> Result<TicketInfo> {
                 from: r.get(2)?,
                 at: rfc3339(r.get(3)?),
                 subject: r.get(4)?,
-                body: r.get(5)?,
+                body: text_column(r, 5)?,
                 message_id: r.get(6)?,
                 duplicates: r.get(7)?,
                 attachments: Vec::new(),
@@ -622,8 +682,10 @@ pub fn insert_outbox(
         "INSERT INTO outbox (ticket_id, entry_id, kind, recipients, message_id, message, next_attempt_at, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
     )?
-    .execute(params![ticket_id, entry_id, kind, recipients, message_id, message, now])?;
-    Ok(conn.last_insert_rowid())
+    .execute(params![ticket_id, entry_id, kind, recipients, message_id, blob_value(message)?, now])?;
+    let id = conn.last_insert_rowid();
+    fill_in_place(conn, "outbox", "message", id, message)?;
+    Ok(id)
 }
 
 /// How many capped messages went to `address` lately, each count stopped
