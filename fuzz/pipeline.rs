@@ -447,6 +447,10 @@ pub fn check_no_agent_address(fixed: &Fixed, bytes: &[u8]) -> Result<(), Violati
         outside_threading.truncate(split);
         outside_threading.push_str(&body);
     }
+    // Nor is the end of an RFC 2047 encoded word that the next one, on the
+    // folded line, continues: `…@example.org?=` then ` =?utf-8?q?nnn…`
+    // reads `…@example.orgnnn`, another domain (found by the fuzzer).
+    let outside_threading = outside_threading.replace("?=\n =?utf-8?q?", "");
     for address in &addresses {
         if contains_whole(&outside_threading, address) {
             return Err(Violation(format!("{address} in the raw message")));

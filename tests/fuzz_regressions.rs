@@ -135,3 +135,16 @@ fn soft_line_break_before_an_agent_address_suffix() {
         .join("fixtures/fuzz/soft-line-break-before-an-agent-address-suffix.eml");
     run_file(&fixed, &path);
 }
+
+/// Found by the fuzzer (2026-11-28), a false alarm of the checker: a
+/// receipt's Subject held `bob.agent@example.orgnnn…` (another domain, which
+/// the scrubber rightly leaves), and RFC 2047 folding ended an encoded word
+/// right after `.org`; the checker read the word's end as a boundary.
+/// Adjacent encoded words are joined before the raw bytes are searched.
+#[test]
+fn encoded_word_split_after_an_agent_address_prefix() {
+    let fixed = pipeline::Fixed::new();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/fuzz/encoded-word-split-after-an-agent-address-prefix.eml");
+    run_file(&fixed, &path);
+}
