@@ -912,6 +912,13 @@ pub fn queue(
 // The writer thread: group commit.
 // ---------------------------------------------------------------------------
 
+/// How often the writer forgets `sends` rows no cap counts any more, and
+/// at most how many each time (up to 500 rows a second, above any real
+/// helpdesk's rate of capped mail): the table stays about a day deep, and
+/// the commits around wait a few milliseconds at most.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+const PRUNE_ROWS: i64 = 5_000;
+
 /// How many messages one commit may hold at most.
 const MAX_BATCH: usize = 256;
 
@@ -957,6 +964,7 @@ impl Writer {
         std::thread::Builder::new()
             .name("crmgate-writer".into())
             .spawn(move || {
+                let mut pruned_at = std::time::Instant::now();
                 while let Some(first) = rx.blocking_recv() {
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
@@ -994,6 +1002,16 @@ impl Writer {
                     }
                     if wake_relay {
                         wake.notify_one();
+                    }
+                    if pruned_at.elapsed() >= PRUNE_EVERY {
+                        pruned_at = std::time::Instant::now();
+                        match tickets::prune_sends(&conn, store::now(), PRUNE_ROWS) {
+                            Ok(0) => {}
+                            Ok(n) => {
+                                tracing::debug!(rows = n, "sends no cap counts any more pruned")
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot prune old sends"),
+                        }
                     }
                 }
             })?;

@@ -218,6 +218,27 @@ mod tests {
     }
 
     #[test]
+    fn sends_older_than_a_day_are_pruned_in_bounded_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join("crmgate.db")).unwrap();
+        let now = 1_000_000;
+        for i in 0..25 {
+            // 20 rows a day and more old, then 5 recent ones.
+            let at = if i < 20 { now - 90_000 + i } else { now - 60 };
+            tickets::record_send(&conn, "a@x", 1, true, at).unwrap();
+        }
+        let count = |c: &Connection| -> i64 {
+            c.query_row("SELECT COUNT(*) FROM sends", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(tickets::prune_sends(&conn, now, 8).unwrap(), 8);
+        assert_eq!(count(&conn), 17);
+        assert_eq!(tickets::prune_sends(&conn, now, 100).unwrap(), 12);
+        assert_eq!(count(&conn), 5, "the recent rows stay: the caps count them");
+        assert_eq!(tickets::prune_sends(&conn, now, 100).unwrap(), 0);
+    }
+
+    #[test]
     fn open_twice_keeps_schema() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/crmgate.db");

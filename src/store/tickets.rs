@@ -731,6 +731,27 @@ pub fn sent_counts(
     })
 }
 
+/// How long a `sends` row counts: the longest cap window, a day.
+const SENDS_KEPT_SECONDS: i64 = 86_400;
+
+/// Forget at most `limit` of the oldest `sends` rows, once no cap counts
+/// them. Rows are appended as time goes, so the oldest lead the rowid
+/// order: one look at the first row, then a range of rowids, never a scan.
+/// Returns how many were deleted.
+pub fn prune_sends(conn: &Connection, now: i64, limit: i64) -> Result<usize> {
+    let cutoff = now - SENDS_KEPT_SECONDS;
+    let first: Option<(i64, i64)> = conn
+        .prepare_cached("SELECT rowid, at FROM sends ORDER BY rowid LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    match first {
+        Some((first, at)) if at < cutoff => Ok(conn
+            .prepare_cached("DELETE FROM sends WHERE rowid >= ?1 AND rowid < ?2 AND at < ?3")?
+            .execute(params![first, first + limit, cutoff])?),
+        _ => Ok(0),
+    }
+}
+
 /// Count one capped message to `address`.
 pub fn record_send(
     conn: &Connection,
