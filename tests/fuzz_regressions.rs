@@ -16,6 +16,12 @@ fn run_file(fixed: &pipeline::Fixed, path: &Path) {
     }
 }
 
+/// One fixture of `fixtures/fuzz/`, by the bug's name.
+fn run_fixture(name: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/fuzz/{name}.eml"));
+    run_file(&pipeline::Fixed::new(), &path);
+}
+
 fn run_dir(dir: &str) -> usize {
     let fixed = pipeline::Fixed::new();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
@@ -106,10 +112,7 @@ fn unbelieved_agent_from_became_requester() {
 /// sees the agent's address followed by noise.
 #[test]
 fn garbled_agent_name_in_public_copy() {
-    let fixed = pipeline::Fixed::new();
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/fuzz/garbled-agent-name-in-public-copy.eml");
-    run_file(&fixed, &path);
+    run_fixture("garbled-agent-name-in-public-copy");
 }
 
 /// Found by the fuzzer (2026-11-28): a From of
@@ -117,10 +120,7 @@ fn garbled_agent_name_in_public_copy() {
 /// public copy: the scrubber took `_` for more of the host name.
 #[test]
 fn agent_address_then_underscore_in_public_copy() {
-    let fixed = pipeline::Fixed::new();
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/fuzz/agent-address-then-underscore-in-public-copy.eml");
-    run_file(&fixed, &path);
+    run_fixture("agent-address-then-underscore-in-public-copy");
 }
 
 /// Found by the fuzzer (2026-11-28), a false alarm of the checker: the
@@ -130,10 +130,7 @@ fn agent_address_then_underscore_in_public_copy() {
 /// are joined before the raw bytes are searched.
 #[test]
 fn soft_line_break_before_an_agent_address_suffix() {
-    let fixed = pipeline::Fixed::new();
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/fuzz/soft-line-break-before-an-agent-address-suffix.eml");
-    run_file(&fixed, &path);
+    run_fixture("soft-line-break-before-an-agent-address-suffix");
 }
 
 /// Found by the fuzzer (2026-11-28), a false alarm of the checker: a
@@ -143,8 +140,5 @@ fn soft_line_break_before_an_agent_address_suffix() {
 /// Adjacent encoded words are joined before the raw bytes are searched.
 #[test]
 fn encoded_word_split_after_an_agent_address_prefix() {
-    let fixed = pipeline::Fixed::new();
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/fuzz/encoded-word-split-after-an-agent-address-prefix.eml");
-    run_file(&fixed, &path);
+    run_fixture("encoded-word-split-after-an-agent-address-prefix");
 }
