@@ -267,28 +267,34 @@ async fn a_forged_agent_forward_opens_no_ticket_for_someone_else() {
     g.stop().await;
 }
 
+/// Jane writes a work note through the CLI; returns everything the relay
+/// has got since the gateway started, and the note as Bob received it
+/// (`body` in ASCII: it is looked for in the encoded message).
+async fn jane_writes_a_work_note(
+    g: &Gateway,
+    number: &str,
+    body: &str,
+) -> (Vec<Received>, Received) {
+    let (code, _, err) = g.cli(&["ticket", "work-note", number, "--by", JANE, "--body", body]);
+    assert_eq!(code, 0, "{err}");
+    let sent = g.settle().await;
+    let note: Vec<Received> = to(&sent, BOB)
+        .into_iter()
+        .filter(|m| m.text().contains(body))
+        .collect();
+    assert_eq!(note.len(), 1, "{}", describe(&sent));
+    let note = note[0].clone();
+    (sent, note)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outsider_cannot_read_a_work_note() {
     let mut g = Gateway::start(HOSTILE).await;
     let number = g.open_ticket().await;
     g.settle().await;
-    let (code, _, err) = g.cli(&[
-        "ticket",
-        "work-note",
-        &number,
-        "--by",
-        JANE,
-        "--body",
-        "Le mot de passe provisoire est hunter2.",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let sent = g.settle().await;
-    let note: Vec<Received> = to(&sent, BOB)
-        .into_iter()
-        .filter(|m| m.text().contains("hunter2"))
-        .collect();
-    assert_eq!(note.len(), 1, "{}", describe(&sent));
-    let note_id = header(&note[0].text(), "Message-ID").unwrap().to_string();
+    let body = "Le mot de passe provisoire est hunter2.";
+    let (sent, note) = jane_writes_a_work_note(&g, &number, body).await;
+    let note_id = header(&note.text(), "Message-ID").unwrap().to_string();
     let before = sent.len();
 
     // Replies to the work note: as Mallory, as Alice the requester, and as
@@ -479,23 +485,8 @@ async fn a_reply_to_a_work_note_comes_back_as_a_work_note_on_its_ticket() {
     ))
     .await;
     let number = g.open_ticket().await;
-    let (code, _, err) = g.cli(&[
-        "ticket",
-        "work-note",
-        &number,
-        "--by",
-        JANE,
-        "--body",
-        "Carte réseau à changer.",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let sent = g.settle().await;
-    let note: Vec<Received> = to(&sent, BOB)
-        .into_iter()
-        .filter(|m| m.text().contains("Carte r"))
-        .collect();
-    assert_eq!(note.len(), 1, "{}", describe(&sent));
-    let text = note[0].text();
+    let (sent, note) = jane_writes_a_work_note(&g, &number, "Carte reseau a changer.").await;
+    let text = note.text();
     assert!(
         header(&text, "From").is_some_and(|f| f.ends_with(&format!("<{INTERNAL}>"))),
         "{text}"
@@ -505,7 +496,7 @@ async fn a_reply_to_a_work_note_comes_back_as_a_work_note_on_its_ticket() {
         let first = parsed.reply_to()?.first()?;
         first.address().map(str::to_string)
     };
-    let signed = reply_to_of(&note[0]).unwrap_or_default();
+    let signed = reply_to_of(&note).unwrap_or_default();
     assert!(
         signed.starts_with(&format!("support-notes+{number}.")) && signed.ends_with("@example.org"),
         "work note Reply-To: {signed:?}"
