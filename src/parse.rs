@@ -358,11 +358,23 @@ fn mailboxes(address: Option<&Address<'_>>) -> Vec<Mailbox> {
             a.iter()
                 .filter_map(|m| {
                     let addr = m.address.as_deref()?.trim();
-                    (!addr.is_empty()).then(|| Mailbox::new(m.name.as_deref(), addr))
+                    is_plausible_address(addr).then(|| Mailbox::new(m.name.as_deref(), addr))
                 })
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Not empty, and free of what no mailbox of a real person holds: control
+/// characters, spaces, quotes and backslashes. The fuzzer sent
+/// `jane.do\0\0\\e…@example.org`, which a round trip through quoting
+/// turned into the agent's own address; such a "mailbox" is dropped, as
+/// an unreadable one is.
+fn is_plausible_address(address: &str) -> bool {
+    !address.is_empty()
+        && !address
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '\\' | '"'))
 }
 
 /// A message id without angle brackets or surrounding space, if any is left.
@@ -782,6 +794,17 @@ mod tests {
         assert_eq!(m.message_id, None);
         assert_eq!(m.subject, "hello");
         assert_eq!(&*m.text, "body\n");
+    }
+
+    #[test]
+    fn implausible_addresses_are_dropped() {
+        let m = parse_ok(
+            "From: Jane <jane.do\0\\\\e@example.org>\r\n\
+             To: a\\b@example.org, x\u{1}y@example.org, ok@example.org\r\n\r\nHi\r\n",
+        );
+        assert_eq!(m.from, None);
+        let to: Vec<&str> = m.to.iter().map(|a| a.address.as_str()).collect();
+        assert_eq!(to, ["ok@example.org"]);
     }
 
     #[test]

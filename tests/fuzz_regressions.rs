@@ -142,3 +142,12 @@ fn soft_line_break_before_an_agent_address_suffix() {
 fn encoded_word_split_after_an_agent_address_prefix() {
     run_fixture("encoded-word-split-after-an-agent-address-prefix");
 }
+
+/// Found by the fuzzer (2026-11-28): a From of `jane.do\0\0\\e…@example.org`
+/// (NULs and backslashes) became a requester, and the public copy's To,
+/// once quoted and read back, showed the agent's own address. Such a
+/// mailbox is no mailbox: parse drops it.
+#[test]
+fn control_characters_in_an_address_became_the_agents() {
+    run_fixture("control-characters-in-an-address-became-the-agents");
+}
