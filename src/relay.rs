@@ -436,11 +436,9 @@ enum Lane {
 }
 
 impl Lane {
-    /// The lanes of the configured relay: [`RELAY_CONNECTIONS`] sessions
-    /// with an SMTP relay, one writer of `.eml` files.
-    ///
-    /// # Errors
-    /// [`RelayError::Tls`] when the TLS configuration cannot be built.
+    /// The lanes of the configured relay, copies of `template`:
+    /// [`RELAY_CONNECTIONS`] sessions with an SMTP relay, one writer of
+    /// `.eml` files.
     fn pool(template: &Lane) -> Vec<Lane> {
         let lanes = match template {
             Lane::File(_) => 1,
@@ -796,6 +794,13 @@ impl Worker {
                     warn!(outcome = "failed", error = %error, "failed")
                 }
             }
+            // The marks need the row's id, kind and recipients, not its
+            // message: drop it, so keeping a copy of the batch's outcomes
+            // until they are committed does not copy every message.
+            let row = OutboxRow {
+                message: Vec::new(),
+                ..row
+            };
             settled.push((row, disposition));
         }
         settled

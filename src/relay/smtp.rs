@@ -10,8 +10,9 @@
 //!
 //! TLS trusts the web PKI roots plus `relay.ca_file`'s certificates, both
 //! prepared once in [`SmtpRelay::new`]: rustls for `smtps://` over our own
-//! socket, lettre's [`TlsParameters`] for STARTTLS. AUTH is sent only after
-//! STARTTLS when the URL says `tls=required`.
+//! socket, lettre's [`TlsParameters`] for STARTTLS. AUTH is sent only
+//! inside TLS, except to a relay on loopback that offers no STARTTLS (and
+//! never without TLS when the URL says `tls=required`).
 
 use std::borrow::Cow;
 use std::io;

@@ -61,7 +61,8 @@ pub struct OutboxRow {
     /// were accepted and others deferred, so a retry never sends twice.
     pub recipients: Vec<String>,
     pub message_id: String,
-    /// The full RFC 5322 message, CRLF line ends.
+    /// The full RFC 5322 message, CRLF line ends (left empty in the
+    /// outcomes the relay worker records: they do not need it).
     pub message: Vec<u8>,
     pub status: OutboxStatus,
     pub attempts: i64,
