@@ -433,10 +433,7 @@ fn display_name(mailbox: &Mailbox, config: &Config) -> String {
 /// the helpdesk's language, so no agent takes it for a colleague's word.
 fn unverified_name(mailbox: &Mailbox, config: &Config) -> String {
     let name = mailbox.name.as_deref().unwrap_or(&mailbox.address);
-    let mark = match config.language {
-        crate::config::Language::Fr => "expéditeur non vérifié",
-        crate::config::Language::En => "unverified sender",
-    };
+    let mark = crate::templates::unverified_sender(config.language);
     format!(
         "{name} ({mark}: {}) via {}",
         mailbox.address, config.display_name

@@ -597,16 +597,7 @@ fn notification_text(text: &str, number: &str, language: crate::config::Language
     }
     let head = &text[..end];
     let head = head.rfind('\n').map_or(head, |i| &head[..=i]);
-    let note = match language {
-        crate::config::Language::Fr => format!(
-            "\n[… coupé : ce message fait {} octets ; le texte entier est sur le billet {number}.]\n",
-            text.len()
-        ),
-        crate::config::Language::En => format!(
-            "\n[… cut: this message is {} bytes long; its whole text is on ticket {number}.]\n",
-            text.len()
-        ),
-    };
+    let note = templates::cut_note(language, text.len(), number);
     let mut out = String::with_capacity(head.len() + note.len());
     out.push_str(head);
     out.push_str(&note);

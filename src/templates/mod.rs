@@ -5,6 +5,8 @@
 //! the same names (`receipt.fr.txt`, …) that replace them. Every template is
 //! compiled when the configuration is loaded, so a broken one is a
 //! `check-config` error and never a surprise at the first new ticket.
+//! The fixed phrases (subjects, the marks crmgate adds to copies) live here
+//! too, so every word the helpdesk's users read is in one place.
 
 use std::path::Path;
 
@@ -133,6 +135,28 @@ pub fn subject(name: &str, language: Language, ticket_subject: &str) -> String {
             ": "
         };
         format!("{prefix}{separator}{ticket_subject}")
+    }
+}
+
+/// The mark on the display name of an agent's From that is not believed
+/// (`"Jane Doe (expéditeur non vérifié: jane.doe@…) via Soutien TI"`).
+pub fn unverified_sender(language: Language) -> &'static str {
+    match language {
+        Language::Fr => "expéditeur non vérifié",
+        Language::En => "unverified sender",
+    }
+}
+
+/// The line that ends a text cut short in the copies: how long the message
+/// is, and where its whole text is.
+pub fn cut_note(language: Language, length: usize, number: &str) -> String {
+    match language {
+        Language::Fr => format!(
+            "\n[… coupé : ce message fait {length} octets ; le texte entier est sur le billet {number}.]\n"
+        ),
+        Language::En => format!(
+            "\n[… cut: this message is {length} bytes long; its whole text is on ticket {number}.]\n"
+        ),
     }
 }
 
