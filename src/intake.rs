@@ -142,6 +142,18 @@ pub struct Outcome {
     pub queued: usize,
 }
 
+impl Outcome {
+    /// Not stored: the client is answered 451 and sends it again.
+    fn not_stored() -> Outcome {
+        Outcome {
+            verdict: Verdict::TempFailure,
+            ticket: None,
+            decision: "error",
+            queued: 0,
+        }
+    }
+}
+
 /// Process one message on `conn`, which the caller has put in a transaction
 /// (or savepoint).
 ///
@@ -998,9 +1010,10 @@ impl Writer {
                         pruned_at = std::time::Instant::now();
                         match tickets::prune_sends(&conn, store::now(), PRUNE_ROWS) {
                             Ok(0) => {}
-                            Ok(n) => {
-                                tracing::debug!(rows = n, "sends no cap counts any more pruned")
-                            }
+                            Ok(n) => tracing::debug!(
+                                rows = n,
+                                "forgot sends older than a day (no cap counts them)"
+                            ),
                             Err(e) => tracing::warn!(error = %e, "cannot prune old sends"),
                         }
                     }
@@ -1094,12 +1107,7 @@ fn write_batch_in_transaction(
         batch
             .iter()
             .map(|job| match job {
-                Job::Message { .. } => Done::Message(Outcome {
-                    verdict: Verdict::TempFailure,
-                    ticket: None,
-                    decision: "error",
-                    queued: 0,
-                }),
+                Job::Message { .. } => Done::Message(Outcome::not_stored()),
                 Job::Marks(_) => Done::Marks(Err(why.to_string())),
             })
             .collect()
@@ -1118,12 +1126,7 @@ fn write_batch_in_transaction(
                 store::in_savepoint(&tx, |conn| process(conn, rt, arrival, now)).map(|r| {
                     Done::Message(r.unwrap_or_else(|e| {
                         tracing::error!(error = %e, "message not stored");
-                        Outcome {
-                            verdict: Verdict::TempFailure,
-                            ticket: None,
-                            decision: "error",
-                            queued: 0,
-                        }
+                        Outcome::not_stored()
                     }))
                 })
             }

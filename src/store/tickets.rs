@@ -382,9 +382,7 @@ pub fn insert_entry(conn: &Connection, e: &EntryRow<'_>) -> Result<i64> {
     let id = conn.last_insert_rowid();
     // A long body goes in `long_body`, written in place (see the schema's
     // second migration); readers take either ([`text_column`]).
-    if long {
-        fill_in_place(conn, "entries", "long_body", id, e.body.as_bytes())?;
-    }
+    fill_in_place(conn, "entries", "long_body", id, e.body.as_bytes())?;
     Ok(id)
 }
 
