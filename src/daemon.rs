@@ -244,8 +244,9 @@ where
 /// How often the checkpointer copies the WAL back into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Checkpoints on a thread of their own, so the writer's commits never pay
-/// for one (the writer's connection has `wal_autocheckpoint=0`).
+/// Checkpoints on a thread of their own, so the writer's commits seldom pay
+/// for one: the writer's own checkpoints (see [`store::tune_for_writer`])
+/// only catch the last frames this one could not, so the WAL starts over.
 fn spawn_checkpointer(
     db_path: PathBuf,
     shutdown: CancellationToken,
