@@ -253,6 +253,21 @@ def loadgen(binary: Path, port: int, *args: str, check: bool = True) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cpu_ms(pid: int) -> float:
+    """User + system CPU time of a running process so far, in ms."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) * 1000.0 / tick
+
+
+def children_cpu_ms() -> float:
+    """User + system CPU time of the children waited for so far, in ms: a
+    load generator's, measured around its run."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (r.ru_utime + r.ru_stime) * 1000.0
+
+
 def median(values: list[float]) -> float:
     values = sorted(values)
     n = len(values)
