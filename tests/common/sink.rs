@@ -1,7 +1,8 @@
 //! An SMTP sink for tests: a real server on 127.0.0.1, port 0, that plays
 //! the relay crmgate sends through. It keeps every message it accepts, and
 //! can be told to misbehave the ways a real relay does: a 4xx outage, a
-//! 5xx or 4xx for given recipients, or its port closed for a while.
+//! 5xx to MAIL, a 5xx or 4xx for given recipients, no PIPELINING, or its
+//! port closed for a while.
 //!
 //! It speaks enough ESMTP for lettre and for hand-written sessions: EHLO
 //! (PIPELINING, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, AUTH PLAIN, and
@@ -55,6 +56,14 @@ struct State {
     /// Answer every MAIL FROM with `451 4.3.0`: the relay is "down" while
     /// still accepting connections.
     outage: bool,
+    /// Answer every MAIL FROM with `550 5.7.1`: the message is refused.
+    refuse_mail: bool,
+    /// Leave PIPELINING out of the EHLO reply.
+    no_pipelining: bool,
+    /// MAIL commands received, and those that came in one write with
+    /// their RCPTs and DATA (RFC 2920 pipelining).
+    envelopes: usize,
+    envelopes_in_one_write: usize,
     /// Lower-cased recipients answered `550 5.1.1` at RCPT.
     refused: HashSet<String>,
     /// Lower-cased recipients answered `452 4.2.2` at RCPT (mailbox full).
@@ -169,6 +178,23 @@ impl Sink {
     /// Turn the 4xx outage on or off (`451 4.3.0` to every MAIL FROM).
     pub fn set_outage(&self, on: bool) {
         self.state().outage = on;
+    }
+
+    /// Refuse every MAIL FROM with `550 5.7.1` (on), or stop (off).
+    pub fn set_refuse_mail(&self, on: bool) {
+        self.state().refuse_mail = on;
+    }
+
+    /// Offer PIPELINING in EHLO replies (the default) or not.
+    pub fn set_pipelining(&self, on: bool) {
+        self.state().no_pipelining = !on;
+    }
+
+    /// (MAIL commands received, those that came in one write with the
+    /// transaction's DATA).
+    pub fn envelopes(&self) -> (usize, usize) {
+        let state = self.state();
+        (state.envelopes, state.envelopes_in_one_write)
     }
 
     /// Answer `550 5.1.1` to RCPT TO this address from now on.
@@ -328,10 +354,22 @@ async fn converse(tcp: TcpStream, state: &Mutex<State>, tls: SinkTls) -> std::io
             .next()
             .unwrap_or("")
             .to_ascii_uppercase();
+        if verb == "MAIL" {
+            // What is already read past MAIL came in the same write.
+            let in_one_write = conn.buffer().windows(6).any(|w| w == b"DATA\r\n");
+            let mut state = lock(state);
+            state.envelopes += 1;
+            state.envelopes_in_one_write += usize::from(in_one_write);
+        }
         let reply: String = match verb.as_str() {
             "EHLO" => format!(
-                "250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n\
+                "250-sink.test\r\n{}250-8BITMIME\r\n250-SMTPUTF8\r\n\
                  250-ENHANCEDSTATUSCODES\r\n{}250-AUTH PLAIN\r\n250 SIZE 52428800\r\n",
+                if lock(state).no_pipelining {
+                    ""
+                } else {
+                    "250-PIPELINING\r\n"
+                },
                 if starttls.is_some() {
                     "250-STARTTLS\r\n"
                 } else {
@@ -384,6 +422,7 @@ async fn converse(tcp: TcpStream, state: &Mutex<State>, tls: SinkTls) -> std::io
             }
             "MAIL" => match path_of(&command) {
                 _ if lock(state).outage => "451 4.3.0 try again later (test outage)\r\n".into(),
+                _ if lock(state).refuse_mail => "550 5.7.1 sender refused (test)\r\n".into(),
                 Some(from) => {
                     mail_from = Some(from);
                     rcpt_to.clear();
