@@ -9,6 +9,7 @@
 //! Outlook (English and French), Apple Mail, Thunderbird and mutt really
 //! produce; a Subject prefix alone (`Fwd:`, `TR:`) is never enough.
 
+use std::borrow::Cow;
 use std::sync::LazyLock;
 
 use mail_parser::{Message, PartType};
@@ -96,7 +97,19 @@ static SEPARATOR: LazyLock<Regex> = LazyLock::new(|| {
 });
 
 fn is_separator(line: &str) -> bool {
-    SEPARATOR.is_match(&line.replace(['\u{a0}', '\u{202f}'], " "))
+    SEPARATOR.is_match(&plain_spaces(line))
+}
+
+/// The line with its non-breaking spaces made plain, copied only when it
+/// has some: every line of every body passes here (the copies were 4 % of
+/// the daemon's CPU under load).
+fn plain_spaces(line: &str) -> Cow<'_, str> {
+    const NON_BREAKING: [char; 2] = ['\u{a0}', '\u{202f}'];
+    if line.contains(NON_BREAKING) {
+        Cow::Owned(line.replace(NON_BREAKING, " "))
+    } else {
+        Cow::Borrowed(line)
+    }
 }
 
 /// The header fields of a forwarded block that matter.
@@ -116,8 +129,8 @@ enum Field {
 /// space before the colon; Gmail's text rendering of bold labels gives
 /// `*From:*`; Thunderbird separates label and value with a tab.
 fn header_line(line: &str) -> Option<(Field, String)> {
-    let line = line.replace(['\u{a0}', '\u{202f}'], " ");
     let (key, value) = line.split_once(':')?;
+    let key = plain_spaces(key);
     let key = key.trim().trim_matches('*').trim().to_lowercase();
     if key.chars().count() > 20 {
         return None;
@@ -136,7 +149,11 @@ fn header_line(line: &str) -> Option<(Field, String)> {
         }
         _ => return None,
     };
-    let value = value.trim().trim_start_matches('*').trim().to_string();
+    let value = plain_spaces(value)
+        .trim()
+        .trim_start_matches('*')
+        .trim()
+        .to_string();
     Some((field, value))
 }
 
