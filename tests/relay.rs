@@ -60,18 +60,25 @@ impl Harness {
 
     /// Queue a row as the writer does: due now, recipients as JSON.
     fn queue(&self, recipients: &[&str], subject: &str) -> i64 {
+        let body = format!("Body of {subject}.\r\n.a line that starts with a dot\r\n");
+        self.queue_body(recipients, subject, body.as_bytes())
+    }
+
+    /// [`Harness::queue`] with this body (any bytes).
+    fn queue_body(&self, recipients: &[&str], subject: &str, body: &[u8]) -> i64 {
         let conn = self.conn();
         let now = crmgate::store::now();
         let message_id = format!("<{subject}@crm.test>");
-        let message = format!(
-            "From: support@crm.test\r\nTo: {}\r\nSubject: {subject}\r\nMessage-ID: {message_id}\r\n\r\n\
-             Body of {subject}.\r\n.a line that starts with a dot\r\n",
+        let mut message = format!(
+            "From: support@crm.test\r\nTo: {}\r\nSubject: {subject}\r\nMessage-ID: {message_id}\r\n\r\n",
             recipients.join(", ")
-        );
+        )
+        .into_bytes();
+        message.extend_from_slice(body);
         conn.execute(
             "INSERT INTO outbox (kind, recipients, message_id, message, next_attempt_at, created_at)
              VALUES ('public_copy', ?1, ?2, ?3, ?4, ?4)",
-            params![serde_json::to_string(recipients).unwrap(), message_id, message.into_bytes(), now],
+            params![serde_json::to_string(recipients).unwrap(), message_id, message, now],
         )
         .unwrap();
         conn.last_insert_rowid()
@@ -490,6 +497,28 @@ async fn a_relay_that_does_not_pipeline_gets_one_command_at_a_time() {
     let (envelopes, in_one_write) = mixed_recipients_through(false).await;
     assert_eq!(envelopes, 4);
     assert_eq!(in_one_write, 0);
+}
+
+#[tokio::test]
+async fn an_8bit_message_that_is_not_utf8_arrives_byte_for_byte() {
+    let sink = Sink::start().await;
+    let h = Harness::new(&sink.url());
+    // Latin-1, as an old client writes it, with a line that starts with a dot.
+    let body = b"Caf\xe9 cr\xe8me\r\n.\r\n..deux points\r\nfin\r\n";
+    let latin1 = h.queue_body(&["a@example.org"], "latin1", body);
+    let utf8 = h.queue_body(
+        &["a@example.org"],
+        "utf8",
+        "Café\r\n.\r\nfin\r\n".as_bytes(),
+    );
+    let worker = h.start();
+    h.wait_row(latin1, Duration::from_secs(5), is_sent).await;
+    h.wait_row(utf8, Duration::from_secs(5), is_sent).await;
+    let got = sink.messages();
+    assert_eq!(got.len(), 2);
+    assert!(got[0].data.ends_with(body), "{:?}", got[0].data);
+    assert!(got[1].data.ends_with("Café\r\n.\r\nfin\r\n".as_bytes()));
+    worker.stop().await;
 }
 
 #[tokio::test]

@@ -455,7 +455,7 @@ async fn transaction(
         return Ok(outcomes);
     }
 
-    let data_outcome = match step(conn.message(body)).await {
+    let data_outcome = match step(send_message(conn, body)).await {
         Ok(_) => RecipientOutcome::Delivered,
         Err(StepError::Reply { code, text }) if code != 421 => {
             outcome_for(code, format!("end of DATA: {code} {text}"))
@@ -464,6 +464,41 @@ async fn transaction(
     };
     outcomes.extend(accepted.into_iter().map(|r| (r, data_outcome.clone())));
     Ok(outcomes)
+}
+
+/// The message after DATA's 354, and the relay's reply to it. lettre's
+/// `message` writes the message and the final `.` in two writes (the relay
+/// wakes up twice); a message that is UTF-8 (nearly all: mail-builder
+/// writes 7-bit) goes in one, dot-stuffed here, through `command`, which
+/// writes what it is given and reads one reply.
+async fn send_message(
+    conn: &mut AsyncSmtpConnection,
+    body: &[u8],
+) -> Result<Response, lettre::transport::smtp::Error> {
+    match std::str::from_utf8(body) {
+        Ok(text) => conn.command(DotStuffed(text)).await,
+        Err(_) => conn.message(body).await,
+    }
+}
+
+/// A message with CRLF line ends and no final CRLF (see [`wire_body`]) as
+/// it goes on the wire: each line that starts with `.` gets another one
+/// (RFC 5321 §4.5.2), then `CRLF . CRLF`.
+struct DotStuffed<'a>(&'a str);
+
+impl std::fmt::Display for DotStuffed<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, line) in self.0.split("\r\n").enumerate() {
+            if i > 0 {
+                f.write_str("\r\n")?;
+            }
+            if line.starts_with('.') {
+                f.write_str(".")?;
+            }
+            f.write_str(line)?;
+        }
+        f.write_str("\r\n.\r\n")
+    }
 }
 
 /// How the relay answered the envelope.
@@ -654,7 +689,7 @@ async fn read_password(path: &PathBuf) -> Result<String, String> {
 
 /// The message as it goes after DATA: CRLF line ends (a bare LF would let
 /// a relay end the data early or refuse it), without its last CRLF because
-/// lettre appends `CRLF . CRLF` itself. lettre does the dot-stuffing.
+/// [`send_message`] (or lettre) appends `CRLF . CRLF` after dot-stuffing.
 pub(crate) fn wire_body(message: &[u8]) -> Cow<'_, [u8]> {
     let bare_lf = message
         .iter()
@@ -773,6 +808,16 @@ impl AsyncTokioStream for WrappedTls {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_is_dot_stuffed_like_lettre_does_it() {
+        let body = wire_body(b".first\r\nx\r\n..two\r\na\r.b\r\n.\r\nend\r\n");
+        let text = std::str::from_utf8(&body).unwrap();
+        assert_eq!(
+            DotStuffed(text).to_string(),
+            "..first\r\nx\r\n...two\r\na\r.b\r\n..\r\nend\r\n.\r\n"
+        );
+    }
 
     #[test]
     fn wire_body_ends_lines_with_crlf_and_leaves_the_final_one_to_lettre() {
