@@ -5,8 +5,9 @@
 //! the daemon runs; `synchronous=FULL` makes a commit durable, which is what
 //! the SMTP `250` promises. In the daemon, one writer thread owns the
 //! connection that writes inbound mail and the relay's outcomes, and
-//! commits in batches ([`crate::intake::Writer`]); the relay worker reads
-//! the outbox, and the CLI writes, on connections of their own.
+//! commits in batches ([`crate::intake::Writer`]), syncing the WAL itself
+//! on another thread before it answers; the relay worker reads the outbox,
+//! and the CLI writes, on connections of their own.
 
 use std::path::Path;
 use std::time::Duration;
