@@ -249,6 +249,20 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(2
 /// [`store::tune_for_writer`]) then only has the last ones to copy.
 const CHECKPOINT_EVERY_UNDER_LOAD: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// WAL frames written since the last look that mean "under load" (a few
+/// messages' worth): at a trickle the checkpointer keeps its slow pace.
+const LOAD_FRAMES: i64 = 64;
+
+/// Frames written between two looks at the WAL's size: after the writer
+/// started it over, all of it is new.
+fn wal_growth(last: Option<i64>, now: i64) -> i64 {
+    match last {
+        Some(last) if now >= last => now - last,
+        Some(_) => now,
+        None => 0,
+    }
+}
+
 /// Checkpoints on a thread of their own, so the writer's commits seldom pay
 /// for one: the writer's own checkpoints only catch the last frames this
 /// one could not, so the WAL starts over. Under load the writer is the
@@ -269,7 +283,7 @@ fn spawn_checkpointer(
                 std::thread::sleep(pause);
                 match store::checkpoint(&conn) {
                     Ok(size) => {
-                        pause = if last_size.is_some_and(|last| last != size) {
+                        pause = if wal_growth(last_size, size) >= LOAD_FRAMES {
                             CHECKPOINT_EVERY_UNDER_LOAD
                         } else {
                             CHECKPOINT_EVERY
@@ -350,6 +364,14 @@ fn failure_hook(runtime: Arc<RwLock<Arc<Runtime>>>) -> crate::relay::FailureHook
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn wal_growth_counts_from_zero_after_the_wal_started_over() {
+        assert_eq!(wal_growth(None, 500), 0, "the first look says nothing");
+        assert_eq!(wal_growth(Some(100), 400), 300);
+        assert_eq!(wal_growth(Some(900), 120), 120, "started over");
+        assert_eq!(wal_growth(Some(120), 120), 0, "idle");
+    }
 
     #[tokio::test]
     async fn a_worker_that_fails_or_panics_is_started_again_until_it_ends() {
