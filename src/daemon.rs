@@ -97,8 +97,9 @@ pub async fn serve(
     first.load_former_agents(&conn)?;
     let runtime = Arc::new(RwLock::new(Arc::new(first)));
     let wake = Arc::new(Notify::new());
-    let writer =
-        Writer::spawn(conn, runtime.clone(), wake.clone()).context("starting the writer thread")?;
+    let progress = Arc::new(store::CheckpointProgress::default());
+    let writer = Writer::spawn(conn, runtime.clone(), wake.clone(), progress.clone())
+        .context("starting the writer thread")?;
 
     let mut settings = crate::smtp::Settings::from_config(&config);
     if let Some(files) = &config.tls {
@@ -144,7 +145,7 @@ pub async fn serve(
         });
     }
 
-    let checkpointer = spawn_checkpointer(db_path.clone(), shutdown.clone())?;
+    let checkpointer = spawn_checkpointer(db_path.clone(), progress, shutdown.clone())?;
 
     tracing::info!(listen = %listener.local_addr()?, relay = ?config.relay, "crmgate ready");
     if notify_systemd {
@@ -264,13 +265,14 @@ fn wal_growth(last: Option<i64>, now: i64) -> i64 {
 }
 
 /// Checkpoints on a thread of their own, so the writer's commits seldom pay
-/// for one: the writer's own checkpoints only catch the last frames this
-/// one could not, so the WAL starts over. Under load the writer is the
+/// for one: the writer's own checkpoints ([`store::finish_checkpoint`])
+/// only catch the last frames this one could not, so the WAL starts over. Under load the writer is the
 /// daemon's narrowest point: each page this thread copies is one the writer
 /// need not (the writer's checkpoints were 13 % of its time with this one
 /// every 250 ms).
 fn spawn_checkpointer(
     db_path: PathBuf,
+    progress: Arc<store::CheckpointProgress>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let conn = store::open(&db_path)?;
@@ -281,7 +283,7 @@ fn spawn_checkpointer(
             let mut pause = CHECKPOINT_EVERY;
             while !shutdown.is_cancelled() {
                 std::thread::sleep(pause);
-                match store::checkpoint(&conn) {
+                match store::checkpoint(&conn, Some(&progress)) {
                     Ok(size) => {
                         pause = if wal_growth(last_size, size) >= LOAD_FRAMES {
                             CHECKPOINT_EVERY_UNDER_LOAD
@@ -294,7 +296,7 @@ fn spawn_checkpointer(
                 }
             }
             // A last one, so a stopped daemon leaves a short WAL.
-            let _ = store::checkpoint(&conn);
+            let _ = store::checkpoint(&conn, None);
         })?)
 }
 

@@ -965,6 +965,7 @@ impl Writer {
         mut conn: Connection,
         runtime: Arc<RwLock<Arc<Runtime>>>,
         wake: Arc<Notify>,
+        checkpoints: Arc<store::CheckpointProgress>,
     ) -> std::io::Result<Writer> {
         let (jobs, mut rx) = tokio::sync::mpsc::channel::<Job>(4 * MAX_BATCH);
         let wal = WalFile::take_over_syncs(&conn)?;
@@ -992,6 +993,9 @@ impl Writer {
                     // Without the answering thread the replies are dropped:
                     // each session then answers 451.
                     let _ = committed.send(Committed { batch, done });
+                    if let Err(e) = store::finish_checkpoint(&conn, &checkpoints) {
+                        tracing::warn!(error = %e, "checkpoint failed: the WAL stays long a while");
+                    }
                     if pruned_at.elapsed() >= PRUNE_EVERY {
                         pruned_at = std::time::Instant::now();
                         match tickets::prune_sends(&conn, store::now(), PRUNE_ROWS) {
