@@ -78,13 +78,15 @@ pub fn open(path: &Path) -> Result<Connection> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
     /// Every commit is on disk when it returns: what the SMTP `250` and the
-    /// commands promise.
+    /// commands promise. (The daemon's writer connection is opened so,
+    /// then commits at `NORMAL` while a thread of its own syncs the WAL
+    /// before any answer: [`crate::intake::Writer::spawn`].)
     Full,
     /// The relay worker's own connection (its marks when it runs without
     /// the daemon's writer, the relay-down deferral): a crash may lose the
     /// last ones, which only means the message is sent again — at least
     /// once, as promised — and saves an fsync per delivery. In the daemon
-    /// the marks go through the writer thread, in its `Full` batches.
+    /// the marks go through the writer thread, in its synced batches.
     Relaxed,
 }
 
