@@ -808,6 +808,45 @@ impl AsyncTokioStream for WrappedTls {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// What a receiving MTA does with DATA: lines up to `.` alone, one
+    /// leading dot taken off each. Returns the message and what followed.
+    fn unstuff(wire: &[u8]) -> Option<(Vec<u8>, &[u8])> {
+        let mut message = Vec::new();
+        let mut rest = wire;
+        loop {
+            let end = rest.windows(2).position(|w| w == b"\r\n")? + 2;
+            let (line, after) = rest.split_at(end);
+            if line == b".\r\n" {
+                return Some((message, after));
+            }
+            message.extend_from_slice(line.strip_prefix(b".").unwrap_or(line));
+            rest = after;
+        }
+    }
+
+    proptest! {
+        /// Whatever the message, the relay reads back exactly it, with
+        /// its last line ended, and nothing after the final dot: no line
+        /// of the message can end the data early.
+        #[test]
+        fn a_dot_stuffed_message_reads_back_whole(
+            text in proptest::collection::vec(
+                prop_oneof![Just("."), Just("a"), Just("\r"), Just("\n"), Just("\r\n"), Just("é")],
+                0..60,
+            )
+        ) {
+            let text: String = text.concat();
+            let body = wire_body(text.as_bytes());
+            let wire = DotStuffed(std::str::from_utf8(&body).unwrap()).to_string();
+            let (message, after) = unstuff(wire.as_bytes()).expect("a final dot");
+            prop_assert!(after.is_empty());
+            let mut expected = body.into_owned();
+            expected.extend_from_slice(b"\r\n");
+            prop_assert_eq!(message, expected);
+        }
+    }
 
     #[test]
     fn a_message_is_dot_stuffed_like_lettre_does_it() {
