@@ -1068,12 +1068,17 @@ struct WalFile {
 
 impl WalFile {
     /// Set the writer's connection to commit without syncing, when its WAL
-    /// can be synced here (a database in a file); otherwise it stays
-    /// `FULL` and [`WalFile::sync`] has nothing to do.
+    /// can be synced here (a database in a file, in WAL mode); otherwise it
+    /// stays `FULL` and [`WalFile::sync`] has nothing to do.
     fn take_over_syncs(conn: &Connection) -> std::io::Result<WalFile> {
+        // SQLite keeps its rollback journal where WAL cannot be had (a
+        // file system without shared memory): there is no WAL to sync then.
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(std::io::Error::other)?;
         let path = conn
             .path()
-            .filter(|p| !p.is_empty())
+            .filter(|p| !p.is_empty() && mode.eq_ignore_ascii_case("wal"))
             .map(|p| PathBuf::from(format!("{p}-wal")));
         if path.is_some() {
             conn.pragma_update(None, "synchronous", "NORMAL")
@@ -1346,6 +1351,22 @@ mod tests {
         // No WAL to sync is an error: the batch is not answered 250.
         std::fs::remove_file(&path).unwrap();
         assert!(wal.sync().is_err());
+    }
+
+    #[test]
+    fn without_a_wal_the_writer_keeps_syncing_each_commit_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = store::open(&dir.path().join("log.db")).unwrap();
+        conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
+        let mut wal = WalFile::take_over_syncs(&conn).unwrap();
+        let mode: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, 2, "FULL");
+        conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        wal.sync().unwrap();
+        assert!(wal.open.is_none());
     }
 
     #[test]
