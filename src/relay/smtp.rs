@@ -526,32 +526,20 @@ async fn envelope_step_by_step(
         // A 5xx to MAIL refuses this message; a 4xx says the relay cannot
         // take mail now, whatever the message: the whole outbox waits.
         Err(StepError::Reply { code, text }) if code >= 500 => {
-            reset(conn).await.map_err(Failed::During)?;
-            let reply = format!("MAIL FROM: {code} {text}");
-            return Ok(Envelope::MailRefused { code, reply });
+            return mail_refused(conn, code, &text).await;
         }
         Err(e) => return Err(Failed::BeforeMail(broken(e))),
     }
-    let mut accepted = Vec::new();
-    let mut refused = Vec::new();
+    let mut replies = Recipients::default();
     for (recipient, address) in recipients {
-        match step(conn.command(Rcpt::new(address.clone(), Vec::new()))).await {
-            Ok(_) => accepted.push(recipient.clone()),
-            Err(StepError::Reply { code, text }) if code != 421 => {
-                let reply = format!("RCPT TO:<{recipient}>: {code} {text}");
-                refused.push((recipient.clone(), outcome_for(code, reply)));
-            }
-            Err(e) => return Err(Failed::During(broken(e))),
-        }
+        let reply = step(conn.command(Rcpt::new(address.clone(), Vec::new()))).await;
+        replies.record(recipient, reply)?;
     }
-    if !accepted.is_empty() {
-        if let Some(refusal) = data_refused(step(conn.command(Data)).await)? {
-            reset(conn).await.map_err(Failed::During)?;
-            let taken = std::mem::take(&mut accepted);
-            refused.extend(taken.into_iter().map(|r| (r, refusal.clone())));
-        }
+    if replies.accepted.is_empty() {
+        return Ok(replies.into_envelope());
     }
-    Ok(Envelope::Recipients { accepted, refused })
+    let data = step(conn.command(Data)).await;
+    replies.after_data(conn, data).await
 }
 
 /// MAIL, every RCPT and DATA in one write, then their replies in order.
@@ -566,25 +554,17 @@ async fn pipelined_envelope(
     }
     group.push_str(&Data.to_string());
 
-    let mail_refused = match step(conn.command(group)).await {
+    let refused_mail = match step(conn.command(group)).await {
         Ok(_) => None,
         Err(StepError::Reply { code, text }) if code >= 500 => Some((code, text)),
         Err(e) => return Err(Failed::BeforeMail(broken(e))),
     };
-    let mut accepted = Vec::new();
-    let mut refused = Vec::new();
+    let mut replies = Recipients::default();
     for (recipient, _) in recipients {
-        match step(conn.read_response()).await {
-            Ok(_) => accepted.push(recipient.clone()),
-            Err(StepError::Reply { code, text }) if code != 421 => {
-                let reply = format!("RCPT TO:<{recipient}>: {code} {text}");
-                refused.push((recipient.clone(), outcome_for(code, reply)));
-            }
-            Err(e) => return Err(Failed::During(broken(e))),
-        }
+        replies.record(recipient, step(conn.read_response()).await)?;
     }
     let data = step(conn.read_response()).await;
-    if data.is_ok() && (mail_refused.is_some() || accepted.is_empty()) {
+    if data.is_ok() && (refused_mail.is_some() || replies.accepted.is_empty()) {
         // 354 with nobody to deliver to breaks RFC 2920 §3.1; whatever we
         // sent now would be delivered to someone. Hang up mid-DATA: the
         // relay drops the message, and the rows wait for another session.
@@ -592,34 +572,83 @@ async fn pipelined_envelope(
             "the relay opened DATA after refusing the envelope".into(),
         )));
     }
-    if let Some((code, text)) = mail_refused {
-        reset(conn).await.map_err(Failed::During)?;
-        let reply = format!("MAIL FROM: {code} {text}");
-        return Ok(Envelope::MailRefused { code, reply });
+    if let Some((code, text)) = refused_mail {
+        return mail_refused(conn, code, &text).await;
     }
-    if accepted.is_empty() {
+    if replies.accepted.is_empty() {
         // DATA was refused, as it must be: nothing to say of it.
         return match data {
             Err(StepError::Broken(e)) => Err(Failed::During(SessionFailure::Down(e))),
-            _ => Ok(Envelope::Recipients { accepted, refused }),
+            _ => Ok(replies.into_envelope()),
         };
     }
-    if let Some(refusal) = data_refused(data)? {
-        reset(conn).await.map_err(Failed::During)?;
-        let taken = std::mem::take(&mut accepted);
-        refused.extend(taken.into_iter().map(|r| (r, refusal.clone())));
-    }
-    Ok(Envelope::Recipients { accepted, refused })
+    replies.after_data(conn, data).await
 }
 
-/// The outcome DATA's reply gives the accepted recipients: `None` for 354.
-fn data_refused(reply: Result<Response, StepError>) -> Result<Option<RecipientOutcome>, Failed> {
-    match reply {
-        Ok(_) => Ok(None),
-        Err(StepError::Reply { code, text }) if code != 421 => {
-            Ok(Some(outcome_for(code, format!("DATA: {code} {text}"))))
+/// RSET after a 5xx to MAIL: the message is refused for every recipient.
+async fn mail_refused(
+    conn: &mut AsyncSmtpConnection,
+    code: u16,
+    text: &str,
+) -> Result<Envelope, Failed> {
+    reset(conn).await.map_err(Failed::During)?;
+    let reply = format!("MAIL FROM: {code} {text}");
+    Ok(Envelope::MailRefused { code, reply })
+}
+
+/// The RCPT replies of one envelope, as they come.
+#[derive(Default)]
+struct Recipients {
+    accepted: Vec<String>,
+    refused: Vec<(String, RecipientOutcome)>,
+}
+
+impl Recipients {
+    /// One RCPT reply; a 421 or a broken session ends the transaction.
+    fn record(
+        &mut self,
+        recipient: &str,
+        reply: Result<Response, StepError>,
+    ) -> Result<(), Failed> {
+        match reply {
+            Ok(_) => self.accepted.push(recipient.to_string()),
+            Err(StepError::Reply { code, text }) if code != 421 => {
+                let reply = format!("RCPT TO:<{recipient}>: {code} {text}");
+                self.refused
+                    .push((recipient.to_string(), outcome_for(code, reply)));
+            }
+            Err(e) => return Err(Failed::During(broken(e))),
         }
-        Err(e) => Err(Failed::During(broken(e))),
+        Ok(())
+    }
+
+    /// DATA's reply, some recipients accepted: a 354 leaves the relay
+    /// waiting for the message; a refusal is every accepted recipient's
+    /// outcome, and RSET cleans the session for the next message.
+    async fn after_data(
+        mut self,
+        conn: &mut AsyncSmtpConnection,
+        data: Result<Response, StepError>,
+    ) -> Result<Envelope, Failed> {
+        let refusal = match data {
+            Ok(_) => return Ok(self.into_envelope()),
+            Err(StepError::Reply { code, text }) if code != 421 => {
+                outcome_for(code, format!("DATA: {code} {text}"))
+            }
+            Err(e) => return Err(Failed::During(broken(e))),
+        };
+        reset(conn).await.map_err(Failed::During)?;
+        let taken = std::mem::take(&mut self.accepted);
+        self.refused
+            .extend(taken.into_iter().map(|r| (r, refusal.clone())));
+        Ok(self.into_envelope())
+    }
+
+    fn into_envelope(self) -> Envelope {
+        Envelope::Recipients {
+            accepted: self.accepted,
+            refused: self.refused,
+        }
     }
 }
 
