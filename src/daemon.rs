@@ -246,8 +246,8 @@ where
 /// while nothing is written.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 /// How often while the WAL grows: under load the writer commits a few
-/// hundred frames in this time, and its own checkpoint (see
-/// [`store::tune_for_writer`]) then only has the last ones to copy.
+/// hundred frames in this time, and its own checkpoint
+/// ([`store::finish_checkpoint`]) then only has the last ones to copy.
 const CHECKPOINT_EVERY_UNDER_LOAD: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// WAL frames written since the last look that mean "under load" (a few
@@ -266,10 +266,10 @@ fn wal_growth(last: Option<i64>, now: i64) -> i64 {
 
 /// Checkpoints on a thread of their own, so the writer's commits seldom pay
 /// for one: the writer's own checkpoints ([`store::finish_checkpoint`])
-/// only catch the last frames this one could not, so the WAL starts over. Under load the writer is the
-/// daemon's narrowest point: each page this thread copies is one the writer
-/// need not (the writer's checkpoints were 13 % of its time with this one
-/// every 250 ms).
+/// only catch the last frames this one could not, so the WAL starts over.
+/// Under load the writer is the daemon's narrowest point: each page this
+/// thread copies is one the writer need not (the writer's checkpoints were
+/// 13 % of its time with this one every 250 ms).
 fn spawn_checkpointer(
     db_path: PathBuf,
     progress: Arc<store::CheckpointProgress>,

@@ -1325,16 +1325,18 @@ mod tests {
     use super::*;
     use crate::config::Language;
 
+    fn synchronous(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap()
+    }
+
     #[test]
     fn the_writer_commits_without_syncing_and_the_wal_it_syncs_is_the_one_at_the_path() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("log.db");
         let conn = store::open(&db).unwrap();
         let mut wal = WalFile::take_over_syncs(&conn).unwrap();
-        let mode: i64 = conn
-            .query_row("PRAGMA synchronous", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(mode, 1, "NORMAL");
+        assert_eq!(synchronous(&conn), 1, "NORMAL");
         conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
             .unwrap();
         wal.sync().unwrap();
@@ -1359,10 +1361,7 @@ mod tests {
         let conn = store::open(&dir.path().join("log.db")).unwrap();
         conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
         let mut wal = WalFile::take_over_syncs(&conn).unwrap();
-        let mode: i64 = conn
-            .query_row("PRAGMA synchronous", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(mode, 2, "FULL");
+        assert_eq!(synchronous(&conn), 2, "FULL");
         conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
             .unwrap();
         wal.sync().unwrap();
