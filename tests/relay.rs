@@ -170,6 +170,11 @@ fn is_sent(row: &OutboxRow) -> bool {
     row.status == OutboxStatus::Sent
 }
 
+/// Sent or failed: the worker is done with the row.
+fn is_settled(row: &OutboxRow) -> bool {
+    row.status != OutboxStatus::Queued
+}
+
 /// A session that failed before anything was handed over: after
 /// `attempts` tries the row is still queued, its error says each of
 /// `expected`, and the sink got no message, no login, no AUTH in clear.
@@ -384,11 +389,7 @@ async fn a_5xx_recipient_fails_only_its_row_and_calls_the_hook() {
     let fine = h.queue(&["c@example.org"], "fine");
     let worker = h.start();
 
-    let row = h
-        .wait_row(mixed, Duration::from_secs(5), |r| {
-            r.status != OutboxStatus::Queued
-        })
-        .await;
+    let row = h.wait_row(mixed, Duration::from_secs(5), is_settled).await;
     assert_eq!(row.status, OutboxStatus::Failed);
     let error = row.last_error.unwrap();
     assert!(
@@ -397,9 +398,7 @@ async fn a_5xx_recipient_fails_only_its_row_and_calls_the_hook() {
     );
     assert!(!error.contains("a@example.org"), "{error}");
     let row = h
-        .wait_row(only_refused, Duration::from_secs(5), |r| {
-            r.status != OutboxStatus::Queued
-        })
+        .wait_row(only_refused, Duration::from_secs(5), is_settled)
         .await;
     assert_eq!(row.status, OutboxStatus::Failed);
     h.wait_row(fine, Duration::from_secs(5), is_sent).await;
@@ -529,9 +528,7 @@ async fn a_refused_sender_fails_the_row_and_the_pipelined_session_stays_in_step(
     let refused = h.queue(&["a@example.org", "b@example.org"], "refused");
     let worker = h.start();
     let row = h
-        .wait_row(refused, Duration::from_secs(5), |r| {
-            r.status != OutboxStatus::Queued
-        })
+        .wait_row(refused, Duration::from_secs(5), is_settled)
         .await;
     assert_eq!(row.status, OutboxStatus::Failed);
     let error = row.last_error.unwrap_or_default();
