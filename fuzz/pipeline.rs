@@ -16,11 +16,11 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use crmgate::compose::{self, Draft, Scrub, SendKind};
+use crmgate::compose::{self, Draft, Scrub};
 use crmgate::config::Config;
-use crmgate::decide::{self, Decision, Facts, Plan, ThreadRef, TicketState, TicketView};
+use crmgate::decide::{self, Decision, Facts, Plan, ThreadRef, TicketView};
+use crmgate::helpdesk::{Envelope, SendKind, TicketState};
 use crmgate::parse::{self, Inbound, Mailbox};
-use crmgate::smtp::Envelope;
 
 pub const JANE: &str = "jane.doe@example.org";
 pub const BOB: &str = "bob.agent@example.org";

@@ -12,9 +12,9 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use rusqlite::{Connection, TransactionBehavior};
 
-use crate::compose::SendKind;
 use crate::config::Config;
-use crate::decide::{self, EntryKind, PlannedSend, TicketState};
+use crate::decide::{self, PlannedSend};
+use crate::helpdesk::{EntryKind, Role, SendKind, TicketState};
 use crate::intake::{self, Arrival, Runtime};
 use crate::parse::{Attachment, Inbound, Mailbox};
 use crate::smtp::{Envelope, Verdict};
@@ -395,7 +395,7 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
                 let id = tickets::require(tx, &number)?;
                 let now = store::now();
                 tickets::set_owner(tx, id, Some(&agent.address), now)?;
-                tickets::add_participant(tx, id, "notes", &agent, now)?;
+                tickets::add_participant(tx, id, Role::Notes, &agent, now)?;
                 system_entry(tx, rt, id, &format!("assigned to {}", agent.address), now)?;
                 println!("{number} assigned to {}", agent.address);
                 Ok(())
@@ -406,26 +406,26 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
                 ListChange::Add { number, address } => (number, address, true),
                 ListChange::Remove { number, address } => (number, address, false),
             };
-            change_list(conn, rt, &number, "requester", &address, add)?;
+            change_list(conn, rt, &number, Role::Requester, &address, add)?;
         }
         Command::Watch(ListCommand::Add { number, address }) => {
-            change_list(conn, rt, &number, "watch", &address, true)?
+            change_list(conn, rt, &number, Role::Watch, &address, true)?
         }
         Command::Watch(ListCommand::Remove { number, address }) => {
-            change_list(conn, rt, &number, "watch", &address, false)?
+            change_list(conn, rt, &number, Role::Watch, &address, false)?
         }
         Command::Watch(ListCommand::List { number, json }) => {
-            print_list(conn, &number, "watch", json)?
+            print_list(conn, &number, Role::Watch, json)?
         }
         Command::NotesList(ListCommand::Add { number, address }) => {
             require_agent(config, &address)?;
-            change_list(conn, rt, &number, "notes", &address, true)?
+            change_list(conn, rt, &number, Role::Notes, &address, true)?
         }
         Command::NotesList(ListCommand::Remove { number, address }) => {
-            change_list(conn, rt, &number, "notes", &address, false)?
+            change_list(conn, rt, &number, Role::Notes, &address, false)?
         }
         Command::NotesList(ListCommand::List { number, json }) => {
-            print_list(conn, &number, "notes", json)?
+            print_list(conn, &number, Role::Notes, json)?
         }
         Command::Outbox(OutboxCommand::List { json }) => {
             print_rows(&outbox::list(conn)?, json, |r| {
@@ -699,7 +699,7 @@ fn change_list(
     conn: &mut Connection,
     rt: &Runtime,
     number: &str,
-    role: &str,
+    role: Role,
     address: &str,
     add: bool,
 ) -> anyhow::Result<()> {
@@ -711,12 +711,8 @@ fn change_list(
     in_transaction(conn, |tx| {
         let id = tickets::require(tx, number)?;
         let now = store::now();
-        let name = match role {
-            "requester" => "requesters",
-            "watch" => "watch list",
-            _ => "work-notes list",
-        };
-        if add && role != "notes" {
+        let name = role.list_name();
+        if add && role != Role::Notes {
             if config.agent(&address).is_some() || rt.former_agents.contains(&address) {
                 bail!("{address} is an agent: agents go on the work-notes list, never in the watch group");
             }
@@ -754,10 +750,10 @@ fn change_list(
     })
 }
 
-fn print_list(conn: &Connection, number: &str, role: &str, json: bool) -> anyhow::Result<()> {
+fn print_list(conn: &Connection, number: &str, role: Role, json: bool) -> anyhow::Result<()> {
     let id = tickets::require(conn, number)?;
     let info = tickets::info(conn, id)?;
-    let list = if role == "watch" {
+    let list = if role == Role::Watch {
         info.watch_list
     } else {
         info.work_notes_list

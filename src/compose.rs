@@ -16,55 +16,10 @@ use mail_builder::headers::text::Text;
 use mail_builder::MessageBuilder;
 
 use crate::config::Language;
+use crate::helpdesk::SendKind;
 use crate::parse::{Attachment, Mailbox};
 
 pub use scrub::{scrub_html, scrub_text, Scrubber};
-
-/// Which kind of outgoing message, for headers (Auto-Submitted, Precedence)
-/// and for the outbox's `kind` column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendKind {
-    /// A comment, to the watch group.
-    PublicCopy,
-    /// A comment, to the work-notes list.
-    AgentCopy,
-    /// A work note, to the work-notes list.
-    WorkNote,
-    /// A partner's mail (`email` entry), to the work-notes list.
-    PartnerCopy,
-    /// Receipt confirmation of a new ticket.
-    Receipt,
-    /// Closure notice of a resolved ticket.
-    Closure,
-    /// "Reply to the CRM only" notice to an agent who replied to all.
-    ReplyAllNotice,
-    /// A delivery failure, told to the work-notes list.
-    FailureNotice,
-    /// The ticket's e-mail function: a person's mail, attachments included.
-    Email,
-}
-
-impl SendKind {
-    /// The value of the outbox `kind` column and of logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SendKind::PublicCopy => "public_copy",
-            SendKind::AgentCopy => "agent_copy",
-            SendKind::WorkNote => "work_note",
-            SendKind::PartnerCopy => "partner_copy",
-            SendKind::Receipt => "receipt",
-            SendKind::Closure => "closure",
-            SendKind::ReplyAllNotice => "reply_all_notice",
-            SendKind::FailureNotice => "failure_notice",
-            SendKind::Email => "email",
-        }
-    }
-
-    /// A notification or automatic message (everything but the e-mail function).
-    pub fn is_automatic(self) -> bool {
-        self != SendKind::Email
-    }
-}
 
 /// Replace these addresses (agents and former agents, lower-cased) with the
 /// public address everywhere in the message.

@@ -9,59 +9,9 @@
 
 use std::collections::BTreeSet;
 
-use crate::compose::SendKind;
-use crate::config::Config;
+use crate::config::{Config, Language};
+use crate::helpdesk::{EntryKind, Envelope, QuarantineReason, SendKind, TicketState};
 use crate::parse::{Inbound, Mailbox};
-use crate::smtp::Envelope;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TicketState {
-    New,
-    Open,
-    Resolved,
-}
-
-impl TicketState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TicketState::New => "new",
-            TicketState::Open => "open",
-            TicketState::Resolved => "resolved",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<TicketState> {
-        match text {
-            "new" => Some(TicketState::New),
-            "open" => Some(TicketState::Open),
-            "resolved" => Some(TicketState::Resolved),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EntryKind {
-    Comment,
-    WorkNote,
-    Email,
-    Receipt,
-    Closure,
-    System,
-}
-
-impl EntryKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EntryKind::Comment => "comment",
-            EntryKind::WorkNote => "work_note",
-            EntryKind::Email => "email",
-            EntryKind::Receipt => "receipt",
-            EntryKind::Closure => "closure",
-            EntryKind::System => "system",
-        }
-    }
-}
 
 /// A Message-ID already on the ticket, for the threading headers of outgoing mail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,30 +35,6 @@ pub struct TicketView {
     pub work_notes_list: Vec<String>,
     /// The first Message-ID and the most recent ones, oldest first.
     pub thread: Vec<ThreadRef>,
-}
-
-/// Why a message went to the quarantine instead of a ticket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuarantineReason {
-    /// Carried our own `X-Crmgate-Loop`.
-    Loop,
-    /// Automatic mail that names no ticket.
-    Automatic,
-    /// The header block could not be parsed.
-    Unparseable,
-    /// Mail to postmaster@.
-    Postmaster,
-}
-
-impl QuarantineReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QuarantineReason::Loop => "loop",
-            QuarantineReason::Automatic => "automatic",
-            QuarantineReason::Unparseable => "unparseable",
-            QuarantineReason::Postmaster => "postmaster",
-        }
-    }
 }
 
 /// The ticket a plan writes to.
@@ -433,11 +359,20 @@ fn display_name(mailbox: &Mailbox, config: &Config) -> String {
 /// the helpdesk's language, so no agent takes it for a colleague's word.
 fn unverified_name(mailbox: &Mailbox, config: &Config) -> String {
     let name = mailbox.name.as_deref().unwrap_or(&mailbox.address);
-    let mark = crate::templates::unverified_sender(config.language);
+    let mark = unverified_mark(config.language);
     format!(
         "{name} ({mark}: {}) via {}",
         mailbox.address, config.display_name
     )
+}
+
+/// The mark itself (`"Jane Doe (expéditeur non vérifié: jane.doe@…) via
+/// Soutien TI"`): part of the From that decide chooses, so it lives here.
+fn unverified_mark(language: Language) -> &'static str {
+    match language {
+        Language::Fr => "expéditeur non vérifié",
+        Language::En => "unverified sender",
+    }
 }
 
 fn contains(list: &[Mailbox], address: &str) -> bool {

@@ -15,11 +15,10 @@ use std::sync::{Arc, RwLock};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{oneshot, Notify};
 
-use crate::compose::{self, Draft, Scrub, SendKind};
+use crate::compose::{self, Draft, Scrub};
 use crate::config::Config;
-use crate::decide::{
-    self, Decision, EntryKind, Facts, Plan, PlannedSend, TicketState, TicketTarget, TicketView,
-};
+use crate::decide::{self, Decision, Facts, Plan, PlannedSend, TicketTarget, TicketView};
+use crate::helpdesk::{EntryKind, OutboxKind, QuarantineReason, Role, SendKind, TicketState};
 use crate::parse::{self, Inbound, Mailbox, ParseError};
 use crate::smtp::{Deliver, Envelope, Verdict};
 use crate::store::{self, tickets, StoreError};
@@ -214,9 +213,7 @@ pub fn process(
         Decision::Quarantine(reason) => {
             quarantine(reason.as_str())?;
             let mut queued = 0;
-            if let (decide::QuarantineReason::Postmaster, Some(operator)) =
-                (reason, &config.operator)
-            {
+            if let (QuarantineReason::Postmaster, Some(operator)) = (reason, &config.operator) {
                 forward_to_operator(conn, config, operator, inbound, &arrival.raw, now)?;
                 queued = 1;
             }
@@ -328,7 +325,7 @@ fn forward_to_operator(
         conn,
         None,
         None,
-        "postmaster",
+        OutboxKind::Postmaster,
         &[operator.to_string()],
         &message_id,
         &message,
@@ -442,7 +439,7 @@ pub fn apply(
                 tickets::touch(conn, *id, now)?;
             }
             for agent in &plan.join_work_notes {
-                tickets::add_participant(conn, *id, "notes", &Mailbox::new(None, agent), now)?;
+                tickets::add_participant(conn, *id, Role::Notes, &Mailbox::new(None, agent), now)?;
             }
             match ticket {
                 Some(t) if t.id == *id => t.clone(),
@@ -902,7 +899,7 @@ pub fn queue(
         conn,
         Some(view.id),
         entry_id,
-        send.kind.as_str(),
+        send.kind.into(),
         &envelope,
         &message_id,
         &bytes,

@@ -30,12 +30,15 @@
 //! [`intake`] ties parse → thread → decide → compose → store together for one
 //! inbound message; the SMTP listener and `crmgate deliver` both call it.
 //! [`cli`] holds the command line; [`daemon`] starts and stops the pieces.
+//! [`helpdesk`] holds the nouns every stage shares (ticket states, entry
+//! kinds, list roles, outbox kinds, the envelope), below them all.
 
 pub mod cli;
 pub mod compose;
 pub mod config;
 pub mod daemon;
 pub mod decide;
+pub mod helpdesk;
 pub mod intake;
 pub mod parse;
 pub mod relay;

@@ -8,8 +8,9 @@
 //! decoded the way a reader or a browser would, must not contain any of
 //! those addresses.
 
-use crmgate::compose::{compose, scrub_html, scrub_text, Draft, Scrub, SendKind};
+use crmgate::compose::{compose, scrub_html, scrub_text, Draft, Scrub};
 use crmgate::config::Language;
+use crmgate::helpdesk::SendKind;
 use crmgate::parse::{Attachment, Mailbox};
 use mail_parser::{Address, HeaderValue, MessageParser, MimeHeaders, PartType};
 use proptest::prelude::*;

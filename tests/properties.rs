@@ -25,9 +25,9 @@ mod pipeline;
 use std::net::IpAddr;
 use std::sync::OnceLock;
 
-use crmgate::decide::{self, Decision, ThreadRef, TicketState, TicketView};
+use crmgate::decide::{self, Decision, ThreadRef, TicketView};
+use crmgate::helpdesk::{EntryKind, Envelope, TicketState};
 use crmgate::parse::{AuthResult, Forward, Inbound, Mailbox};
-use crmgate::smtp::Envelope;
 use pipeline::{Fixed, BOB, FORMER, INTERNAL, JANE, PUBLIC};
 use proptest::prelude::*;
 
@@ -301,7 +301,7 @@ proptest! {
             && decide::from_is_believed(&fixed.config, &envelope, &inbound, &sender);
         let decision = decide::decide(&facts, &envelope, &inbound, ticket.as_ref(), None);
         if let Decision::Record(plan) = &decision {
-            let notes = plan.entries.iter().any(|e| e.kind == decide::EntryKind::WorkNote);
+            let notes = plan.entries.iter().any(|e| e.kind == EntryKind::WorkNote);
             // A believed agent's forward also logs their words as a work note.
             prop_assert!(!notes || believed, "a work note from {sender} (not believed): {plan:#?}");
             for e in &plan.entries {

@@ -12,7 +12,6 @@
 //! (DATA with its limits), `tls` (certificates), `replies` (every reply).
 
 use std::future::Future;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -41,17 +40,9 @@ pub use tls::{load_tls, TlsError};
 
 use session::{Next, Session};
 
-/// The SMTP envelope of one transaction.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Envelope {
-    /// The peer's address: decides whether an agent's From is believed.
-    pub peer: IpAddr,
-    pub helo: String,
-    /// `None` for the null reverse-path `MAIL FROM:<>`. Lower-cased.
-    pub mail_from: Option<String>,
-    /// Accepted recipients, lower-cased, in RCPT order.
-    pub rcpt_to: Vec<String>,
-}
+/// The envelope is a noun every stage reads (the rules believe a From by
+/// its peer), so it lives in `helpdesk`; the listener fills it.
+pub use crate::helpdesk::Envelope;
 
 /// What became of a message handed over at the end of DATA.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,7 +9,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use super::{Result, StoreError};
-use crate::decide::{EntryKind, NewTicket, ThreadRef, TicketState, TicketView};
+use crate::decide::{NewTicket, ThreadRef, TicketView};
+use crate::helpdesk::{EntryKind, OutboxKind, Role, TicketState};
 use crate::parse::{Attachment, Mailbox};
 
 /// How many of a ticket's most recent Message-IDs threading headers use
@@ -67,9 +68,9 @@ pub fn view(conn: &Connection, ticket_id: i64) -> Result<TicketView> {
     for row in rows {
         let (role, address, name) = row?;
         let mailbox = Mailbox { name, address };
-        match role.as_str() {
-            "requester" => requesters.push(mailbox),
-            "watch" => watch_list.push(mailbox),
+        match Role::parse(&role) {
+            Some(Role::Requester) => requesters.push(mailbox),
+            Some(Role::Watch) => watch_list.push(mailbox),
             _ => work_notes_list.push(mailbox.address),
         }
     }
@@ -227,16 +228,16 @@ pub fn create(
         now
     ])?;
     for m in &new.requesters {
-        add_participant(conn, id, "requester", m, now)?;
+        add_participant(conn, id, Role::Requester, m, now)?;
     }
     for m in &new.watch_list {
-        add_participant(conn, id, "watch", m, now)?;
+        add_participant(conn, id, Role::Watch, m, now)?;
     }
     for a in &new.work_notes_list {
-        add_participant(conn, id, "notes", &Mailbox::new(None, a), now)?;
+        add_participant(conn, id, Role::Notes, &Mailbox::new(None, a), now)?;
     }
     if let Some(owner) = &new.owner {
-        add_participant(conn, id, "notes", &Mailbox::new(None, owner), now)?;
+        add_participant(conn, id, Role::Notes, &Mailbox::new(None, owner), now)?;
     }
     Ok((id, number))
 }
@@ -245,7 +246,7 @@ pub fn create(
 pub fn add_participant(
     conn: &Connection,
     ticket_id: i64,
-    role: &str,
+    role: Role,
     who: &Mailbox,
     now: i64,
 ) -> Result<bool> {
@@ -253,7 +254,7 @@ pub fn add_participant(
         .prepare_cached(
             "INSERT OR IGNORE INTO participants (ticket_id, role, address, name, added_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
-        .execute(params![ticket_id, role, who.address, who.name, now])?
+        .execute(params![ticket_id, role.as_str(), who.address, who.name, now])?
         > 0)
 }
 
@@ -261,14 +262,14 @@ pub fn add_participant(
 pub fn remove_participant(
     conn: &Connection,
     ticket_id: i64,
-    role: &str,
+    role: Role,
     address: &str,
 ) -> Result<bool> {
     Ok(conn
         .prepare_cached(
             "DELETE FROM participants WHERE ticket_id = ?1 AND role = ?2 AND address = ?3",
         )?
-        .execute(params![ticket_id, role, address])?
+        .execute(params![ticket_id, role.as_str(), address])?
         > 0)
 }
 
@@ -528,12 +529,12 @@ pub fn rfc3339(at: i64) -> String {
         .unwrap_or_default()
 }
 
-fn addresses(conn: &Connection, ticket_id: i64, role: &str) -> Result<Vec<String>> {
+fn addresses(conn: &Connection, ticket_id: i64, role: Role) -> Result<Vec<String>> {
     Ok(conn
         .prepare_cached(
             "SELECT address FROM participants WHERE ticket_id = ?1 AND role = ?2 ORDER BY id",
         )?
-        .query_map(params![ticket_id, role], |r| r.get(0))?
+        .query_map(params![ticket_id, role.as_str()], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?)
 }
 
@@ -604,9 +605,9 @@ pub fn info(conn: &Connection, ticket_id: i64) -> Result<TicketInfo> {
         subject,
         state,
         owner,
-        requesters: addresses(conn, ticket_id, "requester")?,
-        watch_list: addresses(conn, ticket_id, "watch")?,
-        work_notes_list: addresses(conn, ticket_id, "notes")?,
+        requesters: addresses(conn, ticket_id, Role::Requester)?,
+        watch_list: addresses(conn, ticket_id, Role::Watch)?,
+        work_notes_list: addresses(conn, ticket_id, Role::Notes)?,
         created_at: rfc3339(created_at),
         updated_at: rfc3339(updated_at),
         entries,
@@ -629,7 +630,7 @@ pub fn list(conn: &Connection, state: Option<TicketState>) -> Result<Vec<TicketS
                 number,
                 subject,
                 state,
-                requesters: addresses(conn, id, "requester")?,
+                requesters: addresses(conn, id, Role::Requester)?,
                 updated_at: rfc3339(updated_at),
             })
         })
@@ -668,7 +669,7 @@ pub fn insert_outbox(
     conn: &Connection,
     ticket_id: Option<i64>,
     entry_id: Option<i64>,
-    kind: &str,
+    kind: OutboxKind,
     recipients: &[String],
     message_id: &str,
     message: &[u8],
@@ -680,7 +681,7 @@ pub fn insert_outbox(
         "INSERT INTO outbox (ticket_id, entry_id, kind, recipients, message_id, message, next_attempt_at, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
     )?
-    .execute(params![ticket_id, entry_id, kind, recipients, message_id, blob_value(message)?, now])?;
+    .execute(params![ticket_id, entry_id, kind.as_str(), recipients, message_id, blob_value(message)?, now])?;
     let id = conn.last_insert_rowid();
     fill_in_place(conn, "outbox", "message", id, message)?;
     Ok(id)

@@ -138,15 +138,6 @@ pub fn subject(name: &str, language: Language, ticket_subject: &str) -> String {
     }
 }
 
-/// The mark on the display name of an agent's From that is not believed
-/// (`"Jane Doe (expéditeur non vérifié: jane.doe@…) via Soutien TI"`).
-pub fn unverified_sender(language: Language) -> &'static str {
-    match language {
-        Language::Fr => "expéditeur non vérifié",
-        Language::En => "unverified sender",
-    }
-}
-
 /// The line that ends a text cut short in the copies: how long the message
 /// is, and where its whole text is.
 pub fn cut_note(language: Language, length: usize, number: &str) -> String {
