@@ -76,9 +76,12 @@ fn settings() -> Settings {
         max_message_bytes: 64 * 1024,
         max_recipients: 3,
         max_sessions: 16,
+        max_sessions_per_client: 16,
+        exempt_clients: vec![],
         idle_timeout: Duration::from_secs(10),
         max_commands: 100,
         data_timeout: Duration::from_secs(10),
+        data_deadline: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(5),
         tls: None,
     }
@@ -507,6 +510,133 @@ async fn sessions_beyond_the_limit_are_answered_421_and_closed() {
     let mut fourth = Client::connect(server.addr).await;
     fourth.expect("220").await;
     second.cmd("NOOP", "250").await;
+    server.stop().await;
+}
+
+/// Another host, as the tests can have one: any 127/8 address is local.
+fn host(n: u8) -> std::net::IpAddr {
+    std::net::IpAddr::from([127, 0, 0, n])
+}
+
+#[tokio::test]
+async fn thirty_trickling_sockets_from_one_address_leave_other_clients_served() {
+    let mut settings = settings();
+    settings.max_sessions = 25;
+    settings.max_sessions_per_client = 20;
+    let server = Server::start(settings).await;
+
+    let mut trickling = Vec::new();
+    let mut refused = 0;
+    for _ in 0..30 {
+        let mut client = Client::connect_from(server.addr, host(2)).await;
+        let greeting = client.read_reply().await;
+        if greeting.starts_with("421 4.7.0") {
+            assert!(client.is_closed().await);
+            refused += 1;
+        } else {
+            assert!(greeting.starts_with("220"), "{greeting:?}");
+            client.send(b"N").await;
+            trickling.push(client);
+        }
+    }
+    assert_eq!((trickling.len(), refused), (20, 10));
+
+    // Another client still has a slot, and is served whole.
+    let mut other = Client::connect_from(server.addr, host(3)).await;
+    other.expect("220").await;
+    other.cmd("EHLO other.test", "250").await;
+    other
+        .transaction(
+            "a@example.org",
+            &["support@localhost"],
+            MESSAGE,
+            "250 2.0.0",
+        )
+        .await;
+    for client in &mut trickling {
+        client.send(b"O").await;
+    }
+
+    // A session that ends gives its client a slot back.
+    let mut first = trickling.remove(0);
+    first.send(b"OP\r\nQUIT\r\n").await;
+    first.expect("250").await;
+    first.expect("221").await;
+    let mut again = Client::connect_from(server.addr, host(2)).await;
+    again.expect("220").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn trusted_relays_are_exempt_from_the_limit_per_client() {
+    let mut settings = settings();
+    settings.max_sessions_per_client = 1;
+    settings.exempt_clients = vec!["127.0.0.4/32".parse().unwrap()];
+    let server = Server::start(settings).await;
+    let mut relay = Vec::new();
+    for _ in 0..3 {
+        let mut client = Client::connect_from(server.addr, host(4)).await;
+        client.expect("220").await;
+        relay.push(client);
+    }
+    let mut one = Client::connect_from(server.addr, host(5)).await;
+    one.expect("220").await;
+    let mut two = Client::connect_from(server.addr, host(5)).await;
+    two.expect("421 4.7.0").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_command_line_trickled_byte_by_byte_ends_within_the_idle_time_of_its_first_byte() {
+    let mut settings = settings();
+    settings.idle_timeout = Duration::from_millis(800);
+    let server = Server::start(settings).await;
+    let mut client = server.session().await;
+    // Each byte comes well within the idle time; the line never ends.
+    let mut sent = 0;
+    let reply = loop {
+        if client.send_or_closed(b"x").await {
+            sent += 1;
+        } else {
+            break client.try_read_reply().await;
+        }
+        assert!(
+            sent < 40,
+            "a line of {sent} bytes trickled for 8 s and the session is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(sent >= 3, "closed after {sent} bytes");
+    assert!(reply.unwrap_or_default().starts_with("421 4.4.2"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_trickled_message_ends_at_the_data_deadline_and_is_not_delivered() {
+    let mut settings = settings();
+    settings.data_timeout = Duration::from_millis(800);
+    settings.data_deadline = Duration::from_millis(1500);
+    let server = Server::start(settings).await;
+    let mut client = server.session().await;
+    client.cmd("MAIL FROM:<a@example.org>", "250").await;
+    client.cmd("RCPT TO:<support@localhost>", "250").await;
+    client.cmd("DATA", "354").await;
+    let mut sent = 0;
+    let reply = loop {
+        if client.send_or_closed(b"Subject: x\r\n").await {
+            sent += 1;
+        } else {
+            break client.try_read_reply().await;
+        }
+        assert!(
+            sent < 40,
+            "DATA trickled for 8 s and the session is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(sent >= 5, "closed after {sent} lines");
+    assert!(reply.unwrap_or_default().starts_with("421 4.4.2"));
+    assert_eq!(server.recorder.count(), 0);
     server.stop().await;
 }
 

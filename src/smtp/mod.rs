@@ -25,6 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+mod clients;
 mod command;
 mod data;
 mod ehlo;
@@ -38,6 +39,7 @@ pub use data::MAX_DATA_LINE;
 pub use session::MAX_COMMAND_LINE;
 pub use tls::{load_tls, TlsError};
 
+use clients::{ClientSlot, Clients};
 use session::{Next, Session};
 
 /// The envelope is a noun every stage reads (the rules believe a From by
@@ -77,6 +79,12 @@ pub struct Settings {
     /// Concurrent sessions; beyond, the connection is answered `421 4.7.0`
     /// and closed, so a flood cannot exhaust memory or file descriptors.
     pub max_sessions: usize,
+    /// Concurrent sessions from one client (one IPv4 address, one IPv6
+    /// /64); beyond, `421 4.7.0`, so that one host cannot take every slot.
+    pub max_sessions_per_client: usize,
+    /// Clients exempt from `max_sessions_per_client`: the trusted relays,
+    /// through which all mail arrives from one address.
+    pub exempt_clients: Vec<ipnet::IpNet>,
     /// How long the session waits for the next command (and for the client
     /// to read a reply) before `421 4.4.2`.
     pub idle_timeout: Duration,
@@ -85,6 +93,9 @@ pub struct Settings {
     pub max_commands: usize,
     /// How long one read may wait during DATA.
     pub data_timeout: Duration,
+    /// How long the whole DATA may take: a client that trickles a byte
+    /// before each `data_timeout` would otherwise keep its session forever.
+    pub data_deadline: Duration,
     /// How long [`run`] waits, once stopped, for sessions to finish the
     /// transaction in flight before dropping them.
     pub shutdown_grace: Duration,
@@ -102,6 +113,8 @@ impl Settings {
             max_message_bytes: config.max_message_bytes,
             max_recipients: config.max_recipients,
             max_sessions: config.max_sessions,
+            max_sessions_per_client: 20,
+            exempt_clients: config.trusted_relays.clone(),
             // RFC 5321 §4.5.3.2.7: a server should wait at least 5 minutes.
             idle_timeout: Duration::from_secs(5 * 60),
             // About 3,000 messages of MAIL, RCPT, DATA: enough for an MTA that
@@ -109,6 +122,7 @@ impl Settings {
             max_commands: 10_000,
             // RFC 5321 §4.5.3.2.6: 3 minutes per data block; we are lenient.
             data_timeout: Duration::from_secs(5 * 60),
+            data_deadline: Duration::from_secs(10 * 60),
             shutdown_grace: Duration::from_secs(30),
             tls: None,
         }
@@ -136,6 +150,10 @@ pub async fn run<D: Deliver>(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(settings.max_sessions));
+    let clients = Clients::new(
+        settings.max_sessions_per_client,
+        settings.exempt_clients.clone(),
+    );
     let mut sessions = JoinSet::new();
     let epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -168,6 +186,17 @@ pub async fn run<D: Deliver>(
 
         let id = format!("{epoch:x}.{}", next_session.fetch_add(1, Ordering::Relaxed));
         let span = tracing::info_span!("smtp", %peer, session = %id);
+        let Some(client) = clients.admit(peer.ip()) else {
+            sessions.spawn(
+                refuse(
+                    stream,
+                    settings.idle_timeout,
+                    "too many sessions from this client",
+                )
+                .instrument(span),
+            );
+            continue;
+        };
         match slots.clone().try_acquire_owned() {
             Ok(slot) => {
                 let session = Session::new(
@@ -177,10 +206,12 @@ pub async fn run<D: Deliver>(
                     peer,
                     id,
                 );
-                sessions.spawn(connection(stream, session, slot).instrument(span));
+                sessions.spawn(connection(stream, session, (slot, client)).instrument(span));
             }
             Err(_) => {
-                sessions.spawn(refuse(stream, settings.idle_timeout).instrument(span));
+                sessions.spawn(
+                    refuse(stream, settings.idle_timeout, "too many sessions").instrument(span),
+                );
             }
         }
     }
@@ -204,9 +235,10 @@ pub async fn run<D: Deliver>(
     Ok(())
 }
 
-/// Beyond `max_sessions`: answer `421 4.7.0` and close, without reading.
-async fn refuse(mut stream: TcpStream, limit: Duration) {
-    debug!("too many sessions");
+/// Beyond `max_sessions` or `max_sessions_per_client`: answer `421 4.7.0`
+/// and close, without reading.
+async fn refuse(mut stream: TcpStream, limit: Duration, why: &'static str) {
+    debug!(why);
     let mut out = Vec::new();
     replies::REPLY_TOO_MANY_SESSIONS.write_to(&mut out);
     let _ = tokio::time::timeout(limit, async {
@@ -220,7 +252,7 @@ async fn refuse(mut stream: TcpStream, limit: Duration) {
 async fn connection<D: Deliver>(
     mut stream: TcpStream,
     mut session: Session<D>,
-    _slot: OwnedSemaphorePermit,
+    _slots: (OwnedSemaphorePermit, ClientSlot),
 ) {
     debug!("session opened");
     let outcome = async {
@@ -287,6 +319,9 @@ mod tests {
         assert_eq!(settings.max_message_bytes, 1000);
         assert_eq!(settings.max_recipients, 7);
         assert_eq!(settings.max_sessions, 9);
+        assert_eq!(settings.max_sessions_per_client, 20);
+        assert_eq!(settings.exempt_clients.len(), 2);
+        assert_eq!(settings.data_deadline, Duration::from_secs(600));
         assert_eq!(settings.idle_timeout, Duration::from_secs(300));
         assert!(settings.tls.is_none());
     }

@@ -12,7 +12,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -130,6 +130,10 @@ pub(super) struct Session<D> {
     out: Vec<u8>,
     /// After an overlong command line was answered: drop bytes up to its end.
     skipping_line: bool,
+    /// When the first byte of the command line still incomplete arrived:
+    /// the whole line must follow within `idle_timeout` of it, so a client
+    /// trickling one byte at a time cannot hold the session.
+    line_started: Option<Instant>,
     /// Counts every command line, across STARTTLS, against `max_commands`.
     commands: usize,
     transactions: usize,
@@ -155,6 +159,7 @@ impl<D: Deliver> Session<D> {
             input: Input::new(),
             out: Vec::with_capacity(1024),
             skipping_line: false,
+            line_started: None,
             commands: 0,
             transactions: 0,
             tls_active: false,
@@ -197,6 +202,7 @@ impl<D: Deliver> Session<D> {
     pub(super) fn reset_for_tls(&mut self) {
         self.input.clear();
         self.skipping_line = false;
+        self.line_started = None;
         self.helo = None;
         self.transaction = None;
         self.tls_active = true;
@@ -251,10 +257,8 @@ impl<D: Deliver> Session<D> {
             // Between transactions a stopping daemon may end the session;
             // inside one it lets the client finish (graceful stop).
             let may_stop = self.transaction.is_none();
-            match self
-                .fill(stream, self.settings.idle_timeout, may_stop)
-                .await?
-            {
+            let limit = self.line_limit();
+            match self.fill(stream, limit, may_stop).await? {
                 Filled::Bytes => {}
                 Filled::Eof => return Ok(Next::Close),
                 Filled::TimedOut => {
@@ -273,6 +277,17 @@ impl<D: Deliver> Session<D> {
         }
     }
 
+    /// How long the next read may wait: the idle time, or what is left of
+    /// it since the first byte of the line still incomplete.
+    fn line_limit(&mut self) -> Duration {
+        if self.input.pending().is_empty() && !self.skipping_line {
+            self.line_started = None;
+            return self.settings.idle_timeout;
+        }
+        let started = *self.line_started.get_or_insert_with(Instant::now);
+        self.settings.idle_timeout.saturating_sub(started.elapsed())
+    }
+
     /// Takes the next complete command line from the buffer, if any.
     fn next_line(&mut self) -> Option<Line> {
         loop {
@@ -283,6 +298,7 @@ impl<D: Deliver> Session<D> {
                     Some(pos) => {
                         self.input.consume(pos + 1);
                         self.skipping_line = false;
+                        self.line_started = None;
                         continue;
                     }
                     None => {
@@ -293,6 +309,7 @@ impl<D: Deliver> Session<D> {
             }
             return match newline {
                 Some(pos) => {
+                    self.line_started = None;
                     let content = pos - usize::from(pos > 0 && pending[pos - 1] == b'\r');
                     let line = if content > MAX_COMMAND_LINE {
                         Line::TooLong
@@ -325,6 +342,8 @@ impl<D: Deliver> Session<D> {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        self.line_started = None;
+        let deadline = Instant::now() + self.settings.data_deadline;
         let result = loop {
             if !self.input.pending().is_empty() {
                 match reader.feed(self.input.pending()) {
@@ -336,7 +355,11 @@ impl<D: Deliver> Session<D> {
                 }
             }
             self.flush(stream).await?;
-            match self.fill(stream, self.settings.data_timeout, false).await? {
+            let limit = self
+                .settings
+                .data_timeout
+                .min(deadline.saturating_duration_since(Instant::now()));
+            match self.fill(stream, limit, false).await? {
                 Filled::Bytes => {}
                 // A message cut short is not a message: nothing is delivered.
                 Filled::Eof | Filled::ShuttingDown => return Ok(AfterData::Close),
@@ -400,6 +423,11 @@ impl<D: Deliver> Session<D> {
     where
         S: AsyncRead + Unpin,
     {
+        // A deadline already past: the client had its time, whatever it
+        // has sent since.
+        if limit.is_zero() {
+            return Ok(Filled::TimedOut);
+        }
         let shutdown = self.shutdown.clone();
         let spare = self.input.spare();
         tokio::select! {
@@ -518,9 +546,12 @@ mod tests {
             max_message_bytes: 1000,
             max_recipients: 10,
             max_sessions: 1,
+            max_sessions_per_client: 1,
+            exempt_clients: vec![],
             idle_timeout: Duration::from_secs(5),
             max_commands: 100,
             data_timeout: Duration::from_secs(5),
+            data_deadline: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(1),
             tls: None,
         };

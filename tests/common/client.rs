@@ -47,6 +47,24 @@ impl Client {
         }
     }
 
+    /// Connects over TCP from `source` (e.g. 127.0.0.2), to stand for
+    /// another client host; the greeting is left for [`Client::expect`].
+    pub async fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| panic!("socket: {e}"));
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .unwrap_or_else(|e| panic!("bind {source}: {e}"));
+        let stream = socket
+            .connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {addr} from {source}: {e}"));
+        Self {
+            stream: Box::new(stream),
+            buf: Vec::new(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
     /// Reads one whole reply (all lines of a multi-line reply) and returns
     /// it, CRLFs included. Panics on timeout or end of stream.
     pub async fn read_reply(&mut self) -> String {
@@ -120,6 +138,24 @@ impl Client {
             .await
             .unwrap_or_else(|_| panic!("write blocked for {:?}", self.timeout))
             .unwrap_or_else(|e| panic!("write failed: {e}"));
+    }
+
+    /// Writes raw bytes unless the server has answered or closed: `false`
+    /// once a reply (or the end of the stream) is waiting to be read.
+    pub async fn send_or_closed(&mut self, bytes: &[u8]) -> bool {
+        let mut probe = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(1), self.stream.read(&mut probe)).await {
+            Err(_nothing_yet) => {}
+            Ok(Ok(0) | Err(_)) => return false,
+            Ok(Ok(count)) => {
+                self.buf.extend_from_slice(&probe[..count]);
+                return false;
+            }
+        }
+        matches!(
+            tokio::time::timeout(self.timeout, self.stream.write_all(bytes)).await,
+            Ok(Ok(()))
+        )
     }
 
     /// DATA, then `message` dot-stuffed and terminated; expects `prefix`
