@@ -193,7 +193,16 @@ pub mod sysexits {
 /// # Errors
 /// Anything that makes the command fail: `main` prints it on one line and exits 1.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
-    let config = Config::load(cli.config.as_deref())?;
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        // An MTA's pipe transport bounces the mail on any status but 75: a
+        // typo in the file must leave the mail in its queue, not bounce it.
+        Err(e) if matches!(cli.command, Command::Deliver { .. }) => {
+            eprintln!("crmgate: {e}");
+            return Ok(sysexits::TEMPFAIL);
+        }
+        Err(e) => return Err(e.into()),
+    };
     match cli.command {
         Command::CheckConfig => {
             Runtime::new(Arc::new(config.clone()))?;

@@ -158,3 +158,84 @@ fn usage_errors_exit_2_and_unknown_tickets_exit_1() {
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
 }
+
+/// Issue 14 / 17: a configuration `deliver` could not read or use exited 1,
+/// which Postfix's pipe(8) takes as permanent (`dsn=5.3.0, bounced`): one
+/// typo in crmgate.toml bounced every incoming request. 75 makes the MTA
+/// keep the mail until the file is fixed.
+#[test]
+fn deliver_exits_75_not_1_when_the_configuration_cannot_be_read_or_used() {
+    use std::io::Write as _;
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crmgate.toml");
+    // As master.cf runs it: the file, then deliver, the envelope, the message on stdin.
+    let pipe = |env: &[(&str, &str)], config: Option<&std::path::Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_crmgate"));
+        cmd.current_dir(dir.path()).env_remove("CRMGATE_CONFIG");
+        if let Some(config) = config {
+            cmd.arg("--config").arg(config);
+        }
+        cmd.args([
+            "deliver",
+            "--sender",
+            "alice@u.example",
+            "--recipient",
+            "support@example.org",
+        ]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(
+                b"From: alice@u.example\nTo: support@example.org\nSubject: Imprimante\n\
+                  Message-ID: <pipe-75@u.example>\n\nElle ne marche plus.\n",
+            )
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let good = format!(
+        "[gateway]\nstate_dir = \"{}\"\n[addresses]\npublic = \"support@example.org\"\n\
+         internal = \"support-notes@example.org\"\n[relay]\nurl = \"file://{}\"\n",
+        dir.path().join("state").display(),
+        dir.path().join("sent").display()
+    );
+
+    // A file named by --config that is not there.
+    let o = pipe(&[], Some(&dir.path().join("nowhere.toml")));
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    assert!(stderr(&o).contains("nowhere.toml"), "{}", stderr(&o));
+    // One named by $CRMGATE_CONFIG that is not there.
+    let o = pipe(&[("CRMGATE_CONFIG", "also-nowhere.toml")], None);
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    assert!(stderr(&o).contains("also-nowhere.toml"), "{}", stderr(&o));
+    // A TOML syntax error (the operator's typo of issue 14).
+    std::fs::write(&path, good.replace("[relay]", "[relay\n")).unwrap();
+    let o = pipe(&[], Some(&path));
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    // A value that parses but cannot be used.
+    std::fs::write(&path, format!("{good}[smtp]\nmax_sessions = 0\n")).unwrap();
+    let o = pipe(&[], Some(&path));
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    assert!(stderr(&o).contains("smtp.max_sessions"), "{}", stderr(&o));
+    assert!(
+        !dir.path().join("state").exists(),
+        "nothing is stored on a configuration that was refused"
+    );
+
+    // Fixed, the same delivery (as the MTA retries it) is stored.
+    std::fs::write(&path, &good).unwrap();
+    let o = pipe(&[], Some(&path));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(dir.path().join("state").join("crmgate.db").exists());
+}
