@@ -3,7 +3,7 @@
 //! Raw bytes → `parse::parse` → `decide::decide` (a fixed configuration with
 //! two agents and a former agent; an envelope and a ticket view chosen by
 //! the input's last two bytes, so that seed files stay ordinary mail) →
-//! `compose::compose` of every planned send, with the scrub `intake::queue`
+//! `compose::compose` of every planned send, with the scrub `apply::queue`
 //! uses. Then the rules' invariants are checked on the plan and on the bytes
 //! that would leave; a broken one is returned as [`Violation`].
 //!
@@ -210,7 +210,7 @@ pub fn run(fixed: &Fixed, data: &[u8]) -> Result<(), Violation> {
     Ok(())
 }
 
-/// The scrub `intake::queue` applies to mail for non-agents.
+/// The scrub `apply::queue` applies to mail for non-agents.
 pub fn scrub_for(fixed: &Fixed) -> Scrub {
     let mut addresses: BTreeSet<String> = fixed
         .config
@@ -225,7 +225,7 @@ pub fn scrub_for(fixed: &Fixed) -> Scrub {
     }
 }
 
-/// Compose send `i` of `plan` as `intake::apply` and `intake::queue` do:
+/// Compose send `i` of `plan` as `apply::apply` and `apply::queue` do:
 /// the entry's subject, text and HTML, the inbound attachments listed, the
 /// thread without agents' own Message-IDs for non-agents, the scrub.
 ///

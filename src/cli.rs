@@ -12,6 +12,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use rusqlite::{Connection, TransactionBehavior};
 
+use crate::apply;
 use crate::config::Config;
 use crate::decide::{self, PlannedSend};
 use crate::helpdesk::{EntryKind, Role, SendKind, TicketState};
@@ -360,7 +361,7 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
                 if let Some(agent) = &by {
                     plan.entries[0].text = format!("resolved by {}", agent.address).into();
                 }
-                intake::apply(
+                apply::apply(
                     tx,
                     rt,
                     &plan,
@@ -554,7 +555,7 @@ fn publish(
         let id = tickets::require(tx, number)?;
         let view = tickets::view(tx, id)?;
         let plan = decide::publish(&rt.facts(), &view, &agent, kind, &text);
-        let applied = intake::apply(
+        let applied = apply::apply(
             tx,
             rt,
             &plan,
@@ -643,7 +644,7 @@ fn email(
             cc: cc_boxes,
             agents_only: false,
         };
-        let content = intake::Content {
+        let content = apply::Content {
             subject: clean,
             text: text.clone(),
             html: None,
@@ -651,7 +652,7 @@ fn email(
             attachments: attachments.clone(),
             written_by_agent: true,
         };
-        let outbox_id = intake::queue(
+        let outbox_id = apply::queue(
             tx,
             rt,
             &view,

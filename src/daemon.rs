@@ -18,8 +18,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::intake::{Intake, Runtime, Writer};
+use crate::intake::{Intake, Runtime};
 use crate::store::{self, tickets};
+use crate::writer::Writer;
 
 /// Run the daemon until SIGTERM/SIGINT: the `crmgate serve` command.
 ///
@@ -110,7 +111,7 @@ pub async fn serve(
     }
     // The relay worker's outcomes go through the writer thread too: one
     // writer, so neither waits for the other's lock.
-    let (marks, mut marks_in) = tokio::sync::mpsc::channel::<crate::relay::MarkRequest>(16);
+    let (marks, mut marks_in) = tokio::sync::mpsc::channel::<crate::store::outbox::MarkRequest>(16);
     let marks_writer = writer.clone();
     tokio::spawn(async move {
         while let Some(request) = marks_in.recv().await {
@@ -189,7 +190,7 @@ async fn supervise_relay(
     wake: Arc<Notify>,
     shutdown: CancellationToken,
     on_failed: crate::relay::FailureHook,
-    marks: tokio::sync::mpsc::Sender<crate::relay::MarkRequest>,
+    marks: tokio::sync::mpsc::Sender<crate::store::outbox::MarkRequest>,
 ) {
     let start = || {
         crate::relay::run_with(
@@ -350,7 +351,7 @@ fn failure_hook(runtime: Arc<RwLock<Arc<Runtime>>>) -> crate::relay::FailureHook
         if view.work_notes_list.is_empty() {
             return Ok(());
         }
-        crate::intake::failure_notice(
+        crate::apply::failure_notice(
             conn,
             &rt,
             &view,

@@ -29,10 +29,15 @@
 //!
 //! [`intake`] ties parse → thread → decide → compose → store together for one
 //! inbound message; the SMTP listener and `crmgate deliver` both call it.
+//! [`writer`] is the daemon's one writing thread: it batches the messages
+//! of many sessions (and the relay's outcomes) into one commit each.
+//! [`apply`] writes a plan and queues its mail, for inbound mail and for the
+//! CLI's ticket commands alike.
 //! [`cli`] holds the command line; [`daemon`] starts and stops the pieces.
 //! [`helpdesk`] holds the nouns every stage shares (ticket states, entry
 //! kinds, list roles, outbox kinds, the envelope), below them all.
 
+pub mod apply;
 pub mod cli;
 pub mod compose;
 pub mod config;
@@ -46,3 +51,4 @@ pub mod smtp;
 pub mod store;
 pub mod templates;
 pub mod thread;
+pub mod writer;

@@ -5,7 +5,7 @@
 //! the daemon runs; `synchronous=FULL` makes a commit durable, which is what
 //! the SMTP `250` promises. In the daemon, one writer thread owns the
 //! connection that writes inbound mail and the relay's outcomes, and
-//! commits in batches ([`crate::intake::Writer`]), syncing the WAL itself
+//! commits in batches ([`crate::writer::Writer`]), syncing the WAL itself
 //! on another thread before it answers; the relay worker reads the outbox,
 //! and the CLI writes, on connections of their own.
 
@@ -80,7 +80,7 @@ pub enum Durability {
     /// Every commit is on disk when it returns: what the SMTP `250` and the
     /// commands promise. (The daemon's writer connection is opened so,
     /// then commits at `NORMAL` while a thread of its own syncs the WAL
-    /// before any answer: [`crate::intake::Writer::spawn`].)
+    /// before any answer: [`crate::writer::Writer::spawn`].)
     Full,
     /// The relay worker's own connection (its marks when it runs without
     /// the daemon's writer, the relay-down deferral): a crash may lose the

@@ -398,6 +398,133 @@ pub fn defer_queued(conn: &Connection, until: i64, last_id: i64) -> Result<usize
     )?)
 }
 
+// ---------------------------------------------------------------------------
+// The relay worker's outcomes, as the writer records them.
+// ---------------------------------------------------------------------------
+
+/// Called when a row fails for good (or some of its recipients do), inside
+/// the transaction that records it, with the reason; the daemon uses it to
+/// log a `system` entry on the ticket and tell the work-notes list. An
+/// error from the hook is logged and the failure recorded without it: a
+/// failed hook must not make the worker resend the message.
+pub type FailureHook =
+    std::sync::Arc<dyn Fn(&Connection, &OutboxRow, &str) -> Result<(), StoreError> + Send + Sync>;
+
+/// What to record for a row after an attempt: a pure function of the row,
+/// the per-recipient outcomes, the time and the policy ([`crate::relay::dispose`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    Sent,
+    Retry {
+        next_at: i64,
+        error: String,
+        /// The recipients left for next time, when fewer than the row has:
+        /// the others were delivered or refused.
+        narrow_to: Option<Vec<String>>,
+        /// Recipients refused for good in this attempt, for the hook.
+        refused: Option<String>,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// Outcomes for the daemon's writer thread to record in its next batch
+/// (see [`crate::relay::run_with`]): one writer, so the worker's marks never wait for
+/// the database's write lock, nor make inbound mail wait for theirs.
+pub struct MarkRequest {
+    pub settled: Vec<(OutboxRow, Disposition)>,
+    pub now: i64,
+    pub on_failed: FailureHook,
+    /// Answered once the marks are committed, or with why they are not.
+    pub reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+impl MarkRequest {
+    /// Write the marks on `conn`, which the caller has put in a
+    /// transaction (see [`write_marks`]).
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn write(&self, conn: &Connection) -> Result<(), StoreError> {
+        write_marks(conn, &self.settled, self.now, &self.on_failed)
+    }
+
+    /// Whether a failure hook may have queued a notice.
+    pub fn may_queue(&self) -> bool {
+        self.settled
+            .iter()
+            .any(|(_, d)| !matches!(d, Disposition::Sent))
+    }
+}
+
+/// Write outcomes, each failure with its hook, on a connection in a
+/// transaction. A row that is no longer queued (an operator's `outbox
+/// retry`, a delivery report that came first) keeps what it has: its
+/// outcome is logged and dropped, the others are written.
+///
+/// # Errors
+/// A database error.
+pub fn write_marks(
+    conn: &Connection,
+    settled: &[(OutboxRow, Disposition)],
+    now: i64,
+    on_failed: &FailureHook,
+) -> Result<(), StoreError> {
+    for (row, disposition) in settled {
+        match record_one(conn, row, disposition, now, on_failed) {
+            Ok(()) => {}
+            Err(StoreError::NotFound(why)) => {
+                tracing::warn!(outbox_id = row.id, "outcome not recorded: {why}");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Record one disposition, with the hook for failures. Each mark is a
+/// single `UPDATE ... WHERE status = 'queued'`: `NotFound` means it changed
+/// nothing.
+fn record_one(
+    conn: &Connection,
+    row: &OutboxRow,
+    disposition: &Disposition,
+    now: i64,
+    on_failed: &FailureHook,
+) -> Result<(), StoreError> {
+    let hook_reason = match disposition {
+        Disposition::Sent => {
+            mark_sent(conn, row.id, now)?;
+            None
+        }
+        Disposition::Retry {
+            next_at,
+            error,
+            narrow_to,
+            refused,
+        } => {
+            if let Some(keep) = narrow_to {
+                narrow_recipients(conn, row.id, keep)?;
+            }
+            mark_retry(conn, row.id, *next_at, error)?;
+            refused.as_deref()
+        }
+        Disposition::Failed { error } => {
+            mark_failed(conn, row.id, error)?;
+            Some(error.as_str())
+        }
+    };
+    if let Some(reason) = hook_reason {
+        // A savepoint, so that a hook failing half-way leaves nothing behind
+        // while the outcome itself is still committed.
+        if let Err(e) = super::in_savepoint(conn, |sp| on_failed(sp, row, reason))? {
+            tracing::error!(outbox_id = row.id, error = %e, "failure hook failed; failure recorded without it");
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

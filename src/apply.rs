@@ -1,0 +1,565 @@
+//! Apply: a plan that `decide` made, written to the store and turned into
+//! outgoing mail. The ticket and its lists change, the entries are logged,
+//! and each planned send is composed (scrubbed for non-agents, capped) and
+//! queued in the outbox, all in the caller's transaction. Inbound mail
+//! ([`crate::intake`]), the CLI's ticket commands and the relay's failure
+//! hook all queue their mail here.
+
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::compose::{self, Draft};
+use crate::decide::{self, Plan, PlannedSend, TicketTarget, TicketView};
+use crate::helpdesk::{EntryKind, Role, SendKind, TicketState};
+use crate::intake::Runtime;
+use crate::parse::{Inbound, Mailbox};
+use crate::store::{tickets, StoreError};
+use crate::templates;
+
+/// Why a plan could not be written: the caller rolls its transaction back.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Compose(#[from] compose::ComposeError),
+    #[error(transparent)]
+    Template(#[from] templates::TemplateError),
+}
+
+/// What applying a plan wrote.
+pub struct Applied {
+    pub number: String,
+    pub queued: usize,
+}
+
+/// Write a plan: the ticket and its lists, the entries, the outbox rows.
+///
+/// # Errors
+/// Database, template or composing failures.
+#[allow(clippy::too_many_arguments)]
+pub fn apply(
+    conn: &Connection,
+    rt: &Runtime,
+    plan: &Plan,
+    ticket: Option<&TicketView>,
+    inbound: &Inbound,
+    sender: &str,
+    raw_id: Option<i64>,
+    now: i64,
+) -> Result<Applied, ApplyError> {
+    let config = &rt.config;
+    let view = match &plan.ticket {
+        TicketTarget::New(new) => {
+            let state = plan.state.unwrap_or(TicketState::New);
+            let (id, _) = tickets::create(
+                conn,
+                new,
+                state,
+                &config.ticket_prefix,
+                config.ticket_digits,
+                now,
+            )?;
+            tickets::view(conn, id)?
+        }
+        TicketTarget::Existing(id) => {
+            if let Some(state) = plan.state {
+                tickets::set_state(conn, *id, state, now)?;
+            } else {
+                tickets::touch(conn, *id, now)?;
+            }
+            for agent in &plan.join_work_notes {
+                tickets::add_participant(conn, *id, Role::Notes, &Mailbox::new(None, agent), now)?;
+            }
+            match ticket {
+                Some(t) if t.id == *id => t.clone(),
+                _ => tickets::view(conn, *id)?,
+            }
+        }
+    };
+
+    // Entries, in order; the inbound message's attachments go on the first
+    // entry that keeps them.
+    let mut entry_ids = Vec::with_capacity(plan.entries.len());
+    let mut entry_texts = Vec::with_capacity(plan.entries.len());
+    let mut attachments_kept = false;
+    let listed: Vec<(String, u64)> = inbound
+        .attachments
+        .iter()
+        .map(|a| (a.filename.clone(), a.data.len() as u64))
+        .collect();
+    for entry in &plan.entries {
+        let text: std::borrow::Cow<'_, str> = match entry.kind {
+            EntryKind::Receipt => render(rt, "receipt", &view, "", "")?.into(),
+            EntryKind::Closure => render(rt, "closure", &view, "", "")?.into(),
+            _ => (*entry.text).into(),
+        };
+        let stands_for_message =
+            entry.message_id.is_some() || (entry.keeps_attachments && !attachments_kept);
+        let id = tickets::insert_entry(
+            conn,
+            &tickets::EntryRow {
+                ticket_id: view.id,
+                kind: entry.kind,
+                from: &entry.author,
+                at: now,
+                subject: &entry.subject,
+                body: &text,
+                html: entry.html.as_deref(),
+                message_id: entry.message_id.as_deref(),
+                by_agent: entry.by_agent,
+                sender: stands_for_message.then_some(sender),
+                body_hash: stands_for_message.then_some(inbound.body_hash.as_str()),
+                raw_id: if matches!(entry.kind, EntryKind::Receipt | EntryKind::Closure) {
+                    None
+                } else {
+                    raw_id
+                },
+            },
+        )?;
+        if entry.keeps_attachments && !attachments_kept {
+            for a in &inbound.attachments {
+                tickets::insert_attachment(conn, id, a)?;
+            }
+            attachments_kept = true;
+        }
+        if let Some(mid) = &entry.message_id {
+            tickets::insert_thread_id(conn, mid, view.id, entry.by_agent, now)?;
+        }
+        entry_ids.push(id);
+        entry_texts.push(text);
+    }
+
+    let mut queued = 0;
+    if let Some(bounce) = &plan.bounce {
+        queued += apply_bounce(conn, rt, &view, bounce, now)?;
+    }
+
+    let mut thread = view.thread.clone();
+    for entry in &plan.entries {
+        if let Some(mid) = &entry.message_id {
+            thread.push(crate::decide::ThreadRef {
+                message_id: mid.clone(),
+                agent_inbound: entry.by_agent,
+            });
+        }
+    }
+    for send in &plan.sends {
+        if send.kind == SendKind::ReplyAllNotice
+            && !first_notice_today(conn, view.id, &send.envelope, now)?
+        {
+            continue;
+        }
+        let Some(entry) = plan.entries.get(send.entry) else {
+            continue;
+        };
+        let (subject, text, html) = match send.kind {
+            SendKind::ReplyAllNotice => (
+                templates::subject("reply_all", config.language, &view.subject),
+                render(rt, "reply_all", &view, "", "")?,
+                None,
+            ),
+            SendKind::Receipt | SendKind::Closure => (
+                templates::subject(
+                    if send.kind == SendKind::Receipt {
+                        "receipt"
+                    } else {
+                        "closure"
+                    },
+                    config.language,
+                    &view.subject,
+                ),
+                entry_texts[send.entry].to_string(),
+                None,
+            ),
+            _ => (
+                if entry.subject.is_empty() {
+                    view.subject.clone()
+                } else {
+                    entry.subject.clone()
+                },
+                notification_text(&entry_texts[send.entry], &view.number, config.language),
+                // A text that long is cut: the HTML would say more than it.
+                entry
+                    .html
+                    .clone()
+                    .filter(|_| entry_texts[send.entry].len() <= NOTIFICATION_TEXT_MAX)
+                    .filter(|html| html.len() <= NOTIFICATION_TEXT_MAX),
+            ),
+        };
+        let listed_attachments = if entry.keeps_attachments && send.kind != SendKind::Receipt {
+            listed.clone()
+        } else {
+            Vec::new()
+        };
+        let content = Content {
+            subject,
+            text,
+            html,
+            listed_attachments,
+            attachments: Vec::new(),
+            written_by_agent: entry.by_agent,
+        };
+        let queued_id = queue(
+            conn,
+            rt,
+            &view,
+            &thread,
+            send,
+            content,
+            Some(entry_ids[send.entry]),
+            now,
+        )?;
+        queued += usize::from(queued_id.is_some());
+    }
+    Ok(Applied {
+        number: view.number,
+        queued,
+    })
+}
+
+/// The most text one copy carries. Real mail is far below it; a longer
+/// text (a log pasted whole, 25 MB of it) stays whole on the ticket, and
+/// each copy carries its beginning and says where the rest is, instead of
+/// holding the whole text once more per copy while it is composed, stored
+/// and sent.
+pub const NOTIFICATION_TEXT_MAX: usize = 1024 * 1024;
+
+/// `text`, cut at the last line end before [`NOTIFICATION_TEXT_MAX`] with
+/// a note naming the ticket, when it is longer.
+fn notification_text(text: &str, number: &str, language: crate::config::Language) -> String {
+    if text.len() <= NOTIFICATION_TEXT_MAX {
+        return text.to_string();
+    }
+    let mut end = NOTIFICATION_TEXT_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let head = &text[..end];
+    let head = head.rfind('\n').map_or(head, |i| &head[..=i]);
+    let note = templates::cut_note(language, text.len(), number);
+    let mut out = String::with_capacity(head.len() + note.len());
+    out.push_str(head);
+    out.push_str(&note);
+    out
+}
+
+fn render(
+    rt: &Runtime,
+    name: &str,
+    view: &TicketView,
+    recipients: &str,
+    reason: &str,
+) -> Result<String, ApplyError> {
+    let config = &rt.config;
+    Ok(rt.templates.render(
+        name,
+        config.language,
+        &templates::Context {
+            number: &view.number,
+            subject: &view.subject,
+            display_name: &config.display_name,
+            public_address: &config.public_address,
+            recipients,
+            reason,
+        },
+    )?)
+}
+
+/// One "reply to the CRM only" notice per agent, ticket and day.
+fn first_notice_today(
+    conn: &Connection,
+    ticket_id: i64,
+    agents: &[String],
+    now: i64,
+) -> Result<bool, ApplyError> {
+    let day = now / 86_400;
+    let mut first = false;
+    for agent in agents {
+        first |= conn.execute(
+            "INSERT OR IGNORE INTO reply_all_notices (ticket_id, agent, day) VALUES (?1, ?2, ?3)",
+            rusqlite::params![ticket_id, agent, day.to_string()],
+        )? > 0;
+    }
+    Ok(first)
+}
+
+/// A delivery report about our mail: mark the row failed and tell the
+/// work-notes list (never for a failed notice itself: no loop of notices).
+fn apply_bounce(
+    conn: &Connection,
+    rt: &Runtime,
+    view: &TicketView,
+    bounce: &decide::Bounce,
+    now: i64,
+) -> Result<usize, ApplyError> {
+    let id = match (bounce.outbox_id, &bounce.original_message_id) {
+        (Some(id), _) => Some(id),
+        (None, Some(mid)) => conn
+            .query_row(
+                "SELECT id FROM outbox WHERE message_id = ?1 ORDER BY id LIMIT 1",
+                [mid],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?,
+        (None, None) => None,
+    };
+    let row = match id {
+        Some(id) => match crate::store::outbox::get(conn, id) {
+            Ok(row) => Some(row),
+            Err(StoreError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        },
+        None => None,
+    };
+    let Some(row) = row else {
+        return Ok(0);
+    };
+    let failed = if bounce.failed_recipients.is_empty() {
+        row.recipients.join(", ")
+    } else {
+        bounce.failed_recipients.join(", ")
+    };
+    let reason = if bounce.diagnostic.is_empty() {
+        "delivery report".to_string()
+    } else {
+        bounce.diagnostic.clone()
+    };
+    let newly_failed = crate::store::outbox::mark_failed_by_report(
+        conn,
+        row.id,
+        &format!("bounced: {failed}: {reason}"),
+    )?;
+    // Told once per row, and never about a failed notice: no loop of notices.
+    if !newly_failed
+        || row.kind == SendKind::FailureNotice.as_str()
+        || row.kind == SendKind::ReplyAllNotice.as_str()
+        || view.work_notes_list.is_empty()
+    {
+        return Ok(0);
+    }
+    failure_notice(conn, rt, view, &failed, &reason, now)?;
+    Ok(1)
+}
+
+/// Tell the work-notes list that mail of the ticket could not be delivered.
+///
+/// # Errors
+/// Database, template or composing failures.
+pub fn failure_notice(
+    conn: &Connection,
+    rt: &Runtime,
+    view: &TicketView,
+    failed: &str,
+    reason: &str,
+    now: i64,
+) -> Result<(), ApplyError> {
+    let config = &rt.config;
+    let text = render(rt, "failure", view, failed, reason)?;
+    let system = Mailbox::new(Some(&config.display_name), &config.public_address);
+    let entry_id = tickets::insert_system_entry(
+        conn,
+        view.id,
+        &system,
+        &templates::subject("failure", config.language, &view.subject),
+        &text,
+        now,
+    )?;
+    let notes: Vec<Mailbox> = view
+        .work_notes_list
+        .iter()
+        .map(|a| Mailbox::new(config.agent(a).map(|x| x.name.as_str()), a))
+        .collect();
+    let send = PlannedSend {
+        kind: SendKind::FailureNotice,
+        entry: 0,
+        from_name: config.display_name.clone(),
+        from_address: config.internal_address.clone(),
+        envelope: notes.iter().map(|m| m.address.clone()).collect(),
+        to: notes,
+        cc: Vec::new(),
+        agents_only: true,
+    };
+    let subject = templates::subject("failure", config.language, &view.subject);
+    let content = Content {
+        subject,
+        text,
+        html: None,
+        listed_attachments: Vec::new(),
+        attachments: Vec::new(),
+        written_by_agent: false,
+    };
+    queue(
+        conn,
+        rt,
+        view,
+        &view.thread,
+        &send,
+        content,
+        Some(entry_id),
+        now,
+    )?;
+    Ok(())
+}
+
+/// What one outgoing message says.
+pub struct Content {
+    pub subject: String,
+    pub text: String,
+    pub html: Option<String>,
+    /// Kept on the ticket, named in the body.
+    pub listed_attachments: Vec<(String, u64)>,
+    /// Sent along: the e-mail function only.
+    pub attachments: Vec<crate::parse::Attachment>,
+    /// Written by a believed agent: never capped.
+    pub written_by_agent: bool,
+}
+
+/// Compose one planned message and put it in the outbox, less the
+/// recipients a cap holds back (each noted in a `system` entry). `None`
+/// when nobody is left to send to.
+///
+/// # Errors
+/// Database or composing failures.
+#[allow(clippy::too_many_arguments)]
+pub fn queue(
+    conn: &Connection,
+    rt: &Runtime,
+    view: &TicketView,
+    thread: &[crate::decide::ThreadRef],
+    send: &PlannedSend,
+    content: Content,
+    entry_id: Option<i64>,
+    now: i64,
+) -> Result<Option<i64>, ApplyError> {
+    let config = &rt.config;
+    let cap = decide::cap(send.kind, content.written_by_agent);
+    let mut envelope = Vec::with_capacity(send.envelope.len());
+    let mut held_back = Vec::new();
+    for address in &send.envelope {
+        let sent = if cap == decide::Cap::Never {
+            decide::SentCounts::default()
+        } else {
+            tickets::sent_counts(
+                conn,
+                address,
+                view.id,
+                decide::SentCounts::caps(config),
+                now,
+            )?
+        };
+        if decide::within_cap(config, cap, sent) {
+            envelope.push(address.clone());
+        } else {
+            held_back.push(address.as_str());
+        }
+    }
+    if !held_back.is_empty() {
+        let system = Mailbox::new(Some(&config.display_name), &config.public_address);
+        let text = format!(
+            "{} not sent to {}: {} reached (see [auto] in the configuration).",
+            send.kind.as_str(),
+            held_back.join(", "),
+            if cap == decide::Cap::Automatic {
+                "the cap of automatic messages per address"
+            } else {
+                "the cap of re-sends per recipient and ticket"
+            },
+        );
+        tickets::insert_system_entry(conn, view.id, &system, &view.subject, &text, now)?;
+        tracing::warn!(ticket = %view.number, kind = send.kind.as_str(), held_back = ?held_back, "cap reached");
+    }
+    if envelope.is_empty() {
+        return Ok(None);
+    }
+    if cap != decide::Cap::Never {
+        for address in &envelope {
+            tickets::record_send(conn, address, view.id, cap == decide::Cap::Automatic, now)?;
+        }
+    }
+    // Mail to non-agents never threads on an agent's own Message-ID.
+    let visible: Vec<&str> = thread
+        .iter()
+        .filter(|r| send.agents_only || !r.agent_inbound)
+        .map(|r| r.message_id.as_str())
+        .collect();
+    let mut references: Vec<String> = Vec::new();
+    if let Some(first) = visible.first() {
+        references.push((*first).to_string());
+    }
+    let tail_start = visible.len().saturating_sub(10).max(1);
+    references.extend(visible.iter().skip(tail_start).map(|s| s.to_string()));
+    let scrub = (!send.agents_only).then(|| rt.scrub.clone());
+    let message_id = format!(
+        "{}.{:016x}@{}",
+        view.number,
+        rand::random::<u64>(),
+        config.hostname
+    );
+    let draft = Draft {
+        kind: send.kind,
+        ticket_number: view.number.clone(),
+        language: config.language,
+        from_name: send.from_name.clone(),
+        from_address: send.from_address.clone(),
+        reply_address: match send.kind {
+            SendKind::WorkNote => crate::thread::reply_address(
+                &config.internal_address,
+                &view.number,
+                rt.reply_key.as_deref(),
+            ),
+            _ => None,
+        },
+        to: send.to.clone(),
+        cc: send.cc.clone(),
+        subject: content.subject,
+        text: content.text,
+        html: content.html,
+        listed_attachments: content.listed_attachments,
+        attachments: content.attachments,
+        message_id: message_id.clone(),
+        in_reply_to: references.last().cloned(),
+        references,
+        date: now,
+        loop_host: config.hostname.clone(),
+        scrub,
+    };
+    let bytes = compose::compose(&draft)?;
+    let id = tickets::insert_outbox(
+        conn,
+        Some(view.id),
+        entry_id,
+        send.kind.into(),
+        &envelope,
+        &message_id,
+        &bytes,
+        now,
+    )?;
+    tickets::insert_thread_id(conn, &message_id, view.id, false, now)?;
+    Ok(Some(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Language;
+
+    #[test]
+    fn a_short_text_goes_into_copies_whole() {
+        let text = "Bonjour,\nl'imprimante ne marche plus.\n";
+        assert_eq!(notification_text(text, "TKT0000001", Language::Fr), text);
+    }
+
+    #[test]
+    fn a_long_text_is_cut_at_a_line_end_with_a_note_naming_the_ticket() {
+        let line = "é".repeat(40) + "\n";
+        let text = line.repeat(2 * NOTIFICATION_TEXT_MAX / line.len());
+        let cut = notification_text(&text, "TKT0000042", Language::En);
+        assert!(cut.len() <= NOTIFICATION_TEXT_MAX + 200, "{}", cut.len());
+        let (head, note) = cut.split_once("\n[… cut:").unwrap();
+        assert!(text.starts_with(head) && head.ends_with('\n'));
+        assert!(note.contains(&format!("{} bytes", text.len())), "{note}");
+        assert!(note.contains("ticket TKT0000042"), "{note}");
+    }
+}

@@ -1,0 +1,402 @@
+//! Writer: the daemon's one database writer, between the SMTP sessions and
+//! the store. A single thread owns the writing connection and commits in
+//! batches (group commit): each SMTP session waits for the commit that
+//! holds its message, so `250` still means "on disk" while one fsync serves
+//! many messages. Each message runs in a savepoint of its own
+//! ([`crate::intake::process`]), so one that fails is answered `451`
+//! without taking its batch down with it. The relay worker's outcomes
+//! ([`MarkRequest`]) join the same batches: one writer, so neither waits
+//! for the other's lock. A second thread syncs the WAL and answers.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use rusqlite::{Connection, TransactionBehavior};
+use tokio::sync::{oneshot, Notify};
+
+use crate::intake::{self, Arrival, Outcome, Runtime};
+use crate::smtp::Verdict;
+use crate::store::outbox::MarkRequest;
+use crate::store::{self, tickets};
+
+/// How often the writer forgets `sends` rows no cap counts any more, and
+/// at most how many each time (up to 500 rows a second, above any real
+/// helpdesk's rate of capped mail): the table stays about a day deep, and
+/// the commits around wait a few milliseconds at most.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+const PRUNE_ROWS: i64 = 5_000;
+
+/// How many messages one commit may hold at most.
+const MAX_BATCH: usize = 256;
+
+// Messages are the common job and were this size before marks joined
+// them: boxing them would cost an allocation per message for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Job {
+    /// An inbound message, answered with its verdict once committed.
+    Message {
+        arrival: Arrival,
+        reply: oneshot::Sender<Verdict>,
+    },
+    /// The relay worker's outcomes, answered once committed: written by
+    /// the one writer, in its batches, they never wait for its lock (nor
+    /// make it wait for theirs).
+    Marks(MarkRequest),
+}
+
+/// What became of one job of a batch.
+enum Done {
+    Message(Outcome),
+    Marks(Result<(), String>),
+}
+
+/// The handle SMTP sessions (and the relay worker) use to hand work to the
+/// writer thread.
+#[derive(Clone)]
+pub struct Writer {
+    jobs: tokio::sync::mpsc::Sender<Job>,
+}
+
+impl Writer {
+    /// Start the writer thread on its own connection, and the thread that
+    /// makes its commits durable and answers them.
+    ///
+    /// # Errors
+    /// A thread cannot be spawned, or the connection's durability cannot be
+    /// set.
+    pub fn spawn(
+        mut conn: Connection,
+        runtime: Arc<RwLock<Arc<Runtime>>>,
+        wake: Arc<Notify>,
+        checkpoints: Arc<store::CheckpointProgress>,
+    ) -> std::io::Result<Writer> {
+        let (jobs, mut rx) = tokio::sync::mpsc::channel::<Job>(4 * MAX_BATCH);
+        let wal = WalFile::take_over_syncs(&conn)?;
+        let (committed, to_answer) = std::sync::mpsc::channel::<Committed>();
+        std::thread::Builder::new()
+            .name("crmgate-sync".into())
+            .spawn(move || sync_and_answer(wal, &to_answer, &wake))?;
+        std::thread::Builder::new()
+            .name("crmgate-writer".into())
+            .spawn(move || {
+                let mut pruned_at = std::time::Instant::now();
+                while let Some(first) = rx.blocking_recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    let rt = match runtime.read() {
+                        Ok(guard) => guard.clone(),
+                        Err(poisoned) => poisoned.into_inner().clone(),
+                    };
+                    let done = write_batch(&mut conn, &rt, &batch);
+                    // Without the answering thread the replies are dropped:
+                    // each session then answers 451.
+                    let _ = committed.send(Committed { batch, done });
+                    if let Err(e) = store::finish_checkpoint(&conn, &checkpoints) {
+                        tracing::warn!(error = %e, "checkpoint failed: the WAL stays long a while");
+                    }
+                    if pruned_at.elapsed() >= PRUNE_EVERY {
+                        pruned_at = std::time::Instant::now();
+                        match tickets::prune_sends(&conn, store::now(), PRUNE_ROWS) {
+                            Ok(0) => {}
+                            Ok(n) => tracing::debug!(
+                                rows = n,
+                                "forgot sends older than a day (no cap counts them)"
+                            ),
+                            Err(e) => tracing::warn!(error = %e, "cannot prune old sends"),
+                        }
+                    }
+                }
+            })?;
+        Ok(Writer { jobs })
+    }
+
+    /// Hand a message over and wait for the commit that holds it.
+    pub async fn submit(&self, arrival: Arrival) -> Verdict {
+        let (reply, answer) = oneshot::channel();
+        // The channel is bounded: a full queue makes the session wait (back
+        // pressure) without blocking tokio's worker thread.
+        if self
+            .jobs
+            .send(Job::Message { arrival, reply })
+            .await
+            .is_err()
+        {
+            return Verdict::TempFailure;
+        }
+        answer.await.unwrap_or(Verdict::TempFailure)
+    }
+
+    /// Hand the relay worker's outcomes over; `marks.reply` is answered
+    /// once they are committed (or could not be).
+    pub async fn record_marks(&self, marks: MarkRequest) {
+        if let Err(refused) = self.jobs.send(Job::Marks(marks)).await {
+            if let Job::Marks(marks) = refused.0 {
+                let _ = marks
+                    .reply
+                    .send(Err("the writer thread has stopped".into()));
+            }
+        }
+    }
+}
+
+/// A committed batch, waiting for its WAL frames to reach the disk.
+struct Committed {
+    batch: Vec<Job>,
+    done: Vec<Done>,
+}
+
+/// The writer's WAL, synced by the answering thread.
+///
+/// With `synchronous=FULL`, every commit waited for its fsync on the
+/// writer thread, which then sat idle (15 % of its time under load) while
+/// the next sessions' messages waited for it. Now the writer commits with
+/// `synchronous=NORMAL` (in WAL mode: consistent, and nothing reaches the
+/// disk at commit) and goes on with the next batch, while this thread
+/// fdatasyncs the WAL file and only then answers the batches committed
+/// before: the frames, and the WAL header of a WAL that started over,
+/// are on disk before a `250`, as before. One fdatasync also covers every
+/// batch committed while the one before it ran. Checkpoints still sync the
+/// WAL before copying it back (SQLite does that at `NORMAL` too).
+struct WalFile {
+    path: Option<PathBuf>,
+    /// The file, and its inode: SQLite deletes the WAL when the last
+    /// connection closes, so a new one may stand at the same path.
+    open: Option<(std::fs::File, u64)>,
+}
+
+impl WalFile {
+    /// Set the writer's connection to commit without syncing, when its WAL
+    /// can be synced here (a database in a file, in WAL mode); otherwise it
+    /// stays `FULL` and [`WalFile::sync`] has nothing to do.
+    fn take_over_syncs(conn: &Connection) -> std::io::Result<WalFile> {
+        // SQLite keeps its rollback journal where WAL cannot be had (a
+        // file system without shared memory): there is no WAL to sync then.
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(std::io::Error::other)?;
+        let path = conn
+            .path()
+            .filter(|p| !p.is_empty() && mode.eq_ignore_ascii_case("wal"))
+            .map(|p| PathBuf::from(format!("{p}-wal")));
+        if path.is_some() {
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(std::io::Error::other)?;
+        }
+        Ok(WalFile { path, open: None })
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let now_there = std::fs::metadata(path)?.ino();
+        if !matches!(&self.open, Some((_, inode)) if *inode == now_there) {
+            let file = std::fs::File::open(path)?;
+            let inode = file.metadata()?.ino();
+            self.open = Some((file, inode));
+        }
+        match &self.open {
+            Some((file, _)) => file.sync_data(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The answering thread: sync the WAL, then answer every batch committed
+/// before the sync began, then wake the relay (whose rows are now durable).
+/// A failed sync answers its messages 451: what the disk may not hold is
+/// not promised, and a sender that tries again is recognised by its
+/// Message-ID if the first copy survived after all.
+fn sync_and_answer(
+    mut wal: WalFile,
+    committed: &std::sync::mpsc::Receiver<Committed>,
+    wake: &Notify,
+) {
+    while let Ok(first) = committed.recv() {
+        let mut batches = vec![first];
+        batches.extend(committed.try_iter());
+        let synced = match wal.sync() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sync the WAL: its messages are answered 451");
+                false
+            }
+        };
+        let mut wake_relay = false;
+        for Committed { batch, done } in batches {
+            for (job, done) in batch.into_iter().zip(done) {
+                let done = match done {
+                    Done::Message(_) if !synced => Done::Message(Outcome::not_stored()),
+                    Done::Marks(_) if !synced => Done::Marks(Err("the WAL sync failed".into())),
+                    done => done,
+                };
+                wake_relay |= answer(job, done);
+            }
+        }
+        if wake_relay {
+            wake.notify_one();
+        }
+    }
+}
+
+/// Answer one job of a committed batch; whether the relay has rows to send.
+fn answer(job: Job, done: Done) -> bool {
+    match (job, done) {
+        (Job::Message { arrival, reply }, Done::Message(outcome)) => {
+            intake::log_outcome(&arrival, &outcome);
+            let queued = outcome.queued > 0;
+            let _ = reply.send(outcome.verdict);
+            queued
+        }
+        (Job::Marks(marks), Done::Marks(result)) => {
+            // A failure may have queued a notice.
+            let may_queue = result.is_ok() && marks.may_queue();
+            let _ = marks.reply.send(result);
+            may_queue
+        }
+        // `write_batch` answers each job in kind.
+        (Job::Message { reply, .. }, Done::Marks(_)) => {
+            let _ = reply.send(Verdict::TempFailure);
+            false
+        }
+        (Job::Marks(marks), Done::Message(_)) => {
+            let _ = marks.reply.send(Err("not recorded".into()));
+            false
+        }
+    }
+}
+
+/// One transaction for the whole batch, one savepoint per job.
+fn write_batch(conn: &mut Connection, rt: &Runtime, batch: &[Job]) -> Vec<Done> {
+    let now = store::now();
+    let raw_bytes: usize = batch
+        .iter()
+        .map(|job| match job {
+            Job::Message { arrival, .. } => arrival.raw.len(),
+            Job::Marks(_) => 0,
+        })
+        .sum();
+    let large = raw_bytes > LARGE_BATCH_BYTES;
+    if large {
+        if let Err(e) = store::writer_cache(conn, true) {
+            tracing::warn!(error = %e, "cannot shrink the page cache for a large message");
+        }
+    }
+    let done = write_batch_in_transaction(conn, rt, batch, now);
+    if large {
+        if let Err(e) = store::writer_cache(conn, false) {
+            tracing::warn!(error = %e, "cannot restore the page cache");
+        }
+    }
+    done
+}
+
+/// Above this many bytes of raw mail, a batch is written with a small page
+/// cache ([`store::writer_cache`]).
+const LARGE_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+fn write_batch_in_transaction(
+    conn: &mut Connection,
+    rt: &Runtime,
+    batch: &[Job],
+    now: i64,
+) -> Vec<Done> {
+    let failed = |why: &str| -> Vec<Done> {
+        batch
+            .iter()
+            .map(|job| match job {
+                Job::Message { .. } => Done::Message(Outcome::not_stored()),
+                Job::Marks(_) => Done::Marks(Err(why.to_string())),
+            })
+            .collect()
+    };
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot begin a transaction");
+            return failed(&format!("cannot begin a transaction: {e}"));
+        }
+    };
+    let mut done = Vec::with_capacity(batch.len());
+    for job in batch {
+        let result = match job {
+            Job::Message { arrival, .. } => {
+                store::in_savepoint(&tx, |conn| intake::process(conn, rt, arrival, now)).map(|r| {
+                    Done::Message(r.unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "message not stored");
+                        Outcome::not_stored()
+                    }))
+                })
+            }
+            Job::Marks(marks) => store::in_savepoint(&tx, |conn| marks.write(conn))
+                .map(|r| Done::Marks(r.map_err(|e| e.to_string()))),
+        };
+        match result {
+            Ok(d) => done.push(d),
+            Err(e) => {
+                // Dropping `tx` rolls the whole batch back.
+                tracing::error!(error = %e, "savepoint failed: the whole batch is answered 451");
+                return failed(&format!("savepoint failed: {e}"));
+            }
+        }
+    }
+    if let Err(e) = tx.commit() {
+        tracing::error!(error = %e, "commit failed: the whole batch is answered 451");
+        return failed(&format!("commit failed: {e}"));
+    }
+    done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn synchronous(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn the_writer_commits_without_syncing_and_the_wal_it_syncs_is_the_one_at_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("log.db");
+        let conn = store::open(&db).unwrap();
+        let mut wal = WalFile::take_over_syncs(&conn).unwrap();
+        assert_eq!(synchronous(&conn), 1, "NORMAL");
+        conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        wal.sync().unwrap();
+        let first = wal.open.as_ref().map(|(_, inode)| *inode).unwrap();
+
+        // Another WAL at the same path (SQLite deleted and made it anew).
+        let path = dir.path().join("log.db-wal");
+        std::fs::rename(&path, dir.path().join("old-wal")).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        wal.sync().unwrap();
+        let second = wal.open.as_ref().map(|(_, inode)| *inode).unwrap();
+        assert_ne!(first, second);
+
+        // No WAL to sync is an error: the batch is not answered 250.
+        std::fs::remove_file(&path).unwrap();
+        assert!(wal.sync().is_err());
+    }
+
+    #[test]
+    fn without_a_wal_the_writer_keeps_syncing_each_commit_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = store::open(&dir.path().join("log.db")).unwrap();
+        conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
+        let mut wal = WalFile::take_over_syncs(&conn).unwrap();
+        assert_eq!(synchronous(&conn), 2, "FULL");
+        conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        wal.sync().unwrap();
+        assert!(wal.open.is_none());
+    }
+}
