@@ -84,9 +84,11 @@ pub fn apply(
     let mut entry_ids = Vec::with_capacity(plan.entries.len());
     let mut entry_texts = Vec::with_capacity(plan.entries.len());
     let mut attachments_kept = false;
+    // Inline images (a signature's logo) stay on the ticket unlisted.
     let listed: Vec<(String, u64)> = inbound
         .attachments
         .iter()
+        .filter(|a| !a.inline)
         .map(|a| (a.filename.clone(), a.data.len() as u64))
         .collect();
     for entry in &plan.entries {

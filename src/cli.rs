@@ -681,6 +681,7 @@ fn read_attachment(path: &Path) -> anyhow::Result<Attachment> {
         content_type: content_type_of(&filename).to_string(),
         filename,
         data,
+        inline: false,
     })
 }
 

@@ -619,11 +619,13 @@ mod tests {
                 filename: "rapport.pdf".into(),
                 content_type: "application/pdf".into(),
                 data: b"%PDF-1.4 \x00\x01\x02 binary".to_vec(),
+                inline: false,
             },
             Attachment {
                 filename: "journal été.txt".into(),
                 content_type: "text/plain; charset=utf-8".into(),
                 data: "ligne 1\nligne 2 éé\n".as_bytes().to_vec(),
+                inline: false,
             },
         ]
     }
@@ -782,11 +784,13 @@ mod tests {
                 filename: "notes de jane.doe@example.org.txt".into(),
                 content_type: "text/plain".into(),
                 data: b"Contact: Jane.Doe@example.org\n".to_vec(),
+                inline: false,
             },
             Attachment {
                 filename: "scan.bin".into(),
                 content_type: "application/octet-stream".into(),
                 data: vec![0, 1, 2, 255],
+                inline: false,
             },
         ];
         d.scrub = Some(jane_scrub());

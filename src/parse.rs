@@ -46,6 +46,9 @@ pub struct Attachment {
     pub filename: String,
     pub content_type: String,
     pub data: Vec<u8>,
+    /// An image the HTML body shows by its `cid:` (a signature's logo):
+    /// kept on the ticket, not listed in notifications.
+    pub inline: bool,
 }
 
 /// Why a message counts as automatic mail (SPEC rule 4), as logged.
@@ -186,8 +189,9 @@ pub fn parse(raw: &[u8]) -> Result<Inbound, ParseError> {
 fn extract(message: &Message<'_>) -> Inbound {
     let headers = message.headers();
     let subject = message.subject().map(unfold).unwrap_or_default();
-    let (text, html) = bodies(message);
-    let attachments = attachments(message);
+    let body = BodyParts::of(message);
+    let (text, html) = bodies(message, &body);
+    let attachments = attachments(message, &body, html.as_deref());
     let is_report = is_content_type(message, "multipart", "report");
     // A delivery report carries the bounced message as `message/rfc822`:
     // that is a returned copy, not something an agent forwarded.
@@ -400,20 +404,137 @@ fn is_content_type(message: &Message<'_>, ctype: &str, subtype: &str) -> bool {
     message.root_part().is_content_type(ctype, subtype)
 }
 
+/// Which parts of the message are its body: indexes into `message.parts`.
+///
+/// mail-parser's choice first (the inline text parts, the alternatives).
+/// When it found none, the first text part that is not explicitly an
+/// attachment is the body, even named or after an attachment: a
+/// fax-to-mail gateway writes its PDF first and its text, named
+/// `message.txt`, after it; a part without Content-Type is text/plain
+/// (RFC 2046). Everything else is an attachment (see [`attachments`]).
+struct BodyParts {
+    text: Vec<usize>,
+    html: Vec<usize>,
+}
+
+impl BodyParts {
+    fn of(message: &Message<'_>) -> BodyParts {
+        let is_text = |id: &u32| {
+            message
+                .parts
+                .get(*id as usize)
+                .is_some_and(|p| matches!(p.body, PartType::Text(_) | PartType::Html(_)))
+        };
+        let text: Vec<usize> = message
+            .text_body
+            .iter()
+            .filter(|id| is_text(id))
+            .map(|&id| id as usize)
+            .collect();
+        let html: Vec<usize> = message
+            .html_body
+            .iter()
+            .filter(|&&id| {
+                message
+                    .parts
+                    .get(id as usize)
+                    .is_some_and(|p| matches!(p.body, PartType::Html(_)))
+            })
+            .map(|&id| id as usize)
+            .collect();
+        if !text.is_empty() || !html.is_empty() {
+            return BodyParts { text, html };
+        }
+        let fallback = message.parts.iter().position(|part| {
+            // A multipart without a usable boundary comes out as one text:
+            // that text is all the message says.
+            let readable = match part.content_type() {
+                None => true,
+                Some(ct) if ct.ctype().eq_ignore_ascii_case("multipart") => true,
+                Some(ct) => {
+                    ct.ctype().eq_ignore_ascii_case("text")
+                        && ct.subtype().is_some_and(|s| {
+                            s.eq_ignore_ascii_case("plain") || s.eq_ignore_ascii_case("html")
+                        })
+                }
+            };
+            readable
+                && matches!(part.body, PartType::Text(_) | PartType::Html(_))
+                && !part
+                    .content_disposition()
+                    .is_some_and(|cd| cd.is_attachment())
+        });
+        match fallback {
+            Some(id) => {
+                let html = match message.parts[id].body {
+                    PartType::Html(_) => vec![id],
+                    _ => Vec::new(),
+                };
+                BodyParts {
+                    text: vec![id],
+                    html,
+                }
+            }
+            None => BodyParts {
+                text: Vec::new(),
+                html: Vec::new(),
+            },
+        }
+    }
+
+    fn contains(&self, id: usize) -> bool {
+        self.text.contains(&id) || self.html.contains(&id)
+    }
+}
+
+/// Indexes of the parts that are another rendering of the body: the
+/// unnamed text parts of a `multipart/alternative` (a broken HTML
+/// alternative, Apple's `text/watch-html`, `text/enriched`), except a
+/// `text/calendar`, which is an invitation and not the message's words.
+fn alternative_renderings(message: &Message<'_>) -> Vec<usize> {
+    let mut out = Vec::new();
+    for part in &message.parts {
+        let PartType::Multipart(children) = &part.body else {
+            continue;
+        };
+        if !part.is_content_type("multipart", "alternative") {
+            continue;
+        }
+        for &child in children {
+            let Some(p) = message.parts.get(child as usize) else {
+                continue;
+            };
+            let text = p.content_type().is_none_or(|ct| {
+                ct.ctype().eq_ignore_ascii_case("text")
+                    && !ct
+                        .subtype()
+                        .is_some_and(|s| s.eq_ignore_ascii_case("calendar"))
+            });
+            let attached = p.attachment_name().is_some()
+                || p.content_disposition().is_some_and(|cd| cd.is_attachment());
+            if text && !attached && matches!(p.body, PartType::Text(_) | PartType::Html(_)) {
+                out.push(child as usize);
+            }
+        }
+    }
+    out
+}
+
 /// The text body (text/plain parts joined, HTML rendered as text when there
 /// is no plain part) and the HTML body, both with `\n` line endings.
-fn bodies(message: &Message<'_>) -> (String, Option<String>) {
+fn bodies(message: &Message<'_>, body: &BodyParts) -> (String, Option<String>) {
     let mut texts = Vec::new();
-    for part in message.text_bodies() {
+    for part in body.text.iter().filter_map(|&id| message.parts.get(id)) {
         match &part.body {
             PartType::Text(t) => texts.push(t.replace("\r\n", "\n")),
             PartType::Html(h) => texts.push(html::to_text(h)),
             _ => {}
         }
     }
-    let htmls: Vec<String> = message
-        .html_bodies()
-        .filter_map(|part| match &part.body {
+    let htmls: Vec<String> = body
+        .html
+        .iter()
+        .filter_map(|&id| match &message.parts.get(id)?.body {
             PartType::Html(h) => Some(h.replace("\r\n", "\n")),
             _ => None,
         })
@@ -434,24 +555,34 @@ fn bodies(message: &Message<'_>) -> (String, Option<String>) {
     (text, html)
 }
 
-/// The attachments kept on the ticket.
+/// The attachments kept on the ticket: every part that is not the body.
 ///
 /// Named parts of any type, attached messages (`message/rfc822`, named
-/// after their subject when unnamed) and unnamed binary parts the sender
-/// attached (given a neutral name). Unnamed inline images (signature logos
-/// referenced by `cid:`) and unnamed text parts (alternative bodies, the
-/// headers of a returned message) are left out: nobody attached them.
-fn attachments(message: &Message<'_>) -> Vec<Attachment> {
+/// after their subject when unnamed), and every other part that is
+/// neither body nor attachment by its headers — a `text/calendar`
+/// invitation beside the alternatives, an unnamed image, the headers of a
+/// returned message — given a name for its type. An image that the HTML
+/// body shows by its `cid:` (a signature's logo) is kept too, marked
+/// [`Attachment::inline`] so that notifications do not list it.
+fn attachments(message: &Message<'_>, body: &BodyParts, html: Option<&str>) -> Vec<Attachment> {
     let raw = message.raw_message();
+    let html_lower = html.map(str::to_ascii_lowercase);
+    let renderings = alternative_renderings(message);
     let mut out = Vec::new();
-    for (index, part) in message.attachments().enumerate() {
+    for (index, part) in message.parts.iter().enumerate() {
+        if matches!(part.body, PartType::Multipart(_))
+            || body.contains(index)
+            || renderings.contains(&index)
+        {
+            continue;
+        }
         let content_type = part
             .content_type()
             .map(|ct| match ct.subtype() {
                 Some(sub) => format!("{}/{}", ct.ctype(), sub).to_ascii_lowercase(),
                 None => ct.ctype().to_ascii_lowercase(),
             })
-            .unwrap_or_else(|| "application/octet-stream".to_string());
+            .unwrap_or_else(|| "text/plain".to_string());
         let name = part
             .attachment_name()
             .map(|n| {
@@ -463,9 +594,7 @@ fn attachments(message: &Message<'_>) -> Vec<Attachment> {
             })
             .map(|n| unfold(&n).replace(['/', '\\'], "_"))
             .filter(|n| !n.is_empty());
-        let explicit = part
-            .content_disposition()
-            .is_some_and(|cd| cd.is_attachment());
+        let ordinal = out.len();
         let (filename, data) = match &part.body {
             PartType::Message(nested) => {
                 // An unencoded attached message shares the outer buffer:
@@ -485,30 +614,45 @@ fn attachments(message: &Message<'_>) -> Vec<Attachment> {
                 });
                 (filename, data)
             }
-            PartType::Binary(bytes) => {
-                let filename = name.unwrap_or_else(|| generated_name(index, &content_type));
-                (filename, bytes.to_vec())
-            }
-            PartType::InlineBinary(bytes) => match name {
-                Some(filename) => (filename, bytes.to_vec()),
-                None => continue,
-            },
-            PartType::Text(t) | PartType::Html(t) => match name {
-                Some(filename) => (filename, t.as_bytes().to_vec()),
-                None if explicit => (generated_name(index, &content_type), t.as_bytes().to_vec()),
-                None => continue,
-            },
+            PartType::Binary(bytes) | PartType::InlineBinary(bytes) => (
+                name.unwrap_or_else(|| generated_name(ordinal, &content_type)),
+                bytes.to_vec(),
+            ),
+            PartType::Text(t) | PartType::Html(t) => (
+                name.unwrap_or_else(|| generated_name(ordinal, &content_type)),
+                t.as_bytes().to_vec(),
+            ),
             PartType::Multipart(_) => continue,
         };
+        // An empty part nobody named (the missing body of a returned
+        // message) holds nothing to keep.
+        if data.is_empty() && part.attachment_name().is_none() {
+            continue;
+        }
         let content_type = if matches!(part.body, PartType::Message(_)) {
             "message/rfc822".to_string()
         } else {
             content_type
         };
+        let inline = part
+            .content_id()
+            .map(|id| {
+                id.trim()
+                    .trim_start_matches('<')
+                    .trim_end_matches('>')
+                    .trim()
+            })
+            .filter(|id| !id.is_empty())
+            .is_some_and(|id| {
+                html_lower
+                    .as_deref()
+                    .is_some_and(|h| h.contains(&format!("cid:{}", id.to_ascii_lowercase())))
+            });
         out.push(Attachment {
             filename,
             content_type,
             data,
+            inline,
         });
     }
     out

@@ -343,6 +343,7 @@ proptest! {
                 filename: format!("{}.txt", line(&name)),
                 content_type: "text/plain".into(),
                 data: render(&attachment, &agents, false).into_bytes(),
+                inline: false,
             }],
             message_id: "TKT0000042.1.abc@helpdesk.example".into(),
             in_reply_to: None,

@@ -293,3 +293,70 @@ fn east_asian_charsets_are_decoded() {
     let m = parsed("172-phpmime-m0018.eml");
     assert_eq!(m.attachments[0].filename, "사진.JPG");
 }
+
+/// Every part of every corpus message is kept somewhere: its text in the
+/// text or HTML body, or its bytes as an attachment (an attached message
+/// as a `message/rfc822` attachment). Only the alternative renderings of
+/// the body (the text parts of a `multipart/alternative`) may be left out,
+/// and parts with nothing in them.
+#[test]
+fn every_part_of_every_corpus_message_is_kept() {
+    use mail_parser::{MessageParser, MimeHeaders, PartType};
+    for path in corpus_files() {
+        let name = path.display().to_string();
+        let raw = std::fs::read(&path).expect("readable fixture");
+        let inbound = parse(&raw).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let Some(message) = MessageParser::default().parse(&raw[..]) else {
+            continue;
+        };
+        let normalise = |s: &str| s.replace("\r\n", "\n").trim().to_string();
+        let text = normalise(&inbound.text);
+        let html = normalise(inbound.html.as_deref().unwrap_or_default());
+        let mut in_alternative = Vec::new();
+        for part in &message.parts {
+            if let PartType::Multipart(children) = &part.body {
+                if part.is_content_type("multipart", "alternative") {
+                    in_alternative.extend(children.iter().map(|&c| c as usize));
+                }
+            }
+        }
+        let mut messages = 0;
+        for (index, part) in message.parts.iter().enumerate() {
+            let kept = match &part.body {
+                PartType::Multipart(_) => continue,
+                PartType::Message(_) => {
+                    messages += usize::from(part.offset_end > part.offset_body);
+                    continue;
+                }
+                PartType::Text(t) | PartType::Html(t) => {
+                    let t = normalise(t);
+                    t.is_empty()
+                        || in_alternative.contains(&index)
+                        || text.contains(&t)
+                        || html.contains(&t)
+                        || inbound.attachments.iter().any(|a| {
+                            a.data == t.as_bytes()
+                                || normalise(&String::from_utf8_lossy(&a.data)) == t
+                        })
+                }
+                PartType::Binary(b) | PartType::InlineBinary(b) => {
+                    b.is_empty() || inbound.attachments.iter().any(|a| a.data == **b)
+                }
+            };
+            assert!(
+                kept,
+                "{name}: part {index} ({:?}) is lost",
+                part.content_type()
+            );
+        }
+        let attached_messages = inbound
+            .attachments
+            .iter()
+            .filter(|a| a.content_type == "message/rfc822")
+            .count();
+        assert!(
+            attached_messages >= messages,
+            "{name}: {messages} attached messages, {attached_messages} kept"
+        );
+    }
+}

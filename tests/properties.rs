@@ -183,6 +183,7 @@ fn arrival() -> impl Strategy<Value = (Envelope, Inbound)> {
                             filename: f,
                             content_type: "text/plain".into(),
                             data: b"x".to_vec(),
+                            inline: false,
                         })
                         .collect(),
                     auth_results: auth,
