@@ -221,7 +221,7 @@ pub fn scrub_for(fixed: &Fixed) -> Scrub {
     addresses.extend(fixed.former.iter().cloned());
     Scrub {
         addresses: addresses.into_iter().collect(),
-        replacement: fixed.config.public_address.clone(),
+        replacement: fixed.config.addresses.public.clone(),
     }
 }
 
@@ -270,7 +270,7 @@ pub fn compose_send(
     let draft = Draft {
         kind: send.kind,
         ticket_number: number.to_string(),
-        language: fixed.config.language,
+        language: fixed.config.gateway.language,
         from_name: send.from_name.clone(),
         from_address: send.from_address.clone(),
         reply_address: None,
@@ -285,7 +285,7 @@ pub fn compose_send(
         in_reply_to: references.last().cloned(),
         references,
         date: 1_800_000_000,
-        loop_host: fixed.config.hostname.clone(),
+        loop_host: fixed.config.gateway.hostname.clone(),
         scrub: (!send.agents_only).then(|| scrub_for(fixed)),
     };
     compose::compose(&draft).map_err(|e| Violation(format!("compose failed: {e}")))
@@ -297,7 +297,7 @@ fn is_agent(fixed: &Fixed, address: &str) -> bool {
 
 fn is_crm(fixed: &Fixed, address: &str) -> bool {
     let base = crmgate::thread::strip_tag(address);
-    base == fixed.config.public_address || base == fixed.config.internal_address
+    base == fixed.config.addresses.public || base == fixed.config.addresses.internal
 }
 
 /// The invariants of a plan (SPEC "The rules it enforces" and rule 7).

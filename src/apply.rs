@@ -57,8 +57,8 @@ pub fn apply(
                 conn,
                 new,
                 state,
-                &config.ticket_prefix,
-                config.ticket_digits,
+                &config.ticket.prefix,
+                config.ticket.digits,
                 now,
             )?;
             tickets::view(conn, id)?
@@ -158,7 +158,7 @@ pub fn apply(
         };
         let (subject, text, html) = match send.kind {
             SendKind::ReplyAllNotice => (
-                templates::subject("reply_all", config.language, &view.subject),
+                templates::subject("reply_all", config.gateway.language, &view.subject),
                 render(rt, "reply_all", &view, "", "")?,
                 None,
             ),
@@ -169,7 +169,7 @@ pub fn apply(
                     } else {
                         "closure"
                     },
-                    config.language,
+                    config.gateway.language,
                     &view.subject,
                 ),
                 entry_texts[send.entry].to_string(),
@@ -181,7 +181,11 @@ pub fn apply(
                 } else {
                     entry.subject.clone()
                 },
-                notification_text(&entry_texts[send.entry], &view.number, config.language),
+                notification_text(
+                    &entry_texts[send.entry],
+                    &view.number,
+                    config.gateway.language,
+                ),
                 // A text that long is cut: the HTML would say more than it.
                 entry
                     .html
@@ -257,12 +261,12 @@ fn render(
     let config = &rt.config;
     Ok(rt.templates.render(
         name,
-        config.language,
+        config.gateway.language,
         &templates::Context {
             number: &view.number,
             subject: &view.subject,
-            display_name: &config.display_name,
-            public_address: &config.public_address,
+            display_name: &config.gateway.display_name,
+            public_address: &config.addresses.public,
             recipients,
             reason,
         },
@@ -359,12 +363,12 @@ pub fn failure_notice(
 ) -> Result<(), ApplyError> {
     let config = &rt.config;
     let text = render(rt, "failure", view, failed, reason)?;
-    let system = Mailbox::new(Some(&config.display_name), &config.public_address);
+    let system = Mailbox::new(Some(&config.gateway.display_name), &config.addresses.public);
     let entry_id = tickets::insert_system_entry(
         conn,
         view.id,
         &system,
-        &templates::subject("failure", config.language, &view.subject),
+        &templates::subject("failure", config.gateway.language, &view.subject),
         &text,
         now,
     )?;
@@ -376,14 +380,14 @@ pub fn failure_notice(
     let send = PlannedSend {
         kind: SendKind::FailureNotice,
         entry: 0,
-        from_name: config.display_name.clone(),
-        from_address: config.internal_address.clone(),
+        from_name: config.gateway.display_name.clone(),
+        from_address: config.addresses.internal.clone(),
         envelope: notes.iter().map(|m| m.address.clone()).collect(),
         to: notes,
         cc: Vec::new(),
         agents_only: true,
     };
-    let subject = templates::subject("failure", config.language, &view.subject);
+    let subject = templates::subject("failure", config.gateway.language, &view.subject);
     let content = Content {
         subject,
         text,
@@ -458,7 +462,7 @@ pub fn queue(
         }
     }
     if !held_back.is_empty() {
-        let system = Mailbox::new(Some(&config.display_name), &config.public_address);
+        let system = Mailbox::new(Some(&config.gateway.display_name), &config.addresses.public);
         let text = format!(
             "{} not sent to {}: {} reached (see [auto] in the configuration).",
             send.kind.as_str(),
@@ -497,17 +501,17 @@ pub fn queue(
         "{}.{:016x}@{}",
         view.number,
         rand::random::<u64>(),
-        config.hostname
+        config.gateway.hostname
     );
     let draft = Draft {
         kind: send.kind,
         ticket_number: view.number.clone(),
-        language: config.language,
+        language: config.gateway.language,
         from_name: send.from_name.clone(),
         from_address: send.from_address.clone(),
         reply_address: match send.kind {
             SendKind::WorkNote => crate::thread::reply_address(
-                &config.internal_address,
+                &config.addresses.internal,
                 &view.number,
                 rt.reply_key.as_deref(),
             ),
@@ -524,7 +528,7 @@ pub fn queue(
         in_reply_to: references.last().cloned(),
         references,
         date: now,
-        loop_host: config.hostname.clone(),
+        loop_host: config.gateway.hostname.clone(),
         scrub,
     };
     let bytes = compose::compose(&draft)?;

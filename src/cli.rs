@@ -536,7 +536,7 @@ fn system_entry(
         [ticket_id],
         |r| r.get(0),
     )?;
-    let system = Mailbox::new(Some(&config.display_name), &config.public_address);
+    let system = Mailbox::new(Some(&config.gateway.display_name), &config.addresses.public);
     tickets::insert_system_entry(conn, ticket_id, &system, &subject, text, now)?;
     Ok(())
 }
@@ -603,7 +603,7 @@ fn email(
         let now = store::now();
         let id = tickets::require(tx, number)?;
         let view = tickets::view(tx, id)?;
-        let clean = crate::thread::clean_subject(subject, &config.ticket_pattern);
+        let clean = crate::thread::clean_subject(subject, &config.ticket.pattern);
         let entry_id = tickets::insert_entry(
             tx,
             &tickets::EntryRow {
@@ -632,9 +632,9 @@ fn email(
             from_name: format!(
                 "{} via {}",
                 agent.name.as_deref().unwrap_or(&agent.address),
-                config.display_name
+                config.gateway.display_name
             ),
-            from_address: config.public_address.clone(),
+            from_address: config.addresses.public.clone(),
             envelope: to_boxes
                 .iter()
                 .chain(&cc_boxes)

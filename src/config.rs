@@ -305,70 +305,154 @@ pub enum RelayTls {
     Wrapper,
 }
 
+/// One `[[agents]]` entry: a person whose believed mail carries an agent's rights.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agent {
+    /// Shown in "Jane Doe via Soutien TI"; may be empty (the address is shown then).
     pub name: String,
     /// Lower-cased: every comparison of addresses in crmgate is case-insensitive.
     pub email: String,
+    /// Put on every new ticket's work-notes list, so someone sees each ticket.
     pub default_notes_list: bool,
 }
 
-/// The validated configuration. Addresses are stored lower-cased.
+/// `[gateway]`: who crmgate is and where it keeps its state.
 #[derive(Debug, Clone)]
-pub struct Config {
-    /// Where the configuration came from, for messages: a path or "embedded default".
-    pub origin: String,
+pub struct Gateway {
+    /// EHLO name, Message-ID domain and the `X-Crmgate-Loop` value that
+    /// tells our own mail coming back; lower-cased.
     pub hostname: String,
+    /// Holds `crmgate.db` (and, by default, the sent `.eml` files).
     pub state_dir: PathBuf,
+    /// Language of automatic messages, notices and fixed phrases.
     pub language: Language,
+    /// The helpdesk's name in every From: "Jane Doe via <display_name>".
     pub display_name: String,
+    /// Where mail to postmaster@ is forwarded; `None` keeps it in quarantine.
     pub operator: Option<String>,
+}
 
+/// `[smtp]`: the listener's address and the bounds it enforces.
+#[derive(Debug, Clone)]
+pub struct Smtp {
+    /// Bound once at start; a change needs a restart.
     pub listen: SocketAddr,
+    /// Larger messages are refused `552 5.3.4` without being buffered.
     pub max_message_bytes: usize,
+    /// More RCPT than this in one transaction: `452 4.5.3`.
     pub max_recipients: usize,
+    /// Sessions beyond this are greeted `421 4.7.0` and closed.
     pub max_sessions: usize,
+    /// STARTTLS is offered only when both files are set.
     pub tls: Option<TlsFiles>,
+}
 
-    pub public_address: String,
-    pub internal_address: String,
+/// `[addresses]`: the two CRM addresses, lower-cased.
+#[derive(Debug, Clone)]
+pub struct Addresses {
+    /// Comments: the address requesters write to, and every public From.
+    pub public: String,
+    /// Work notes: mail to it (envelope or To/Cc) is internal.
+    pub internal: String,
+}
 
-    pub ticket_prefix: String,
-    pub ticket_digits: usize,
+/// `[ticket]`: how ticket numbers look and when a reply reopens a ticket.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    /// Letters before the number, e.g. `TKT`.
+    pub prefix: String,
+    /// Width of the zero-padded number.
+    pub digits: usize,
     /// Finds a ticket number in a Subject; has a group named `number`.
-    pub ticket_pattern: Regex,
+    pub pattern: Regex,
+    /// A requester's reply to a resolved ticket reopens it.
     pub reopen_on_reply: bool,
+}
 
+/// `[watch]`: who joins a new ticket's watch list.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    /// The other To/Cc of the opening mail join the watch list.
     pub add_cc_on_open: bool,
+}
 
-    pub relay: RelayTarget,
-    pub relay_username: Option<String>,
-    pub relay_password_file: Option<PathBuf>,
+/// `[relay]`: where outgoing mail goes and how long it is retried.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    /// `relay.url`, parsed: an SMTP relay or a directory of `.eml` files.
+    pub target: RelayTarget,
+    /// AUTH user; set together with `password_file`.
+    pub username: Option<String>,
+    /// The password lives in a file so the configuration can be world-readable.
+    pub password_file: Option<PathBuf>,
     /// `relay.ca_file`: CA certificates trusted for the relay's TLS on top of
     /// the web PKI roots, for a relay with a certificate from an internal CA.
     /// Read and checked once, at load: the relay needs a restart to see a
     /// new bundle, like every other relay setting.
-    pub relay_ca_certificates: Vec<CertificateDer<'static>>,
+    pub ca_certificates: Vec<CertificateDer<'static>>,
+    /// First delay after a temporary failure; it doubles on each retry.
     pub retry_initial_seconds: u64,
+    /// Ceiling of the doubling delay.
     pub retry_max_seconds: u64,
+    /// A row still undelivered this long after it was queued is failed.
     pub give_up_after_hours: u64,
+}
 
+/// `[auto]`: automatic messages and the caps that stop mail loops.
+#[derive(Debug, Clone)]
+pub struct Auto {
+    /// Which new tickets get a receipt confirmation.
     pub receipt: ReceiptPolicy,
+    /// A closure notice goes to the watch group when a ticket is resolved.
     pub closure: bool,
+    /// Automatic messages (receipts, closures, notices) to one address per hour.
     pub max_per_address_per_hour: u32,
+    /// The same per day.
     pub max_per_address_per_day: u32,
+    /// Re-sends of non-agent mail to one recipient on one ticket per hour, so
+    /// two auto-responders without headers cannot ping-pong through crmgate.
     pub max_resends_per_ticket_hour: u32,
+    /// Overrides the built-in fr/en templates, file by file.
     pub templates_dir: Option<PathBuf>,
+}
 
+/// `[security]`: whose From is believed, and the key of signed addresses.
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// SMTP peers that authenticate their senders (the submission server):
+    /// an agent's From from them is believed.
     pub trusted_relays: Vec<IpNet>,
+    /// `Authentication-Results` of this id (lower-cased) are believed.
     pub authserv_id: Option<String>,
+    /// Where the key came from, for messages.
     pub reply_secret_file: Option<PathBuf>,
+    /// Content of `reply_secret_file`, trimmed: the key of signed reply and
+    /// bounce addresses. Read once, at load, so every stage signs with the
+    /// same key until the configuration is loaded again.
+    pub reply_secret: Option<Vec<u8>>,
+}
 
+/// The validated configuration, nested as the TOML file is. Addresses are
+/// stored lower-cased.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the configuration came from, for messages: a path or "embedded default".
+    pub origin: String,
+    pub gateway: Gateway,
+    pub smtp: Smtp,
+    pub addresses: Addresses,
+    pub ticket: Ticket,
+    pub watch: Watch,
+    pub relay: Relay,
+    pub auto: Auto,
+    pub security: Security,
+    /// Validated, lower-cased, without duplicates.
     pub agents: Vec<Agent>,
     /// The raw form, printed by `check-config` as the effective configuration.
     pub raw: RawConfig,
 }
 
+/// The certificate and key of STARTTLS, both PEM files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     pub cert: PathBuf,
@@ -378,7 +462,7 @@ pub struct TlsFiles {
 impl Config {
     /// The database file inside the state directory.
     pub fn database_path(&self) -> PathBuf {
-        self.state_dir.join("crmgate.db")
+        self.gateway.state_dir.join("crmgate.db")
     }
 
     /// The embedded default: every key at its default, no agents.
@@ -424,6 +508,7 @@ impl Config {
         Config::from_toml(&text, &path.display().to_string())
     }
 
+    /// The agent with this address (any case), if it is one.
     pub fn agent(&self, address: &str) -> Option<&Agent> {
         let address = address.to_ascii_lowercase();
         self.agents.iter().find(|a| a.email == address)
@@ -451,81 +536,151 @@ impl RawConfig {
         })
     }
 
-    /// Check every value, collecting all problems.
+    /// Check every value, section by section, collecting all problems.
     ///
     /// # Errors
     /// `Invalid` with one [`ConfigProblem`] per bad key.
     pub fn validate(self, origin: &str) -> Result<Config, ConfigError> {
-        let mut problems = Vec::new();
-        let mut bad = |key: &str, reason: String| {
-            problems.push(ConfigProblem {
-                key: key.to_string(),
-                reason,
-            })
+        let mut problems = Problems::default();
+        let gateway = self.gateway.validate(&mut problems);
+        let smtp = self.smtp.validate(&mut problems);
+        let addresses = self.addresses.validate(&mut problems);
+        let ticket = self.ticket.validate(&mut problems);
+        let watch = Watch {
+            add_cc_on_open: self.watch.add_cc_on_open,
         };
+        let relay = self.relay.validate(&mut problems);
+        let auto = self.auto.validate(&mut problems);
+        let security = self.security.validate(&mut problems);
+        let agents = validate_agents(&self.agents, &self.addresses, &mut problems);
+        if !problems.0.is_empty() {
+            return Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                problems: problems.0,
+            });
+        }
+        Ok(Config {
+            origin: origin.to_string(),
+            gateway,
+            smtp,
+            addresses,
+            ticket,
+            watch,
+            relay,
+            auto,
+            security,
+            agents,
+            raw: self,
+        })
+    }
+}
 
-        let g = &self.gateway;
-        if !is_domain(&g.hostname) {
-            bad(
+/// Every problem found so far, in the order of the file.
+#[derive(Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn bad(&mut self, key: &str, reason: String) {
+        self.0.push(ConfigProblem {
+            key: key.to_string(),
+            reason,
+        });
+    }
+
+    /// A positive whole number that fits `T`, or a problem and `T::default()`.
+    fn positive<T: TryFrom<i64> + Default>(&mut self, key: &str, value: i64) -> T {
+        match T::try_from(value) {
+            Ok(v) if value > 0 => v,
+            _ => {
+                self.bad(key, format!("{value} must be a positive whole number"));
+                T::default()
+            }
+        }
+    }
+
+    /// An optional file that must be readable when it is set.
+    fn readable_file(&mut self, key: &str, value: &str) -> Option<PathBuf> {
+        let path = (!value.is_empty()).then(|| PathBuf::from(value))?;
+        if let Err(e) = std::fs::metadata(&path) {
+            self.bad(key, format!("cannot read {}: {e}", path.display()));
+        }
+        Some(path)
+    }
+}
+
+impl RawGateway {
+    fn validate(&self, p: &mut Problems) -> Gateway {
+        if !is_domain(&self.hostname) {
+            p.bad(
                 "gateway.hostname",
-                format!("{:?} is not a host name", g.hostname),
+                format!("{:?} is not a host name", self.hostname),
             );
         }
-        if g.state_dir.trim().is_empty() {
-            bad("gateway.state_dir", "must not be empty".into());
+        if self.state_dir.trim().is_empty() {
+            p.bad("gateway.state_dir", "must not be empty".into());
         }
-        let language = match g.language.as_str() {
+        let language = match self.language.as_str() {
             "fr" => Language::Fr,
             "en" => Language::En,
             other => {
-                bad(
+                p.bad(
                     "gateway.language",
                     format!("{other:?} is not \"fr\" or \"en\""),
                 );
                 Language::Fr
             }
         };
-        if g.display_name.trim().is_empty() || g.display_name.contains(['\r', '\n']) {
-            bad("gateway.display_name", "must be one non-empty line".into());
+        if self.display_name.trim().is_empty() || self.display_name.contains(['\r', '\n']) {
+            p.bad("gateway.display_name", "must be one non-empty line".into());
         }
-        let operator = if g.operator.is_empty() {
+        let operator = if self.operator.is_empty() {
             None
-        } else if is_address(&g.operator) {
-            Some(g.operator.to_ascii_lowercase())
+        } else if is_address(&self.operator) {
+            Some(self.operator.to_ascii_lowercase())
         } else {
-            bad(
+            p.bad(
                 "gateway.operator",
-                format!("{:?} is not a mail address", g.operator),
+                format!("{:?} is not a mail address", self.operator),
             );
             None
         };
+        Gateway {
+            hostname: self.hostname.to_ascii_lowercase(),
+            state_dir: PathBuf::from(&self.state_dir),
+            language,
+            display_name: self.display_name.trim().to_string(),
+            operator,
+        }
+    }
+}
 
-        let s = &self.smtp;
-        let listen = s.listen.parse::<SocketAddr>().unwrap_or_else(|e| {
-            bad(
+impl RawSmtp {
+    fn validate(&self, p: &mut Problems) -> Smtp {
+        let listen = self.listen.parse::<SocketAddr>().unwrap_or_else(|e| {
+            p.bad(
                 "smtp.listen",
-                format!("{:?} is not an address:port ({e})", s.listen),
+                format!("{:?} is not an address:port ({e})", self.listen),
             );
             SocketAddr::from(([127, 0, 0, 1], 2525))
         });
-        let max_message_bytes = positive(&mut bad, "smtp.max_message_bytes", s.max_message_bytes);
-        let max_recipients = positive(&mut bad, "smtp.max_recipients", s.max_recipients);
-        let max_sessions = positive(&mut bad, "smtp.max_sessions", s.max_sessions);
-        let tls = match (s.tls_cert.is_empty(), s.tls_key.is_empty()) {
+        let max_message_bytes = p.positive("smtp.max_message_bytes", self.max_message_bytes);
+        let max_recipients = p.positive("smtp.max_recipients", self.max_recipients);
+        let max_sessions = p.positive("smtp.max_sessions", self.max_sessions);
+        let tls = match (self.tls_cert.is_empty(), self.tls_key.is_empty()) {
             (true, true) => None,
             (false, false) => Some(TlsFiles {
-                cert: s.tls_cert.clone().into(),
-                key: s.tls_key.clone().into(),
+                cert: self.tls_cert.clone().into(),
+                key: self.tls_key.clone().into(),
             }),
             (true, false) => {
-                bad(
+                p.bad(
                     "smtp.tls_cert",
                     "tls_key is set but tls_cert is empty".into(),
                 );
                 None
             }
             (false, true) => {
-                bad(
+                p.bad(
                     "smtp.tls_key",
                     "tls_cert is set but tls_key is empty".into(),
                 );
@@ -535,259 +690,262 @@ impl RawConfig {
         if let Some(files) = &tls {
             for (key, path) in [("smtp.tls_cert", &files.cert), ("smtp.tls_key", &files.key)] {
                 if let Err(e) = std::fs::metadata(path) {
-                    bad(key, format!("cannot read {}: {e}", path.display()));
+                    p.bad(key, format!("cannot read {}: {e}", path.display()));
                 }
             }
         }
+        Smtp {
+            listen,
+            max_message_bytes,
+            max_recipients,
+            max_sessions,
+            tls,
+        }
+    }
+}
 
-        let a = &self.addresses;
+impl RawAddresses {
+    fn validate(&self, p: &mut Problems) -> Addresses {
         for (key, value) in [
-            ("addresses.public", &a.public),
-            ("addresses.internal", &a.internal),
+            ("addresses.public", &self.public),
+            ("addresses.internal", &self.internal),
         ] {
             if !is_address(value) {
-                bad(key, format!("{value:?} is not a mail address"));
+                p.bad(key, format!("{value:?} is not a mail address"));
             } else if value.split('@').next().is_some_and(|l| l.contains('+')) {
-                bad(
+                p.bad(
                     key,
                     format!("{value:?}: a CRM address takes no +tag, crmgate adds its own"),
                 );
             }
         }
-        if a.public.eq_ignore_ascii_case(&a.internal) {
-            bad(
+        if self.public.eq_ignore_ascii_case(&self.internal) {
+            p.bad(
                 "addresses.internal",
                 "must differ from addresses.public".into(),
             );
         }
+        Addresses {
+            public: self.public.to_ascii_lowercase(),
+            internal: self.internal.to_ascii_lowercase(),
+        }
+    }
+}
 
-        let t = &self.ticket;
-        if t.prefix.is_empty() || !t.prefix.chars().all(|c| c.is_ascii_alphanumeric()) {
-            bad(
+impl RawTicket {
+    fn validate(&self, p: &mut Problems) -> Ticket {
+        if self.prefix.is_empty() || !self.prefix.chars().all(|c| c.is_ascii_alphanumeric()) {
+            p.bad(
                 "ticket.prefix",
-                format!("{:?} must be letters or digits", t.prefix),
+                format!("{:?} must be letters or digits", self.prefix),
             );
         }
-        let digits = match t.digits {
-            1..=18 => t.digits as usize,
+        let digits = match self.digits {
+            1..=18 => self.digits as usize,
             other => {
-                bad("ticket.digits", format!("{other} is not between 1 and 18"));
+                p.bad("ticket.digits", format!("{other} is not between 1 and 18"));
                 7
             }
         };
-        let pattern_text = if t.pattern.is_empty() {
-            default_pattern(&t.prefix, digits)
+        let pattern_text = if self.pattern.is_empty() {
+            default_pattern(&self.prefix, digits)
         } else {
-            t.pattern.clone()
+            self.pattern.clone()
         };
-        let ticket_pattern = match regex::RegexBuilder::new(&pattern_text)
-            .case_insensitive(t.pattern.is_empty())
+        let pattern = match regex::RegexBuilder::new(&pattern_text)
+            .case_insensitive(self.pattern.is_empty())
             .build()
         {
             Ok(re) if re.capture_names().any(|n| n == Some("number")) => re,
             Ok(_) => {
-                bad(
+                p.bad(
                     "ticket.pattern",
                     "has no group named `number`, e.g. (?P<number>...)".into(),
                 );
                 fallback_pattern()
             }
             Err(e) => {
-                bad("ticket.pattern", format!("is not a valid regex: {e}"));
+                p.bad("ticket.pattern", format!("is not a valid regex: {e}"));
                 fallback_pattern()
             }
         };
+        Ticket {
+            prefix: self.prefix.clone(),
+            digits,
+            pattern,
+            reopen_on_reply: self.reopen_on_reply,
+        }
+    }
+}
 
-        let r = &self.relay;
-        let relay = parse_relay_url(&r.url).unwrap_or_else(|reason| {
-            bad("relay.url", reason);
+impl RawRelay {
+    fn validate(&self, p: &mut Problems) -> Relay {
+        let target = parse_relay_url(&self.url).unwrap_or_else(|reason| {
+            p.bad("relay.url", reason);
             RelayTarget::File(PathBuf::from("./crmgate-data/sent"))
         });
-        let relay_username = (!r.username.is_empty()).then(|| r.username.clone());
-        let relay_password_file =
-            (!r.password_file.is_empty()).then(|| PathBuf::from(&r.password_file));
-        if let Some(path) = &relay_password_file {
-            if let Err(e) = std::fs::metadata(path) {
-                bad(
-                    "relay.password_file",
-                    format!("cannot read {}: {e}", path.display()),
-                );
-            }
-        }
-        if relay_username.is_some() != relay_password_file.is_some() {
-            bad(
+        let username = (!self.username.is_empty()).then(|| self.username.clone());
+        let password_file = p.readable_file("relay.password_file", &self.password_file);
+        if username.is_some() != password_file.is_some() {
+            p.bad(
                 "relay.username",
                 "username and password_file go together".into(),
             );
         }
-        let relay_ca_certificates = if r.ca_file.is_empty() {
+        let ca_certificates = if self.ca_file.is_empty() {
             Vec::new()
         } else {
-            read_ca_bundle(Path::new(&r.ca_file)).unwrap_or_else(|reason| {
-                bad("relay.ca_file", reason);
+            read_ca_bundle(Path::new(&self.ca_file)).unwrap_or_else(|reason| {
+                p.bad("relay.ca_file", reason);
                 Vec::new()
             })
         };
-        let retry_initial_seconds = positive(
-            &mut bad,
-            "relay.retry_initial_seconds",
-            r.retry_initial_seconds,
-        );
-        let retry_max_seconds = positive(&mut bad, "relay.retry_max_seconds", r.retry_max_seconds);
-        if r.retry_max_seconds < r.retry_initial_seconds {
-            bad(
+        let retry_initial_seconds =
+            p.positive("relay.retry_initial_seconds", self.retry_initial_seconds);
+        let retry_max_seconds = p.positive("relay.retry_max_seconds", self.retry_max_seconds);
+        if self.retry_max_seconds < self.retry_initial_seconds {
+            p.bad(
                 "relay.retry_max_seconds",
                 "must not be below retry_initial_seconds".into(),
             );
         }
-        let give_up_after_hours =
-            positive(&mut bad, "relay.give_up_after_hours", r.give_up_after_hours);
+        let give_up_after_hours = p.positive("relay.give_up_after_hours", self.give_up_after_hours);
+        Relay {
+            target,
+            username,
+            password_file,
+            ca_certificates,
+            retry_initial_seconds,
+            retry_max_seconds,
+            give_up_after_hours,
+        }
+    }
+}
 
-        let au = &self.auto;
-        let receipt = match au.receipt.as_str() {
+impl RawAuto {
+    fn validate(&self, p: &mut Problems) -> Auto {
+        let receipt = match self.receipt.as_str() {
             "all" => ReceiptPolicy::All,
             "forward" => ReceiptPolicy::Forward,
             "none" => ReceiptPolicy::None,
             other => {
-                bad(
+                p.bad(
                     "auto.receipt",
                     format!("{other:?} is not \"all\", \"forward\" or \"none\""),
                 );
                 ReceiptPolicy::All
             }
         };
-        let max_per_address_per_hour = positive(
-            &mut bad,
-            "auto.max_per_address_per_hour",
-            au.max_per_address_per_hour,
-        );
-        let max_per_address_per_day = positive(
-            &mut bad,
-            "auto.max_per_address_per_day",
-            au.max_per_address_per_day,
-        );
-        let max_resends_per_ticket_hour = positive(
-            &mut bad,
-            "auto.max_resends_per_ticket_hour",
-            au.max_resends_per_ticket_hour,
-        );
         let templates_dir =
-            (!au.templates_dir.is_empty()).then(|| PathBuf::from(&au.templates_dir));
+            (!self.templates_dir.is_empty()).then(|| PathBuf::from(&self.templates_dir));
         if let Some(dir) = &templates_dir {
             if !dir.is_dir() {
-                bad(
+                p.bad(
                     "auto.templates_dir",
                     format!("{} is not a directory", dir.display()),
                 );
             }
         }
+        Auto {
+            receipt,
+            closure: self.closure,
+            max_per_address_per_hour: p.positive(
+                "auto.max_per_address_per_hour",
+                self.max_per_address_per_hour,
+            ),
+            max_per_address_per_day: p
+                .positive("auto.max_per_address_per_day", self.max_per_address_per_day),
+            max_resends_per_ticket_hour: p.positive(
+                "auto.max_resends_per_ticket_hour",
+                self.max_resends_per_ticket_hour,
+            ),
+            templates_dir,
+        }
+    }
+}
 
-        let sec = &self.security;
+impl RawSecurity {
+    fn validate(&self, p: &mut Problems) -> Security {
         let mut trusted_relays = Vec::new();
-        for (i, net) in sec.trusted_relays.iter().enumerate() {
+        for (i, net) in self.trusted_relays.iter().enumerate() {
             match parse_net(net) {
                 Some(n) => trusted_relays.push(n),
-                None => bad(
+                None => p.bad(
                     &format!("security.trusted_relays[{i}]"),
                     format!("{net:?} is not an address or CIDR network"),
                 ),
             }
         }
         let authserv_id =
-            (!sec.authserv_id.is_empty()).then(|| sec.authserv_id.to_ascii_lowercase());
+            (!self.authserv_id.is_empty()).then(|| self.authserv_id.to_ascii_lowercase());
         let reply_secret_file =
-            (!sec.reply_secret_file.is_empty()).then(|| PathBuf::from(&sec.reply_secret_file));
-        if let Some(path) = &reply_secret_file {
-            match std::fs::read(path) {
-                Ok(key) if key.iter().filter(|b| !b.is_ascii_whitespace()).count() >= 16 => {}
-                Ok(_) => bad(
-                    "security.reply_secret_file",
-                    "holds fewer than 16 bytes of key".into(),
-                ),
-                Err(e) => bad(
-                    "security.reply_secret_file",
-                    format!("cannot read {}: {e}", path.display()),
-                ),
-            }
-        }
-
-        let mut agents = Vec::new();
-        let mut seen = BTreeSet::new();
-        for (i, raw) in self.agents.iter().enumerate() {
-            let email = raw.email.trim().to_ascii_lowercase();
-            if !is_address(&email) {
-                bad(
-                    &format!("agents[{i}].email"),
-                    format!("{:?} is not a mail address", raw.email),
-                );
-                continue;
-            }
-            if email == a.public.to_ascii_lowercase() || email == a.internal.to_ascii_lowercase() {
-                bad(&format!("agents[{i}].email"), "is a CRM address".into());
-                continue;
-            }
-            if !seen.insert(email.clone()) {
-                bad(
-                    &format!("agents[{i}].email"),
-                    format!("{email} is listed twice"),
-                );
-                continue;
-            }
-            if raw.name.contains(['\r', '\n']) {
-                bad(&format!("agents[{i}].name"), "must be one line".into());
-            }
-            agents.push(Agent {
-                name: raw.name.trim().to_string(),
-                email,
-                default_notes_list: raw.default_notes_list,
+            (!self.reply_secret_file.is_empty()).then(|| PathBuf::from(&self.reply_secret_file));
+        let reply_secret = reply_secret_file
+            .as_ref()
+            .and_then(|path| match std::fs::read(path) {
+                Ok(key) if key.iter().filter(|b| !b.is_ascii_whitespace()).count() >= 16 => {
+                    Some(key.trim_ascii().to_vec())
+                }
+                Ok(_) => {
+                    p.bad(
+                        "security.reply_secret_file",
+                        "holds fewer than 16 bytes of key".into(),
+                    );
+                    None
+                }
+                Err(e) => {
+                    p.bad(
+                        "security.reply_secret_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    );
+                    None
+                }
             });
-        }
-
-        if !problems.is_empty() {
-            return Err(ConfigError::Invalid {
-                origin: origin.to_string(),
-                problems,
-            });
-        }
-        Ok(Config {
-            origin: origin.to_string(),
-            hostname: g.hostname.to_ascii_lowercase(),
-            state_dir: PathBuf::from(&g.state_dir),
-            language,
-            display_name: g.display_name.trim().to_string(),
-            operator,
-            listen,
-            max_message_bytes,
-            max_recipients,
-            max_sessions,
-            tls,
-            public_address: a.public.to_ascii_lowercase(),
-            internal_address: a.internal.to_ascii_lowercase(),
-            ticket_prefix: t.prefix.clone(),
-            ticket_digits: digits,
-            ticket_pattern,
-            reopen_on_reply: t.reopen_on_reply,
-            add_cc_on_open: self.watch.add_cc_on_open,
-            relay,
-            relay_username,
-            relay_password_file,
-            relay_ca_certificates,
-            retry_initial_seconds,
-            retry_max_seconds,
-            give_up_after_hours,
-            receipt,
-            closure: au.closure,
-            max_per_address_per_hour,
-            max_per_address_per_day,
-            max_resends_per_ticket_hour,
-            templates_dir,
+        Security {
             trusted_relays,
             authserv_id,
             reply_secret_file,
-            agents,
-            raw: self,
-        })
+            reply_secret,
+        }
     }
+}
+
+/// The `[[agents]]`, each a distinct address that is not a CRM address.
+fn validate_agents(raw: &[RawAgent], addresses: &RawAddresses, p: &mut Problems) -> Vec<Agent> {
+    let mut agents = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (i, agent) in raw.iter().enumerate() {
+        let email = agent.email.trim().to_ascii_lowercase();
+        if !is_address(&email) {
+            p.bad(
+                &format!("agents[{i}].email"),
+                format!("{:?} is not a mail address", agent.email),
+            );
+            continue;
+        }
+        if email == addresses.public.to_ascii_lowercase()
+            || email == addresses.internal.to_ascii_lowercase()
+        {
+            p.bad(&format!("agents[{i}].email"), "is a CRM address".into());
+            continue;
+        }
+        if !seen.insert(email.clone()) {
+            p.bad(
+                &format!("agents[{i}].email"),
+                format!("{email} is listed twice"),
+            );
+            continue;
+        }
+        if agent.name.contains(['\r', '\n']) {
+            p.bad(&format!("agents[{i}].name"), "must be one line".into());
+        }
+        agents.push(Agent {
+            name: agent.name.trim().to_string(),
+            email,
+            default_notes_list: agent.default_notes_list,
+        });
+    }
+    agents
 }
 
 /// The pattern derived from prefix and digits: the prefix, any case, then
@@ -803,20 +961,6 @@ fn fallback_pattern() -> Regex {
     match Regex::new(&default_pattern("TKT", 7)) {
         Ok(re) => re,
         Err(e) => unreachable!("constant pattern: {e}"),
-    }
-}
-
-fn positive<T: TryFrom<i64> + Default>(
-    bad: &mut impl FnMut(&str, String),
-    key: &str,
-    value: i64,
-) -> T {
-    match T::try_from(value) {
-        Ok(v) if value > 0 => v,
-        _ => {
-            bad(key, format!("{value} must be a positive whole number"));
-            T::default()
-        }
     }
 }
 
@@ -951,16 +1095,16 @@ mod tests {
     #[test]
     fn embedded_default_is_valid_and_matches_spec() {
         let c = Config::embedded_default();
-        assert_eq!(c.listen, "127.0.0.1:2525".parse().unwrap());
-        assert_eq!(c.state_dir, PathBuf::from("./crmgate-data"));
+        assert_eq!(c.smtp.listen, "127.0.0.1:2525".parse().unwrap());
+        assert_eq!(c.gateway.state_dir, PathBuf::from("./crmgate-data"));
         assert_eq!(
-            c.relay,
+            c.relay.target,
             RelayTarget::File(PathBuf::from("./crmgate-data/sent"))
         );
-        assert_eq!(c.public_address, "support@localhost");
-        assert_eq!(c.language, Language::Fr);
+        assert_eq!(c.addresses.public, "support@localhost");
+        assert_eq!(c.gateway.language, Language::Fr);
         assert!(c.agents.is_empty());
-        assert_eq!(c.trusted_relays.len(), 2);
+        assert_eq!(c.security.trusted_relays.len(), 2);
     }
 
     #[test]
@@ -1071,10 +1215,10 @@ mod tests {
         .unwrap();
         let c = Config::from_toml(&with_ca(&bundle), "test").unwrap();
         assert_eq!(
-            c.relay_ca_certificates,
+            c.relay.ca_certificates,
             [generated.cert.der().clone(), other.cert.der().clone()]
         );
-        assert!(Config::embedded_default().relay_ca_certificates.is_empty());
+        assert!(Config::embedded_default().relay.ca_certificates.is_empty());
     }
 
     #[test]
@@ -1111,10 +1255,11 @@ mod tests {
     fn default_pattern_finds_numbers_in_any_case_and_not_longer_ones() {
         let c = Config::embedded_default();
         let caps = c
-            .ticket_pattern
+            .ticket
+            .pattern
             .captures("Re: [tkt0000042] imprimante")
             .unwrap();
         assert_eq!(&caps["number"], "tkt0000042");
-        assert!(c.ticket_pattern.captures("TKT00000421").is_none());
+        assert!(c.ticket.pattern.captures("TKT00000421").is_none());
     }
 }

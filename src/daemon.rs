@@ -32,9 +32,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(async move {
-        let listener = TcpListener::bind(config.listen)
+        let listener = TcpListener::bind(config.smtp.listen)
             .await
-            .with_context(|| format!("smtp.listen: cannot listen on {}", config.listen))?;
+            .with_context(|| format!("smtp.listen: cannot listen on {}", config.smtp.listen))?;
         let shutdown = CancellationToken::new();
         let config_path = reload_path(&config);
         let reload = Arc::new(Notify::new());
@@ -103,7 +103,7 @@ pub async fn serve(
         .context("starting the writer thread")?;
 
     let mut settings = crate::smtp::Settings::from_config(&config);
-    if let Some(files) = &config.tls {
+    if let Some(files) = &config.smtp.tls {
         settings.tls = Some(
             crate::smtp::load_tls(&files.cert, &files.key)
                 .context("smtp.tls_cert / smtp.tls_key")?,
@@ -148,7 +148,7 @@ pub async fn serve(
 
     let checkpointer = spawn_checkpointer(db_path.clone(), progress, shutdown.clone())?;
 
-    tracing::info!(listen = %listener.local_addr()?, relay = ?config.relay, "crmgate ready");
+    tracing::info!(listen = %listener.local_addr()?, relay = ?config.relay.target, "crmgate ready");
     if notify_systemd {
         // Not under systemd this is a no-op.
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

@@ -142,7 +142,7 @@ pub struct Facts<'a> {
 impl Facts<'_> {
     fn is_crm_address(&self, address: &str) -> bool {
         let base = crate::thread::strip_tag(address);
-        base == self.config.public_address || base == self.config.internal_address
+        base == self.config.addresses.public || base == self.config.addresses.internal
     }
 
     fn is_agent_or_former(&self, address: &str) -> bool {
@@ -212,9 +212,9 @@ impl SentCounts {
     /// The configured limits, in the same shape: the store counts no further.
     pub fn caps(config: &Config) -> SentCounts {
         SentCounts {
-            automatic_last_hour: config.max_per_address_per_hour,
-            automatic_last_day: config.max_per_address_per_day,
-            resends_on_ticket_last_hour: config.max_resends_per_ticket_hour,
+            automatic_last_hour: config.auto.max_per_address_per_hour,
+            automatic_last_day: config.auto.max_per_address_per_day,
+            resends_on_ticket_last_hour: config.auto.max_resends_per_ticket_hour,
         }
     }
 }
@@ -225,10 +225,10 @@ pub fn within_cap(config: &Config, cap: Cap, sent: SentCounts) -> bool {
     match cap {
         Cap::Never => true,
         Cap::Automatic => {
-            sent.automatic_last_hour < config.max_per_address_per_hour
-                && sent.automatic_last_day < config.max_per_address_per_day
+            sent.automatic_last_hour < config.auto.max_per_address_per_hour
+                && sent.automatic_last_day < config.auto.max_per_address_per_day
         }
-        Cap::Resend => sent.resends_on_ticket_last_hour < config.max_resends_per_ticket_hour,
+        Cap::Resend => sent.resends_on_ticket_last_hour < config.auto.max_resends_per_ticket_hour,
     }
 }
 
@@ -246,7 +246,7 @@ pub struct SentCounts {
 pub fn accepts_recipient(config: &Config, address: &str) -> bool {
     let address = address.trim().to_ascii_lowercase();
     let base = crate::thread::strip_tag(&address);
-    if base == config.public_address || base == config.internal_address {
+    if base == config.addresses.public || base == config.addresses.internal {
         return true;
     }
     is_postmaster(config, &address)
@@ -260,8 +260,8 @@ pub fn is_postmaster(config: &Config, address: &str) -> bool {
     }
     match address.split_once('@') {
         Some(("postmaster", domain)) => {
-            domain == config.hostname
-                || [&config.public_address, &config.internal_address]
+            domain == config.gateway.hostname
+                || [&config.addresses.public, &config.addresses.internal]
                     .iter()
                     .any(|a| a.rsplit_once('@').is_some_and(|(_, d)| d == domain))
         }
@@ -281,13 +281,14 @@ pub fn from_is_believed(
     from: &str,
 ) -> bool {
     if config
+        .security
         .trusted_relays
         .iter()
         .any(|net| net.contains(&envelope.peer))
     {
         return true;
     }
-    let Some(id) = &config.authserv_id else {
+    let Some(id) = &config.security.authserv_id else {
         return false;
     };
     let Some(result) = inbound.auth_results.iter().find(|r| &r.authserv_id == id) else {
@@ -352,17 +353,17 @@ fn display_name(mailbox: &Mailbox, config: &Config) -> String {
                 .unwrap_or_default()
                 .to_string()
         });
-    format!("{name} via {}", config.display_name)
+    format!("{name} via {}", config.gateway.display_name)
 }
 
 /// The display name of an agent's From that is not believed: marked, in
 /// the helpdesk's language, so no agent takes it for a colleague's word.
 fn unverified_name(mailbox: &Mailbox, config: &Config) -> String {
     let name = mailbox.name.as_deref().unwrap_or(&mailbox.address);
-    let mark = unverified_mark(config.language);
+    let mark = unverified_mark(config.gateway.language);
     format!(
         "{name} ({mark}: {}) via {}",
-        mailbox.address, config.display_name
+        mailbox.address, config.gateway.display_name
     )
 }
 
@@ -402,7 +403,7 @@ pub fn decide(
     if inbound
         .loop_hosts
         .iter()
-        .any(|h| h.trim().eq_ignore_ascii_case(&config.hostname))
+        .any(|h| h.trim().eq_ignore_ascii_case(&config.gateway.hostname))
     {
         return Decision::Quarantine(QuarantineReason::Loop);
     }
@@ -442,11 +443,11 @@ pub fn decide(
                 .chain(&inbound.cc)
                 .map(|m| m.address.as_str()),
         )
-        .any(|a| crate::thread::strip_tag(a) == config.internal_address);
+        .any(|a| crate::thread::strip_tag(a) == config.addresses.internal);
     if internal && !agent {
         return Decision::Refuse(format!(
             "Only the helpdesk's agents may write work notes to {}; write to {} instead",
-            config.internal_address, config.public_address
+            config.addresses.internal, config.addresses.public
         ));
     }
 
@@ -468,7 +469,7 @@ pub fn decide(
         bounce: None,
         decision: "comment",
     };
-    let subject = crate::thread::clean_subject(&inbound.subject, &config.ticket_pattern);
+    let subject = crate::thread::clean_subject(&inbound.subject, &config.ticket.pattern);
     let inbound_entry = |kind: EntryKind, author: &Mailbox| PlannedEntry {
         kind,
         author: author.clone(),
@@ -518,7 +519,7 @@ pub fn decide(
                 if !forward.original_subject.trim().is_empty() {
                     new.subject = crate::thread::clean_subject(
                         &forward.original_subject,
-                        &config.ticket_pattern,
+                        &config.ticket.pattern,
                     );
                 }
                 add_agent(&mut new.work_notes_list, &sender.address);
@@ -565,7 +566,7 @@ pub fn decide(
                 plan.entries
                     .push(inbound_entry(EntryKind::Comment, &sender));
             }
-            if config.add_cc_on_open && !internal {
+            if config.watch.add_cc_on_open && !internal {
                 for m in inbound.to.iter().chain(&inbound.cc) {
                     if facts.may_watch(&m.address)
                         && !contains(&new.requesters, &m.address)
@@ -617,7 +618,7 @@ pub fn decide(
             let requester_reopens = !agent
                 && kind == EntryKind::Comment
                 && t.state == TicketState::Resolved
-                && config.reopen_on_reply
+                && config.ticket.reopen_on_reply
                 && contains(&t.requesters, &sender.address);
             if agent_on_new || requester_reopens {
                 plan.state = Some(TicketState::Open);
@@ -701,11 +702,11 @@ fn plan_sends(
     match entry.kind {
         EntryKind::WorkNote => {
             plan.sends
-                .push(agents_send(SendKind::WorkNote, &config.internal_address));
+                .push(agents_send(SendKind::WorkNote, &config.addresses.internal));
         }
         EntryKind::Email => {
             plan.sends
-                .push(agents_send(SendKind::PartnerCopy, &config.public_address));
+                .push(agents_send(SendKind::PartnerCopy, &config.addresses.public));
         }
         EntryKind::Comment => {
             let requesters: Vec<Mailbox> = ticket
@@ -729,14 +730,14 @@ fn plan_sends(
                 kind: SendKind::PublicCopy,
                 entry: 0,
                 from_name: from_name.clone(),
-                from_address: config.public_address.clone(),
+                from_address: config.addresses.public.clone(),
                 to: requesters.clone(),
                 cc: watch.clone(),
                 envelope: envelope_of(group),
                 agents_only: false,
             });
             plan.sends
-                .push(agents_send(SendKind::AgentCopy, &config.public_address));
+                .push(agents_send(SendKind::AgentCopy, &config.addresses.public));
             // 8. Reply-all guard: the agent wrote to requesters directly.
             if agent
                 && inbound.to.iter().chain(&inbound.cc).any(|m| {
@@ -746,8 +747,8 @@ fn plan_sends(
                 plan.sends.push(PlannedSend {
                     kind: SendKind::ReplyAllNotice,
                     entry: 0,
-                    from_name: config.display_name.clone(),
-                    from_address: config.public_address.clone(),
+                    from_name: config.gateway.display_name.clone(),
+                    from_address: config.addresses.public.clone(),
                     to: vec![sender.clone()],
                     cc: Vec::new(),
                     envelope: vec![sender.address.clone()],
@@ -773,7 +774,7 @@ fn plan_receipt(
 ) {
     let config = facts.config;
     let forwarded = plan.decision == "forward";
-    let wanted = match config.receipt {
+    let wanted = match config.auto.receipt {
         crate::config::ReceiptPolicy::All => !plan.entries.is_empty(),
         crate::config::ReceiptPolicy::Forward => forwarded,
         crate::config::ReceiptPolicy::None => false,
@@ -802,7 +803,7 @@ fn plan_receipt(
     }
     plan.entries.push(PlannedEntry {
         kind: EntryKind::Receipt,
-        author: Mailbox::new(Some(&config.display_name), &config.public_address),
+        author: Mailbox::new(Some(&config.gateway.display_name), &config.addresses.public),
         by_agent: false,
         subject: new.subject.clone(),
         text: "".into(),
@@ -813,8 +814,8 @@ fn plan_receipt(
     plan.sends.push(PlannedSend {
         kind: SendKind::Receipt,
         entry: plan.entries.len() - 1,
-        from_name: config.display_name.clone(),
-        from_address: config.public_address.clone(),
+        from_name: config.gateway.display_name.clone(),
+        from_address: config.addresses.public.clone(),
         envelope: recipients.iter().map(|m| m.address.clone()).collect(),
         to: recipients,
         cc: Vec::new(),
@@ -834,7 +835,7 @@ fn automatic(
 ) -> Decision {
     let config = facts.config;
     let verp = envelope.rcpt_to.iter().find_map(|r| {
-        crate::thread::parse_bounce_address(r, &config.public_address, facts.reply_key)
+        crate::thread::parse_bounce_address(r, &config.addresses.public, facts.reply_key)
     });
     let bounce = inbound.report.as_ref().map(|report| Bounce {
         outbox_id: verp,
@@ -918,7 +919,7 @@ pub fn publish(
 /// watch group when `[auto] closure` is on.
 pub fn resolve(facts: &Facts<'_>, ticket: &TicketView) -> Plan {
     let config = facts.config;
-    let system = Mailbox::new(Some(&config.display_name), &config.public_address);
+    let system = Mailbox::new(Some(&config.gateway.display_name), &config.addresses.public);
     let group: Vec<Mailbox> = ticket
         .requesters
         .iter()
@@ -944,7 +945,7 @@ pub fn resolve(facts: &Facts<'_>, ticket: &TicketView) -> Plan {
         bounce: None,
         decision: "closure",
     };
-    if config.closure && !group.is_empty() {
+    if config.auto.closure && !group.is_empty() {
         let requesters: Vec<Mailbox> = group
             .iter()
             .filter(|m| contains(&ticket.requesters, &m.address))
@@ -958,8 +959,8 @@ pub fn resolve(facts: &Facts<'_>, ticket: &TicketView) -> Plan {
         plan.sends.push(PlannedSend {
             kind: SendKind::Closure,
             entry: 0,
-            from_name: config.display_name.clone(),
-            from_address: config.public_address.clone(),
+            from_name: config.gateway.display_name.clone(),
+            from_address: config.addresses.public.clone(),
             envelope: group.iter().map(|m| m.address.clone()).collect(),
             to: requesters,
             cc: watch,

@@ -42,7 +42,7 @@ impl From<rusqlite_migration::Error> for IntakeError {
 pub struct Runtime {
     pub config: Arc<Config>,
     pub templates: Templates,
-    /// Content of `reply_secret_file`, trimmed.
+    /// Content of `reply_secret_file`, trimmed (read once, with the configuration).
     pub reply_key: Option<Vec<u8>>,
     /// Addresses that were agents once. They change only when the agents
     /// are synced (start, SIGHUP), so they are read then, not per message.
@@ -53,24 +53,14 @@ pub struct Runtime {
 
 impl Runtime {
     /// # Errors
-    /// A template that does not compile, or an unreadable key file.
+    /// A template that does not compile.
     pub fn new(config: Arc<Config>) -> Result<Runtime, anyhow::Error> {
-        let templates = Templates::load(config.templates_dir.as_deref())?;
-        let reply_key = match &config.reply_secret_file {
-            Some(path) => Some(
-                std::fs::read(path)
-                    .map_err(|e| {
-                        anyhow::anyhow!("security.reply_secret_file: {}: {e}", path.display())
-                    })?
-                    .trim_ascii()
-                    .to_vec(),
-            ),
-            None => None,
-        };
+        let templates = Templates::load(config.auto.templates_dir.as_deref())?;
+        let reply_key = config.security.reply_secret.clone();
         let mut runtime = Runtime {
             scrub: Scrub {
                 addresses: Vec::new(),
-                replacement: config.public_address.clone(),
+                replacement: config.addresses.public.clone(),
             },
             config,
             templates,
@@ -208,7 +198,9 @@ pub fn process(
         Decision::Quarantine(reason) => {
             quarantine(reason.as_str())?;
             let mut queued = 0;
-            if let (QuarantineReason::Postmaster, Some(operator)) = (reason, &config.operator) {
+            if let (QuarantineReason::Postmaster, Some(operator)) =
+                (reason, &config.gateway.operator)
+            {
                 forward_to_operator(conn, config, operator, inbound, &arrival.raw, now)?;
                 queued = 1;
             }
@@ -307,13 +299,13 @@ fn forward_to_operator(
     raw: &[u8],
     now: i64,
 ) -> Result<(), IntakeError> {
-    let mut message = format!("X-Crmgate-Loop: {}\r\n", config.hostname).into_bytes();
+    let mut message = format!("X-Crmgate-Loop: {}\r\n", config.gateway.hostname).into_bytes();
     message.extend_from_slice(raw);
     let message_id = inbound.message_id.clone().unwrap_or_else(|| {
         format!(
             "postmaster.{:016x}@{}",
             rand::random::<u64>(),
-            config.hostname
+            config.gateway.hostname
         )
     });
     tickets::insert_outbox(
@@ -343,7 +335,7 @@ fn find_ticket(
     for rcpt in &env.rcpt_to {
         if let Some(id) = crate::thread::parse_bounce_address(
             rcpt,
-            &config.public_address,
+            &config.addresses.public,
             rt.reply_key.as_deref(),
         ) {
             found = tickets::find_by_outbox_id(conn, id)?;
@@ -354,8 +346,8 @@ fn find_ticket(
     }
     if found.is_none() {
         let crm = [
-            config.public_address.as_str(),
-            config.internal_address.as_str(),
+            config.addresses.public.as_str(),
+            config.addresses.internal.as_str(),
         ];
         let c = crate::thread::candidates(
             &inbound.subject,
@@ -363,7 +355,7 @@ fn find_ticket(
             &crm,
             &inbound.in_reply_to,
             &inbound.references,
-            &config.ticket_pattern,
+            &config.ticket.pattern,
             rt.reply_key.as_deref(),
         );
         let numbers = c.signed_numbers.iter().chain(&c.subject_numbers);

@@ -40,11 +40,6 @@ mod smtp;
 pub enum RelayError {
     #[error("relay worker: {0}")]
     Store(#[from] StoreError),
-    #[error("relay worker: cannot read the reply secret {path}: {source}")]
-    Secret {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("relay worker: a database task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
     #[error("relay worker: cannot prepare TLS towards the relay: {0}")]
@@ -103,7 +98,7 @@ pub async fn run_with(
     on_failed: FailureHook,
     marks: Option<tokio::sync::mpsc::Sender<MarkRequest>>,
 ) -> Result<(), RelayError> {
-    let key = read_reply_secret(&config)?;
+    let key = config.security.reply_secret.clone();
     let conn =
         tokio::task::spawn_blocking(move || store::open_with(&db_path, store::Durability::Relaxed))
             .await??;
@@ -114,7 +109,7 @@ pub async fn run_with(
         template,
         marks,
         policy: RetryPolicy::from_config(&config),
-        public_address: config.public_address.clone(),
+        public_address: config.addresses.public.clone(),
         key,
         on_failed,
         unrecorded: Vec::new(),
@@ -134,19 +129,6 @@ pub async fn run_with(
     Ok(())
 }
 
-/// The key of signed bounce addresses: the content of `reply_secret_file`,
-/// trimmed, as everywhere else in crmgate.
-fn read_reply_secret(config: &Config) -> Result<Option<Vec<u8>>, RelayError> {
-    let Some(path) = &config.reply_secret_file else {
-        return Ok(None);
-    };
-    let text = std::fs::read(path).map_err(|source| RelayError::Secret {
-        path: path.clone(),
-        source,
-    })?;
-    Ok(Some(text.trim_ascii().to_vec()))
-}
-
 /// How long to wait before the next attempt, and when to stop trying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -159,9 +141,9 @@ impl RetryPolicy {
     pub fn from_config(config: &Config) -> RetryPolicy {
         let seconds = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         RetryPolicy {
-            initial_seconds: seconds(config.retry_initial_seconds),
-            max_seconds: seconds(config.retry_max_seconds),
-            give_up_after_seconds: seconds(config.give_up_after_hours).saturating_mul(3600),
+            initial_seconds: seconds(config.relay.retry_initial_seconds),
+            max_seconds: seconds(config.relay.retry_max_seconds),
+            give_up_after_seconds: seconds(config.relay.give_up_after_hours).saturating_mul(3600),
         }
     }
 
@@ -341,19 +323,20 @@ impl Lane {
     /// # Errors
     /// [`RelayError::Tls`] when the TLS configuration cannot be built.
     fn new(config: &Config) -> Result<Lane, RelayError> {
-        Ok(match &config.relay {
+        Ok(match &config.relay.target {
             RelayTarget::File(dir) => Lane::File(file::FileRelay::new(dir.clone())),
             RelayTarget::Smtp { host, port, tls } => {
                 let credentials = config
-                    .relay_username
+                    .relay
+                    .username
                     .clone()
-                    .zip(config.relay_password_file.clone());
+                    .zip(config.relay.password_file.clone());
                 let relay = smtp::SmtpRelay::new(
                     host.clone(),
                     *port,
                     *tls,
-                    &config.relay_ca_certificates,
-                    &config.hostname,
+                    &config.relay.ca_certificates,
+                    &config.gateway.hostname,
                     credentials,
                 )
                 .map_err(RelayError::Tls)?;

@@ -233,7 +233,7 @@ mod tests {
     use crate::config::Config;
 
     fn pattern() -> Regex {
-        Config::embedded_default().ticket_pattern
+        Config::embedded_default().ticket.pattern
     }
 
     #[test]

@@ -109,12 +109,12 @@ impl Settings {
     /// errors are reported on their own.
     pub fn from_config(config: &crate::config::Config) -> Self {
         Self {
-            hostname: config.hostname.clone(),
-            max_message_bytes: config.max_message_bytes,
-            max_recipients: config.max_recipients,
-            max_sessions: config.max_sessions,
+            hostname: config.gateway.hostname.clone(),
+            max_message_bytes: config.smtp.max_message_bytes,
+            max_recipients: config.smtp.max_recipients,
+            max_sessions: config.smtp.max_sessions,
             max_sessions_per_client: 20,
-            exempt_clients: config.trusted_relays.clone(),
+            exempt_clients: config.security.trusted_relays.clone(),
             // RFC 5321 §4.5.3.2.7: a server should wait at least 5 minutes.
             idle_timeout: Duration::from_secs(5 * 60),
             // About 3,000 messages of MAIL, RCPT, DATA: enough for an MTA that
