@@ -33,11 +33,14 @@
 //! of many sessions (and the relay's outcomes) into one commit each.
 //! [`apply`] writes a plan and queues its mail, for inbound mail and for the
 //! CLI's ticket commands alike.
+//! [`auth`] checks SPF, DKIM and DMARC of agents' mail before decide, and
+//! DKIM-signs what the relay sends.
 //! [`cli`] holds the command line; [`daemon`] starts and stops the pieces.
 //! [`helpdesk`] holds the nouns every stage shares (ticket states, entry
 //! kinds, list roles, outbox kinds, the envelope), below them all.
 
 pub mod apply;
+pub mod auth;
 pub mod cli;
 pub mod compose;
 pub mod config;

@@ -1,0 +1,254 @@
+//! crmgate's own SPF, DKIM and DMARC check and its DKIM signatures,
+//! against a real DNS server on 127.0.0.1 (tests/common/dns.rs) that
+//! publishes the test domains' records.
+
+mod common;
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use common::dns::Dns;
+use crmgate::auth::{Dkim, DkimSigner, SignError, Spf, VerifyError};
+
+const HOST: &str = "mx.crm.test";
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/dkim")
+        .join(name)
+}
+
+fn signer(key: &str, domains: &[&str]) -> DkimSigner {
+    DkimSigner::load(&fixture(key), "sel", domains).unwrap()
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+const WORK_NOTE: &str = "From: Jane Doe <jane@example.org>\r\n\
+To: support-notes@crm.test\r\n\
+Subject: Re: [TKT0000001] printer\r\n\
+Date: Tue, 1 Dec 2026 10:00:00 +0000\r\n\
+Message-ID: <note-1@example.org>\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: text/plain; charset=utf-8\r\n\
+\r\n\
+The toner is ordered.\r\n";
+
+/// example.org: SPF for 127.0.0.1, a DMARC record, the RSA key under
+/// `sel`; provider.test: SPF for 127.0.0.1 as well (a shared provider);
+/// other.test: the same key (a signature for another domain).
+async fn published(signer: &DkimSigner) -> Dns {
+    let dns = Dns::start().await;
+    dns.txt("example.org", "v=spf1 ip4:127.0.0.1 -all");
+    dns.txt("_dmarc.example.org", "v=DMARC1; p=reject");
+    dns.txt(&signer.record_name("example.org"), &signer.record());
+    dns.txt("provider.test", "v=spf1 ip4:127.0.0.1 -all");
+    dns.txt(&signer.record_name("other.test"), &signer.record());
+    dns
+}
+
+#[tokio::test]
+async fn a_valid_aligned_signature_passes_from_a_peer_spf_does_not_allow() {
+    let signer = signer("rsa2048.pem", &["example.org"]);
+    let dns = published(&signer).await;
+    let signed = signer
+        .sign(WORK_NOTE.as_bytes(), "jane@example.org")
+        .unwrap();
+    let result = dns
+        .verifier(HOST)
+        .check(
+            &signed,
+            ip("192.0.2.9"),
+            "mail.provider.test",
+            Some("jane@example.org"),
+            "example.org",
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.dkim, Dkim::Pass(vec!["example.org".into()]));
+    assert_eq!(result.spf, Spf::Fail);
+    assert!(result.dmarc_pass());
+    let header = result.header(HOST);
+    assert!(
+        header.starts_with("Authentication-Results: mx.crm.test; spf=fail"),
+        "{header}"
+    );
+    assert!(
+        header.contains("dkim=pass header.d=example.org; dmarc=pass"),
+        "{header}"
+    );
+}
+
+#[tokio::test]
+async fn a_broken_body_hash_another_domain_or_no_signature_fail_the_test() {
+    let signer = signer("rsa2048.pem", &["example.org"]);
+    let dns = published(&signer).await;
+    let verifier = dns.verifier(HOST);
+    let peer = ip("192.0.2.9");
+
+    let signed = signer
+        .sign(WORK_NOTE.as_bytes(), "jane@example.org")
+        .unwrap();
+    let tampered = String::from_utf8(signed)
+        .unwrap()
+        .replace("The toner is ordered.", "Wire 5,000 EUR today.");
+    let result = verifier
+        .check(
+            tampered.as_bytes(),
+            peer,
+            "x.test",
+            Some("jane@example.org"),
+            "example.org",
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.dkim, Dkim::Fail);
+    assert!(!result.dmarc_pass());
+
+    let other = signer
+        .sign(WORK_NOTE.as_bytes(), "someone@other.test")
+        .unwrap();
+    let result = verifier
+        .check(
+            &other,
+            peer,
+            "x.test",
+            Some("jane@example.org"),
+            "example.org",
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.dkim, Dkim::Pass(vec!["other.test".into()]));
+    assert!(!result.dmarc_pass());
+
+    let result = verifier
+        .check(
+            WORK_NOTE.as_bytes(),
+            peer,
+            "x.test",
+            Some("jane@example.org"),
+            "example.org",
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.dkim, Dkim::None);
+    assert!(!result.dmarc_pass());
+}
+
+#[tokio::test]
+async fn spf_passes_count_only_aligned_and_helo_stands_in_for_the_null_sender() {
+    let signer = signer("rsa2048.pem", &["example.org"]);
+    let dns = published(&signer).await;
+    let verifier = dns.verifier(HOST);
+    let peer = ip("127.0.0.1");
+
+    let aligned = verifier
+        .check(
+            WORK_NOTE.as_bytes(),
+            peer,
+            "x.test",
+            Some("bounce@example.org"),
+            "example.org",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (aligned.spf, aligned.spf_domain.as_str()),
+        (Spf::Pass, "example.org")
+    );
+    assert!(aligned.dmarc_pass());
+
+    let shared = verifier
+        .check(
+            WORK_NOTE.as_bytes(),
+            peer,
+            "x.test",
+            Some("tenant@provider.test"),
+            "example.org",
+        )
+        .await
+        .unwrap();
+    assert_eq!(shared.spf, Spf::Pass);
+    assert!(
+        !shared.dmarc_pass(),
+        "the provider's SPF is no proof for example.org"
+    );
+
+    let by_helo = verifier
+        .check(
+            WORK_NOTE.as_bytes(),
+            peer,
+            "example.org",
+            None,
+            "example.org",
+        )
+        .await
+        .unwrap();
+    assert!(by_helo.spf_by_helo);
+    assert_eq!(by_helo.spf, Spf::Pass);
+    assert!(by_helo.header(HOST).contains("smtp.helo=example.org"));
+
+    let (spf, domain, _) = verifier
+        .spf(ip("192.0.2.9"), "x.test", Some("a@example.org"))
+        .await;
+    assert_eq!((spf, domain.as_str()), (Spf::Fail, "example.org"));
+}
+
+#[tokio::test]
+async fn a_dns_server_that_does_not_answer_is_an_error_not_a_verdict() {
+    let signer = signer("rsa2048.pem", &["example.org"]);
+    let mut dns = published(&signer).await;
+    let verifier = dns.verifier(HOST);
+    dns.stop();
+    let signed = signer
+        .sign(WORK_NOTE.as_bytes(), "jane@example.org")
+        .unwrap();
+    let result = verifier
+        .check(
+            &signed,
+            ip("192.0.2.9"),
+            "x.test",
+            Some("jane@example.org"),
+            "example.org",
+        )
+        .await;
+    assert!(matches!(result, Err(VerifyError::Dns(_))), "{result:?}");
+}
+
+#[tokio::test]
+async fn ed25519_and_pkcs1_keys_sign_and_verify() {
+    for key in ["ed25519.pem", "rsa2048-pkcs1.pem"] {
+        let signer = signer(key, &["example.org"]);
+        let dns = published(&signer).await;
+        let signed = signer
+            .sign(WORK_NOTE.as_bytes(), "jane@example.org")
+            .unwrap();
+        let text = String::from_utf8(signed.clone()).unwrap();
+        assert!(text.starts_with("DKIM-Signature:"), "{key}");
+        assert!(text.contains("c=relaxed/relaxed"), "{key}: {text}");
+        let result = dns
+            .verifier(HOST)
+            .check(&signed, ip("192.0.2.9"), "x.test", None, "example.org")
+            .await
+            .unwrap();
+        assert_eq!(result.dkim, Dkim::Pass(vec!["example.org".into()]), "{key}");
+    }
+    assert!(signer("ed25519.pem", &[])
+        .record()
+        .starts_with("v=DKIM1; k=ed25519; p="));
+    assert!(signer("rsa2048.pem", &[])
+        .record()
+        .starts_with("v=DKIM1; k=rsa; p=MIIBIjAN"));
+}
+
+#[test]
+fn a_weak_unreadable_or_keyless_file_is_refused_by_name() {
+    let weak = DkimSigner::load(&fixture("rsa1024.pem"), "sel", &[]).unwrap_err();
+    assert!(matches!(weak, SignError::Weak { bits: 1024, .. }), "{weak}");
+    let missing = DkimSigner::load(&fixture("none.pem"), "sel", &[]).unwrap_err();
+    assert!(matches!(missing, SignError::Read { .. }), "{missing}");
+    let keyless = DkimSigner::from_pem(b"hello\n", "x.pem", "sel", &[]).unwrap_err();
+    assert!(matches!(keyless, SignError::NoKey(_)), "{keyless}");
+}
