@@ -245,7 +245,7 @@ pub fn process(
             Ok(Outcome {
                 verdict: Verdict::Stored,
                 ticket: Some(applied.number),
-                decision: plan.decision,
+                decision: plan.decision.as_str(),
                 queued: applied.queued,
             })
         }

@@ -1,0 +1,497 @@
+//! The rules on plain values: one test per rule or per case a bug showed.
+
+use super::*;
+use crate::parse::AuthResult;
+
+const AGENT: &str = "jane.doe@example.org";
+const AGENT2: &str = "bob.agent@example.org";
+
+fn config() -> Config {
+    Config::from_toml(
+        r#"
+[gateway]
+hostname = "crm.example.org"
+[addresses]
+public = "support@example.org"
+internal = "support-notes@example.org"
+[security]
+trusted_relays = ["10.0.0.0/8"]
+authserv_id = "mx.example.org"
+[[agents]]
+name = "Jane Doe"
+email = "Jane.Doe@example.org"
+default_notes_list = true
+[[agents]]
+name = "Bob Agent"
+email = "bob.agent@example.org"
+default_notes_list = true
+"#,
+        "test",
+    )
+    .unwrap()
+}
+
+fn envelope(from: &str, rcpt: &[&str], trusted: bool) -> Envelope {
+    Envelope {
+        peer: if trusted {
+            [10, 0, 0, 5].into()
+        } else {
+            [192, 0, 2, 1].into()
+        },
+        helo: "client".into(),
+        mail_from: Some(from.into()),
+        rcpt_to: rcpt.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn mail(from: &str, to: &[&str], cc: &[&str], subject: &str) -> Inbound {
+    Inbound {
+        from: Some(Mailbox::new(None, from)),
+        to: to.iter().map(|a| Mailbox::new(None, a)).collect(),
+        cc: cc.iter().map(|a| Mailbox::new(None, a)).collect(),
+        subject: subject.into(),
+        message_id: Some(format!("{}@client", subject.len())),
+        text: "Bonjour".into(),
+        body_hash: "h".into(),
+        ..Inbound::default()
+    }
+}
+
+fn ticket() -> TicketView {
+    TicketView {
+        id: 7,
+        number: "TKT0000007".into(),
+        subject: "Imprimante".into(),
+        state: TicketState::Open,
+        owner: Some(AGENT.into()),
+        requesters: vec![Mailbox::new(Some("Alice"), "alice@u.example")],
+        watch_list: vec![Mailbox::new(None, "carol@u.example")],
+        work_notes_list: vec![AGENT.into(), AGENT2.into()],
+        thread: Vec::new(),
+    }
+}
+
+fn run(env: &Envelope, inbound: &Inbound, t: Option<&TicketView>) -> Decision {
+    let config = config();
+    let former = BTreeSet::from(["old.agent@example.org".to_string()]);
+    let facts = Facts {
+        config: &config,
+        former_agents: &former,
+        reply_key: None,
+    };
+    decide(&facts, env, inbound, t, None)
+}
+
+fn plan(d: Decision) -> Plan {
+    match d {
+        Decision::Record(p) => *p,
+        other => panic!("expected a plan, got {other:?}"),
+    }
+}
+
+fn send(p: &Plan, kind: SendKind) -> &PlannedSend {
+    p.sends
+        .iter()
+        .find(|s| s.kind == kind)
+        .unwrap_or_else(|| panic!("no {kind:?} in {:?}", p.sends))
+}
+
+#[test]
+fn recipients_accepted_are_crm_addresses_and_postmaster_only() {
+    let c = config();
+    for ok in [
+        "support@example.org",
+        "SUPPORT+TKT0000001@example.org",
+        "support-notes@example.org",
+        "postmaster@crm.example.org",
+        "postmaster@example.org",
+        "postmaster",
+    ] {
+        assert!(accepts_recipient(&c, ok), "{ok}");
+    }
+    for no in [
+        "alice@u.example",
+        "support@other.org",
+        "postmaster@other.org",
+        "supportx@example.org",
+    ] {
+        assert!(!accepts_recipient(&c, no), "{no}");
+    }
+}
+
+#[test]
+fn a_requester_opens_a_ticket_with_cc_on_the_watch_list_and_a_receipt() {
+    let env = envelope("alice@u.example", &["support@example.org"], false);
+    let inbound = mail(
+        "alice@u.example",
+        &["support@example.org"],
+        &["carol@u.example", AGENT, "support+tkt@example.org"],
+        "Imprimante",
+    );
+    let p = plan(run(&env, &inbound, None));
+    let TicketTarget::New(new) = &p.ticket else {
+        panic!()
+    };
+    assert_eq!(new.requesters[0].address, "alice@u.example");
+    assert_eq!(
+        new.watch_list
+            .iter()
+            .map(|m| m.address.as_str())
+            .collect::<Vec<_>>(),
+        ["carol@u.example"]
+    );
+    assert_eq!(new.work_notes_list, [AGENT, AGENT2]);
+    assert_eq!(p.entries[0].kind, EntryKind::Comment);
+    let receipt = send(&p, SendKind::Receipt);
+    assert_eq!(receipt.envelope, ["alice@u.example"]);
+    // The agent copy goes to the agents who did not have it directly.
+    assert_eq!(send(&p, SendKind::AgentCopy).envelope, [AGENT2]);
+    // Carol was in Cc: no public copy for her, and nobody else.
+    assert!(p.sends.iter().all(|s| s.kind != SendKind::PublicCopy));
+}
+
+#[test]
+fn an_agents_comment_reaches_the_watch_group_under_the_helpdesk_name() {
+    let env = envelope(AGENT, &["support@example.org"], true);
+    let inbound = mail(
+        AGENT,
+        &["support@example.org"],
+        &[],
+        "RE: [TKT0000007] Imprimante",
+    );
+    let t = ticket();
+    let p = plan(run(&env, &inbound, Some(&t)));
+    let public = send(&p, SendKind::PublicCopy);
+    assert_eq!(public.from_name, "Jane Doe via Soutien TI");
+    assert_eq!(public.from_address, "support@example.org");
+    assert_eq!(public.envelope, ["alice@u.example", "carol@u.example"]);
+    assert!(!public.agents_only);
+    assert_eq!(send(&p, SendKind::AgentCopy).envelope, [AGENT2]);
+    assert!(p.sends.iter().all(|s| s.kind != SendKind::ReplyAllNotice));
+}
+
+#[test]
+fn a_work_note_reaches_only_the_other_agents() {
+    let env = envelope(AGENT, &["support-notes@example.org"], true);
+    let inbound = mail(
+        AGENT,
+        &["support-notes@example.org"],
+        &[],
+        "[TKT0000007] note",
+    );
+    let p = plan(run(&env, &inbound, Some(&ticket())));
+    assert_eq!(p.entries[0].kind, EntryKind::WorkNote);
+    assert_eq!(p.sends.len(), 1);
+    assert_eq!(p.sends[0].kind, SendKind::WorkNote);
+    assert_eq!(p.sends[0].from_address, "support-notes@example.org");
+    assert_eq!(p.sends[0].envelope, [AGENT2]);
+}
+
+#[test]
+fn a_work_note_from_an_outsider_or_an_unbelieved_agent_is_refused() {
+    let inbound = mail(
+        "mallory@evil.example",
+        &["support-notes@example.org"],
+        &[],
+        "[TKT0000007] x",
+    );
+    let env = envelope("mallory@evil.example", &["support-notes@example.org"], true);
+    assert!(matches!(
+        run(&env, &inbound, Some(&ticket())),
+        Decision::Refuse(_)
+    ));
+    // The agent's From from an untrusted peer, no Authentication-Results.
+    let inbound = mail(AGENT, &["support-notes@example.org"], &[], "[TKT0000007] x");
+    let env = envelope(AGENT, &["support-notes@example.org"], false);
+    assert!(matches!(
+        run(&env, &inbound, Some(&ticket())),
+        Decision::Refuse(_)
+    ));
+    // Internal address only in Cc, envelope to the public one: still a work note.
+    let inbound = mail(
+        "mallory@evil.example",
+        &["support@example.org"],
+        &["support-notes@example.org"],
+        "x",
+    );
+    let env = envelope("mallory@evil.example", &["support@example.org"], false);
+    assert!(matches!(run(&env, &inbound, None), Decision::Refuse(_)));
+}
+
+#[test]
+fn authentication_results_of_our_authserv_make_an_agent_believed() {
+    let env = envelope(AGENT, &["support-notes@example.org"], false);
+    let mut inbound = mail(AGENT, &["support-notes@example.org"], &[], "[TKT0000007] x");
+    inbound.auth_results = vec![AuthResult {
+        authserv_id: "mx.example.org".into(),
+        dmarc_pass: false,
+        dkim_pass_domains: vec!["example.org".into()],
+    }];
+    assert!(matches!(
+        run(&env, &inbound, Some(&ticket())),
+        Decision::Record(_)
+    ));
+    // Another authserv-id, or a non-aligned DKIM domain: not believed.
+    inbound.auth_results[0].authserv_id = "evil.example".into();
+    assert!(matches!(
+        run(&env, &inbound, Some(&ticket())),
+        Decision::Refuse(_)
+    ));
+    inbound.auth_results[0] = AuthResult {
+        authserv_id: "mx.example.org".into(),
+        dmarc_pass: false,
+        dkim_pass_domains: vec!["evil.example".into()],
+    };
+    assert!(matches!(
+        run(&env, &inbound, Some(&ticket())),
+        Decision::Refuse(_)
+    ));
+    // A forged pass below our MTA's own failing result does not count.
+    inbound.auth_results = vec![
+        AuthResult {
+            authserv_id: "mx.example.org".into(),
+            dmarc_pass: false,
+            dkim_pass_domains: vec![],
+        },
+        AuthResult {
+            authserv_id: "mx.example.org".into(),
+            dmarc_pass: true,
+            dkim_pass_domains: vec![],
+        },
+    ];
+    assert!(matches!(
+        run(&env, &inbound, Some(&ticket())),
+        Decision::Refuse(_)
+    ));
+}
+
+#[test]
+fn a_stranger_on_an_existing_ticket_reaches_the_agents_only() {
+    let env = envelope("stranger@else.example", &["support@example.org"], false);
+    let inbound = mail(
+        "stranger@else.example",
+        &["support@example.org"],
+        &[],
+        "[TKT0000007] hello",
+    );
+    let p = plan(run(&env, &inbound, Some(&ticket())));
+    assert_eq!(p.entries[0].kind, EntryKind::Email);
+    assert_eq!(p.sends.len(), 1);
+    assert_eq!(p.sends[0].kind, SendKind::PartnerCopy);
+    assert!(p.sends[0].agents_only);
+    assert_eq!(p.sends[0].envelope, [AGENT, AGENT2]);
+}
+
+#[test]
+fn a_requesters_reply_all_gives_the_ccd_watcher_no_second_copy() {
+    let env = envelope("alice@u.example", &["support@example.org"], false);
+    let inbound = mail(
+        "alice@u.example",
+        &["support@example.org"],
+        &["carol@u.example"],
+        "RE: [TKT0000007] x",
+    );
+    let p = plan(run(&env, &inbound, Some(&ticket())));
+    // Alice is the sender and Carol had it in Cc: nobody left in the public envelope.
+    assert!(p.sends.iter().all(|s| s.kind != SendKind::PublicCopy));
+    let public_headers_would_show = ticket().watch_list;
+    assert_eq!(public_headers_would_show[0].address, "carol@u.example");
+}
+
+#[test]
+fn an_agent_who_replied_to_all_gets_a_notice() {
+    let env = envelope(AGENT, &["support@example.org"], true);
+    let inbound = mail(
+        AGENT,
+        &["support@example.org", "alice@u.example"],
+        &[],
+        "RE: [TKT0000007] x",
+    );
+    let p = plan(run(&env, &inbound, Some(&ticket())));
+    let notice = send(&p, SendKind::ReplyAllNotice);
+    assert_eq!(notice.envelope, [AGENT]);
+    // Alice had it directly; Carol did not.
+    assert_eq!(send(&p, SendKind::PublicCopy).envelope, ["carol@u.example"]);
+}
+
+#[test]
+fn loop_duplicate_automatic_in_that_order() {
+    let config = config();
+    let env = envelope("alice@u.example", &["support@example.org"], false);
+    let mut inbound = mail("alice@u.example", &["support@example.org"], &[], "x");
+    inbound.loop_hosts = vec!["CRM.example.org".into()];
+    assert_eq!(
+        run(&env, &inbound, None),
+        Decision::Quarantine(QuarantineReason::Loop)
+    );
+    inbound.loop_hosts.clear();
+    let former = BTreeSet::new();
+    let facts = Facts {
+        config: &config,
+        former_agents: &former,
+        reply_key: None,
+    };
+    assert_eq!(
+        decide(&facts, &env, &inbound, None, Some(3)),
+        Decision::Duplicate { entry_id: 3 }
+    );
+    inbound.auto = Some(crate::parse::AutoSignal::AutoSubmitted(
+        "auto-replied".into(),
+    ));
+    assert_eq!(
+        run(&env, &inbound, None),
+        Decision::Quarantine(QuarantineReason::Automatic)
+    );
+    let p = plan(run(&env, &inbound, Some(&ticket())));
+    assert_eq!(p.entries[0].kind, EntryKind::System);
+    assert!(p.sends.is_empty());
+    // A null reverse-path is automatic too.
+    inbound.auto = None;
+    let mut bounce_env = env.clone();
+    bounce_env.mail_from = None;
+    assert_eq!(
+        run(&bounce_env, &inbound, None),
+        Decision::Quarantine(QuarantineReason::Automatic)
+    );
+}
+
+#[test]
+fn an_agents_forward_opens_the_ticket_for_the_original_sender() {
+    let env = envelope(AGENT, &["support@example.org"], true);
+    let mut inbound = mail(AGENT, &["support@example.org"], &[], "TR: Imprimante");
+    inbound.forward = Some(crate::parse::Forward {
+        original_from: Mailbox::new(Some("Alice"), "alice@u.example"),
+        original_subject: "Imprimante".into(),
+        original_text: "Elle ne marche plus".into(),
+        agent_text: "Peux-tu regarder ?".into(),
+    });
+    let p = plan(run(&env, &inbound, None));
+    let TicketTarget::New(new) = &p.ticket else {
+        panic!()
+    };
+    assert_eq!(new.requesters[0].address, "alice@u.example");
+    assert_eq!(p.entries[0].kind, EntryKind::Comment);
+    assert_eq!(p.entries[0].author.address, "alice@u.example");
+    assert_eq!(p.entries[1].kind, EntryKind::WorkNote);
+    // The requester gets the receipt and nothing else.
+    let to_alice: Vec<_> = p
+        .sends
+        .iter()
+        .filter(|s| s.envelope.iter().any(|a| a == "alice@u.example"))
+        .collect();
+    assert_eq!(to_alice.len(), 1);
+    assert_eq!(to_alice[0].kind, SendKind::Receipt);
+}
+
+#[test]
+fn an_agent_without_forward_opens_an_owned_ticket_without_requester() {
+    let env = envelope(AGENT, &["support@example.org"], true);
+    let inbound = mail(AGENT, &["support@example.org"], &[], "Fwd: Serveur");
+    let p = plan(run(&env, &inbound, None));
+    let TicketTarget::New(new) = &p.ticket else {
+        panic!()
+    };
+    assert!(new.requesters.is_empty());
+    assert_eq!(new.owner.as_deref(), Some(AGENT));
+    assert_eq!(p.state, Some(TicketState::Open));
+    assert!(p.sends.iter().all(|s| s.kind != SendKind::Receipt));
+}
+
+#[test]
+fn no_receipt_without_a_backed_sender() {
+    let inbound = mail("alice@u.example", &["support@example.org"], &[], "x");
+    let env = envelope("someone-else@u.example", &["support@example.org"], false);
+    let p = plan(run(&env, &inbound, None));
+    assert!(p.sends.iter().all(|s| s.kind != SendKind::Receipt));
+    let mut spam = inbound.clone();
+    spam.spam_flag = true;
+    let p = plan(run(
+        &envelope("alice@u.example", &["support@example.org"], false),
+        &spam,
+        None,
+    ));
+    assert!(p.sends.iter().all(|s| s.kind != SendKind::Receipt));
+}
+
+#[test]
+fn a_requesters_reply_reopens_a_resolved_ticket() {
+    let mut t = ticket();
+    t.state = TicketState::Resolved;
+    let env = envelope("alice@u.example", &["support@example.org"], false);
+    let p = plan(run(
+        &env,
+        &mail(
+            "alice@u.example",
+            &["support@example.org"],
+            &[],
+            "RE: [TKT0000007]",
+        ),
+        Some(&t),
+    ));
+    assert_eq!(p.state, Some(TicketState::Open));
+}
+
+#[test]
+fn an_unbelieved_agent_comment_is_marked_and_reaches_the_agent_named() {
+    let env = envelope(AGENT, &["support@example.org"], false);
+    let mut inbound = mail(AGENT, &["support@example.org"], &[], "RE: [TKT0000007]");
+    inbound.from = Some(Mailbox::new(Some("Jane Doe"), AGENT));
+    let p = plan(run(&env, &inbound, Some(&ticket())));
+    assert_eq!(p.entries[0].kind, EntryKind::Email);
+    let copy = send(&p, SendKind::PartnerCopy);
+    assert_eq!(
+        copy.from_name,
+        "Jane Doe (expéditeur non vérifié: jane.doe@example.org) via Soutien TI"
+    );
+    assert_eq!(copy.envelope, [AGENT, AGENT2], "Jane learns of it too");
+    // The same mail believed (trusted peer): a comment, unmarked, and
+    // Jane does not get her own words back.
+    let p = plan(run(
+        &envelope(AGENT, &["support@example.org"], true),
+        &inbound,
+        Some(&ticket()),
+    ));
+    let copy = send(&p, SendKind::AgentCopy);
+    assert_eq!(copy.from_name, "Jane Doe via Soutien TI");
+    assert_eq!(copy.envelope, [AGENT2]);
+}
+
+#[test]
+fn an_unbelieved_agent_from_opening_a_ticket_is_no_requester() {
+    // Found by tests/properties.rs: a forged agent From (untrusted peer,
+    // no Authentication-Results) opened a ticket with the agent as its
+    // requester, i.e. in the watch group.
+    for from in [AGENT, "old.agent@example.org", "support@example.org"] {
+        let env = envelope("other@else.example", &["support@example.org"], false);
+        let inbound = mail(from, &["support@example.org"], &[], "Imprimante");
+        let p = plan(run(&env, &inbound, None));
+        let TicketTarget::New(new) = &p.ticket else {
+            panic!()
+        };
+        assert!(new.requesters.is_empty(), "{from}: {:?}", new.requesters);
+        assert_eq!(p.entries[0].kind, EntryKind::Comment);
+        assert!(!p.entries[0].by_agent);
+        assert!(p.sends.iter().all(|s| s.agents_only), "{:?}", p.sends);
+    }
+}
+
+#[test]
+fn watch_groups_never_hold_agents_former_agents_or_crm_addresses() {
+    let env = envelope("alice@u.example", &["support@example.org"], false);
+    let inbound = mail(
+        "alice@u.example",
+        &["support@example.org", "old.agent@example.org"],
+        &[
+            "Jane.Doe@example.org",
+            "support+x@example.org",
+            "mailer-daemon@u.example",
+            "noreply@u.example",
+        ],
+        "x",
+    );
+    let p = plan(run(&env, &inbound, None));
+    let TicketTarget::New(new) = &p.ticket else {
+        panic!()
+    };
+    assert!(new.watch_list.is_empty(), "{:?}", new.watch_list);
+}
