@@ -63,6 +63,8 @@ pub enum Command {
     /// Mail that went to no ticket.
     #[command(subcommand)]
     Quarantine(QuarantineCommand),
+    /// The DNS TXT record to publish for [auth] dkim_selector and dkim_key_file.
+    DkimRecord,
 }
 
 #[derive(Debug, Args)]
@@ -216,6 +218,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Deliver { recipients, sender } => Ok(deliver(config, recipients, sender)),
+        Command::DkimRecord => {
+            print!("{}", dkim_record(&config)?);
+            Ok(0)
+        }
         command => {
             let mut runtime = Runtime::new(Arc::new(config))?;
             let mut conn = store::open(&runtime.config.database_path())?;
@@ -472,9 +478,42 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
                 )
             })?;
         }
-        Command::Serve | Command::CheckConfig | Command::Deliver { .. } => {}
+        Command::Serve | Command::CheckConfig | Command::Deliver { .. } | Command::DkimRecord => {}
     }
     Ok(())
+}
+
+/// The record of each domain crmgate signs for (those of the CRM
+/// addresses), in zone-file form: the TXT text cut in strings of 255
+/// characters at most, as DNS requires.
+fn dkim_record(config: &Config) -> anyhow::Result<String> {
+    let Some(signer) = &config.auth.dkim else {
+        anyhow::bail!(
+            "no DKIM key: set [auth] dkim_selector and dkim_key_file in {}",
+            config.origin
+        );
+    };
+    let mut domains: Vec<&str> = [&config.addresses.public, &config.addresses.internal]
+        .iter()
+        .filter_map(|a| a.rsplit_once('@').map(|(_, d)| d))
+        .collect();
+    domains.dedup();
+    let record = signer.record();
+    let strings: Vec<String> = record
+        .as_bytes()
+        .chunks(255)
+        .map(|chunk| format!("\"{}\"", String::from_utf8_lossy(chunk)))
+        .collect();
+    Ok(domains
+        .iter()
+        .map(|domain| {
+            format!(
+                "{}. IN TXT ( {} )\n",
+                signer.record_name(domain),
+                strings.join(" ")
+            )
+        })
+        .collect())
 }
 
 /// One JSON document, or one line per row for a person.

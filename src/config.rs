@@ -78,6 +78,7 @@ pub struct RawConfig {
     pub relay: RawRelay,
     pub auto: RawAuto,
     pub security: RawSecurity,
+    pub auth: RawAuth,
     pub agents: Vec<RawAgent>,
 }
 
@@ -110,6 +111,7 @@ pub struct RawSmtp {
     pub max_message_bytes: i64,
     pub max_recipients: i64,
     pub max_sessions: i64,
+    pub max_sessions_per_client: i64,
     pub tls_cert: String,
     pub tls_key: String,
 }
@@ -121,6 +123,7 @@ impl Default for RawSmtp {
             max_message_bytes: 26_214_400,
             max_recipients: 100,
             max_sessions: 256,
+            max_sessions_per_client: 20,
             tls_cert: String::new(),
             tls_key: String::new(),
         }
@@ -167,12 +170,14 @@ impl Default for RawTicket {
 #[serde(default, deny_unknown_fields)]
 pub struct RawWatch {
     pub add_cc_on_open: bool,
+    pub max_cc_on_open: i64,
 }
 
 impl Default for RawWatch {
     fn default() -> Self {
         Self {
             add_cc_on_open: true,
+            max_cc_on_open: 10,
         }
     }
 }
@@ -211,6 +216,8 @@ pub struct RawAuto {
     pub max_per_address_per_hour: i64,
     pub max_per_address_per_day: i64,
     pub max_resends_per_ticket_hour: i64,
+    pub max_resends_per_sender_hour: i64,
+    pub human_lists: Vec<String>,
     pub templates_dir: String,
 }
 
@@ -222,6 +229,8 @@ impl Default for RawAuto {
             max_per_address_per_hour: 10,
             max_per_address_per_day: 30,
             max_resends_per_ticket_hour: 20,
+            max_resends_per_sender_hour: 200,
+            human_lists: Vec::new(),
             templates_dir: String::new(),
         }
     }
@@ -241,6 +250,28 @@ impl Default for RawSecurity {
             trusted_relays: vec!["127.0.0.0/8".into(), "::1/128".into()],
             authserv_id: String::new(),
             reply_secret_file: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAuth {
+    pub verify: bool,
+    pub dns_servers: Vec<String>,
+    pub dns_timeout_seconds: i64,
+    pub dkim_selector: String,
+    pub dkim_key_file: String,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        Self {
+            verify: true,
+            dns_servers: Vec::new(),
+            dns_timeout_seconds: 5,
+            dkim_selector: String::new(),
+            dkim_key_file: String::new(),
         }
     }
 }
@@ -343,6 +374,9 @@ pub struct Smtp {
     pub max_recipients: usize,
     /// Sessions beyond this are greeted `421 4.7.0` and closed.
     pub max_sessions: usize,
+    /// The same from one client (an IPv4 address, an IPv6 /64), the
+    /// trusted relays excepted: one host cannot take every slot.
+    pub max_sessions_per_client: usize,
     /// STARTTLS is offered only when both files are set.
     pub tls: Option<TlsFiles>,
 }
@@ -374,6 +408,9 @@ pub struct Ticket {
 pub struct Watch {
     /// The other To/Cc of the opening mail join the watch list.
     pub add_cc_on_open: bool,
+    /// More Cc than this on a non-agent's opening mail: none join, so a
+    /// stranger cannot put hundreds of addresses on a watch list.
+    pub max_cc_on_open: usize,
 }
 
 /// `[relay]`: where outgoing mail goes and how long it is retried.
@@ -412,6 +449,13 @@ pub struct Auto {
     /// Re-sends of non-agent mail to one recipient on one ticket per hour, so
     /// two auto-responders without headers cannot ping-pong through crmgate.
     pub max_resends_per_ticket_hour: u32,
+    /// Copies that one non-agent sender's mail causes per hour, across all
+    /// tickets (each recipient of each copy counts): the per-ticket cap
+    /// does not bound a sender who opens a new ticket each time.
+    pub max_resends_per_sender_hour: u32,
+    /// List-Ids (without angle brackets) or list addresses, lower-cased,
+    /// whose mail is a person's mail rather than automatic.
+    pub human_lists: Vec<String>,
     /// Overrides the built-in fr/en templates, file by file.
     pub templates_dir: Option<PathBuf>,
 }
@@ -432,6 +476,20 @@ pub struct Security {
     pub reply_secret: Option<Vec<u8>>,
 }
 
+/// `[auth]`: crmgate's own SPF/DKIM/DMARC check and its DKIM signature.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    /// Check agents' mail that no trusted relay or `authserv_id` vouches for.
+    pub verify: bool,
+    /// Resolvers to ask; empty: those of `/etc/resolv.conf`.
+    pub dns_servers: Vec<SocketAddr>,
+    /// Bound on each DNS query.
+    pub dns_timeout: std::time::Duration,
+    /// The signing key, read and checked at load (so `check-config` names a
+    /// weak or unreadable key), with its selector; `None`: mail goes unsigned.
+    pub dkim: Option<std::sync::Arc<crate::auth::DkimSigner>>,
+}
+
 /// The validated configuration, nested as the TOML file is. Addresses are
 /// stored lower-cased.
 #[derive(Debug, Clone)]
@@ -446,6 +504,7 @@ pub struct Config {
     pub relay: Relay,
     pub auto: Auto,
     pub security: Security,
+    pub auth: Auth,
     /// Validated, lower-cased, without duplicates.
     pub agents: Vec<Agent>,
     /// The raw form, printed by `check-config` as the effective configuration.
@@ -548,10 +607,18 @@ impl RawConfig {
         let ticket = self.ticket.validate(&mut problems);
         let watch = Watch {
             add_cc_on_open: self.watch.add_cc_on_open,
+            max_cc_on_open: usize::try_from(self.watch.max_cc_on_open).unwrap_or_else(|_| {
+                problems.bad(
+                    "watch.max_cc_on_open",
+                    format!("{} must be 0 or more", self.watch.max_cc_on_open),
+                );
+                0
+            }),
         };
         let relay = self.relay.validate(&mut problems);
         let auto = self.auto.validate(&mut problems);
         let security = self.security.validate(&mut problems);
+        let auth = self.auth.validate(&addresses, &mut problems);
         let agents = validate_agents(&self.agents, &self.addresses, &mut problems);
         if !problems.0.is_empty() {
             return Err(ConfigError::Invalid {
@@ -569,6 +636,7 @@ impl RawConfig {
             relay,
             auto,
             security,
+            auth,
             agents,
             raw: self,
         })
@@ -666,6 +734,8 @@ impl RawSmtp {
         let max_message_bytes = p.positive("smtp.max_message_bytes", self.max_message_bytes);
         let max_recipients = p.positive("smtp.max_recipients", self.max_recipients);
         let max_sessions = p.positive("smtp.max_sessions", self.max_sessions);
+        let max_sessions_per_client =
+            p.positive("smtp.max_sessions_per_client", self.max_sessions_per_client);
         let tls = match (self.tls_cert.is_empty(), self.tls_key.is_empty()) {
             (true, true) => None,
             (false, false) => Some(TlsFiles {
@@ -699,6 +769,7 @@ impl RawSmtp {
             max_message_bytes,
             max_recipients,
             max_sessions,
+            max_sessions_per_client,
             tls,
         }
     }
@@ -859,7 +930,88 @@ impl RawAuto {
                 "auto.max_resends_per_ticket_hour",
                 self.max_resends_per_ticket_hour,
             ),
+            max_resends_per_sender_hour: p.positive(
+                "auto.max_resends_per_sender_hour",
+                self.max_resends_per_sender_hour,
+            ),
+            human_lists: self
+                .human_lists
+                .iter()
+                .map(|l| {
+                    l.trim()
+                        .trim_start_matches('<')
+                        .trim_end_matches('>')
+                        .to_ascii_lowercase()
+                })
+                .filter(|l| !l.is_empty())
+                .collect(),
             templates_dir,
+        }
+    }
+}
+
+impl RawAuth {
+    fn validate(&self, addresses: &Addresses, p: &mut Problems) -> Auth {
+        let mut dns_servers = Vec::new();
+        for (i, server) in self.dns_servers.iter().enumerate() {
+            let parsed = server.parse::<SocketAddr>().ok().or_else(|| {
+                server
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, 53))
+            });
+            match parsed {
+                Some(address) => dns_servers.push(address),
+                None => p.bad(
+                    &format!("auth.dns_servers[{i}]"),
+                    format!("{server:?} is not an ip or ip:port"),
+                ),
+            }
+        }
+        let dns_timeout = std::time::Duration::from_secs(
+            p.positive("auth.dns_timeout_seconds", self.dns_timeout_seconds),
+        );
+        let dkim = match (self.dkim_selector.is_empty(), self.dkim_key_file.is_empty()) {
+            (true, true) => None,
+            (false, true) => {
+                p.bad(
+                    "auth.dkim_key_file",
+                    "dkim_selector is set but dkim_key_file is empty".into(),
+                );
+                None
+            }
+            (true, false) => {
+                p.bad(
+                    "auth.dkim_selector",
+                    "dkim_key_file is set but dkim_selector is empty".into(),
+                );
+                None
+            }
+            (false, false) => {
+                let domains: Vec<&str> = [&addresses.public, &addresses.internal]
+                    .iter()
+                    .filter_map(|a| a.rsplit_once('@').map(|(_, d)| d))
+                    .collect();
+                match crate::auth::DkimSigner::load(
+                    Path::new(&self.dkim_key_file),
+                    &self.dkim_selector,
+                    &domains,
+                ) {
+                    Ok(signer) => Some(std::sync::Arc::new(signer)),
+                    Err(e) => {
+                        p.bad("auth.dkim_key_file", e.to_string());
+                        None
+                    }
+                }
+            }
+        };
+        Auth {
+            verify: self.verify,
+            dns_servers,
+            dns_timeout,
+            dkim,
         }
     }
 }

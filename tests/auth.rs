@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use common::dns::Dns;
+use common::gateway::{Gateway, INTERNAL, JANE};
 use crmgate::auth::{Dkim, DkimSigner, SignError, Spf, VerifyError};
 
 const HOST: &str = "mx.crm.test";
@@ -251,4 +252,125 @@ fn a_weak_unreadable_or_keyless_file_is_refused_by_name() {
     assert!(matches!(missing, SignError::Read { .. }), "{missing}");
     let keyless = DkimSigner::from_pem(b"hello\n", "x.pem", "sel", &[]).unwrap_err();
     assert!(matches!(keyless, SignError::NoKey(_)), "{keyless}");
+}
+
+/// The record `crmgate dkim-record` prints, as (name, TXT text).
+fn printed_records(out: &str) -> Vec<(String, String)> {
+    out.lines()
+        .map(|line| {
+            let name = line.split_whitespace().next().unwrap().to_string();
+            let text: String = line.split('"').skip(1).step_by(2).collect();
+            (name, text)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn every_message_crmgate_sends_verifies_against_the_record_it_prints() {
+    let key = fixture("rsa2048.pem");
+    let tail = format!(
+        "[auth]\ndkim_selector = \"sel\"\ndkim_key_file = {:?}\n",
+        key.display().to_string()
+    );
+    let g = Gateway::start_with("", &tail).await;
+    let (code, out, err) = g.cli(&["dkim-record"]);
+    assert_eq!(code, 0, "{err}");
+    let records = printed_records(&out);
+    assert_eq!(records.len(), 1, "{out}");
+    assert_eq!(records[0].0, "sel._domainkey.example.org.");
+    assert!(records[0].1.starts_with("v=DKIM1; k=rsa; p="), "{out}");
+
+    let dns = Dns::start().await;
+    dns.txt(&records[0].0, &records[0].1);
+    let verifier = dns.verifier(HOST);
+
+    // A receipt, a public copy and a work note: three kinds of mail.
+    let number = g.open_ticket().await;
+    let reply = g
+        .send(
+            JANE,
+            &[INTERNAL],
+            &format!(
+                "From: Jane Doe <{JANE}>\nTo: {INTERNAL}\nSubject: Re: [{number}] Imprimante\n\n\
+                 Toner commandé, é à ü.\n"
+            ),
+        )
+        .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let sent = g.settle().await;
+    assert!(sent.len() >= 3, "{}", sent.len());
+    for message in &sent {
+        let text = String::from_utf8_lossy(&message.data);
+        assert!(text.starts_with("DKIM-Signature:"), "{text}");
+        assert!(text.contains("c=relaxed/relaxed"));
+        let result = verifier
+            .check(
+                &message.data,
+                ip("192.0.2.9"),
+                "x.test",
+                None,
+                "example.org",
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            result.dkim,
+            Dkim::Pass(vec!["example.org".into()]),
+            "{text}"
+        );
+    }
+    let signed = String::from_utf8_lossy(&sent[0].data).to_string();
+    let h = signed
+        .split("\r\n\r\n")
+        .next()
+        .unwrap()
+        .replace("\r\n\t", " ")
+        .replace("\r\n ", " ");
+    let list = h
+        .split("h=")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_ascii_lowercase();
+    for name in [
+        "from",
+        "to",
+        "cc",
+        "subject",
+        "date",
+        "message-id",
+        "in-reply-to",
+        "references",
+        "mime-version",
+        "content-type",
+    ] {
+        assert!(
+            list.split(':').any(|n| n.trim() == name),
+            "{name} not in h={list}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn check_config_names_auth_dkim_key_file_for_a_weak_or_unreadable_key() {
+    for key in [fixture("rsa1024.pem"), fixture("absent.pem")] {
+        let tail = format!(
+            "[auth]\ndkim_selector = \"sel\"\ndkim_key_file = {:?}\n",
+            key.display().to_string()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crmgate.toml");
+        std::fs::write(&path, tail).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_crmgate"))
+            .arg("--config")
+            .arg(&path)
+            .arg("check-config")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("auth.dkim_key_file"), "{stderr}");
+    }
 }

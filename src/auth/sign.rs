@@ -14,6 +14,13 @@ use mail_auth::dkim::{Canonicalization, DkimSigner as Signer, Done};
 use rustls_pemfile::Item;
 use tokio_rustls::rustls::pki_types::PrivateKeyDer;
 
+/// The address of a message's From header, as the signature's `d=` needs it.
+pub fn from_address(message: &[u8]) -> Option<String> {
+    let parsed = mail_parser::MessageParser::new().parse_headers(message)?;
+    let address = parsed.from()?.first()?.address()?.to_string();
+    Some(address)
+}
+
 /// RSA keys shorter than this are refused: RFC 8301 requires 1024 bits,
 /// the large providers 2048.
 pub const MIN_RSA_BITS: usize = 2048;

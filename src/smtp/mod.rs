@@ -113,7 +113,7 @@ impl Settings {
             max_message_bytes: config.smtp.max_message_bytes,
             max_recipients: config.smtp.max_recipients,
             max_sessions: config.smtp.max_sessions,
-            max_sessions_per_client: 20,
+            max_sessions_per_client: config.smtp.max_sessions_per_client,
             exempt_clients: config.security.trusted_relays.clone(),
             // RFC 5321 §4.5.3.2.7: a server should wait at least 5 minutes.
             idle_timeout: Duration::from_secs(5 * 60),
