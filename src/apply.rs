@@ -280,7 +280,7 @@ fn first_notice_today(
     agents: &[String],
     now: i64,
 ) -> Result<bool, ApplyError> {
-    let day = now / 86_400;
+    let day = decide::reply_all_notice_day(now);
     let mut first = false;
     for agent in agents {
         first |= conn.execute(
@@ -292,7 +292,7 @@ fn first_notice_today(
 }
 
 /// A delivery report about our mail: mark the row failed and tell the
-/// work-notes list (never for a failed notice itself: no loop of notices).
+/// work-notes list when `decide::failure_notice` says so.
 fn apply_bounce(
     conn: &Connection,
     rt: &Runtime,
@@ -337,19 +337,17 @@ fn apply_bounce(
         row.id,
         &format!("bounced: {failed}: {reason}"),
     )?;
-    // Told once per row, and never about a failed notice: no loop of notices.
-    if !newly_failed
-        || row.kind == SendKind::FailureNotice.as_str()
-        || row.kind == SendKind::ReplyAllNotice.as_str()
-        || view.work_notes_list.is_empty()
-    {
+    // Told once per row (and `decide` tells whether at all).
+    if !newly_failed {
         return Ok(0);
     }
-    failure_notice(conn, rt, view, &failed, &reason, now)?;
-    Ok(1)
+    let told = failure_notice(conn, rt, view, &row.kind, &failed, &reason, now)?;
+    Ok(usize::from(told))
 }
 
-/// Tell the work-notes list that mail of the ticket could not be delivered.
+/// Tell the work-notes list that mail of the ticket (an outbox row of
+/// `failed_kind`) could not be delivered, when `decide::failure_notice`
+/// plans a notice; `true` when it did.
 ///
 /// # Errors
 /// Database, template or composing failures.
@@ -357,37 +355,19 @@ pub fn failure_notice(
     conn: &Connection,
     rt: &Runtime,
     view: &TicketView,
+    failed_kind: &str,
     failed: &str,
     reason: &str,
     now: i64,
-) -> Result<(), ApplyError> {
+) -> Result<bool, ApplyError> {
+    let Some(send) = decide::failure_notice(&rt.facts(), view, failed_kind) else {
+        return Ok(false);
+    };
     let config = &rt.config;
     let text = render(rt, "failure", view, failed, reason)?;
-    let system = Mailbox::new(Some(&config.gateway.display_name), &config.addresses.public);
-    let entry_id = tickets::insert_system_entry(
-        conn,
-        view.id,
-        &system,
-        &templates::subject("failure", config.gateway.language, &view.subject),
-        &text,
-        now,
-    )?;
-    let notes: Vec<Mailbox> = view
-        .work_notes_list
-        .iter()
-        .map(|a| Mailbox::new(config.agent(a).map(|x| x.name.as_str()), a))
-        .collect();
-    let send = PlannedSend {
-        kind: SendKind::FailureNotice,
-        entry: 0,
-        from_name: config.gateway.display_name.clone(),
-        from_address: config.addresses.internal.clone(),
-        envelope: notes.iter().map(|m| m.address.clone()).collect(),
-        to: notes,
-        cc: Vec::new(),
-        agents_only: true,
-    };
     let subject = templates::subject("failure", config.gateway.language, &view.subject);
+    let system = decide::helpdesk(config);
+    let entry_id = tickets::insert_system_entry(conn, view.id, &system, &subject, &text, now)?;
     let content = Content {
         subject,
         text,
@@ -406,7 +386,7 @@ pub fn failure_notice(
         Some(entry_id),
         now,
     )?;
-    Ok(())
+    Ok(true)
 }
 
 /// What one outgoing message says.
@@ -462,17 +442,8 @@ pub fn queue(
         }
     }
     if !held_back.is_empty() {
-        let system = Mailbox::new(Some(&config.gateway.display_name), &config.addresses.public);
-        let text = format!(
-            "{} not sent to {}: {} reached (see [auto] in the configuration).",
-            send.kind.as_str(),
-            held_back.join(", "),
-            if cap == decide::Cap::Automatic {
-                "the cap of automatic messages per address"
-            } else {
-                "the cap of re-sends per recipient and ticket"
-            },
-        );
+        let system = decide::helpdesk(config);
+        let text = decide::held_back_note(send.kind, cap, &held_back);
         tickets::insert_system_entry(conn, view.id, &system, &view.subject, &text, now)?;
         tracing::warn!(ticket = %view.number, kind = send.kind.as_str(), held_back = ?held_back, "cap reached");
     }
@@ -484,18 +455,7 @@ pub fn queue(
             tickets::record_send(conn, address, view.id, cap == decide::Cap::Automatic, now)?;
         }
     }
-    // Mail to non-agents never threads on an agent's own Message-ID.
-    let visible: Vec<&str> = thread
-        .iter()
-        .filter(|r| send.agents_only || !r.agent_inbound)
-        .map(|r| r.message_id.as_str())
-        .collect();
-    let mut references: Vec<String> = Vec::new();
-    if let Some(first) = visible.first() {
-        references.push((*first).to_string());
-    }
-    let tail_start = visible.len().saturating_sub(10).max(1);
-    references.extend(visible.iter().skip(tail_start).map(|s| s.to_string()));
+    let references = decide::references(thread, send.agents_only);
     let scrub = (!send.agents_only).then(|| rt.scrub.clone());
     let message_id = format!(
         "{}.{:016x}@{}",

@@ -12,12 +12,12 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use rusqlite::{Connection, TransactionBehavior};
 
-use crate::apply;
 use crate::config::Config;
-use crate::decide::{self, PlannedSend};
-use crate::helpdesk::{EntryKind, Role, SendKind, TicketState};
+use crate::decide;
+use crate::desk;
+use crate::helpdesk::{EntryKind, Role, TicketState};
 use crate::intake::{self, Arrival, Runtime};
-use crate::parse::{Attachment, Inbound, Mailbox};
+use crate::parse::Attachment;
 use crate::smtp::{Envelope, Verdict};
 use crate::store::{self, outbox, tickets};
 
@@ -79,6 +79,24 @@ pub struct Body {
     pub body_file: Option<PathBuf>,
 }
 
+/// `ticket email`: what the agent typed.
+#[derive(Debug, Args)]
+pub struct EmailArgs {
+    pub number: String,
+    #[arg(long, value_name = "AGENT")]
+    pub by: String,
+    #[arg(long = "to", required = true, value_name = "ADDR")]
+    pub to: Vec<String>,
+    #[arg(long = "cc", value_name = "ADDR")]
+    pub cc: Vec<String>,
+    #[arg(long)]
+    pub subject: String,
+    #[command(flatten)]
+    pub body: Body,
+    #[arg(long = "attach", value_name = "FILE")]
+    pub attach: Vec<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum TicketCommand {
     List {
@@ -110,21 +128,7 @@ pub enum TicketCommand {
         body: Body,
     },
     /// The ticket's e-mail function: mail anyone, attachments included; logged.
-    Email {
-        number: String,
-        #[arg(long, value_name = "AGENT")]
-        by: String,
-        #[arg(long = "to", required = true, value_name = "ADDR")]
-        to: Vec<String>,
-        #[arg(long = "cc", value_name = "ADDR")]
-        cc: Vec<String>,
-        #[arg(long)]
-        subject: String,
-        #[command(flatten)]
-        body: Body,
-        #[arg(long = "attach", value_name = "FILE")]
-        attach: Vec<PathBuf>,
-    },
+    Email(EmailArgs),
     Resolve {
         number: String,
         #[arg(long, value_name = "AGENT")]
@@ -346,76 +350,23 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
         Command::Ticket(TicketCommand::WorkNote { number, by, body }) => {
             publish(conn, rt, &number, &by, EntryKind::WorkNote, &body)?
         }
-        Command::Ticket(TicketCommand::Email {
-            number,
-            by,
-            to,
-            cc,
-            subject,
-            body,
-            attach,
-        }) => email(conn, rt, &number, &by, &to, &cc, &subject, &body, &attach)?,
+        Command::Ticket(TicketCommand::Email(args)) => email(conn, rt, &args)?,
         Command::Ticket(TicketCommand::Resolve { number, by }) => {
-            let by = by.map(|b| require_agent(config, &b)).transpose()?;
-            in_transaction(conn, |tx| {
-                let id = tickets::require(tx, &number)?;
-                let view = tickets::view(tx, id)?;
-                if view.state == TicketState::Resolved {
-                    bail!("{number} is already resolved");
-                }
-                let mut plan = decide::resolve(&rt.facts(), &view);
-                if let Some(agent) = &by {
-                    plan.entries[0].text = format!("resolved by {}", agent.address).into();
-                }
-                apply::apply(
-                    tx,
-                    rt,
-                    &plan,
-                    Some(&view),
-                    &Inbound::default(),
-                    "",
-                    None,
-                    store::now(),
-                )?;
-                println!("{} resolved", view.number);
-                Ok(())
-            })?;
+            let by = by.map(|b| desk::agent(config, &b)).transpose()?;
+            let number =
+                in_transaction(conn, |tx| Ok(desk::resolve(tx, rt, &number, by.as_ref())?))?;
+            println!("{number} resolved");
         }
         Command::Ticket(TicketCommand::Reopen { number, by }) => {
-            let by = by.map(|b| require_agent(config, &b)).transpose()?;
-            in_transaction(conn, |tx| {
-                let id = tickets::require(tx, &number)?;
-                let view = tickets::view(tx, id)?;
-                if view.state != TicketState::Resolved {
-                    bail!("{number} is not resolved");
-                }
-                let now = store::now();
-                tickets::set_state(tx, id, TicketState::Open, now)?;
-                system_entry(
-                    tx,
-                    rt,
-                    id,
-                    &format!(
-                        "reopened{}",
-                        by.map(|a| format!(" by {}", a.address)).unwrap_or_default()
-                    ),
-                    now,
-                )?;
-                println!("{} reopened", view.number);
-                Ok(())
-            })?;
+            let by = by.map(|b| desk::agent(config, &b)).transpose()?;
+            let number =
+                in_transaction(conn, |tx| Ok(desk::reopen(tx, rt, &number, by.as_ref())?))?;
+            println!("{number} reopened");
         }
         Command::Ticket(TicketCommand::Assign { number, agent }) => {
-            let agent = require_agent(config, &agent)?;
-            in_transaction(conn, |tx| {
-                let id = tickets::require(tx, &number)?;
-                let now = store::now();
-                tickets::set_owner(tx, id, Some(&agent.address), now)?;
-                tickets::add_participant(tx, id, Role::Notes, &agent, now)?;
-                system_entry(tx, rt, id, &format!("assigned to {}", agent.address), now)?;
-                println!("{number} assigned to {}", agent.address);
-                Ok(())
-            })?;
+            let agent = desk::agent(config, &agent)?;
+            in_transaction(conn, |tx| Ok(desk::assign(tx, rt, &number, &agent)?))?;
+            println!("{number} assigned to {}", agent.address);
         }
         Command::Requester(change) => {
             let (number, address, add) = match change {
@@ -434,7 +385,7 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
             print_list(conn, &number, Role::Watch, json)?
         }
         Command::NotesList(ListCommand::Add { number, address }) => {
-            require_agent(config, &address)?;
+            desk::agent(config, &address)?;
             change_list(conn, rt, &number, Role::Notes, &address, true)?
         }
         Command::NotesList(ListCommand::Remove { number, address }) => {
@@ -542,16 +493,6 @@ fn in_transaction<T>(
     Ok(value)
 }
 
-fn require_agent(config: &Config, address: &str) -> anyhow::Result<Mailbox> {
-    match config.agent(address) {
-        Some(agent) => Ok(Mailbox::new(Some(&agent.name), &agent.email)),
-        None => bail!(
-            "{address} is not an agent: add it under [[agents]] in {}",
-            config.origin
-        ),
-    }
-}
-
 fn read_body(body: &Body) -> anyhow::Result<String> {
     match (&body.body, &body.body_file) {
         (Some(text), _) => Ok(text.clone()),
@@ -562,24 +503,7 @@ fn read_body(body: &Body) -> anyhow::Result<String> {
     }
 }
 
-fn system_entry(
-    conn: &Connection,
-    rt: &Runtime,
-    ticket_id: i64,
-    text: &str,
-    now: i64,
-) -> anyhow::Result<()> {
-    let config = &rt.config;
-    let subject: String = conn.query_row(
-        "SELECT subject FROM tickets WHERE id = ?1",
-        [ticket_id],
-        |r| r.get(0),
-    )?;
-    let system = Mailbox::new(Some(&config.gateway.display_name), &config.addresses.public);
-    tickets::insert_system_entry(conn, ticket_id, &system, &subject, text, now)?;
-    Ok(())
-}
-
+/// `ticket comment|work-note`: published as the agent (`desk::publish`).
 fn publish(
     conn: &mut Connection,
     rt: &Runtime,
@@ -588,126 +512,64 @@ fn publish(
     kind: EntryKind,
     body: &Body,
 ) -> anyhow::Result<()> {
-    let agent = require_agent(&rt.config, by)?;
+    let agent = desk::agent(&rt.config, by)?;
     let text = read_body(body)?;
-    in_transaction(conn, |tx| {
-        let id = tickets::require(tx, number)?;
-        let view = tickets::view(tx, id)?;
-        let plan = decide::publish(&rt.facts(), &view, &agent, kind, &text);
-        let applied = apply::apply(
-            tx,
-            rt,
-            &plan,
-            Some(&view),
-            &Inbound::default(),
-            &agent.address,
-            None,
-            store::now(),
-        )?;
-        println!(
-            "{} {} published, {} message(s) queued",
-            view.number,
-            kind.as_str(),
-            applied.queued
-        );
-        Ok(())
-    })
+    let applied = in_transaction(conn, |tx| {
+        Ok(desk::publish(tx, rt, number, &agent, kind, &text)?)
+    })?;
+    println!(
+        "{} {} published, {} message(s) queued",
+        applied.number,
+        kind.as_str(),
+        applied.queued
+    );
+    Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn email(
-    conn: &mut Connection,
-    rt: &Runtime,
-    number: &str,
-    by: &str,
-    to: &[String],
-    cc: &[String],
-    subject: &str,
-    body: &Body,
-    attach: &[PathBuf],
-) -> anyhow::Result<()> {
-    let config = &rt.config;
-    let agent = require_agent(config, by)?;
-    let text = read_body(body)?;
-    for a in to.iter().chain(cc) {
-        if !crate::config::is_address(a) {
-            bail!("{a} is not a mail address");
-        }
-    }
-    let attachments = attach
+/// `ticket email`: the files read and the addresses checked before the
+/// transaction, then `desk::email`.
+fn email(conn: &mut Connection, rt: &Runtime, args: &EmailArgs) -> anyhow::Result<()> {
+    let agent = desk::agent(&rt.config, &args.by)?;
+    let text = read_body(&args.body)?;
+    desk::mail_addresses(args.to.iter().chain(&args.cc))?;
+    let attachments = args
+        .attach
         .iter()
         .map(|p| read_attachment(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let email = desk::Email {
+        number: &args.number,
+        agent: &agent,
+        to: &args.to,
+        cc: &args.cc,
+        subject: &args.subject,
+        text: &text,
+        attachments: &attachments,
+    };
+    let (number, outbox_id) = in_transaction(conn, |tx| Ok(desk::email(tx, rt, &email)?))?;
+    println!("{number} e-mail queued (outbox {outbox_id})");
+    Ok(())
+}
+
+/// `requester|watch|notes-list add|remove` (`desk::change_list`).
+fn change_list(
+    conn: &mut Connection,
+    rt: &Runtime,
+    number: &str,
+    role: Role,
+    address: &str,
+    add: bool,
+) -> anyhow::Result<()> {
     in_transaction(conn, |tx| {
-        let now = store::now();
-        let id = tickets::require(tx, number)?;
-        let view = tickets::view(tx, id)?;
-        let clean = crate::thread::clean_subject(subject, &config.ticket.pattern);
-        let entry_id = tickets::insert_entry(
-            tx,
-            &tickets::EntryRow {
-                ticket_id: id,
-                kind: EntryKind::Email,
-                from: &agent,
-                at: now,
-                subject: &clean,
-                body: &text,
-                html: None,
-                message_id: None,
-                by_agent: true,
-                sender: None,
-                body_hash: None,
-                raw_id: None,
-            },
-        )?;
-        for a in &attachments {
-            tickets::insert_attachment(tx, entry_id, a)?;
-        }
-        let to_boxes: Vec<Mailbox> = to.iter().map(|a| Mailbox::new(None, a)).collect();
-        let cc_boxes: Vec<Mailbox> = cc.iter().map(|a| Mailbox::new(None, a)).collect();
-        let send = PlannedSend {
-            kind: SendKind::Email,
-            entry: 0,
-            from_name: format!(
-                "{} via {}",
-                agent.name.as_deref().unwrap_or(&agent.address),
-                config.gateway.display_name
-            ),
-            from_address: config.addresses.public.clone(),
-            envelope: to_boxes
-                .iter()
-                .chain(&cc_boxes)
-                .map(|m| m.address.clone())
-                .collect(),
-            to: to_boxes,
-            cc: cc_boxes,
-            agents_only: false,
-        };
-        let content = apply::Content {
-            subject: clean,
-            text: text.clone(),
-            html: None,
-            listed_attachments: Vec::new(),
-            attachments: attachments.clone(),
-            written_by_agent: true,
-        };
-        let outbox_id = apply::queue(
-            tx,
-            rt,
-            &view,
-            &view.thread,
-            &send,
-            content,
-            Some(entry_id),
-            now,
-        )?;
-        tickets::touch(tx, id, now)?;
-        match outbox_id {
-            Some(id) => println!("{} e-mail queued (outbox {id})", view.number),
-            None => bail!("{}: nobody to send the e-mail to", view.number),
-        }
-        Ok(())
-    })
+        Ok(desk::change_list(tx, rt, number, role, address, add)?)
+    })?;
+    println!(
+        "{number}: {} {} {}",
+        address.trim().to_ascii_lowercase(),
+        if add { "added to" } else { "removed from" },
+        role.list_name()
+    );
+    Ok(())
 }
 
 fn read_attachment(path: &Path) -> anyhow::Result<Attachment> {
@@ -743,61 +605,6 @@ fn content_type_of(filename: &str) -> &'static str {
         "eml" => "message/rfc822",
         _ => "application/octet-stream",
     }
-}
-
-fn change_list(
-    conn: &mut Connection,
-    rt: &Runtime,
-    number: &str,
-    role: Role,
-    address: &str,
-    add: bool,
-) -> anyhow::Result<()> {
-    let config = &rt.config;
-    let address = address.trim().to_ascii_lowercase();
-    if !crate::config::is_address(&address) {
-        bail!("{address} is not a mail address");
-    }
-    in_transaction(conn, |tx| {
-        let id = tickets::require(tx, number)?;
-        let now = store::now();
-        let name = role.list_name();
-        if add && role != Role::Notes {
-            if config.agent(&address).is_some() || rt.former_agents.contains(&address) {
-                bail!("{address} is an agent: agents go on the work-notes list, never in the watch group");
-            }
-            if decide::accepts_recipient(config, &address) {
-                bail!("{address} is a CRM address");
-            }
-        }
-        let changed = if add {
-            tickets::add_participant(tx, id, role, &Mailbox::new(None, &address), now)?
-        } else {
-            tickets::remove_participant(tx, id, role, &address)?
-        };
-        if !changed {
-            bail!(
-                "{address} is {} the {name} of {number}",
-                if add { "already on" } else { "not on" }
-            );
-        }
-        tickets::touch(tx, id, now)?;
-        system_entry(
-            tx,
-            rt,
-            id,
-            &format!(
-                "{address} {} {name}",
-                if add { "added to" } else { "removed from" }
-            ),
-            now,
-        )?;
-        println!(
-            "{number}: {address} {} {name}",
-            if add { "added to" } else { "removed from" }
-        );
-        Ok(())
-    })
 }
 
 fn print_list(conn: &Connection, number: &str, role: Role, json: bool) -> anyhow::Result<()> {

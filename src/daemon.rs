@@ -333,7 +333,8 @@ fn reload_runtime(
 }
 
 /// A permanent delivery failure: a system entry and a notice to the
-/// work-notes list, in the transaction that marks the row failed.
+/// work-notes list, in the transaction that marks the row failed (when
+/// `decide::failure_notice` says one is due).
 fn failure_hook(runtime: Arc<RwLock<Arc<Runtime>>>) -> crate::relay::FailureHook {
     Arc::new(move |conn, row, error| {
         let rt = match runtime.read() {
@@ -343,22 +344,17 @@ fn failure_hook(runtime: Arc<RwLock<Arc<Runtime>>>) -> crate::relay::FailureHook
         let Some(ticket_id) = row.ticket_id else {
             return Ok(());
         };
-        // Never a notice about a failed notice: no loop of notices.
-        if matches!(row.kind.as_str(), "failure_notice" | "reply_all_notice") {
-            return Ok(());
-        }
         let view = tickets::view(conn, ticket_id)?;
-        if view.work_notes_list.is_empty() {
-            return Ok(());
-        }
         crate::apply::failure_notice(
             conn,
             &rt,
             &view,
+            &row.kind,
             &row.recipients.join(", "),
             error,
             store::now(),
         )
+        .map(|_told| ())
         .map_err(|e| store::StoreError::Invalid(e.to_string()))
     })
 }

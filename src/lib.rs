@@ -35,6 +35,8 @@
 //! CLI's ticket commands alike.
 //! [`auth`] checks SPF, DKIM and DMARC of agents' mail before decide, and
 //! DKIM-signs what the relay sends.
+//! [`desk`] plans and writes what an agent does on a ticket without a mail
+//! (comment, e-mail, resolve, lists…), with decide's rules; the CLI calls it.
 //! [`cli`] holds the command line; [`daemon`] starts and stops the pieces.
 //! [`helpdesk`] holds the nouns every stage shares (ticket states, entry
 //! kinds, list roles, outbox kinds, the envelope), below them all.
@@ -46,6 +48,7 @@ pub mod compose;
 pub mod config;
 pub mod daemon;
 pub mod decide;
+pub mod desk;
 pub mod helpdesk;
 pub mod intake;
 pub mod parse;

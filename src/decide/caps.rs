@@ -66,3 +66,19 @@ pub struct SentCounts {
     pub automatic_last_day: u32,
     pub resends_on_ticket_last_hour: u32,
 }
+
+/// What the `system` entry says of the recipients a cap held back (SPEC:
+/// "What a cap holds back becomes a `system` entry"), so an agent sees who
+/// was not written to and why.
+pub fn held_back_note(kind: SendKind, cap: Cap, held_back: &[&str]) -> String {
+    format!(
+        "{} not sent to {}: {} reached (see [auto] in the configuration).",
+        kind.as_str(),
+        held_back.join(", "),
+        if cap == Cap::Automatic {
+            "the cap of automatic messages per address"
+        } else {
+            "the cap of re-sends per recipient and ticket"
+        },
+    )
+}

@@ -10,9 +10,10 @@
 //! Sub-modules hold the rules too long for this page: `automatic` (rule 4),
 //! `new_ticket` (rule 6), `reemit` (rules 7 and 8, and the receipt),
 //! `from` (under which name mail leaves), `trust` (who is believed, who may
-//! be in a watch group, which addresses are ours), `caps` (the limits) and
-//! `operations` (what an agent does from the CRM: the same rules, without
-//! an inbound message).
+//! be in a watch group, which addresses are ours), `caps` (the limits),
+//! `notices` (failure and reply-all notices, References) and `operations`
+//! (what an agent does from the CRM: the same rules, without an inbound
+//! message).
 
 use std::collections::BTreeSet;
 
@@ -24,13 +25,19 @@ mod automatic;
 mod caps;
 mod from;
 mod new_ticket;
+mod notices;
 mod operations;
 mod reemit;
 mod trust;
 
-pub use caps::{cap, within_cap, Cap, SentCounts};
-pub use operations::{publish, resolve};
-pub use trust::{accepts_recipient, from_is_believed, is_postmaster, is_robot_address};
+pub use caps::{cap, held_back_note, within_cap, Cap, SentCounts};
+pub use from::{agent_mailboxes, helpdesk, via_display_name};
+pub use notices::{failure_notice, references, reply_all_notice_day};
+pub use operations::{email, publish, resolve};
+pub use trust::{
+    accepts_recipient, admit_to_watch_group, from_is_believed, is_postmaster, is_robot_address,
+    NotAdmitted,
+};
 
 /// A Message-ID already on the ticket, for the threading headers of outgoing mail.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -51,6 +51,45 @@ pub fn publish(
     plan
 }
 
+/// The ticket's e-mail function (`crmgate ticket email`): an agent's own
+/// mail to anyone, logged as an `email` entry and sent To and Cc whom the
+/// agent chose, From `"<agent> via <display_name>"` at the public address
+/// — a person's mail, so never capped and sent with its attachments.
+pub fn email(
+    facts: &Facts<'_>,
+    agent: &Mailbox,
+    to: &[String],
+    cc: &[String],
+    subject: &str,
+    text: &str,
+) -> (PlannedEntry, PlannedSend) {
+    let config = facts.config;
+    let subject = crate::thread::clean_subject(subject, &config.ticket.pattern);
+    let to: Vec<Mailbox> = to.iter().map(|a| Mailbox::new(None, a)).collect();
+    let cc: Vec<Mailbox> = cc.iter().map(|a| Mailbox::new(None, a)).collect();
+    let entry = PlannedEntry {
+        kind: EntryKind::Email,
+        author: agent.clone(),
+        by_agent: true,
+        subject,
+        text: text.into(),
+        html: None,
+        keeps_attachments: true,
+        message_id: None,
+    };
+    let send = PlannedSend {
+        kind: SendKind::Email,
+        entry: 0,
+        from_name: from::via_display_name(agent, config),
+        from_address: config.addresses.public.clone(),
+        envelope: to.iter().chain(&cc).map(|m| m.address.clone()).collect(),
+        to,
+        cc,
+        agents_only: false,
+    };
+    (entry, send)
+}
+
 /// A ticket set to resolved: a closure entry, and the closure notice to the
 /// watch group when `[auto] closure` is on.
 pub fn resolve(facts: &Facts<'_>, ticket: &TicketView) -> Plan {

@@ -495,3 +495,80 @@ fn watch_groups_never_hold_agents_former_agents_or_crm_addresses() {
     };
     assert!(new.watch_list.is_empty(), "{:?}", new.watch_list);
 }
+
+#[test]
+fn references_hold_the_first_and_the_last_ten_never_an_agents_id_for_non_agents() {
+    let thread: Vec<ThreadRef> = (0..15)
+        .map(|i| ThreadRef {
+            message_id: format!("m{i}@x"),
+            agent_inbound: i == 14,
+        })
+        .collect();
+    let to_agents = references(&thread, true);
+    assert_eq!(to_agents.len(), 11);
+    assert_eq!(to_agents[0], "m0@x");
+    assert_eq!(to_agents[1], "m5@x");
+    assert_eq!(to_agents.last().map(String::as_str), Some("m14@x"));
+    let to_others = references(&thread, false);
+    assert_eq!(to_others[0], "m0@x");
+    assert_eq!(to_others[1], "m4@x");
+    assert!(!to_others.iter().any(|r| r == "m14@x"));
+}
+
+#[test]
+fn no_failure_notice_about_a_notice_nor_to_an_empty_work_notes_list() {
+    let config = config();
+    let former = BTreeSet::new();
+    let facts = Facts {
+        config: &config,
+        former_agents: &former,
+        reply_key: None,
+    };
+    let t = ticket();
+    let notice = failure_notice(&facts, &t, "public_copy").expect("a notice");
+    assert_eq!(notice.envelope, [AGENT, AGENT2]);
+    assert!(notice.agents_only);
+    assert!(failure_notice(&facts, &t, "failure_notice").is_none());
+    assert!(failure_notice(&facts, &t, "reply_all_notice").is_none());
+    let mut alone = ticket();
+    alone.work_notes_list.clear();
+    assert!(failure_notice(&facts, &alone, "public_copy").is_none());
+}
+
+#[test]
+fn the_e_mail_function_names_an_agent_without_a_name_by_local_part() {
+    let mut config = config();
+    config.agents[0].name = String::new();
+    let former = BTreeSet::new();
+    let facts = Facts {
+        config: &config,
+        former_agents: &former,
+        reply_key: None,
+    };
+    let agent = Mailbox::new(None, AGENT);
+    let (entry, send) = email(&facts, &agent, &["x@u.example".into()], &[], "RE: hi", "t");
+    assert_eq!(entry.kind, EntryKind::Email);
+    assert_eq!(send.from_name, "jane.doe via Soutien TI");
+    assert_eq!(send.envelope, ["x@u.example"]);
+}
+
+#[test]
+fn the_watch_group_admits_no_agent_and_no_crm_address() {
+    let config = config();
+    let former = BTreeSet::from(["old.agent@example.org".to_string()]);
+    let facts = Facts {
+        config: &config,
+        former_agents: &former,
+        reply_key: None,
+    };
+    assert_eq!(admit_to_watch_group(&facts, AGENT), Err(NotAdmitted::Agent));
+    assert_eq!(
+        admit_to_watch_group(&facts, "old.agent@example.org"),
+        Err(NotAdmitted::Agent)
+    );
+    assert_eq!(
+        admit_to_watch_group(&facts, "support+x@example.org"),
+        Err(NotAdmitted::CrmAddress)
+    );
+    assert_eq!(admit_to_watch_group(&facts, "carol@u.example"), Ok(()));
+}

@@ -130,3 +130,29 @@ pub fn from_is_believed(
             .iter()
             .any(|d| !d.is_empty() && (from_domain == d || from_domain.ends_with(&format!(".{d}"))))
 }
+
+/// Why an address may not join a ticket's requesters or watch list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotAdmitted {
+    /// An agent or former agent: agents go on the work-notes list.
+    Agent,
+    /// One of crmgate's own addresses (or its postmaster).
+    CrmAddress,
+}
+
+/// May `address` be added to the watch group (requesters, watch list) by
+/// hand — the CLI now, agents' quick actions later? Never an agent, a
+/// former agent or an address crmgate accepts mail for. The work-notes
+/// list takes agents only, which the caller checks against the agents.
+///
+/// # Errors
+/// [`NotAdmitted`]: the reason the address stays off the list.
+pub fn admit_to_watch_group(facts: &Facts<'_>, address: &str) -> Result<(), NotAdmitted> {
+    if facts.is_agent_or_former(address) {
+        return Err(NotAdmitted::Agent);
+    }
+    if accepts_recipient(facts.config, address) {
+        return Err(NotAdmitted::CrmAddress);
+    }
+    Ok(())
+}

@@ -1,0 +1,319 @@
+//! Desk: what an agent does on a ticket without writing a mail — comment,
+//! work note, e-mail, resolve, reopen, assign, change a list.
+//!
+//! Each operation is planned by `decide` (the same rules as for inbound
+//! mail: who may watch, under which From, which notices go) and written by
+//! `apply` and `store`, on a connection the caller has put in a
+//! transaction. Arguments are plain data (a ticket number as typed, an
+//! agent's mailbox, texts), so the CLI and, later, agents' quick actions by
+//! mail drive the very same code; printing and exit codes stay with the
+//! caller.
+
+use rusqlite::Connection;
+
+use crate::apply::{self, Applied, ApplyError};
+use crate::config::Config;
+use crate::decide::{self, NotAdmitted};
+use crate::helpdesk::{EntryKind, Role, TicketState};
+use crate::intake::Runtime;
+use crate::parse::{Attachment, Inbound, Mailbox};
+use crate::store::{self, tickets, StoreError};
+
+/// Why a ticket operation was refused or failed; its text is what the
+/// user reads, so it says what to do next.
+#[derive(Debug, thiserror::Error)]
+pub enum DeskError {
+    #[error("{address} is not an agent: add it under [[agents]] in {origin}")]
+    NotAnAgent { address: String, origin: String },
+    #[error("{0} is not a mail address")]
+    NotAnAddress(String),
+    #[error("{0} is already resolved")]
+    AlreadyResolved(String),
+    #[error("{0} is not resolved")]
+    NotResolved(String),
+    #[error("{0} is an agent: agents go on the work-notes list, never in the watch group")]
+    AgentInWatchGroup(String),
+    #[error("{0} is a CRM address")]
+    CrmAddress(String),
+    /// Already on the list it was to join, or not on the one to leave.
+    #[error("{address} is {already} the {list} of {number}")]
+    Unchanged {
+        address: String,
+        /// "already on" or "not on".
+        already: &'static str,
+        list: &'static str,
+        number: String,
+    },
+    #[error("{0}: nobody to send the e-mail to")]
+    NobodyToEmail(String),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+type Result<T> = std::result::Result<T, DeskError>;
+
+/// The agent configured at `address`, with the name mail shows.
+///
+/// # Errors
+/// [`DeskError::NotAnAgent`], naming the file to add it to.
+pub fn agent(config: &Config, address: &str) -> Result<Mailbox> {
+    match config.agent(address) {
+        Some(agent) => Ok(Mailbox::new(Some(&agent.name), &agent.email)),
+        None => Err(DeskError::NotAnAgent {
+            address: address.to_string(),
+            origin: config.origin.clone(),
+        }),
+    }
+}
+
+/// Check addresses typed by a person before anything is written.
+///
+/// # Errors
+/// [`DeskError::NotAnAddress`] for the first that is not one.
+pub fn mail_addresses<'a>(addresses: impl IntoIterator<Item = &'a String>) -> Result<()> {
+    match addresses
+        .into_iter()
+        .find(|a| !crate::config::is_address(a))
+    {
+        Some(bad) => Err(DeskError::NotAnAddress(bad.clone())),
+        None => Ok(()),
+    }
+}
+
+/// Publish a comment or a work note as `agent`: the same entry and mail as
+/// if the agent had written it by mail (`decide::publish`).
+///
+/// # Errors
+/// No such ticket, or a database, template or composing failure.
+pub fn publish(
+    conn: &Connection,
+    rt: &Runtime,
+    number: &str,
+    agent: &Mailbox,
+    kind: EntryKind,
+    text: &str,
+) -> Result<Applied> {
+    let view = tickets::view(conn, tickets::require(conn, number)?)?;
+    let plan = decide::publish(&rt.facts(), &view, agent, kind, text);
+    let inbound = Inbound::default();
+    let now = store::now();
+    let sender = agent.address.as_str();
+    Ok(apply::apply(
+        conn,
+        rt,
+        &plan,
+        Some(&view),
+        &inbound,
+        sender,
+        None,
+        now,
+    )?)
+}
+
+/// A message of the ticket's e-mail function, as an agent typed it.
+pub struct Email<'a> {
+    /// The ticket, as typed.
+    pub number: &'a str,
+    /// Who writes: the From says "<agent> via <display_name>".
+    pub agent: &'a Mailbox,
+    pub to: &'a [String],
+    pub cc: &'a [String],
+    pub subject: &'a str,
+    pub text: &'a str,
+    /// Sent along and kept on the entry.
+    pub attachments: &'a [Attachment],
+}
+
+/// Send mail of the ticket's e-mail function (`decide::email`): logged as
+/// an `email` entry with its attachments; returns the ticket's number and
+/// the outbox row.
+///
+/// # Errors
+/// No such ticket, nobody left to send to, or a database or composing
+/// failure.
+pub fn email(conn: &Connection, rt: &Runtime, email: &Email<'_>) -> Result<(String, i64)> {
+    let now = store::now();
+    let id = tickets::require(conn, email.number)?;
+    let view = tickets::view(conn, id)?;
+    let (entry, send) = decide::email(
+        &rt.facts(),
+        email.agent,
+        email.to,
+        email.cc,
+        email.subject,
+        email.text,
+    );
+    let entry_id = tickets::insert_entry(
+        conn,
+        &tickets::EntryRow {
+            ticket_id: id,
+            kind: entry.kind,
+            from: &entry.author,
+            at: now,
+            subject: &entry.subject,
+            body: &entry.text,
+            html: None,
+            message_id: None,
+            by_agent: entry.by_agent,
+            sender: None,
+            body_hash: None,
+            raw_id: None,
+        },
+    )?;
+    for a in email.attachments {
+        tickets::insert_attachment(conn, entry_id, a)?;
+    }
+    let content = apply::Content {
+        subject: entry.subject.clone(),
+        text: email.text.to_string(),
+        html: None,
+        listed_attachments: Vec::new(),
+        attachments: email.attachments.to_vec(),
+        written_by_agent: true,
+    };
+    let thread = &view.thread;
+    let outbox_id = apply::queue(conn, rt, &view, thread, &send, content, Some(entry_id), now)?;
+    tickets::touch(conn, id, now)?;
+    match outbox_id {
+        Some(outbox_id) => Ok((view.number, outbox_id)),
+        None => Err(DeskError::NobodyToEmail(view.number)),
+    }
+}
+
+/// Set a ticket resolved (`decide::resolve`: the closure entry and notice),
+/// by an agent or by the CRM; returns the ticket's number.
+///
+/// # Errors
+/// No such ticket, already resolved, or a database or composing failure.
+pub fn resolve(
+    conn: &Connection,
+    rt: &Runtime,
+    number: &str,
+    by: Option<&Mailbox>,
+) -> Result<String> {
+    let view = tickets::view(conn, tickets::require(conn, number)?)?;
+    if view.state == TicketState::Resolved {
+        return Err(DeskError::AlreadyResolved(number.to_string()));
+    }
+    let mut plan = decide::resolve(&rt.facts(), &view);
+    if let Some(agent) = by {
+        plan.entries[0].text = format!("resolved by {}", agent.address).into();
+    }
+    let inbound = Inbound::default();
+    apply::apply(
+        conn,
+        rt,
+        &plan,
+        Some(&view),
+        &inbound,
+        "",
+        None,
+        store::now(),
+    )?;
+    Ok(view.number)
+}
+
+/// Set a resolved ticket open again, noted in a `system` entry; returns
+/// the ticket's number.
+///
+/// # Errors
+/// No such ticket, not resolved, or a database failure.
+pub fn reopen(
+    conn: &Connection,
+    rt: &Runtime,
+    number: &str,
+    by: Option<&Mailbox>,
+) -> Result<String> {
+    let id = tickets::require(conn, number)?;
+    let view = tickets::view(conn, id)?;
+    if view.state != TicketState::Resolved {
+        return Err(DeskError::NotResolved(number.to_string()));
+    }
+    let now = store::now();
+    tickets::set_state(conn, id, TicketState::Open, now)?;
+    let by = by.map(|a| format!(" by {}", a.address)).unwrap_or_default();
+    system_entry(conn, rt, id, &format!("reopened{by}"), now)?;
+    Ok(view.number)
+}
+
+/// Make `agent` the ticket's owner; the owner is on the work-notes list.
+///
+/// # Errors
+/// No such ticket, or a database failure.
+pub fn assign(conn: &Connection, rt: &Runtime, number: &str, agent: &Mailbox) -> Result<()> {
+    let id = tickets::require(conn, number)?;
+    let now = store::now();
+    tickets::set_owner(conn, id, Some(&agent.address), now)?;
+    tickets::add_participant(conn, id, Role::Notes, agent, now)?;
+    system_entry(conn, rt, id, &format!("assigned to {}", agent.address), now)?;
+    Ok(())
+}
+
+/// Add `address` to one of the ticket's lists, or take it off, noted in a
+/// `system` entry. The watch group admits no agent and no CRM address
+/// (`decide::admit_to_watch_group`); the caller checks that the
+/// work-notes list gets agents only.
+///
+/// # Errors
+/// Not a mail address, no such ticket, an address the rules refuse, no
+/// change to make, or a database failure.
+pub fn change_list(
+    conn: &Connection,
+    rt: &Runtime,
+    number: &str,
+    role: Role,
+    address: &str,
+    add: bool,
+) -> Result<()> {
+    let address = address.trim().to_ascii_lowercase();
+    mail_addresses([&address])?;
+    let id = tickets::require(conn, number)?;
+    let now = store::now();
+    if add && role != Role::Notes {
+        match decide::admit_to_watch_group(&rt.facts(), &address) {
+            Ok(()) => {}
+            Err(NotAdmitted::Agent) => return Err(DeskError::AgentInWatchGroup(address)),
+            Err(NotAdmitted::CrmAddress) => return Err(DeskError::CrmAddress(address)),
+        }
+    }
+    let changed = if add {
+        tickets::add_participant(conn, id, role, &Mailbox::new(None, &address), now)?
+    } else {
+        tickets::remove_participant(conn, id, role, &address)?
+    };
+    if !changed {
+        return Err(DeskError::Unchanged {
+            address,
+            already: if add { "already on" } else { "not on" },
+            list: role.list_name(),
+            number: number.to_string(),
+        });
+    }
+    tickets::touch(conn, id, now)?;
+    let change = if add { "added to" } else { "removed from" };
+    let text = format!("{address} {change} {}", role.list_name());
+    system_entry(conn, rt, id, &text, now)?;
+    Ok(())
+}
+
+/// A `system` entry by the helpdesk itself, under the ticket's subject.
+fn system_entry(
+    conn: &Connection,
+    rt: &Runtime,
+    ticket_id: i64,
+    text: &str,
+    now: i64,
+) -> Result<()> {
+    let subject: String = conn
+        .query_row(
+            "SELECT subject FROM tickets WHERE id = ?1",
+            [ticket_id],
+            |r| r.get(0),
+        )
+        .map_err(StoreError::from)?;
+    let system = decide::helpdesk(&rt.config);
+    tickets::insert_system_entry(conn, ticket_id, &system, &subject, text, now)?;
+    Ok(())
+}
