@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,8 +76,9 @@ def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 
 def postfix_tools() -> tuple[str, str]:
     """Paths of smtp-sink and smtp-source, installing Debian's postfix if needed.
 
-    Only the two test tools are wanted: the postfix service must not run (it
-    would take port 25), so it is stopped if the install started it.
+    The system's postfix service must not run (it would take port 25): it is
+    stopped if the install started it; the benchmark's Postfix is an instance
+    of its own (`Postfix`).
     """
     def find(name: str) -> str | None:
         return shutil.which(name) or next(
@@ -85,9 +87,10 @@ def postfix_tools() -> tuple[str, str]:
         )
 
     sink, source = find("smtp-sink"), find("smtp-source")
-    if sink and source:
+    if sink and source and shutil.which("postfix"):
         return sink, source
-    log("installing postfix for smtp-sink / smtp-source…")
+    log("installing Debian's postfix (smtp-sink, smtp-source, and the Postfix the benchmark "
+        "compares with: an instance of its own, the system's service is stopped)…")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "install", "-y", "postfix"], check=True, env=env,
                    stdout=subprocess.DEVNULL)
@@ -253,11 +256,15 @@ def loadgen(binary: Path, port: int, *args: str, check: bool = True) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cpu_ms(pid: int) -> float:
-    """User + system CPU time of a running process so far, in ms."""
+def cpu_ms(pid: int, children: bool = False) -> float:
+    """User + system CPU time of a running process so far, in ms (with
+    `children`, also that of its children it has waited for)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) * 1000.0 / tick
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks * 1000.0 / tick
 
 
 def children_cpu_ms() -> float:
@@ -282,3 +289,192 @@ def machine_state() -> str:
     mem = {l.split(":")[0]: l.split()[1] for l in Path("/proc/meminfo").read_text().splitlines()}
     return (f"{os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
             f"MemAvailable {int(mem.get('MemAvailable', 0)) // 1024} MiB")
+
+
+# Postfix store-and-forward: the peer a helpdesk would otherwise put at its
+# MX. An instance of its own (config, queue and data directories under
+# `root`), listening on 127.0.0.1:port only, relaying everything to
+# [127.0.0.1]:relay_port without DNS. It logs to syslog, which this machine
+# may not run: its log then costs nothing, as a syslog daemon's writes are
+# not Postfix's (`log_file` makes postlogd write one, counted as Postfix's).
+
+POSTFIX_MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {queue}
+data_directory = {data}
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.bench.test
+mydomain = bench.test
+myorigin = $myhostname
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+mydestination =
+relay_domains =
+local_recipient_maps =
+alias_maps =
+alias_database =
+relayhost = [127.0.0.1]:{relay_port}
+disable_dns_lookups = yes
+smtp_dns_support_level = disabled
+smtp_host_lookup = native
+smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_recipient_restrictions =
+smtpd_tls_security_level = none
+smtp_tls_security_level = none
+append_dot_mydomain = no
+biff = no
+{log}"""
+
+# Debian's master.cf without chroot (a chroot needs copies of /etc inside the
+# queue directory) and with the one inet service on the instance's port.
+POSTFIX_MASTER_CF = """\
+127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+lmtp      unix  -       -       n       -       -       lmtp
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+POSTFIX_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
+
+
+class Postfix:
+    """A Postfix instance of its own under `root`, started and stopped by
+    the caller (`stop` also when a run failed: `with Postfix(...)`)."""
+
+    def __init__(self, root: Path, port: int, relay_port: int, log_file: bool = False):
+        self.root, self.port = root, port
+        self.conf, self.queue, self.data = root / "etc", root / "spool", root / "data"
+        for d in (self.conf, self.queue, self.data):
+            d.mkdir(parents=True, exist_ok=True)
+        # The postfix user's daemons go through every parent of the queue
+        # directory: a temporary directory is 0700.
+        top = Path(tempfile.gettempdir())
+        for d in [root, *root.parents]:
+            if d == top or d == Path("/"):
+                break
+            d.chmod(d.stat().st_mode | 0o755)
+        shutil.chown(self.data, "postfix")
+        log = (f"maillog_file = {root / 'maillog'}\nmaillog_file_prefixes = {root}\n"
+               if log_file else "")
+        (self.conf / "main.cf").write_text(POSTFIX_MAIN_CF.format(
+            queue=self.queue, data=self.data, relay_port=relay_port, log=log))
+        (self.conf / "master.cf").write_text(POSTFIX_MASTER_CF.format(port=port))
+        self.started = False
+
+    def postfix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(["postfix", "-c", str(self.conf), *args], capture_output=True,
+                              text=True, check=check)
+
+    def __enter__(self) -> "Postfix":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.started = True
+        out = self.postfix("start", check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"postfix start: {out.stderr.strip()}")
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        """`postfix stop`, then SIGKILL whatever of the instance is left."""
+        if not self.started:
+            return
+        self.started = False
+        pid = self.master_pid()
+        self.postfix("stop", check=False)
+        deadline = time.monotonic() + 20
+        while pid and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for p in ([pid, *self.children(pid)] if pid else []):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def master_pid(self) -> int | None:
+        try:
+            pid = int((self.queue / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if Path(f"/proc/{pid}").exists() else None
+
+    @staticmethod
+    def children(pid: int) -> list[int]:
+        kids = []
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                stat = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                kids.append(int(p.name))
+        return kids
+
+    def queued(self) -> int:
+        """Messages in the instance's queues (a queue file each)."""
+        return sum(len(files) for q in POSTFIX_QUEUES
+                   for _, _, files in os.walk(self.queue / q))
+
+    def wait_empty(self, timeout: float) -> float | None:
+        """Seconds until the queues are empty (None: not at timeout)."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.queued() == 0:
+                return time.monotonic() - start
+            time.sleep(0.05)
+        return None
+
+    def totals(self) -> tuple[float, float]:
+        """CPU ms and KiB written by all the instance's processes so far: the
+        master's own and its waited-for children's (the kernel adds a reaped
+        child's CPU and I/O to its parent's), and its live children's."""
+        pid = self.master_pid()
+        if pid is None:
+            raise RuntimeError("postfix: no master process")
+        cpu = cpu_ms(pid, children=True)
+        disk = written_kib(pid)
+        for kid in self.children(pid):
+            try:
+                cpu += cpu_ms(kid, children=True)
+                disk += written_kib(kid)
+            except (OSError, IndexError):
+                pass  # exited meanwhile: now counted in the master's
+        return cpu, disk
+
+
+def written_kib(pid: int) -> float:
+    """KiB a process (with its waited-for children) has caused to be written
+    to storage so far: /proc/PID/io write_bytes."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
