@@ -291,7 +291,7 @@ fn deliver(config: Config, recipients: Vec<String>, sender: Option<String>) -> i
                 eprintln!("crmgate: {sentence}");
                 sysexits::NOPERM
             }
-            Verdict::TempFailure => sysexits::TEMPFAIL,
+            Verdict::TempFailure | Verdict::AuthTempFailure => sysexits::TEMPFAIL,
         },
         Err(e) => {
             eprintln!("crmgate: {e}");

@@ -118,9 +118,22 @@ pub async fn serve(
             marks_writer.record_marks(request).await;
         }
     });
+    let verifier = if config.auth.verify {
+        Some(
+            crate::auth::Verifier::new(
+                &config.auth.dns_servers,
+                config.auth.dns_timeout,
+                &config.gateway.hostname,
+            )
+            .context("[auth] verify needs a resolver: set auth.dns_servers")?,
+        )
+    } else {
+        None
+    };
     let intake = Arc::new(Intake {
         runtime: runtime.clone(),
         writer,
+        verifier,
     });
 
     let relay = tokio::spawn(supervise_relay(

@@ -238,6 +238,19 @@ pub struct Envelope {
     pub rcpt_to: Vec<String>,
 }
 
+/// What crmgate's own checks of the sender found (SPEC, Security): computed
+/// where DNS may be asked, before decide, and read by the rules as data.
+/// Parse leaves it empty; so does mail nobody checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SenderCheck {
+    /// A valid DKIM signature or an SPF pass aligned with the From domain:
+    /// an agent's From is believed.
+    pub from_verified: bool,
+    /// The envelope sender's SPF said `fail` (the domain named): no
+    /// receipt goes to it, against backscatter.
+    pub spf_fail: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

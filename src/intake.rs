@@ -11,6 +11,7 @@ use std::sync::{Arc, RwLock};
 use rusqlite::{Connection, TransactionBehavior};
 
 use crate::apply::{self, ApplyError};
+use crate::auth::{Spf, Verifier, VerifyError};
 use crate::compose::Scrub;
 use crate::config::Config;
 use crate::decide::{self, Decision, Facts, TicketView};
@@ -406,15 +407,116 @@ pub(crate) fn log_outcome(arrival: &Arrival, outcome: &Outcome) {
 pub struct Intake {
     pub runtime: Arc<RwLock<Arc<Runtime>>>,
     pub writer: Writer,
+    /// crmgate's own SPF/DKIM check, when `[auth] verify` is on. Built
+    /// once at start: a change of `dns_servers` needs a restart.
+    pub verifier: Option<Verifier>,
 }
 
 impl Intake {
     fn config(&self) -> Arc<Config> {
+        self.current().config.clone()
+    }
+
+    fn current(&self) -> Arc<Runtime> {
         match self.runtime.read() {
-            Ok(guard) => guard.config.clone(),
-            Err(poisoned) => poisoned.into_inner().config.clone(),
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
+
+    /// The SPEC's own check, before the writer (DNS is asked here, never
+    /// on the writer's thread): an agent's or former agent's From that no
+    /// trusted relay or `authserv_id` vouches for is verified, and the
+    /// result stamped on the stored message; a new requester's envelope
+    /// sender gets the SPF check that guards receipts from backscatter.
+    /// Other mail costs no DNS query. Inbound `Authentication-Results`
+    /// under our name are dropped, checked or not.
+    ///
+    /// # Errors
+    ///
+    /// A DNS failure left the agent's check open: the sender retries.
+    async fn check_sender(&self, arrival: &mut Arrival) -> Result<(), VerifyError> {
+        let rt = self.current();
+        let config = &rt.config;
+        let hostname = config.gateway.hostname.as_str();
+        let Ok(inbound) = &mut arrival.parsed else {
+            return Ok(());
+        };
+        inbound
+            .auth_results
+            .retain(|r| !r.authserv_id.eq_ignore_ascii_case(hostname));
+        let mut own = None;
+        if let (Some(verifier), Some(from)) = (&self.verifier, inbound.from.clone()) {
+            let env = &arrival.envelope;
+            let facts = rt.facts();
+            let address = from.address.as_str();
+            let agent_like =
+                config.agent(address).is_some() || facts.former_agents.contains(address);
+            if agent_like {
+                if !decide::from_is_believed(config, env, inbound, address) {
+                    let domain = address.rsplit_once('@').map_or("", |(_, d)| d);
+                    let verification = verifier
+                        .check(
+                            &arrival.raw,
+                            env.peer,
+                            &env.helo,
+                            env.mail_from.as_deref(),
+                            domain,
+                        )
+                        .await?;
+                    inbound.sender_check.from_verified = verification.dmarc_pass();
+                    own = Some(verification.header(hostname));
+                }
+            } else if may_get_a_receipt(config, env, inbound)
+                && !config
+                    .security
+                    .trusted_relays
+                    .iter()
+                    .any(|net| net.contains(&env.peer))
+            {
+                // Behind a trusted relay the peer is that relay, not the
+                // sender's server: SPF would fail everyone.
+                let (spf, domain, _) = verifier
+                    .spf(env.peer, &env.helo, env.mail_from.as_deref())
+                    .await;
+                if spf == Spf::Fail {
+                    inbound.sender_check.spf_fail = Some(domain);
+                }
+            }
+        }
+        if let Some(raw) = crate::auth::restamp(&arrival.raw, hostname, own.as_deref()) {
+            arrival.raw = raw;
+        }
+        Ok(())
+    }
+}
+
+/// Could this message open a ticket whose requester gets a receipt? Only
+/// then is the envelope sender's SPF worth a query: receipts enabled, a
+/// reverse-path that backs the From, person's mail, and nothing that names
+/// an existing ticket (a ticket number in the Subject or a `+tag`, or a
+/// reference to one of crmgate's own Message-IDs).
+fn may_get_a_receipt(config: &Config, env: &Envelope, inbound: &Inbound) -> bool {
+    let Some(mail_from) = env.mail_from.as_deref() else {
+        return false;
+    };
+    let from = inbound.from.as_ref().map_or("", |m| m.address.as_str());
+    let ours = format!("@{}", config.gateway.hostname);
+    config.auto.receipt != crate::config::ReceiptPolicy::None
+        && crate::thread::strip_tag(mail_from).eq_ignore_ascii_case(from)
+        && inbound.auto.is_none()
+        && inbound.report.is_none()
+        && !inbound.spam_flag
+        && crate::thread::subject_numbers(&inbound.subject, &config.ticket.pattern).is_empty()
+        && !env
+            .rcpt_to
+            .iter()
+            .any(|r| r.split('@').next().is_some_and(|l| l.contains('+')))
+        && !inbound
+            .in_reply_to
+            .iter()
+            .chain(&inbound.references)
+            .any(|id| id.to_ascii_lowercase().ends_with(&ours))
 }
 
 /// Above this size a message is parsed on a blocking thread, so a 25 MB
@@ -427,7 +529,7 @@ impl Deliver for Intake {
     }
 
     async fn deliver(&self, envelope: Envelope, raw: Vec<u8>) -> Verdict {
-        let arrival = if raw.len() <= PARSE_INLINE_MAX {
+        let mut arrival = if raw.len() <= PARSE_INLINE_MAX {
             Arrival::new(envelope, raw)
         } else {
             match tokio::task::spawn_blocking(move || Arrival::new(envelope, raw)).await {
@@ -435,6 +537,10 @@ impl Deliver for Intake {
                 Err(_) => return Verdict::TempFailure,
             }
         };
+        if let Err(error) = self.check_sender(&mut arrival).await {
+            tracing::warn!(%error, peer = %arrival.envelope.peer, "cannot verify the sender: 451");
+            return Verdict::AuthTempFailure;
+        }
         self.writer.submit(arrival).await
     }
 }

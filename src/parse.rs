@@ -146,6 +146,9 @@ pub struct Inbound {
     pub auth_results: Vec<AuthResult>,
     /// `X-Spam-Flag: YES`.
     pub spam_flag: bool,
+    /// crmgate's own SPF/DKIM check, set by intake before decide (parse
+    /// leaves it empty: it asks no DNS).
+    pub sender_check: crate::helpdesk::SenderCheck,
     pub forward: Option<Forward>,
     /// Hex SHA-256 of the normalised text body: the duplicate check compares it.
     pub body_hash: String,
@@ -245,6 +248,7 @@ fn extract(message: &Message<'_>) -> Inbound {
             .map(|v| auth_result(&v, dmarc_domain.as_deref()))
             .collect(),
         spam_flag: header_texts(headers, "X-Spam-Flag").any(|v| v.eq_ignore_ascii_case("yes")),
+        sender_check: crate::helpdesk::SenderCheck::default(),
         forward,
     }
 }

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use common::dns::Dns;
-use common::gateway::{Gateway, INTERNAL, JANE};
+use common::gateway::{Gateway, INTERNAL, JANE, PUBLIC};
 use crmgate::auth::{Dkim, DkimSigner, SignError, Spf, VerifyError};
 
 const HOST: &str = "mx.crm.test";
@@ -373,4 +373,254 @@ async fn check_config_names_auth_dkim_key_file_for_a_weak_or_unreadable_key() {
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(stderr.contains("auth.dkim_key_file"), "{stderr}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// The daemon believes an agent on its own check (SPEC, Security 3).
+// ---------------------------------------------------------------------------
+
+/// example.org publishes SPF for another server (so our peer, 127.0.0.1,
+/// fails it), a DMARC record and the signing key; bounces.example.org is
+/// sent from 127.0.0.1 (an aligned SPF pass), as is provider.test (a
+/// shared provider: an unaligned pass); forged.test allows no server.
+async fn agents_domain(signer: &DkimSigner) -> Dns {
+    let dns = Dns::start().await;
+    dns.txt("example.org", "v=spf1 ip4:192.0.2.1 -all");
+    dns.txt("_dmarc.example.org", "v=DMARC1; p=reject");
+    dns.txt(&signer.record_name("example.org"), &signer.record());
+    dns.txt("bounces.example.org", "v=spf1 ip4:127.0.0.1 -all");
+    dns.txt("provider.test", "v=spf1 ip4:127.0.0.1 -all");
+    dns.txt(&signer.record_name("other.test"), &signer.record());
+    dns.txt("forged.test", "v=spf1 -all");
+    dns
+}
+
+/// A gateway that trusts no peer (the agents write from a provider) and
+/// asks `dns`; `authserv_id` is crmgate's own hostname, so that a forged
+/// header under that name would be believed if it were not dropped.
+async fn untrusting_gateway(dns: &Dns) -> Gateway {
+    Gateway::start_with(
+        "trusted_relays = []\nauthserv_id = \"crm.example.org\"\n",
+        &format!(
+            "[auth]\ndns_servers = [\"{}\"]\ndns_timeout_seconds = 1\n",
+            dns.addr()
+        ),
+    )
+    .await
+}
+
+fn work_note(number: &str, extra_headers: &str, body: &str) -> String {
+    format!(
+        "{extra_headers}From: Jane Doe <{JANE}>\r\nTo: {INTERNAL}\r\nSubject: Re: [{number}] Imprimante\r\n\
+         Date: Tue, 1 Dec 2026 10:00:00 +0000\r\nMessage-ID: <{}@example.org>\r\n\
+         MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}\r\n",
+        body.len()
+    )
+}
+
+fn work_notes(g: &Gateway, number: &str) -> usize {
+    g.show(number)["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "work_note")
+        .count()
+}
+
+fn stored_raw(g: &Gateway) -> Vec<String> {
+    let conn = rusqlite::Connection::open(g.dir.path().join("state/crmgate.db")).unwrap();
+    let mut statement = conn
+        .prepare("SELECT data FROM raw_messages ORDER BY id")
+        .unwrap();
+    statement
+        .query_map([], |row| row.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .map(|data| String::from_utf8_lossy(&data.unwrap()).into_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn an_agent_is_believed_on_an_aligned_signature_or_spf_pass_and_nothing_less() {
+    let signer = signer("rsa2048.pem", &["example.org"]);
+    let dns = agents_domain(&signer).await;
+    let g = untrusting_gateway(&dns).await;
+    let number = g.open_ticket().await;
+
+    // A valid signature of the agent's domain, from a peer SPF does not allow.
+    let note = work_note(&number, "", "Toner commandé.");
+    let signed = String::from_utf8(signer.sign(note.as_bytes(), JANE).unwrap()).unwrap();
+    let reply = g.send(JANE, &[INTERNAL], &signed).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(work_notes(&g, &number), 1);
+    let stamped = stored_raw(&g).pop().unwrap();
+    assert!(
+        stamped.starts_with(
+            "Authentication-Results: crm.example.org; spf=fail smtp.mailfrom=example.org; \
+             dkim=pass header.d=example.org; dmarc=pass header.from=example.org\r\n"
+        ),
+        "{stamped}"
+    );
+
+    // A broken body hash, a signature of another domain, an SPF pass of a
+    // shared provider, no signature at all: an outsider's work note.
+    let tampered = signed.replace("Toner commandé.", "Virez 5000 EUR.");
+    let other = String::from_utf8(
+        signer
+            .sign(
+                work_note(&number, "", "Autre domaine.").as_bytes(),
+                "x@other.test",
+            )
+            .unwrap(),
+    )
+    .unwrap();
+    for (sender, message) in [
+        (JANE, tampered),
+        (JANE, other),
+        (
+            "tenant@provider.test",
+            work_note(&number, "", "Par le fournisseur."),
+        ),
+        (JANE, work_note(&number, "", "Sans signature.")),
+    ] {
+        let reply = g.send(sender, &[INTERNAL], &message).await;
+        assert!(reply.starts_with("550 5.7.1"), "{sender}: {reply}");
+    }
+    assert_eq!(work_notes(&g, &number), 1);
+
+    // An SPF pass alone, aligned (the agent's domain sends its bounces
+    // from a subdomain): believed.
+    let reply = g
+        .send(
+            "jane@bounces.example.org",
+            &[INTERNAL],
+            &work_note(&number, "", "Par SPF."),
+        )
+        .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(work_notes(&g, &number), 2);
+}
+
+#[tokio::test]
+async fn a_forged_authentication_results_under_our_name_is_dropped_and_believes_nobody() {
+    let signer = signer("rsa2048.pem", &["example.org"]);
+    let dns = agents_domain(&signer).await;
+    let g = untrusting_gateway(&dns).await;
+    let number = g.open_ticket().await;
+    let forged = work_note(
+        &number,
+        "Authentication-Results: crm.example.org; dmarc=pass header.from=example.org;\r\n \
+         dkim=pass header.d=example.org\r\n",
+        "Croyez-moi.",
+    );
+    let reply = g.send(JANE, &[INTERNAL], &forged).await;
+    assert!(reply.starts_with("550 5.7.1"), "{reply}");
+    assert_eq!(work_notes(&g, &number), 0);
+    // What is kept of it (the refusal is quarantined) carries our verdict
+    // only, not the forged one.
+    let kept: Vec<String> = stored_raw(&g)
+        .into_iter()
+        .filter(|raw| raw.contains("Croyez-moi"))
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert!(
+        kept[0].starts_with("Authentication-Results: crm.example.org; spf=fail"),
+        "{}",
+        kept[0]
+    );
+    assert!(!kept[0].contains("dmarc=pass"), "{}", kept[0]);
+}
+
+#[tokio::test]
+async fn dns_down_during_an_agents_check_is_451_4_4_3_and_nothing_is_stored() {
+    let signer = signer("rsa2048.pem", &["example.org"]);
+    let mut dns = agents_domain(&signer).await;
+    let g = untrusting_gateway(&dns).await;
+    let number = g.open_ticket().await;
+    dns.stop();
+    let before = stored_raw(&g).len();
+    let quarantined = g
+        .json(&["quarantine", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .len();
+    let note = work_note(&number, "", "Pendant la panne.");
+    let signed = String::from_utf8(signer.sign(note.as_bytes(), JANE).unwrap()).unwrap();
+    let reply = g.send(JANE, &[INTERNAL], &signed).await;
+    assert!(reply.starts_with("451 4.4.3"), "{reply}");
+    assert_eq!(stored_raw(&g).len(), before);
+    assert_eq!(
+        g.json(&["quarantine", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        quarantined
+    );
+    assert_eq!(work_notes(&g, &number), 0);
+}
+
+#[tokio::test]
+async fn requesters_mail_costs_no_dns_query_and_a_forged_sender_gets_no_receipt() {
+    let signer = signer("rsa2048.pem", &["example.org"]);
+    let dns = agents_domain(&signer).await;
+    let g = untrusting_gateway(&dns).await;
+
+    // A new requester: the SPF of its envelope sender is asked, once.
+    let number = g.open_ticket().await;
+    assert_eq!(dns.asked(), ["u.example"]);
+    // A reply on the ticket: no receipt is possible, nothing is asked.
+    let reply = g
+        .send(
+            "alice@u.example",
+            &[PUBLIC],
+            &format!("From: alice@u.example\r\nTo: {PUBLIC}\r\nSubject: Re: [{number}] Imprimante\r\n\r\nMerci\r\n"),
+        )
+        .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(dns.asked(), ["u.example"]);
+
+    // A sender whose domain's SPF fails: a ticket, but no receipt (backscatter).
+    let reply = g
+        .send(
+            "victim@forged.test",
+            &[PUBLIC],
+            &format!("From: victim@forged.test\r\nTo: {PUBLIC}\r\nSubject: Gagnez\r\n\r\nSpam\r\n"),
+        )
+        .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let sent = g.settle().await;
+    assert!(!sent
+        .iter()
+        .any(|m| m.rcpt_to.iter().any(|r| r == "victim@forged.test")));
+    assert!(sent
+        .iter()
+        .any(|m| m.rcpt_to.iter().any(|r| r == "alice@u.example")));
+    let list = g.json(&["ticket", "list", "--json"]);
+    let forged = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["subject"] == "Gagnez")
+        .unwrap()["number"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let entries = g.show(&forged)["entries"].clone();
+    let system: Vec<&str> = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "system")
+        .map(|e| e["body"].as_str().unwrap())
+        .collect();
+    assert!(
+        system
+            .iter()
+            .any(|b| b.contains("SPF") && b.contains("forged.test")),
+        "{entries}"
+    );
+    assert!(!entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["kind"] == "receipt"));
 }

@@ -157,6 +157,20 @@ pub(super) fn answer_opening(m: &Message<'_>, opening: Opening, plan: &mut Plan)
         plan.sends.retain(|s| s.kind != SendKind::PublicCopy);
     }
     if let Some((entry, send)) = receipt(m, opening, plan) {
+        if let (Some(domain), false) = (&m.inbound.sender_check.spf_fail, m.agent) {
+            // SPF says the envelope sender is forged: a receipt would be
+            // backscatter to whoever was named.
+            plan.entries.push(PlannedEntry {
+                kind: EntryKind::System,
+                text: format!(
+                    "No receipt sent: the SPF record of {domain} does not allow the \
+                     sending server (SPF fail), so the sender address may be forged."
+                )
+                .into(),
+                ..entry
+            });
+            return;
+        }
         plan.entries.push(entry);
         plan.sends.push(PlannedSend {
             entry: plan.entries.len() - 1,

@@ -572,3 +572,31 @@ fn the_watch_group_admits_no_agent_and_no_crm_address() {
     );
     assert_eq!(admit_to_watch_group(&facts, "carol@u.example"), Ok(()));
 }
+
+#[test]
+fn crmgates_own_check_believes_an_agent_and_an_spf_fail_stops_the_receipt() {
+    let mut inbound = mail(AGENT, &["support-notes@example.org"], &[], "[TKT0000007] x");
+    let env = envelope(AGENT, &["support-notes@example.org"], false);
+    inbound.sender_check.from_verified = true;
+    let p = plan(run(&env, &inbound, Some(&ticket())));
+    assert_eq!(p.entries[0].kind, EntryKind::WorkNote);
+
+    let env = envelope("alice@u.example", &["support@example.org"], false);
+    let mut inbound = mail(
+        "alice@u.example",
+        &["support@example.org"],
+        &[],
+        "Imprimante",
+    );
+    inbound.sender_check.spf_fail = Some("u.example".into());
+    let p = plan(run(&env, &inbound, None));
+    assert!(p.sends.iter().all(|s| s.kind != SendKind::Receipt));
+    let system = p
+        .entries
+        .iter()
+        .find(|e| e.kind == EntryKind::System)
+        .unwrap();
+    assert!(system.text.contains("SPF") && system.text.contains("u.example"));
+    // The ticket itself is opened as for anyone.
+    assert_eq!(p.entries[0].kind, EntryKind::Comment);
+}

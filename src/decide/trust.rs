@@ -100,9 +100,10 @@ pub fn is_postmaster(config: &Config, address: &str) -> bool {
 
 /// Is the From of this message believed? The SMTP peer is a trusted relay,
 /// or the top-most `Authentication-Results` of our own `authserv_id` says
-/// `dmarc=pass` or a `dkim=pass` aligned with the From domain. Only the
-/// top-most one of our id counts: our MTA adds its own above anything the
-/// sender wrote, so a forged one can only stand below it.
+/// `dmarc=pass` or a `dkim=pass` aligned with the From domain, or
+/// crmgate's own check passed (`[auth] verify`, done before decide). Only
+/// the top-most one of our id counts: our MTA adds its own above anything
+/// the sender wrote, so a forged one can only stand below it.
 pub fn from_is_believed(
     config: &Config,
     envelope: &Envelope,
@@ -114,6 +115,7 @@ pub fn from_is_believed(
         .trusted_relays
         .iter()
         .any(|net| net.contains(&envelope.peer))
+        || inbound.sender_check.from_verified
     {
         return true;
     }

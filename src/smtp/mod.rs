@@ -55,6 +55,9 @@ pub enum Verdict {
     Refused(String),
     /// Could not be committed: `451 4.3.0`, the client retries.
     TempFailure,
+    /// The sender could not be verified (a DNS failure during crmgate's
+    /// own SPF/DKIM check): `451 4.4.3`, nothing stored, the client retries.
+    AuthTempFailure,
 }
 
 /// The stage after the listener: takes a whole message and says what became of it.

@@ -142,6 +142,14 @@ pub const REPLY_TEMP_FAILURE: Reply = Reply::new(
     "Temporary failure, message not stored, please try again later",
 );
 
+/// crmgate's own check of an agent's From met a DNS failure (RFC 7601's
+/// temperror): nothing is stored, the sender retries.
+pub const REPLY_AUTH_TEMP_FAILURE: Reply = Reply::new(
+    451,
+    "4.4.3",
+    "Cannot verify the sender now (DNS failure), please try again later",
+);
+
 // --- Protocol errors --------------------------------------------------------
 
 pub const REPLY_UNKNOWN_COMMAND: Reply = Reply::new(500, "5.5.1", "Unknown command");

@@ -406,6 +406,7 @@ impl<D: Deliver> Session<D> {
                         replies::REPLY_REFUSED.write_with(&mut self.out, &reason);
                     }
                     Verdict::TempFailure => self.reply(replies::REPLY_TEMP_FAILURE),
+                    Verdict::AuthTempFailure => self.reply(replies::REPLY_AUTH_TEMP_FAILURE),
                 }
             }
         }

@@ -23,6 +23,8 @@ struct Zone {
     /// Lower-cased names without the final dot.
     txt: HashMap<String, Vec<String>>,
     servfail: bool,
+    /// Every name asked, in order.
+    asked: Vec<String>,
 }
 
 pub struct Dns {
@@ -66,6 +68,11 @@ impl Dns {
             .push(text.to_string());
     }
 
+    /// The names asked so far (lower-cased, without the final dot).
+    pub fn asked(&self) -> Vec<String> {
+        self.zone.lock().unwrap().asked.clone()
+    }
+
     pub fn set_servfail(&self, on: bool) {
         self.zone.lock().unwrap().servfail = on;
     }
@@ -95,7 +102,7 @@ fn answer(query: &[u8], zone: &Mutex<Zone>) -> Option<Vec<u8>> {
     response.metadata.recursion_desired = request.metadata.recursion_desired;
     response.metadata.recursion_available = true;
     response.metadata.message_type = MessageType::Response;
-    let zone = zone.lock().unwrap();
+    let mut zone = zone.lock().unwrap();
     for q in &request.queries {
         response.add_query(q.clone());
         if zone.servfail {
@@ -107,6 +114,7 @@ fn answer(query: &[u8], zone: &Mutex<Zone>) -> Option<Vec<u8>> {
             .to_ascii()
             .trim_end_matches('.')
             .to_ascii_lowercase();
+        zone.asked.push(name.clone());
         match zone.txt.get(&name) {
             None => response.metadata.response_code = ResponseCode::NXDomain,
             Some(texts) if q.query_type() == RecordType::TXT => {
