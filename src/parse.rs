@@ -11,6 +11,7 @@
 //! `report` reads delivery reports (RFC 3464). Parsing is lenient: only
 //! input without any header line is refused ([`ParseError::Unparseable`]).
 
+mod charset;
 mod forward;
 mod html;
 mod report;
@@ -18,7 +19,6 @@ mod report;
 use std::borrow::Cow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use mail_parser::decoders::charsets::map::charset_decoder;
 use mail_parser::{Address, Header, HeaderValue, Message, MessageParser, MimeHeaders, PartType};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -253,33 +253,10 @@ fn extract(message: &Message<'_>) -> Inbound {
     }
 }
 
-/// Raw 8-bit header lines that are not UTF-8 re-encoded from windows-1252.
-///
-/// Old clients (Outlook, Eudora) put Latin-1 straight into Subject and
-/// display names. mail-parser reads header bytes as UTF-8 and would turn
-/// each accented letter into U+FFFD; re-encoding the top-level header block
-/// first keeps "Réunion" readable. Windows-1252 is a superset of the
-/// printable Latin-1 range, so it is the better guess for both. UTF-8 lines
-/// (RFC 6532) are left alone, and so is the body: its charset is declared.
+/// The top-level header block with its legacy-charset lines re-encoded as
+/// UTF-8 (see [`charset`]); the body is left alone: its charset is declared.
 fn repair_header_block(raw: &[u8]) -> Cow<'_, [u8]> {
-    let end = header_block_end(raw);
-    let block = &raw[..end];
-    if std::str::from_utf8(block).is_ok() {
-        return Cow::Borrowed(raw);
-    }
-    let Some(decode) = charset_decoder(b"windows-1252") else {
-        return Cow::Borrowed(raw);
-    };
-    let mut out = Vec::with_capacity(raw.len() + 64);
-    for line in block.split_inclusive(|&b| b == b'\n') {
-        if std::str::from_utf8(line).is_ok() {
-            out.extend_from_slice(line);
-        } else {
-            out.extend_from_slice(decode(line).as_bytes());
-        }
-    }
-    out.extend_from_slice(&raw[end..]);
-    Cow::Owned(out)
+    charset::repair_header_block(raw, header_block_end(raw), raw)
 }
 
 /// Offset just past the top-level header block (its blank line excluded),
@@ -530,6 +507,10 @@ fn bodies(message: &Message<'_>, body: &BodyParts) -> (String, Option<String>) {
     let mut texts = Vec::new();
     for part in body.text.iter().filter_map(|&id| message.parts.get(id)) {
         match &part.body {
+            PartType::Text(t) if t.contains(char::REPLACEMENT_CHARACTER) => {
+                let t = undeclared_text(message, part).unwrap_or_else(|| t.to_string());
+                texts.push(t.replace("\r\n", "\n"));
+            }
             PartType::Text(t) => texts.push(t.replace("\r\n", "\n")),
             PartType::Html(h) => texts.push(html::to_text(h)),
             _ => {}
@@ -557,6 +538,21 @@ fn bodies(message: &Message<'_>, body: &BodyParts) -> (String, Option<String>) {
         }
     }
     (text, html)
+}
+
+/// The text of an 8-bit part that declares no charset, read by
+/// [`charset::decode_undeclared`]; `None` when the part declares one, is
+/// transfer-encoded, or is UTF-8 after all (its U+FFFD are its own).
+fn undeclared_text(message: &Message<'_>, part: &mail_parser::MessagePart<'_>) -> Option<String> {
+    let declared = part
+        .content_type()
+        .is_some_and(|ct| ct.attribute("charset").is_some());
+    if declared || part.encoding != mail_parser::Encoding::None {
+        return None;
+    }
+    let raw = message.raw_message();
+    let bytes = raw.get(part.offset_body as usize..part.offset_end as usize)?;
+    charset::decode_undeclared(bytes, raw)
 }
 
 /// The attachments kept on the ticket: every part that is not the body.
@@ -591,7 +587,7 @@ fn attachments(message: &Message<'_>, body: &BodyParts, html: Option<&str>) -> V
             .attachment_name()
             .map(|n| {
                 if n.contains(char::REPLACEMENT_CHARACTER) {
-                    latin1_attachment_name(raw, part).unwrap_or_else(|| n.to_string())
+                    legacy_attachment_name(raw, part).unwrap_or_else(|| n.to_string())
                 } else {
                     n.to_string()
                 }
@@ -664,11 +660,11 @@ fn attachments(message: &Message<'_>, body: &BodyParts, html: Option<&str>) -> V
 
 /// The name of an attachment whose MIME header carries raw 8-bit bytes
 /// (Outlook Express wrote `name="Résumé.doc"` in Latin-1): the part's
-/// header block re-read with the same windows-1252 fallback as the
-/// top-level one.
-fn latin1_attachment_name(raw: &[u8], part: &mail_parser::MessagePart<'_>) -> Option<String> {
+/// header block re-read as the top-level one is, in the part's own
+/// declared charset, else the message's, else the detector's guess.
+fn legacy_attachment_name(raw: &[u8], part: &mail_parser::MessagePart<'_>) -> Option<String> {
     let header = raw.get(part.offset_header as usize..part.offset_body as usize)?;
-    let repaired = repair_header_block(header);
+    let repaired = charset::repair_header_block(header, header.len(), raw);
     let parsed = MessageParser::default().parse_headers(&repaired[..])?;
     let name = parsed.root_part().attachment_name()?;
     (!name.contains(char::REPLACEMENT_CHARACTER)).then(|| name.to_string())
@@ -996,6 +992,27 @@ mod tests {
         // Raw UTF-8 (RFC 6532) is kept as it is.
         raw = "Subject: Réunion\r\n\r\nx\r\n".as_bytes().to_vec();
         assert_eq!(parse(&raw).expect("parses").subject, "Réunion");
+    }
+
+    #[test]
+    fn raw_legacy_headers_are_read_by_body_charset_or_detection() {
+        // Shift_JIS Subject, body declared Shift_JIS.
+        let mut raw = b"From: a@example.jp\r\nSubject: ".to_vec();
+        raw.extend(encoding_rs::SHIFT_JIS.encode("印刷できません").0.iter());
+        raw.extend(b"\r\nContent-Type: text/plain; charset=Shift_JIS\r\n\r\nx\r\n");
+        assert_eq!(parse(&raw).expect("parses").subject, "印刷できません");
+        // KOI8-R display name and Subject, nothing declared.
+        let mut raw = b"From: ".to_vec();
+        raw.extend(encoding_rs::KOI8_R.encode("Иван Петров").0.iter());
+        raw.extend(b" <ivan@example.ru>\r\nSubject: ");
+        raw.extend(encoding_rs::KOI8_R.encode("Принтер не работает").0.iter());
+        raw.extend(b"\r\n\r\nx\r\n");
+        let m = parse(&raw).expect("parses");
+        assert_eq!(m.subject, "Принтер не работает");
+        assert_eq!(
+            m.from,
+            Some(Mailbox::new(Some("Иван Петров"), "ivan@example.ru"))
+        );
     }
 
     #[test]
