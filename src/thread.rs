@@ -136,17 +136,43 @@ fn prefix_regex() -> &'static Regex {
     })
 }
 
+/// The fixed words of crmgate's own automatic subjects (the receipt's and
+/// the closure's, see [`crate::templates::AUTOMATIC_SUBJECT_WORDS`]) at
+/// the start, with their colon, any case; a non-breaking space before the
+/// colon, as French Outlook writes it, counts as a space.
+fn automatic_words_regex() -> &'static Regex {
+    static RE: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
+    RE.get_or_init(|| {
+        let words: Vec<String> = crate::templates::AUTOMATIC_SUBJECT_WORDS
+            .iter()
+            .map(|w| regex::escape(w).replace(' ', r"[\s\u{a0}]+"))
+            .collect();
+        match Regex::new(&format!(
+            r"(?i)^[\s\u{{a0}}]*(?:{})[\s\u{{a0}}]*(?:[:：][\s\u{{a0}}]*|$)",
+            words.join("|")
+        )) {
+            Ok(re) => re,
+            Err(e) => unreachable!("regex of constant words: {e}"),
+        }
+    })
+}
+
 /// The subject a ticket shows and outgoing mail carries after `[NUMBER]`:
-/// without reply/forward prefixes and without old ticket tags.
+/// without reply/forward prefixes, old ticket tags, or the fixed words of
+/// crmgate's own automatic subjects.
 pub fn clean_subject(subject: &str, pattern: &Regex) -> String {
     let mut s = subject.replace(['\r', '\n', '\t'], " ");
     loop {
         let before = s.len();
-        // Prefixes, then a bracketed or bare ticket tag at the start.
+        // Prefixes, then a bracketed or bare ticket tag at the start, then
+        // the words of a receipt or closure notice being answered.
         while let Some(m) = prefix_regex().find(&s) {
             if m.end() == 0 {
                 break;
             }
+            s = s[m.end()..].to_string();
+        }
+        if let Some(m) = automatic_words_regex().find(&s) {
             s = s[m.end()..].to_string();
         }
         let trimmed = s.trim_start();
@@ -230,7 +256,7 @@ pub fn parse_bounce_address(address: &str, public: &str, key: Option<&[u8]>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::config::{Config, Language};
 
     fn pattern() -> Regex {
         Config::embedded_default().ticket.pattern
@@ -275,6 +301,43 @@ mod tests {
             "Relance du serveur"
         );
         assert_eq!(clean_subject("", &p), "");
+    }
+
+    #[test]
+    fn clean_subject_drops_the_words_of_the_receipt_and_the_closure() {
+        let p = pattern();
+        for (language, name) in [
+            (Language::Fr, "closure"),
+            (Language::En, "closure"),
+            (Language::Fr, "receipt"),
+            (Language::En, "receipt"),
+        ] {
+            let ours = format!(
+                "[TKT0000042] {}",
+                crate::templates::subject(name, language, "Imprimante en panne")
+            );
+            for reply in [
+                format!("RE: {ours}"),
+                format!("Re: {}", ours.to_uppercase())
+                    .replace("IMPRIMANTE EN PANNE", "Imprimante en panne"),
+                format!("AW: WG: {ours}"),
+                ours.replace(" :", "\u{a0}:"),
+                ours.clone(),
+            ] {
+                assert_eq!(clean_subject(&reply, &p), "Imprimante en panne", "{reply}");
+            }
+        }
+        // A receipt of a ticket without a subject: the words alone.
+        assert_eq!(clean_subject("RE: [TKT0000042] Billet résolu", &p), "");
+        // The words elsewhere, or another word that starts alike, stay.
+        assert_eq!(
+            clean_subject("RE: [TKT0000042] Imprimante : billet résolu ?", &p),
+            "Imprimante : billet résolu ?"
+        );
+        assert_eq!(
+            clean_subject("Ticket resolvedness survey", &p),
+            "Ticket resolvedness survey"
+        );
     }
 
     #[test]

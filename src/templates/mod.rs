@@ -114,13 +114,23 @@ impl Templates {
     }
 }
 
+/// The words the receipt and the closure notice put before the ticket's
+/// subject (French, then English). Requesters answer those two; a reply
+/// takes them off as it takes off "RE:", see [`crate::thread::clean_subject`],
+/// so the ticket's subject does not become "Billet résolu : …".
+pub const AUTOMATIC_SUBJECT_WORDS: [&str; 4] = [RECEIPT_FR, RECEIPT_EN, CLOSURE_FR, CLOSURE_EN];
+const RECEIPT_FR: &str = "Accusé de réception";
+const RECEIPT_EN: &str = "Receipt confirmation";
+const CLOSURE_FR: &str = "Billet résolu";
+const CLOSURE_EN: &str = "Ticket resolved";
+
 /// The subject of an automatic message, before compose adds `[NUMBER]`.
 pub fn subject(name: &str, language: Language, ticket_subject: &str) -> String {
     let prefix = match (name, language) {
-        ("receipt", Language::Fr) => "Accusé de réception",
-        ("receipt", Language::En) => "Receipt confirmation",
-        ("closure", Language::Fr) => "Billet résolu",
-        ("closure", Language::En) => "Ticket resolved",
+        ("receipt", Language::Fr) => RECEIPT_FR,
+        ("receipt", Language::En) => RECEIPT_EN,
+        ("closure", Language::Fr) => CLOSURE_FR,
+        ("closure", Language::En) => CLOSURE_EN,
         ("reply_all", Language::Fr) => "Ne répondre qu'au CRM",
         ("reply_all", Language::En) => "Reply to the CRM only",
         ("failure", Language::Fr) => "Échec de remise",
