@@ -31,27 +31,11 @@ pub const INTERNAL: &str = "support-notes@example.org";
 pub const TRUSTED_PEER: [u8; 4] = [10, 0, 0, 5];
 pub const UNTRUSTED_PEER: [u8; 4] = [192, 0, 2, 1];
 
-/// The configuration every run uses: two agents (Jane's address written in
-/// mixed case, as operators do), a trusted network that is not loopback,
-/// and an authserv-id, so both ways of believing an agent are reachable.
-pub const CONFIG: &str = r#"
-[gateway]
-hostname = "crm.example.org"
-[addresses]
-public = "support@example.org"
-internal = "support-notes@example.org"
-[security]
-trusted_relays = ["10.0.0.0/8"]
-authserv_id = "mx.example.org"
-[[agents]]
-name = "Jane Doe"
-email = "Jane.Doe@example.org"
-default_notes_list = true
-[[agents]]
-name = "Bob Agent"
-email = "bob.agent@example.org"
-default_notes_list = false
-"#;
+/// The configuration every run uses (`fixtures/rules.toml`, shared with
+/// decide's unit tests): two agents, a trusted network that is not
+/// loopback, and an authserv-id, so both ways of believing an agent are
+/// reachable.
+pub const CONFIG: &str = include_str!("../fixtures/rules.toml");
 
 /// A rule the output broke, in words a bug report can quote.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,28 +7,12 @@ const AGENT: &str = "jane.doe@example.org";
 const AGENT2: &str = "bob.agent@example.org";
 
 fn config() -> Config {
-    Config::from_toml(
-        r#"
-[gateway]
-hostname = "crm.example.org"
-[addresses]
-public = "support@example.org"
-internal = "support-notes@example.org"
-[security]
-trusted_relays = ["10.0.0.0/8"]
-authserv_id = "mx.example.org"
-[[agents]]
-name = "Jane Doe"
-email = "Jane.Doe@example.org"
-default_notes_list = true
-[[agents]]
-name = "Bob Agent"
-email = "bob.agent@example.org"
-default_notes_list = true
-"#,
-        "test",
-    )
-    .unwrap()
+    let mut config = Config::from_toml(include_str!("../../fixtures/rules.toml"), "test")
+        .expect("fixtures/rules.toml");
+    // Here Bob joins every new ticket's work-notes list too, so a ticket
+    // opened by mail has two agents to copy.
+    config.agents[1].default_notes_list = true;
+    config
 }
 
 fn envelope(from: &str, rcpt: &[&str], trusted: bool) -> Envelope {
