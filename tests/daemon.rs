@@ -55,7 +55,7 @@ async fn an_agents_comment_reaches_requesters_without_any_agent_address() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
     g.settle().await;
-    let before = g.sink.messages().len();
+    let before = g.mark();
     let reply = g
         .send(
             JANE,
@@ -70,7 +70,7 @@ async fn an_agents_comment_reaches_requesters_without_any_agent_address() {
         .await;
     assert!(reply.starts_with("250"), "{reply}");
     let sent = g.settle().await;
-    let new: Vec<Received> = sent[before..].to_vec();
+    let new: Vec<Received> = before.of(&sent).to_vec();
     let public = to(&new, "alice@u.example");
     assert_eq!(public.len(), 1, "{new:?}");
     assert_eq!(public[0].rcpt_to, ["alice@u.example", "carol@u.example"]);
@@ -94,14 +94,14 @@ async fn a_work_note_reaches_only_the_other_agents_and_outsiders_are_refused() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
     g.settle().await;
-    let before = g.sink.messages().len();
+    let before = g.mark();
     let note = |from: &str| {
         format!("From: {from}\nTo: support-notes@example.org\nSubject: [{number}] note interne\nMessage-ID: <note-{from}>\n\nVoir le pilote.\n")
     };
     let reply = g.send(JANE, &[INTERNAL], &note(JANE)).await;
     assert!(reply.starts_with("250"), "{reply}");
     let sent = g.settle().await;
-    let new = &sent[before..];
+    let new = before.of(&sent);
     assert_eq!(new.len(), 1, "{new:?}");
     assert_eq!(new[0].rcpt_to, [BOB]);
     assert!(header(&new[0].text(), "From").unwrap().contains(INTERNAL));
@@ -152,7 +152,7 @@ async fn a_stranger_on_a_ticket_reaches_only_the_agents() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
     g.settle().await;
-    let before = g.sink.messages().len();
+    let before = g.mark();
     let reply = g
         .send(
             "stranger@else.example",
@@ -162,7 +162,7 @@ async fn a_stranger_on_a_ticket_reaches_only_the_agents() {
         .await;
     assert!(reply.starts_with("250"), "{reply}");
     let sent = g.settle().await;
-    let new = &sent[before..];
+    let new = before.of(&sent);
     assert_eq!(new.len(), 1, "{new:?}");
     assert_eq!(new[0].rcpt_to, [JANE, BOB]);
     let entries = g.show(&number)["entries"].clone();
@@ -189,7 +189,7 @@ async fn reply_all_and_the_same_message_id_twice_make_one_entry_and_no_second_co
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
     g.settle().await;
-    let before = g.sink.messages().len();
+    let before = g.mark();
     let reply_all = format!(
         "From: Alice Martin <alice@u.example>\nTo: support@example.org\nCc: carol@u.example\n\
          Subject: RE: [{number}] Imprimante en panne\nMessage-ID: <reply-all@u.example>\n\nToujours en panne.\n"
@@ -204,7 +204,7 @@ async fn reply_all_and_the_same_message_id_twice_make_one_entry_and_no_second_co
         .await
         .starts_with("250"));
     let sent = g.settle().await;
-    let new = &sent[before..];
+    let new = before.of(&sent);
     // Carol had it in Cc and Alice sent it: only the agents get a copy, once.
     assert!(to(new, "carol@u.example").is_empty(), "{new:?}");
     assert_eq!(to(new, JANE).len(), 1, "{new:?}");
@@ -224,7 +224,7 @@ async fn an_out_of_office_is_logged_and_never_answered() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
     g.settle().await;
-    let before = g.sink.messages().len();
+    let before = g.mark();
     let ooo = format!(
         "From: alice@u.example\nTo: support@example.org\nSubject: Automatic reply: [{number}] Imprimante\n\
          Auto-Submitted: auto-replied\nX-Auto-Response-Suppress: All\n\nJe suis absente.\n"
@@ -233,7 +233,7 @@ async fn an_out_of_office_is_logged_and_never_answered() {
         .send("alice@u.example", &[PUBLIC], &ooo)
         .await
         .starts_with("250"));
-    assert_eq!(g.settle().await.len(), before);
+    assert_eq!(g.settle().await.len(), before.count());
     let entries = g.show(&number)["entries"].clone();
     assert_eq!(
         entries.as_array().unwrap().last().unwrap()["kind"],
@@ -247,7 +247,7 @@ async fn a_pdf_stays_on_the_ticket_and_is_only_named_in_notifications() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
     g.settle().await;
-    let before = g.sink.messages().len();
+    let before = g.mark();
     let message = format!(
         "From: Alice Martin <alice@u.example>\nTo: support@example.org\nSubject: RE: [{number}] Imprimante\n\
          MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"b1\"\n\n--b1\nContent-Type: text/plain; charset=utf-8\n\n\
@@ -259,7 +259,7 @@ async fn a_pdf_stays_on_the_ticket_and_is_only_named_in_notifications() {
         .await
         .starts_with("250"));
     let sent = g.settle().await;
-    let copies = &sent[before..];
+    let copies = before.of(&sent);
     let agent_copy = to(copies, JANE);
     assert_eq!(agent_copy.len(), 1, "{copies:?}");
     let text = agent_copy[0].text();
@@ -281,7 +281,7 @@ async fn a_long_text_stays_whole_on_the_ticket_and_copies_carry_its_beginning() 
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
     g.settle().await;
-    let before = g.sink.messages().len();
+    let before = g.mark();
     // 3 MB of text: over the 64 KiB stored in place and the 1 MiB a copy carries.
     let line = "Le journal de l'imprimante : bourrage papier, bac 2, toner bas.\n";
     let body = line.repeat(3_000_000 / line.len());
@@ -294,7 +294,7 @@ async fn a_long_text_stays_whole_on_the_ticket_and_copies_carry_its_beginning() 
         .await
         .starts_with("250"));
     let sent = g.settle().await;
-    let agent_copy = to(&sent[before..], JANE);
+    let agent_copy = to(before.of(&sent), JANE);
     assert_eq!(agent_copy.len(), 1);
     assert!(
         agent_copy[0].data.len() < 1_500_000,

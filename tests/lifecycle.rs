@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -127,11 +126,11 @@ async fn resolve_sends_the_closure_to_the_watch_group_and_a_reply_reopens() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
     g.settle().await;
-    let before = g.sink.messages().len();
+    let before = g.mark();
     let (code, out, err) = g.cli(&["ticket", "resolve", &number, "--by", JANE]);
     assert_eq!(code, 0, "{out}{err}");
     let sent = g.settle().await;
-    let closure: Vec<_> = sent[before..].to_vec();
+    let closure: Vec<_> = before.of(&sent).to_vec();
     assert_eq!(closure.len(), 1, "{closure:?}");
     assert_eq!(closure[0].rcpt_to, ["alice@u.example", "carol@u.example"]);
     let text = closure[0].text();
@@ -164,7 +163,7 @@ async fn the_email_function_sends_attachments_and_a_partner_reply_reaches_only_a
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
     g.settle().await;
-    let before = g.sink.messages().len();
+    let before = g.mark();
     let a = g.dir.path().join("journal.txt");
     let b = g.dir.path().join("capture.png");
     std::fs::write(&a, "ligne 1\nligne 2\n").unwrap();
@@ -188,7 +187,7 @@ async fn the_email_function_sends_attachments_and_a_partner_reply_reaches_only_a
     ]);
     assert_eq!(code, 0, "{out}{err}");
     let sent = g.settle().await;
-    let mail = to(&sent[before..], "vendor@partner.example");
+    let mail = to(before.of(&sent), "vendor@partner.example");
     assert_eq!(mail.len(), 1);
     let text = mail[0].text();
     assert!(
@@ -212,14 +211,14 @@ async fn the_email_function_sends_attachments_and_a_partner_reply_reaches_only_a
 
     // The partner answers; only the agents see it.
     let mid = header(&text, "Message-ID").unwrap().to_string();
-    let before = g.sink.messages().len();
+    let before = g.mark();
     let reply = format!("From: vendor@partner.example\nTo: support@example.org\nSubject: Re: pilote\nIn-Reply-To: {mid}\n\nVoici le pilote.\n");
     assert!(g
         .send("vendor@partner.example", &[PUBLIC], &reply)
         .await
         .starts_with("250"));
     let sent = g.settle().await;
-    let new = &sent[before..];
+    let new = before.of(&sent);
     assert_eq!(new.len(), 1, "{new:?}");
     assert_eq!(new[0].rcpt_to, [JANE, BOB]);
     assert_eq!(last_entry(&g.show(&number))["kind"], "email");
@@ -234,7 +233,7 @@ async fn a_postfix_dsn_marks_the_row_failed_and_tells_the_agents() {
     let receipt = to(&sent, "alice@u.example").remove(0);
     let bounce_to = receipt.mail_from.clone();
     let original_id = header(&receipt.text(), "Message-ID").unwrap().to_string();
-    let before = sent.len();
+    let before = Mark::after(&sent);
     let dsn = format!(
         "From: MAILER-DAEMON@mx.u.example (Mail Delivery System)\nTo: {bounce_to}\nSubject: Undelivered Mail Returned to Sender\n\
          Auto-Submitted: auto-replied\nMIME-Version: 1.0\n\
@@ -272,7 +271,7 @@ async fn a_postfix_dsn_marks_the_row_failed_and_tells_the_agents() {
         "{row}"
     );
     let sent = g.settle().await;
-    let notices = &sent[before..];
+    let notices = before.of(&sent);
     assert_eq!(notices.len(), 1, "{notices:?}");
     assert_eq!(notices[0].rcpt_to, [JANE, BOB]);
     assert!(notices[0].text().contains("alice@u.example"));
@@ -294,7 +293,7 @@ async fn an_auto_responder_without_auto_headers_is_cut_off_by_the_cap() {
     let mut g = Gateway::start_with("", "[auto]\nmax_resends_per_ticket_hour = 3\n").await;
     let number = g.open_ticket().await;
     g.settle().await;
-    let before = g.sink.messages().len();
+    let before = g.mark();
     for i in 0..6 {
         let reply = format!(
             "From: alice@u.example\nTo: support@example.org\nSubject: Re: [{number}] Imprimante\nMessage-ID: <auto-{i}@u.example>\n\nJe suis en vacances ({i}).\n"
@@ -305,7 +304,7 @@ async fn an_auto_responder_without_auto_headers_is_cut_off_by_the_cap() {
             .starts_with("250"));
     }
     let sent = g.settle().await;
-    let new = &sent[before..];
+    let new = before.of(&sent);
     assert_eq!(to(new, "carol@u.example").len(), 3, "{new:?}");
     // Bob's count started with the agent copy of the opening mail.
     assert_eq!(to(new, BOB).len(), 2);
@@ -319,11 +318,11 @@ async fn an_auto_responder_without_auto_headers_is_cut_off_by_the_cap() {
     // One per held-back send: Bob's 4 agent copies, Carol's 3 public copies.
     assert_eq!(held.len(), 7, "{held:?}");
     // An agent's mail is never capped.
-    let before = g.sink.messages().len();
+    let before = g.mark();
     let agent = format!("From: Jane.Doe@example.org\nTo: support@example.org\nSubject: Re: [{number}] Imprimante\n\nNous regardons.\n");
     assert!(g.send(JANE, &[PUBLIC], &agent).await.starts_with("250"));
     let sent = g.settle().await;
-    assert_eq!(to(&sent[before..], "carol@u.example").len(), 1);
+    assert_eq!(to(before.of(&sent), "carol@u.example").len(), 1);
     g.stop().await;
 }
 
@@ -332,7 +331,7 @@ async fn an_agent_who_replies_to_all_gets_the_notice_once_a_day() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
     g.settle().await;
-    let before = g.sink.messages().len();
+    let before = g.mark();
     for i in 0..2 {
         let m = format!(
             "From: Jane Doe <jane.doe@example.org>\nTo: support@example.org, alice@u.example\nSubject: RE: [{number}] Imprimante\nMessage-ID: <ra-{i}@example.org>\n\nRéponse {i}.\n"
@@ -340,7 +339,7 @@ async fn an_agent_who_replies_to_all_gets_the_notice_once_a_day() {
         assert!(g.send(JANE, &[PUBLIC], &m).await.starts_with("250"));
     }
     let sent = g.settle().await;
-    let to_jane = to(&sent[before..], JANE);
+    let to_jane = to(before.of(&sent), JANE);
     assert_eq!(to_jane.len(), 1, "{to_jane:?}");
     assert!(to_jane[0].text().contains("CRM"), "{}", to_jane[0].text());
     g.stop().await;
@@ -351,23 +350,7 @@ async fn a_message_through_deliver_lands_like_one_over_smtp() {
     let mut g = Gateway::start("").await;
     let message = "From: Alice <alice@u.example>\nTo: support@example.org\nSubject: Par le pipe\nMessage-ID: <pipe-1@u.example>\n\nBonjour.\n";
     let run = |args: &[&str], input: &str| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_crmgate"))
-            .arg("--config")
-            .arg(g.config_path())
-            .arg("deliver")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = g.deliver(args, input.as_bytes());
         (
             out.status.code().unwrap(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -425,13 +408,13 @@ async fn a_removed_agent_leaves_the_lists_and_stays_scrubbed() {
     assert_eq!(t["work_notes_list"], serde_json::json!([JANE]));
     assert_eq!(t["owner"], Value::Null);
     // Bob, now a former agent, is still scrubbed from what requesters get.
-    let before = g.sink.messages().len();
+    let before = g.mark();
     let m = format!(
         "From: Jane Doe <jane.doe@example.org>\nTo: support@example.org\nSubject: RE: [{number}] x\n\nBob (bob.agent@example.org) est parti.\n"
     );
     assert!(g.send(JANE, &[PUBLIC], &m).await.starts_with("250"));
     let sent = g.settle().await;
-    let public = to(&sent[before..], "alice@u.example");
+    let public = to(before.of(&sent), "alice@u.example");
     assert_eq!(public.len(), 1);
     assert!(
         !public[0].text().to_ascii_lowercase().contains(BOB),
@@ -451,7 +434,7 @@ async fn publishing_from_the_command_line_sends_as_if_the_agent_had_mailed() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
     g.settle().await;
-    let before = g.sink.messages().len();
+    let before = g.mark();
     let (code, out, err) = g.cli(&[
         "ticket",
         "comment",
@@ -473,7 +456,7 @@ async fn publishing_from_the_command_line_sends_as_if_the_agent_had_mailed() {
     ]);
     assert_eq!(code, 0, "{out}{err}");
     let sent = g.settle().await;
-    let new = &sent[before..];
+    let new = before.of(&sent);
     let public = to(new, "alice@u.example");
     assert_eq!(public.len(), 1, "{new:?}");
     assert_eq!(public[0].rcpt_to, ["alice@u.example", "carol@u.example"]);
@@ -583,26 +566,17 @@ fn the_binary_reloads_on_sighup_and_stops_cleanly_on_sigterm() {
         );
         serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null)
     };
-    let mut input = Command::new(env!("CARGO_BIN_EXE_crmgate"))
-        .args([
-            "--config",
-            path.to_str().unwrap(),
-            "deliver",
+    let delivered = deliver(
+        &path,
+        &[
             "--recipient",
             "support@localhost",
             "--sender",
             "r@u.example",
-        ])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    input
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"From: r@u.example\r\nSubject: x\r\n\r\nx\r\n")
-        .unwrap();
-    assert!(input.wait().unwrap().success());
+        ],
+        b"From: r@u.example\r\nSubject: x\r\n\r\nx\r\n",
+    );
+    assert!(delivered.status.success());
     assert_eq!(
         cli(&["notes-list", "list", "TKT0000001", "--json"]),
         serde_json::json!(["a@example.org", "b@example.org"])

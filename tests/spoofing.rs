@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::gateway::{header, to, Gateway, BOB, INTERNAL, JANE, PUBLIC};
+use common::gateway::{header, to, Gateway, Mark, BOB, INTERNAL, JANE, PUBLIC};
 use common::sink::Received;
 use serde_json::Value;
 
@@ -87,8 +87,9 @@ fn describe(sent: &[Received]) -> String {
 }
 
 /// Messages sent since `before` to anyone but the agents.
-fn to_non_agents(sent: &[Received], before: usize) -> Vec<Received> {
-    sent[before..]
+fn to_non_agents(sent: &[Received], before: Mark) -> Vec<Received> {
+    before
+        .of(sent)
         .iter()
         .filter(|m| m.rcpt_to.iter().any(|r| r != JANE && r != BOB))
         .cloned()
@@ -100,7 +101,7 @@ async fn a_forged_agent_cannot_write_a_work_note() {
     let mut g = Gateway::start(HOSTILE).await;
     let number = g.open_ticket().await;
     g.settle().await;
-    let before = g.sink.messages().len();
+    let before = g.mark();
     let mut let_in = Vec::new();
     for (i, (what, forged)) in FORGERIES.iter().enumerate() {
         let message = format!(
@@ -115,7 +116,11 @@ async fn a_forged_agent_cannot_write_a_work_note() {
     }
     assert!(let_in.is_empty(), "forged work notes let in: {let_in:#?}");
     assert!(!kinds(&g.show(&number)).contains(&"work_note".to_string()));
-    assert_eq!(g.settle().await.len(), before, "a refused note was sent");
+    assert_eq!(
+        g.settle().await.len(),
+        before.count(),
+        "a refused note was sent"
+    );
     // Each attempt is kept for the operator.
     let quarantine = g.json(&["quarantine", "list", "--json"]);
     let refused = quarantine
@@ -143,7 +148,7 @@ async fn a_forged_agent_comment_reaches_the_agents_only_never_the_requesters() {
     let number = g.open_ticket().await;
     g.settle().await;
     for (i, (what, forged)) in FORGERIES.iter().enumerate() {
-        let before = g.sink.messages().len();
+        let before = g.mark();
         let message = format!(
             "{forged}From: Jane Doe <jane.doe@example.org>\nTo: support@example.org\n\
              Subject: RE: [{number}] Imprimante en panne\nMessage-ID: <forged-comment-{i}@evil.example>\n\n\
@@ -166,7 +171,7 @@ async fn a_forged_agent_comment_reaches_the_agents_only_never_the_requesters() {
             t["state"], "new",
             "{what}: a forged agent opened the ticket"
         );
-        let agent_copies = &sent[before..];
+        let agent_copies = before.of(&sent);
         assert_eq!(agent_copies.len(), 1, "{what}: {}", describe(agent_copies));
         // Jane, whose name was forged, learns of it; both see it marked.
         assert_eq!(agent_copies[0].rcpt_to, [JANE, BOB], "{what}");
@@ -189,15 +194,15 @@ async fn a_forged_agent_comment_reaches_the_agents_only_never_the_requesters() {
     }
 
     // The control: the same comment, genuine, reaches Alice and Carol.
-    let before = g.sink.messages().len();
+    let before = g.mark();
     let genuine = format!(
         "{GENUINE}From: Jane Doe <jane.doe@example.org>\nTo: support@example.org\n\
          Subject: RE: [{number}] Imprimante en panne\nMessage-ID: <genuine-comment@example.org>\n\nRedémarrez-la.\n"
     );
     assert!(g.send(JANE, &[PUBLIC], &genuine).await.starts_with("250"));
     let sent = g.settle().await;
-    let public = to(&sent[before..], "alice@u.example");
-    assert_eq!(public.len(), 1, "{}", describe(&sent[before..]));
+    let public = to(before.of(&sent), "alice@u.example");
+    assert_eq!(public.len(), 1, "{}", describe(before.of(&sent)));
     assert!(header(&public[0].text(), "From")
         .unwrap()
         .contains("Jane Doe via Soutien TI"));
@@ -255,15 +260,19 @@ async fn a_forged_agent_forward_opens_no_ticket_for_someone_else() {
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}\n{list}");
-    assert!(to_non_agents(&sent, 0).is_empty(), "{}", describe(&sent));
+    assert!(
+        to_non_agents(&sent, Mark::START).is_empty(),
+        "{}",
+        describe(&sent)
+    );
 
     // The control: the genuine forward opens the ticket for Victim, who gets the receipt.
-    let before = sent.len();
+    let before = Mark::after(&sent);
     let reply = g.send(JANE, &[PUBLIC], &forward(GENUINE, 99)).await;
     assert!(reply.starts_with("250"), "{reply}");
     let sent = g.settle().await;
-    let receipt = to(&sent[before..], "victim@u.example");
-    assert_eq!(receipt.len(), 1, "{}", describe(&sent[before..]));
+    let receipt = to(before.of(&sent), "victim@u.example");
+    assert_eq!(receipt.len(), 1, "{}", describe(before.of(&sent)));
     g.stop().await;
 }
 
@@ -295,7 +304,7 @@ async fn an_outsider_cannot_read_a_work_note() {
     let body = "Le mot de passe provisoire est hunter2.";
     let (sent, note) = jane_writes_a_work_note(&g, &number, body).await;
     let note_id = header(&note.text(), "Message-ID").unwrap().to_string();
-    let before = sent.len();
+    let before = Mark::after(&sent);
 
     // Replies to the work note: as Mallory, as Alice the requester, and as
     // a forged Jane, to the internal address, a +tag of it, or with it in Cc.
@@ -351,7 +360,7 @@ async fn an_outsider_cannot_read_a_work_note() {
         .await;
     assert!(reply.starts_with("250"), "{reply}");
     let sent = g.settle().await;
-    for m in &sent[before..] {
+    for m in before.of(&sent) {
         assert!(
             m.rcpt_to.iter().all(|r| r == JANE || r == BOB),
             "mail to a non-agent after the note: {}",
@@ -380,29 +389,15 @@ async fn an_outsider_cannot_read_a_work_note() {
 /// would be believed: see the README's threat model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_agent_through_the_pipe_transport_is_refused() {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-
     let mut g = Gateway::start(HOSTILE).await;
     let number = g.open_ticket().await;
     g.settle().await;
     let deliver = |message: &str| -> i32 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_crmgate"))
-            .arg("--config")
-            .arg(g.config_path())
-            .args(["deliver", "--sender", JANE, "--recipient", INTERNAL])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(message.as_bytes())
-            .unwrap();
-        child.wait().unwrap().code().unwrap_or(-1)
+        let args = ["--sender", JANE, "--recipient", INTERNAL];
+        g.deliver(&args, message.as_bytes())
+            .status
+            .code()
+            .unwrap_or(-1)
     };
     let mut let_in = Vec::new();
     for (i, (what, forged)) in FORGERIES.iter().enumerate() {

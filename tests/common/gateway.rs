@@ -2,9 +2,10 @@
 //! 127.0.0.1:0, a real SQLite file in a temporary directory, a real SMTP
 //! sink as the relay, and the real `crmgate` binary for the commands.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -194,6 +195,18 @@ impl Gateway {
         )
     }
 
+    /// `crmgate deliver ARGS` on this gateway's configuration, `message` on
+    /// its stdin, as an MTA's pipe transport runs it.
+    pub fn deliver(&self, args: &[&str], message: &[u8]) -> Output {
+        deliver(&self.config_path(), args, message)
+    }
+
+    /// Where the relay's count of messages stands now: [`Mark::of`] gives
+    /// what arrived after it.
+    pub fn mark(&self) -> Mark {
+        Mark(self.sink.messages().len())
+    }
+
     pub fn json(&self, args: &[&str]) -> Value {
         let (code, out, err) = self.cli(args);
         assert_eq!(code, 0, "crmgate {args:?}: {err}");
@@ -239,6 +252,48 @@ impl Gateway {
         assert!(reply.starts_with("250"), "{reply}");
         let list = self.json(&["ticket", "list", "--json"]);
         list[0]["number"].as_str().unwrap().to_string()
+    }
+}
+
+/// `crmgate --config CONFIG deliver ARGS` with `message` on its stdin;
+/// stdout and stderr are captured.
+pub fn deliver(config: &Path, args: &[&str], message: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crmgate"))
+        .arg("--config")
+        .arg(config)
+        .arg("deliver")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(message).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A count of the messages the relay had received: the mail a step of a
+/// test caused is what came after it.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark(usize);
+
+impl Mark {
+    /// Before the first message.
+    pub const START: Mark = Mark(0);
+
+    /// At the end of what the relay got so far.
+    pub fn after(sent: &[Received]) -> Mark {
+        Mark(sent.len())
+    }
+
+    /// The messages of `sent` that came after the mark.
+    pub fn of(self, sent: &[Received]) -> &[Received] {
+        &sent[self.0..]
+    }
+
+    /// How many messages there were at the mark.
+    pub fn count(self) -> usize {
+        self.0
     }
 }
 
