@@ -23,16 +23,26 @@ use crate::store::{self, tickets, StoreError};
 /// user reads, so it says what to do next.
 #[derive(Debug, thiserror::Error)]
 pub enum DeskError {
+    /// Only agents publish, e-mail, own or sit on a work-notes list.
     #[error("{address} is not an agent: add it under [[agents]] in {origin}")]
-    NotAnAgent { address: String, origin: String },
+    NotAnAgent {
+        address: String,
+        /// The configuration file to add it to.
+        origin: String,
+    },
+    /// Typed by a person, and not an address.
     #[error("{0} is not a mail address")]
     NotAnAddress(String),
+    /// A second closure would send a second closure notice.
     #[error("{0} is already resolved")]
     AlreadyResolved(String),
+    /// Only a resolved ticket reopens.
     #[error("{0} is not resolved")]
     NotResolved(String),
+    /// `decide::admit_to_watch_group`: agents never see public mail as watchers.
     #[error("{0} is an agent: agents go on the work-notes list, never in the watch group")]
     AgentInWatchGroup(String),
+    /// `decide::admit_to_watch_group`: crmgate never writes to itself.
     #[error("{0} is a CRM address")]
     CrmAddress(String),
     /// Already on the list it was to join, or not on the one to leave.
@@ -44,10 +54,13 @@ pub enum DeskError {
         list: &'static str,
         number: String,
     },
+    /// Every recipient was one crmgate never writes to, or held back.
     #[error("{0}: nobody to send the e-mail to")]
     NobodyToEmail(String),
+    /// Writing the plan failed: the caller rolls back.
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    /// No such ticket, or the database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -118,9 +131,13 @@ pub struct Email<'a> {
     pub number: &'a str,
     /// Who writes: the From says "<agent> via <display_name>".
     pub agent: &'a Mailbox,
+    /// Shown and sent to, as typed.
     pub to: &'a [String],
+    /// Shown in Cc and sent to.
     pub cc: &'a [String],
+    /// Cleaned of prefixes; `[NUMBER]` is added when composed.
     pub subject: &'a str,
+    /// The entry's text and the message's body.
     pub text: &'a str,
     /// Sent along and kept on the entry.
     pub attachments: &'a [Attachment],

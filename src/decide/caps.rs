@@ -62,8 +62,12 @@ pub fn within_cap(config: &Config, cap: Cap, sent: SentCounts) -> bool {
 /// What the store counted for one address (or, as caps, the limits).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SentCounts {
+    /// Automatic messages to the address in the last hour.
     pub automatic_last_hour: u32,
+    /// Automatic messages to the address in the last day.
     pub automatic_last_day: u32,
+    /// Re-sent copies of non-agent mail to the address on this ticket in
+    /// the last hour.
     pub resends_on_ticket_last_hour: u32,
 }
 

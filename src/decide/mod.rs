@@ -15,6 +15,8 @@
 //! (what an agent does from the CRM: the same rules, without an inbound
 //! message).
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeSet;
 
 use crate::config::Config;
@@ -182,12 +184,17 @@ pub struct Plan {
 /// no rule reads it back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recorded {
+    /// A comment: re-emitted to the watch group and the work-notes list.
     Comment,
+    /// A work note: to the work-notes list only.
     WorkNote,
+    /// A partner's (or a stranger's) mail on a ticket: the agents only.
     Email,
     /// An agent's forward that opened a ticket for its original sender.
     Forward,
+    /// Automatic mail logged as a `system` entry, never re-emitted.
     Automatic,
+    /// A ticket set to resolved.
     Closure,
 }
 
