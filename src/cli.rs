@@ -65,6 +65,13 @@ pub enum Command {
     Quarantine(QuarantineCommand),
     /// The DNS TXT record to publish for [auth] dkim_selector and dkim_key_file.
     DkimRecord,
+    /// The shell completion script on stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The manual page (roff) on stdout.
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -184,6 +191,14 @@ pub enum QuarantineCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Its headers and text, or with --raw the bytes as they arrived.
+    Show {
+        id: i64,
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Process it now as if it had just arrived (mail wrongly taken as automatic).
+    Release { id: i64 },
 }
 
 /// sysexits.h codes of `crmgate deliver`.
@@ -193,6 +208,9 @@ pub mod sysexits {
     pub const NOUSER: i32 = 67;
     pub const TEMPFAIL: i32 = 75;
     pub const NOPERM: i32 = 77;
+    /// `crmgate serve` with a configuration it cannot use: systemd's
+    /// `RestartPreventExitStatus=` keeps a typo from restarting it in a loop.
+    pub const CONFIG: i32 = 78;
 }
 
 /// Run a parsed command line; the exit code on success.
@@ -200,6 +218,11 @@ pub mod sysexits {
 /// # Errors
 /// Anything that makes the command fail: `main` prints it on one line and exits 1.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Completions { shell } => return print_completions(shell),
+        Command::Man => return print_man(),
+        _ => {}
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         // An MTA's pipe transport bounces the mail on any status but 75: a
@@ -208,19 +231,21 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             eprintln!("crmgate: {e}");
             return Ok(sysexits::TEMPFAIL);
         }
+        Err(e) if matches!(cli.command, Command::Serve) => {
+            eprintln!("crmgate: {e}");
+            return Ok(sysexits::CONFIG);
+        }
         Err(e) => return Err(e.into()),
     };
     match cli.command {
         Command::CheckConfig => {
             Runtime::new(Arc::new(config.clone()))?;
+            crate::config::check_state_dir(&config)?;
             let text = toml::to_string_pretty(&config.raw).context("printing the configuration")?;
             println!("# effective configuration ({})\n{text}", config.origin);
             Ok(0)
         }
-        Command::Serve => {
-            crate::daemon::run(config)?;
-            Ok(0)
-        }
+        Command::Serve => serve(config),
         Command::Deliver { recipients, sender } => Ok(deliver(config, recipients, sender)),
         Command::DkimRecord => {
             print!("{}", dkim_record(&config)?);
@@ -228,7 +253,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         command => {
             let mut runtime = Runtime::new(Arc::new(config))?;
-            let mut conn = store::open(&runtime.config.database_path())?;
+            let mut conn = open_existing(&runtime.config)?;
             runtime.load_former_agents(&conn)?;
             dispatch(&mut conn, &runtime, command)?;
             Ok(0)
@@ -236,11 +261,51 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+/// `crmgate serve`: a configuration it cannot use (templates, state
+/// directory) exits [`sysexits::CONFIG`], anything later 1.
+fn serve(config: Config) -> anyhow::Result<i32> {
+    let checked = Runtime::new(Arc::new(config.clone()))
+        .map(drop)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| crate::config::check_state_dir(&config).map_err(anyhow::Error::from));
+    if let Err(e) = checked {
+        eprintln!("crmgate: {e:#}");
+        return Ok(sysexits::CONFIG);
+    }
+    crate::daemon::run(config)?;
+    Ok(0)
+}
+
+/// The database of a command that is not `serve` or `deliver`: only those
+/// create one, so a command run from the wrong directory (or with the
+/// wrong configuration) says where it looked instead of starting an empty
+/// database there.
+fn open_existing(config: &Config) -> anyhow::Result<Connection> {
+    let path = config.database_path();
+    if !path.exists() {
+        bail!(
+            "no database at {} (gateway.state_dir of {}): give the daemon's configuration with --config FILE",
+            path.display(),
+            config.origin
+        );
+    }
+    Ok(store::open(&path)?)
+}
+
 fn deliver(config: Config, recipients: Vec<String>, sender: Option<String>) -> i32 {
+    let limit = config.smtp.max_message_bytes;
     let mut raw = Vec::new();
-    if let Err(e) = std::io::stdin().read_to_end(&mut raw) {
+    // One byte past the limit says "too large" without reading the rest.
+    if let Err(e) = std::io::stdin()
+        .take(limit as u64 + 1)
+        .read_to_end(&mut raw)
+    {
         eprintln!("crmgate: cannot read the message: {e}");
         return sysexits::TEMPFAIL;
+    }
+    if raw.len() > limit {
+        eprintln!("crmgate: 552 5.3.4 message larger than {limit} bytes (smtp.max_message_bytes)");
+        return sysexits::DATAERR;
     }
     if raw.iter().all(u8::is_ascii_whitespace) {
         eprintln!("crmgate: empty message");
@@ -265,16 +330,21 @@ fn deliver(config: Config, recipients: Vec<String>, sender: Option<String>) -> i
         // and whether that is trusted is `trusted_relays`' say.
         peer: IpAddr::from([127, 0, 0, 1]),
         helo: "localhost".into(),
-        mail_from: sender
-            .filter(|s| !s.is_empty() && s != "<>")
-            .map(|s| s.to_ascii_lowercase()),
+        mail_from: None,
         rcpt_to: recipients.iter().map(|r| r.to_ascii_lowercase()).collect(),
     };
-    let arrival = Arrival::new(envelope, raw);
-    if arrival.parsed.is_err() {
+    let mut arrival = Arrival::new(envelope, raw);
+    let Ok(parsed) = &arrival.parsed else {
         eprintln!("crmgate: not an RFC 5322 message");
         return sysexits::DATAERR;
-    }
+    };
+    arrival.envelope.mail_from = match sender {
+        // `--sender ''` or `<>`: the MTA says the reverse-path was null.
+        Some(s) => Some(s)
+            .filter(|s| !s.is_empty() && s != "<>")
+            .map(|s| s.to_ascii_lowercase()),
+        None => unknown_sender(&arrival.raw, parsed),
+    };
     let mut conn = match store::open(&runtime.config.database_path())
         .and_then(|c| runtime.load_former_agents(&c).map(|()| c))
     {
@@ -324,25 +394,7 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
         Command::Ticket(TicketCommand::Show { number, json }) => {
             let id = tickets::require(conn, &number)?;
             let info = tickets::info(conn, id)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
-            } else {
-                println!("{}  [{}]  {}", info.number, info.state, info.subject);
-                println!("owner: {}", info.owner.as_deref().unwrap_or("-"));
-                println!("requesters: {}", info.requesters.join(", "));
-                println!("watch list: {}", info.watch_list.join(", "));
-                println!("work-notes list: {}", info.work_notes_list.join(", "));
-                for e in info.entries {
-                    println!("\n--- {} by {} at {}", e.kind, e.from, e.at);
-                    println!("{}", e.body.trim_end());
-                    for a in e.attachments {
-                        println!(
-                            "[attachment {} ({}, {} bytes)]",
-                            a.filename, a.content_type, a.size
-                        );
-                    }
-                }
-            }
+            emit(show_text(&info, json)?.as_bytes())?;
         }
         Command::Ticket(TicketCommand::Comment { number, by, body }) => {
             publish(conn, rt, &number, &by, EntryKind::Comment, &body)?
@@ -417,6 +469,12 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
             }
             println!("{n} row(s) queued again");
         }
+        Command::Quarantine(QuarantineCommand::Show { id, raw }) => {
+            show_quarantined(conn, id, raw)?
+        }
+        Command::Quarantine(QuarantineCommand::Release { id }) => {
+            release_quarantined(conn, rt, id)?
+        }
         Command::Quarantine(QuarantineCommand::List { json }) => {
             print_rows(&tickets::quarantine_list(conn)?, json, |q| {
                 format!(
@@ -429,7 +487,12 @@ fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Re
                 )
             })?;
         }
-        Command::Serve | Command::CheckConfig | Command::Deliver { .. } | Command::DkimRecord => {}
+        Command::Serve
+        | Command::CheckConfig
+        | Command::Deliver { .. }
+        | Command::Completions { .. }
+        | Command::Man
+        | Command::DkimRecord => {}
     }
     Ok(())
 }
@@ -473,14 +536,17 @@ fn print_rows<T: serde::Serialize>(
     json: bool,
     line: impl Fn(&T) -> String,
 ) -> anyhow::Result<()> {
+    let mut text = String::new();
     if json {
-        println!("{}", serde_json::to_string_pretty(rows)?);
+        text = serde_json::to_string_pretty(rows)?;
+        text.push('\n');
     } else {
         for row in rows {
-            println!("{}", line(row));
+            text.push_str(&line(row));
+            text.push('\n');
         }
     }
-    Ok(())
+    emit(text.as_bytes())
 }
 
 fn in_transaction<T>(
@@ -532,6 +598,9 @@ fn email(conn: &mut Connection, rt: &Runtime, args: &EmailArgs) -> anyhow::Resul
     let agent = desk::agent(&rt.config, &args.by)?;
     let text = read_body(&args.body)?;
     desk::mail_addresses(args.to.iter().chain(&args.cc))?;
+    for address in args.to.iter().chain(&args.cc) {
+        refuse_crm_address(&rt.config, address)?;
+    }
     let attachments = args
         .attach
         .iter()
@@ -616,4 +685,186 @@ fn print_list(conn: &Connection, number: &str, role: Role, json: bool) -> anyhow
         info.work_notes_list
     };
     print_rows(&list, json, String::clone)
+}
+
+/// `ticket show`, as one text: written at once, so a closed pipe is one
+/// error [`emit`] can ignore.
+fn show_text(info: &tickets::TicketInfo, json: bool) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    if json {
+        return Ok(serde_json::to_string_pretty(info)? + "\n");
+    }
+    let mut t = String::new();
+    writeln!(t, "{}  [{}]  {}", info.number, info.state, info.subject)?;
+    writeln!(t, "owner: {}", info.owner.as_deref().unwrap_or("-"))?;
+    writeln!(t, "requesters: {}", info.requesters.join(", "))?;
+    writeln!(t, "watch list: {}", info.watch_list.join(", "))?;
+    writeln!(t, "work-notes list: {}", info.work_notes_list.join(", "))?;
+    for e in &info.entries {
+        writeln!(t, "\n--- {} by {} at {}", e.kind, e.from, e.at)?;
+        writeln!(t, "{}", e.body.trim_end())?;
+        for a in &e.attachments {
+            writeln!(
+                t,
+                "[attachment {} ({}, {} bytes)]",
+                a.filename, a.content_type, a.size
+            )?;
+        }
+    }
+    Ok(t)
+}
+
+/// Write to stdout; a reader that went away (`| head -1`) is not a failure.
+fn emit(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::from(e).context("writing to stdout"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The ticket's e-mail function never writes to the helpdesk itself: the
+/// copy would come back in as a new message about the ticket.
+fn refuse_crm_address(config: &Config, address: &str) -> anyhow::Result<()> {
+    if decide::accepts_recipient(config, address) {
+        bail!("{address} is a CRM address: the ticket's e-mail goes to people, never to the helpdesk itself");
+    }
+    Ok(())
+}
+
+/// The sender of a message given without `--sender`: unknown, so what the
+/// message says — the Return-Path the MTA wrote (`<>` there is a real null
+/// reverse-path), else the From address. Never the null reverse-path by
+/// default, which would make a person's mail automatic.
+fn unknown_sender(raw: &[u8], parsed: &crate::parse::Inbound) -> Option<String> {
+    if let Some(path) = return_path(raw) {
+        let path = path
+            .trim()
+            .trim_start_matches('<')
+            .trim_end_matches('>')
+            .trim();
+        return (!path.is_empty()).then(|| path.to_ascii_lowercase());
+    }
+    parsed
+        .from
+        .as_ref()
+        .map(|m| m.address.to_ascii_lowercase())
+        .filter(|a| !a.is_empty())
+}
+
+/// The first `Return-Path:` of the header block, unfolded.
+fn return_path(raw: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(raw);
+    let mut lines = text.split('\n').map(|l| l.trim_end_matches('\r'));
+    while let Some(line) = lines.next() {
+        if line.is_empty() {
+            return None;
+        }
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        if name.eq_ignore_ascii_case("return-path") {
+            let mut value = value.to_string();
+            for more in lines.by_ref() {
+                if !more.starts_with([' ', '\t']) {
+                    break;
+                }
+                value.push_str(more);
+            }
+            return Some(value);
+        }
+    }
+    None
+}
+
+fn require_quarantined(conn: &Connection, id: i64) -> anyhow::Result<tickets::QuarantinedMessage> {
+    tickets::quarantined(conn, id)?.with_context(|| {
+        format!("no quarantined message with id {id} (see crmgate quarantine list)")
+    })
+}
+
+/// `quarantine show`: the header block and the text as crmgate read it, or
+/// the bytes as they arrived.
+fn show_quarantined(conn: &Connection, id: i64, raw: bool) -> anyhow::Result<()> {
+    let q = require_quarantined(conn, id)?;
+    if raw {
+        return emit(&q.data);
+    }
+    let data = String::from_utf8_lossy(&q.data);
+    let headers = data
+        .split_once("\r\n\r\n")
+        .or_else(|| data.split_once("\n\n"))
+        .map_or(&*data, |(h, _)| h);
+    let text = crate::parse::parse(&q.data)
+        .map(|i| i.text.to_string())
+        .unwrap_or_else(|_| "(not an RFC 5322 message: see --raw)".into());
+    let out = format!(
+        "quarantine {}  {}  {}\nenvelope: from {} to {}\n\n{}\n\n{}\n",
+        q.info.id,
+        q.info.at,
+        q.info.reason,
+        q.mail_from.as_deref().unwrap_or("<>"),
+        q.rcpt_to.join(", "),
+        headers.trim_end(),
+        text.trim_end()
+    );
+    emit(out.as_bytes())
+}
+
+/// `quarantine release`: the message goes through intake again as if it
+/// had just arrived — with the sender a message without one gets now
+/// ([`unknown_sender`]), for mail taken as automatic for its null
+/// reverse-path — and leaves the quarantine in the same transaction.
+fn release_quarantined(conn: &mut Connection, rt: &Runtime, id: i64) -> anyhow::Result<()> {
+    let q = require_quarantined(conn, id)?;
+    let peer = q
+        .peer
+        .as_deref()
+        .and_then(|p| p.parse::<IpAddr>().ok())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let envelope = Envelope {
+        peer,
+        helo: "localhost".into(),
+        mail_from: q.mail_from.clone(),
+        rcpt_to: q.rcpt_to.clone(),
+    };
+    let mut arrival = Arrival::new(envelope, q.data);
+    if arrival.envelope.mail_from.is_none() {
+        if let Ok(parsed) = &arrival.parsed {
+            arrival.envelope.mail_from = unknown_sender(&arrival.raw, parsed);
+        }
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tickets::remove_quarantined(&tx, id)?;
+    let outcome = intake::process(&tx, rt, &arrival, store::now())?;
+    tx.commit()?;
+    intake::log_outcome(&arrival, &outcome);
+    println!(
+        "quarantine {id} released: {} on {}, {} message(s) queued",
+        outcome.decision,
+        outcome.ticket.as_deref().unwrap_or("no ticket"),
+        outcome.queued
+    );
+    Ok(())
+}
+
+fn print_completions(shell: clap_complete::Shell) -> anyhow::Result<i32> {
+    use clap::CommandFactory as _;
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "crmgate", &mut out);
+    emit(&out)?;
+    Ok(0)
+}
+
+fn print_man() -> anyhow::Result<i32> {
+    use clap::CommandFactory as _;
+    let mut out = Vec::new();
+    clap_mangen::Man::new(Cli::command())
+        .render(&mut out)
+        .context("rendering the manual page")?;
+    emit(&out)?;
+    Ok(0)
 }

@@ -582,8 +582,10 @@ impl RawConfig {
             origin: origin.to_string(),
             problem: ConfigProblem { key, reason },
         };
-        let de = toml::Deserializer::parse(text)
-            .map_err(|e| syntax("(file)".into(), e.message().to_string()))?;
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            let (key, reason) = explain_syntax(text, e.span(), e.message());
+            syntax(key, reason)
+        })?;
         serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let key = if key == "." {
@@ -1060,6 +1062,83 @@ impl RawSecurity {
             reply_secret,
         }
     }
+}
+
+/// A TOML syntax error as an operator can act on it: the key of the line
+/// it is on (`smtp.listen`), the line with its number, and the fix.
+fn explain_syntax(
+    text: &str,
+    span: Option<std::ops::Range<usize>>,
+    message: &str,
+) -> (String, String) {
+    let message = message.trim();
+    let Some(at) = span.map(|s| s.start.min(text.len())) else {
+        return ("(file)".into(), message.to_string());
+    };
+    let number = text[..at].matches('\n').count() + 1;
+    let line = text.lines().nth(number - 1).unwrap_or("").trim();
+    let section = text
+        .lines()
+        .take(number - 1)
+        .filter_map(|l| {
+            let l = l.trim();
+            l.strip_prefix('[')
+                .and_then(|l| l.split(']').next())
+                .map(|name| name.trim_matches(['[', ' ']).to_string())
+        })
+        .last();
+    let Some((name, value)) = line.split_once('=') else {
+        return (
+            section.unwrap_or_else(|| "(file)".into()),
+            format!("line {number}: `{line}`: {message}; write key = value, or [section] on a line of its own"),
+        );
+    };
+    let name = name.trim();
+    let value = value.split('#').next().unwrap_or("").trim();
+    let key = match section {
+        Some(section) if !section.is_empty() => format!("{section}.{name}"),
+        _ => name.to_string(),
+    };
+    let quoted = value.starts_with(['"', '\'', '[', '{']);
+    let literal = value == "true" || value == "false" || value.parse::<f64>().is_ok();
+    let fix = if !quoted && !literal && !value.is_empty() {
+        format!("a text value takes double quotes: {name} = \"{value}\"")
+    } else if value.is_empty() {
+        format!(
+            "give a value: {name} = \"…\" (config/crmgate.toml shows each key with its default)"
+        )
+    } else {
+        "see config/crmgate.toml for the form of each key (text in double quotes, lists in [ ])"
+            .into()
+    };
+    (
+        key,
+        format!("line {number}: `{line}` is not valid TOML ({message}); {fix}"),
+    )
+}
+
+/// The state directory can be created and written: checked by
+/// `check-config` and before `serve` opens the database, so a directory
+/// the service user cannot write is named once, as the key it comes from.
+///
+/// # Errors
+/// `Invalid` naming `gateway.state_dir`.
+pub fn check_state_dir(config: &Config) -> Result<(), ConfigError> {
+    let dir = &config.gateway.state_dir;
+    let problem = |reason: String| ConfigError::Invalid {
+        origin: config.origin.clone(),
+        problems: vec![ConfigProblem {
+            key: "gateway.state_dir".into(),
+            reason,
+        }],
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| problem(format!("cannot create {}: {e}", dir.display())))?;
+    let probe = dir.join(format!(".crmgate-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .map_err(|e| problem(format!("cannot write in {}: {e}", dir.display())))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 /// The `[[agents]]`, each a distinct address that is not a CRM address.

@@ -149,6 +149,8 @@ fn check_config_reads_relay_ca_file() {
 #[test]
 fn usage_errors_exit_2_and_unknown_tickets_exit_1() {
     let dir = tempfile::tempdir().unwrap();
+    // Only serve and deliver create a database: this one is made here.
+    crmgate::store::open(&dir.path().join("crmgate-data/crmgate.db")).unwrap();
     let o = crmgate(dir.path(), &["ticket", "frobnicate"], &[]);
     assert_eq!(o.status.code(), Some(2));
     let o = crmgate(dir.path(), &["ticket", "show", "TKT0000099"], &[]);

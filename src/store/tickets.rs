@@ -663,6 +663,53 @@ pub fn quarantine_list(conn: &Connection) -> Result<Vec<QuarantineInfo>> {
         .collect::<rusqlite::Result<_>>()?)
 }
 
+/// A quarantined message with what it arrived with, for `quarantine show`
+/// and `quarantine release`.
+#[derive(Debug)]
+pub struct QuarantinedMessage {
+    pub info: QuarantineInfo,
+    pub peer: Option<String>,
+    pub mail_from: Option<String>,
+    pub rcpt_to: Vec<String>,
+    pub data: Vec<u8>,
+}
+
+/// The quarantine row `id` and its raw message; `None` when there is no
+/// such row or it kept no raw message.
+pub fn quarantined(conn: &Connection, id: i64) -> Result<Option<QuarantinedMessage>> {
+    Ok(conn
+        .query_row(
+            "SELECT q.id, q.at, q.reason, q.sender, q.subject, q.message_id, \
+                    r.peer, r.mail_from, r.rcpt_to, r.data \
+             FROM quarantine q JOIN raw_messages r ON r.id = q.raw_id WHERE q.id = ?1",
+            [id],
+            |r| {
+                let rcpt: String = r.get(8)?;
+                Ok(QuarantinedMessage {
+                    info: QuarantineInfo {
+                        id: r.get(0)?,
+                        at: rfc3339(r.get(1)?),
+                        reason: r.get(2)?,
+                        sender: r.get(3)?,
+                        subject: r.get(4)?,
+                        message_id: r.get(5)?,
+                    },
+                    peer: r.get(6)?,
+                    mail_from: r.get(7)?,
+                    rcpt_to: serde_json::from_str(&rcpt).unwrap_or_default(),
+                    data: r.get(9)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
+/// Take a row out of the quarantine (its raw message stays, as every raw
+/// message does); whether there was one.
+pub fn remove_quarantined(conn: &Connection, id: i64) -> Result<bool> {
+    Ok(conn.execute("DELETE FROM quarantine WHERE id = ?1", [id])? > 0)
+}
+
 /// Queue an outgoing message; the relay worker picks it up.
 #[allow(clippy::too_many_arguments)]
 pub fn insert_outbox(
