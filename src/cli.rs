@@ -266,7 +266,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
 fn serve(config: Config) -> anyhow::Result<i32> {
     let checked = Runtime::new(Arc::new(config.clone()))
         .map(drop)
-        .map_err(anyhow::Error::from)
         .and_then(|()| crate::config::check_state_dir(&config).map_err(anyhow::Error::from));
     if let Err(e) = checked {
         eprintln!("crmgate: {e:#}");
