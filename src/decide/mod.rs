@@ -304,12 +304,14 @@ pub fn decide(
     ticket: Option<&TicketView>,
     duplicate_of: Option<i64>,
 ) -> Decision {
+    // Rules 1 and 2 end the processing, as does mail for the postmaster.
     if let Some(decision) = loop_guard(facts.config, inbound)
         .or_else(|| duplicate(duplicate_of))
         .or_else(|| postmaster_only(facts.config, envelope))
     {
         return decision;
     }
+    // Rule 4 ends it too; rule 3's threading found `ticket` already.
     let sender = sender_of(envelope, inbound);
     if let Some(reason) = automatic::reason(envelope, inbound, sender.as_ref()) {
         return automatic::automatic(facts, envelope, inbound, ticket, sender, reason);
@@ -321,31 +323,36 @@ pub fn decide(
         return Decision::Quarantine(QuarantineReason::Unparseable);
     };
     let message = Message::new(facts, envelope, inbound, sender);
-    let channel = match channel(&message, ticket) {
-        Ok(channel) => channel,
-        Err(refusal) => return refusal,
-    };
+    match channel(&message, ticket) {
+        Ok(channel) => Decision::Record(Box::new(record(&message, ticket, channel))),
+        Err(refusal) => refusal,
+    }
+}
+
+/// Rules 3 and 6–9, in order, on a message that goes on a ticket: its
+/// entries on the ticket found or a new one, the copies, the reply-all
+/// notice, the receipt of a new ticket, the state.
+fn record(m: &Message<'_>, ticket: Option<&TicketView>, channel: Channel) -> Plan {
     let (mut plan, opening) = match ticket {
-        Some(t) => (on_ticket(&message, t, channel), None),
+        Some(t) => (on_ticket(m, t, channel), None),
         None => {
-            let (plan, opening) = new_ticket::new_ticket(&message, channel);
+            let (plan, opening) = new_ticket::new_ticket(m, channel);
             (plan, Some(opening))
         }
     };
-    let new_view = match &plan.ticket {
+    let opened = match &plan.ticket {
         TicketTarget::New(new) => Some(new.view()),
         TicketTarget::Existing(_) => None,
     };
-    if let Some(view) = ticket.or(new_view.as_ref()) {
-        let m = &message;
-        reemit::re_emit(facts, inbound, view, &m.sender, m.agent, &mut plan);
+    if let Some(view) = ticket.or(opened.as_ref()) {
+        reemit::re_emit(m.facts, m.inbound, view, &m.sender, m.agent, &mut plan);
     }
-    reemit::reply_all_guard(&message, &mut plan);
+    reemit::reply_all_guard(m, &mut plan);
     if let Some(opening) = opening {
-        reemit::answer_opening(&message, opening, &mut plan);
+        reemit::answer_opening(m, opening, &mut plan);
     }
-    state(&message, ticket, channel, &mut plan);
-    Decision::Record(Box::new(plan))
+    state(m, ticket, channel, &mut plan);
+    plan
 }
 
 impl<'a> Message<'a> {
