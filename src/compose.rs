@@ -141,9 +141,16 @@ pub fn compose(draft: &Draft) -> Result<Vec<u8>, ComposeError> {
         .iter()
         .map(|(name, size)| attachment_line(draft.language, &one_line(name), *size))
         .collect();
-    message = message.text_body(clean(&text_with_lines(&draft.text, &lines)));
+    let markers = match draft.kind {
+        SendKind::PublicCopy | SendKind::AgentCopy | SendKind::WorkNote | SendKind::PartnerCopy => {
+            crate::templates::reply_marker_lines(draft.language)
+        }
+        _ => &[],
+    };
+    let text = text_with_marker(&text_with_lines(&draft.text, &lines), markers);
+    message = message.text_body(clean(&text));
     if let Some(html) = &draft.html {
-        let html = html_with_lines(html, &lines);
+        let html = html_with_marker(&html_with_lines(html, &lines), markers);
         message = message.html_body(match &scrubber {
             Some(scrubber) => scrubber.html(&html),
             None => html,
@@ -265,6 +272,33 @@ fn text_with_lines(text: &str, lines: &[String]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The reply marker lines first, then a blank line: a reply's words above
+/// them are its entry (see `parse::reply`).
+fn text_with_marker(text: &str, markers: &[&str]) -> String {
+    if markers.is_empty() {
+        return text.to_string();
+    }
+    let mut out = markers.join("\n");
+    out.push_str("\n\n");
+    out.push_str(text);
+    out
+}
+
+/// The reply marker lines as a grey paragraph, first in the `<body>`.
+fn html_with_marker(html: &str, markers: &[&str]) -> String {
+    if markers.is_empty() {
+        return html.to_string();
+    }
+    let lines: Vec<String> = markers.iter().map(|m| escape_html(m)).collect();
+    let paragraph = format!("<p style=\"color:#888888\">{}</p>\n", lines.join("<br>\n"));
+    let lower = html.to_ascii_lowercase();
+    let at = lower
+        .find("<body")
+        .and_then(|start| html[start..].find('>').map(|gt| start + gt + 1))
+        .unwrap_or(0);
+    format!("{}{paragraph}{}", &html[..at], &html[at..])
 }
 
 /// The attachment lines as paragraphs, before `</body>` when there is one.
@@ -495,7 +529,9 @@ mod tests {
         assert_eq!(header(&m, "MIME-Version"), Some("1.0"));
         assert_eq!(
             lf(m.body_text(0)).as_deref(),
-            Some("Bonjour,\nL'imprimante est réparée.\n")
+            Some(
+                "## Répondez au-dessus de cette ligne ##\n\nBonjour,\nL'imprimante est réparée.\n"
+            )
         );
         let root = m.root_part().content_type().expect("Content-Type");
         assert_eq!((root.ctype(), root.subtype()), ("text", Some("plain")));
@@ -680,7 +716,9 @@ mod tests {
         assert_eq!(m.attachment_count(), 0);
         let text = lf(m.body_text(0)).expect("text body");
         assert!(
-            text.starts_with("Bonjour,\nL'imprimante est réparée.\n\n"),
+            text.starts_with(
+                "## Répondez au-dessus de cette ligne ##\n\nBonjour,\nL'imprimante est réparée.\n\n"
+            ),
             "{text}"
         );
         assert!(text.contains("Pièce jointe conservée au billet : rapport.pdf (120 Ko)\n"));
@@ -812,13 +850,51 @@ mod tests {
     }
 
     #[test]
+    fn comment_and_work_note_notifications_start_with_the_reply_marker() {
+        for kind in [
+            SendKind::PublicCopy,
+            SendKind::AgentCopy,
+            SendKind::WorkNote,
+            SendKind::PartnerCopy,
+        ] {
+            for (language, marker) in [
+                (Language::Fr, "## Répondez au-dessus de cette ligne ##"),
+                (Language::En, "## Reply above this line ##"),
+            ] {
+                let mut d = draft(kind);
+                d.language = language;
+                d.html = Some("<html><body class=\"x\"><p>Réparée</p></body></html>".into());
+                let m = parse(&compose(&d).expect("compose")).into_owned();
+                let text = lf(m.body_text(0)).unwrap_or_default();
+                assert!(
+                    text.starts_with(&format!("{marker}\n\n")),
+                    "{kind:?}: {text}"
+                );
+                let html = m.body_html(0).unwrap_or_default();
+                assert!(
+                    html.starts_with(&format!(
+                        "<html><body class=\"x\"><p style=\"color:#888888\">{marker}</p>"
+                    )),
+                    "{kind:?}: {html}"
+                );
+            }
+        }
+        // Not in crmgate's own notices: nobody answers above a line there.
+        for kind in [SendKind::Receipt, SendKind::Closure, SendKind::Email] {
+            let m = parse(&compose(&draft(kind)).expect("compose")).into_owned();
+            let text = m.body_text(0).unwrap_or_default().into_owned();
+            assert!(!text.contains("##"), "{kind:?}: {text}");
+        }
+    }
+
+    #[test]
     fn unscrubbed_draft_keeps_agent_addresses() {
         let mut d = draft(SendKind::WorkNote);
         d.text = "Voir jane.doe@example.org".into();
         let raw = compose(&d).expect("compose");
         assert_eq!(
             lf(parse(&raw).body_text(0)).as_deref(),
-            Some("Voir jane.doe@example.org")
+            Some("## Répondez au-dessus de cette ligne ##\n\nVoir jane.doe@example.org")
         );
     }
 

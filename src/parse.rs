@@ -14,6 +14,7 @@
 mod charset;
 mod forward;
 mod html;
+mod reply;
 mod report;
 
 use std::borrow::Cow;
@@ -137,6 +138,10 @@ pub struct Inbound {
     pub text: std::sync::Arc<str>,
     /// The HTML body, when there is one.
     pub html: Option<String>,
+    /// The message answered a notification: `text` and `html` are what
+    /// its writer added above crmgate's reply marker, the quoted rest is
+    /// cut (see `parse::reply`); the stored raw message keeps it all.
+    pub cut_at_marker: bool,
     pub attachments: Vec<Attachment>,
     /// The first signal of automatic mail found, if any.
     pub auto: Option<AutoSignal>,
@@ -193,9 +198,20 @@ fn extract(message: &Message<'_>) -> Inbound {
     let headers = message.headers();
     let subject = message.subject().map(unfold).unwrap_or_default();
     let body = BodyParts::of(message);
-    let (text, html) = bodies(message, &body);
-    let attachments = attachments(message, &body, html.as_deref());
+    let (full_text, full_html) = bodies(message, &body);
+    let attachments = attachments(message, &body, full_html.as_deref());
+    // The duplicate check hashes the whole text, as it arrived; the rest
+    // reads only what the writer added above crmgate's reply marker.
+    // A delivery report is nobody's reply, whatever it quotes.
+    let body_hash = body_hash(&full_text);
     let is_report = is_content_type(message, "multipart", "report");
+    let cut = (!is_report)
+        .then(|| reply::cut(&full_text, full_html.as_deref()))
+        .flatten();
+    let (text, html, cut_at_marker) = match cut {
+        Some(cut) => (cut.text, cut.html, true),
+        None => (full_text, full_html, false),
+    };
     // A delivery report carries the bounced message as `message/rfc822`:
     // that is a returned copy, not something an agent forwarded.
     let forward = if is_report {
@@ -231,8 +247,9 @@ fn extract(message: &Message<'_>) -> Inbound {
             .date()
             .filter(|d| d.is_valid())
             .map(|d| d.to_timestamp()),
-        body_hash: body_hash(&text),
+        body_hash,
         text: text.into(),
+        cut_at_marker,
         html,
         attachments,
         auto: auto_signal(headers, is_report),

@@ -56,3 +56,103 @@ async fn a_reply_to_the_closure_notice_keeps_the_tickets_subject() {
     }
     g.stop().await;
 }
+
+fn reply_fixture(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/replies")
+        .join(name);
+    String::from_utf8(std::fs::read(&path).unwrap_or_else(|e| panic!("{name}: {e}")))
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// The words of the notification that every reply fixture quotes.
+const QUOTED: [&str; 2] = ["Pouvez-vous redémarrer", "Could you restart"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_client_reply_logs_and_passes_on_only_its_own_words() {
+    let cases: [(&str, &str, &str); 8] = [
+        ("mutt.eml", "alice@u.example", "Merci, le voyant est vert maintenant. Tout fonctionne.\n\nAlice\n"),
+        ("neomutt-fr.eml", "alice@u.example", "Merci, le voyant est vert maintenant. Tout fonctionne.\n\nAlice\n"),
+        ("gmail-fr.eml", "alice@u.example", "Merci, le voyant est vert maintenant.\n\nAlice\n"),
+        ("thunderbird-fr.eml", "alice@u.example", "Merci, le voyant est vert maintenant.\n\nAlice\n"),
+        (
+            "outlook-fr.eml",
+            "alice@u.example",
+            "Merci, le voyant est vert maintenant.\n\nAlice Martin\nService comptabilité\n[cid:image001.png@01DB4437.2A1B3C40]\n",
+        ),
+        ("outlook-en.eml", "bob@u.example", "Thanks, the light is green now.\n\nBob\n"),
+        ("apple-mail.eml", "bob@u.example", "Thanks, the light is green now.\n\nBob\n"),
+        // Written below the quote: nothing above the line, the entry says so.
+        (
+            "s-nail-below.eml",
+            "alice@u.example",
+            "[Rien n'a été écrit au-dessus de la ligne « Répondez au-dessus de cette ligne ».]\n",
+        ),
+    ];
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    assert_eq!(number, "TKT0000001", "the fixtures answer TKT0000001");
+    g.settle().await;
+    for (file, from, own_words) in cases {
+        let before = g.sink.messages().len();
+        let reply = g.send(from, &[PUBLIC], &reply_fixture(file)).await;
+        assert!(reply.starts_with("250"), "{file}: {reply}");
+        let t = g.show(&number);
+        let entry = entries(&t).last().cloned().unwrap_or_default();
+        assert_eq!(entry["body"], own_words, "{file}: {entry}");
+        let sent = g.settle().await;
+        let copies = &sent[before..];
+        assert!(!copies.is_empty(), "{file}: passed on");
+        for copy in copies {
+            let m = mail_parser::MessageParser::default()
+                .parse(&copy.data)
+                .expect("a copy parses");
+            let text = m.body_text(0).unwrap_or_default().replace("\r\n", "\n");
+            let html = m.body_html(0).map(|h| h.into_owned()).unwrap_or_default();
+            for quoted in QUOTED {
+                assert!(!text.contains(quoted), "{file}: {text}");
+                assert!(!html.contains(quoted), "{file}: {html}");
+            }
+            // The copy's own marker, once, then the reply's words.
+            assert_eq!(text.matches("##").count(), 2, "{file}: {text}");
+            let own = own_words.lines().next().unwrap_or_default();
+            assert!(text.contains(own), "{file}: {text}");
+            if !html.is_empty() {
+                assert!(html.contains(own), "{file}: {html}");
+            }
+            // Outlook's signature logo stays on the ticket, unlisted.
+            assert!(!text.contains("image001.png ("), "{file}: {text}");
+        }
+    }
+    let t = g.show(&number);
+    let logo = entries(&t)
+        .iter()
+        .flat_map(|e| e["attachments"].as_array().cloned().unwrap_or_default())
+        .find(|a| a["filename"] == "image001.png");
+    assert!(logo.is_some(), "the logo is kept on the ticket: {t}");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_without_the_marker_is_never_cut() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    // mutt's reply to a mail without the marker (the receipt, say): the
+    // attribution and the quote are the writer's to keep.
+    let reply =
+        reply_fixture("mutt.eml").replace("> ## Répondez au-dessus de cette ligne ##\n", "");
+    let answer = g.send("alice@u.example", &[PUBLIC], &reply).await;
+    assert!(answer.starts_with("250"), "{answer}");
+    let t = g.show(&number);
+    let body = entries(&t).last().cloned().unwrap_or_default()["body"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(body.starts_with("Merci, le voyant est vert"), "{body}");
+    assert!(
+        body.contains("Jean Agent via Soutien TI wrote:\n> \n> Bonjour Alice,"),
+        "{body}"
+    );
+    g.stop().await;
+}

@@ -305,6 +305,9 @@ async fn a_long_text_stays_whole_on_the_ticket_and_copies_carry_its_beginning() 
         .parse(&agent_copy[0].data)
         .unwrap();
     let text = parsed.body_text(0).unwrap().replace("\r\n", "\n");
+    let text = text
+        .strip_prefix("## Répondez au-dessus de cette ligne ##\n\n")
+        .expect("the copy starts with the reply marker");
     assert!(body.starts_with(text.split("\n[…").next().unwrap()));
     assert!(
         text.contains(&format!("its whole text is on ticket {number}"))

@@ -275,10 +275,21 @@ impl Message<'_> {
             author: author.clone(),
             by_agent: self.agent,
             subject: self.subject.clone(),
-            text: self.inbound.text.clone(),
+            text: self.text(),
             html: self.inbound.html.clone(),
             keeps_attachments: true,
             message_id: self.inbound.message_id.clone(),
+        }
+    }
+
+    /// The message's text; a reply that added nothing above crmgate's
+    /// reply marker keeps its entry (its attachments, the fact that the
+    /// person answered) with a note saying so.
+    fn text(&self) -> std::sync::Arc<str> {
+        if self.inbound.cut_at_marker && self.inbound.text.trim().is_empty() {
+            crate::templates::nothing_added(self.facts.config.gateway.language).into()
+        } else {
+            self.inbound.text.clone()
         }
     }
 }

@@ -96,7 +96,7 @@ static SEPARATOR: LazyLock<Regex> = LazyLock::new(|| {
     .unwrap_or_else(|e| unreachable!("constant regex: {e}"))
 });
 
-fn is_separator(line: &str) -> bool {
+pub(super) fn is_separator(line: &str) -> bool {
     SEPARATOR.is_match(&plain_spaces(line))
 }
 
@@ -114,7 +114,7 @@ fn plain_spaces(line: &str) -> Cow<'_, str> {
 
 /// The header fields of a forwarded block that matter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Field {
+pub(super) enum Field {
     From,
     Subject,
     Date,
@@ -128,7 +128,7 @@ enum Field {
 /// helpdesk meets. Outlook in French writes `De :` with a (non-breaking)
 /// space before the colon; Gmail's text rendering of bold labels gives
 /// `*From:*`; Thunderbird separates label and value with a tab.
-fn header_line(line: &str) -> Option<(Field, String)> {
+pub(super) fn header_line(line: &str) -> Option<(Field, String)> {
     let (key, value) = line.split_once(':')?;
     let key = plain_spaces(key);
     let key = key.trim().trim_matches('*').trim().to_lowercase();

@@ -9,7 +9,7 @@
 use mail_parser::decoders::html::add_html_token;
 
 /// Elements after which a new line starts.
-const BLOCKS: &[&str] = &[
+pub(super) const BLOCKS: &[&str] = &[
     "address",
     "article",
     "aside",
@@ -47,7 +47,7 @@ const BLOCKS: &[&str] = &[
 ];
 
 /// Elements whose content is not text a reader sees.
-const HIDDEN: &[&str] = &["head", "script", "style", "template", "title"];
+pub(super) const HIDDEN: &[&str] = &["head", "script", "style", "template", "title"];
 
 /// Render an HTML body as plain text with `\n` line endings.
 pub(super) fn to_text(html: &str) -> String {
@@ -107,7 +107,7 @@ pub(super) fn to_text(html: &str) -> String {
 
 /// The index of the `>` that ends the tag at the start of `s`, quotes
 /// respected; `None` when `s` does not start a tag.
-fn tag_end(s: &str) -> Option<usize> {
+pub(super) fn tag_end(s: &str) -> Option<usize> {
     let second = s[1..].chars().next()?;
     if !(second.is_ascii_alphabetic() || matches!(second, '/' | '!' | '?')) {
         return None;
@@ -125,7 +125,7 @@ fn tag_end(s: &str) -> Option<usize> {
 }
 
 /// The input after the closing tag of `name`, or nothing when it never closes.
-fn skip_element<'a>(rest: &'a str, name: &str) -> &'a str {
+pub(super) fn skip_element<'a>(rest: &'a str, name: &str) -> &'a str {
     let lower = rest.to_ascii_lowercase();
     let close = format!("</{name}");
     match lower.find(&close) {
@@ -231,7 +231,7 @@ impl Renderer {
 
 /// Character references (`&eacute;`, `&#233;`, `&#xE9;`) decoded with
 /// mail-parser's table; an unknown or unterminated `&` stays as written.
-fn decode_entities(text: &str) -> String {
+pub(super) fn decode_entities(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(amp) = rest.find('&') {

@@ -114,6 +114,35 @@ impl Templates {
     }
 }
 
+/// The first line of every comment and work-note notification, French
+/// then English: a reply's words above it are the entry, the rest (the
+/// quoted notification) is cut, see `parse::reply`. Every marker is
+/// recognised in replies whatever the configured language.
+pub const REPLY_MARKERS: [&str; 2] = [REPLY_MARKER_FR, REPLY_MARKER_EN];
+const REPLY_MARKER_FR: &str = "## Répondez au-dessus de cette ligne ##";
+const REPLY_MARKER_EN: &str = "## Reply above this line ##";
+
+/// The marker lines a notification starts with, in the order written:
+/// one per language of the configuration (`fr+en` writes both, French
+/// first).
+pub fn reply_marker_lines(language: Language) -> &'static [&'static str] {
+    match language {
+        Language::Fr => &REPLY_MARKERS[..1],
+        Language::En => &REPLY_MARKERS[1..],
+    }
+}
+
+/// The text of an entry whose reply added nothing above the marker (an
+/// attachment sent back alone, say): the entry is kept and says so.
+pub fn nothing_added(language: Language) -> &'static str {
+    match language {
+        Language::Fr => {
+            "[Rien n'a été écrit au-dessus de la ligne « Répondez au-dessus de cette ligne ».]\n"
+        }
+        Language::En => "[Nothing was written above the line \"Reply above this line\".]\n",
+    }
+}
+
 /// The words the receipt and the closure notice put before the ticket's
 /// subject (French, then English). Requesters answer those two; a reply
 /// takes them off as it takes off "RE:", see [`crate::thread::clean_subject`],
