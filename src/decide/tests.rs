@@ -55,15 +55,18 @@ fn ticket() -> TicketView {
     }
 }
 
-fn run(env: &Envelope, inbound: &Inbound, t: Option<&TicketView>) -> Decision {
-    let config = config();
+/// `f` on the facts of `config`, with old.agent@ as the former agent.
+fn with_facts<T>(config: &Config, f: impl FnOnce(&Facts<'_>) -> T) -> T {
     let former = BTreeSet::from(["old.agent@example.org".to_string()]);
-    let facts = Facts {
-        config: &config,
+    f(&Facts {
+        config,
         former_agents: &former,
         reply_key: None,
-    };
-    decide(&facts, env, inbound, t, None)
+    })
+}
+
+fn run(env: &Envelope, inbound: &Inbound, t: Option<&TicketView>) -> Decision {
+    with_facts(&config(), |facts| decide(facts, env, inbound, t, None))
 }
 
 fn plan(d: Decision) -> Plan {
@@ -309,14 +312,14 @@ fn loop_duplicate_automatic_in_that_order() {
         Decision::Quarantine(QuarantineReason::Loop)
     );
     inbound.loop_hosts.clear();
-    let former = BTreeSet::new();
-    let facts = Facts {
-        config: &config,
-        former_agents: &former,
-        reply_key: None,
-    };
     assert_eq!(
-        decide(&facts, &env, &inbound, None, Some(3)),
+        with_facts(&config, |facts| decide(
+            facts,
+            &env,
+            &inbound,
+            None,
+            Some(3)
+        )),
         Decision::Duplicate { entry_id: 3 }
     );
     inbound.auto = Some(crate::parse::AutoSignal::AutoSubmitted(
@@ -501,36 +504,28 @@ fn references_hold_the_first_and_the_last_ten_never_an_agents_id_for_non_agents(
 
 #[test]
 fn no_failure_notice_about_a_notice_nor_to_an_empty_work_notes_list() {
-    let config = config();
-    let former = BTreeSet::new();
-    let facts = Facts {
-        config: &config,
-        former_agents: &former,
-        reply_key: None,
-    };
+    with_facts(&config(), no_failure_notice_about_a_notice);
+}
+
+fn no_failure_notice_about_a_notice(facts: &Facts<'_>) {
     let t = ticket();
-    let notice = failure_notice(&facts, &t, "public_copy").expect("a notice");
+    let notice = failure_notice(facts, &t, "public_copy").expect("a notice");
     assert_eq!(notice.envelope, [AGENT, AGENT2]);
     assert!(notice.agents_only);
-    assert!(failure_notice(&facts, &t, "failure_notice").is_none());
-    assert!(failure_notice(&facts, &t, "reply_all_notice").is_none());
+    assert!(failure_notice(facts, &t, "failure_notice").is_none());
+    assert!(failure_notice(facts, &t, "reply_all_notice").is_none());
     let mut alone = ticket();
     alone.work_notes_list.clear();
-    assert!(failure_notice(&facts, &alone, "public_copy").is_none());
+    assert!(failure_notice(facts, &alone, "public_copy").is_none());
 }
 
 #[test]
 fn the_e_mail_function_names_an_agent_without_a_name_by_local_part() {
     let mut config = config();
     config.agents[0].name = String::new();
-    let former = BTreeSet::new();
-    let facts = Facts {
-        config: &config,
-        former_agents: &former,
-        reply_key: None,
-    };
     let agent = Mailbox::new(None, AGENT);
-    let (entry, send) = email(&facts, &agent, &["x@u.example".into()], &[], "RE: hi", "t");
+    let to = ["x@u.example".to_string()];
+    let (entry, send) = with_facts(&config, |f| email(f, &agent, &to, &[], "RE: hi", "t"));
     assert_eq!(entry.kind, EntryKind::Email);
     assert_eq!(send.from_name, "jane.doe via Soutien TI");
     assert_eq!(send.envelope, ["x@u.example"]);
@@ -538,23 +533,20 @@ fn the_e_mail_function_names_an_agent_without_a_name_by_local_part() {
 
 #[test]
 fn the_watch_group_admits_no_agent_and_no_crm_address() {
-    let config = config();
-    let former = BTreeSet::from(["old.agent@example.org".to_string()]);
-    let facts = Facts {
-        config: &config,
-        former_agents: &former,
-        reply_key: None,
-    };
-    assert_eq!(admit_to_watch_group(&facts, AGENT), Err(NotAdmitted::Agent));
+    with_facts(&config(), the_watch_group_admits);
+}
+
+fn the_watch_group_admits(facts: &Facts<'_>) {
+    assert_eq!(admit_to_watch_group(facts, AGENT), Err(NotAdmitted::Agent));
     assert_eq!(
-        admit_to_watch_group(&facts, "old.agent@example.org"),
+        admit_to_watch_group(facts, "old.agent@example.org"),
         Err(NotAdmitted::Agent)
     );
     assert_eq!(
-        admit_to_watch_group(&facts, "support+x@example.org"),
+        admit_to_watch_group(facts, "support+x@example.org"),
         Err(NotAdmitted::CrmAddress)
     );
-    assert_eq!(admit_to_watch_group(&facts, "carol@u.example"), Ok(()));
+    assert_eq!(admit_to_watch_group(facts, "carol@u.example"), Ok(()));
 }
 
 #[test]
