@@ -187,8 +187,33 @@ pub fn run(fixed: &Fixed, data: &[u8]) -> Result<(), Violation> {
                 if !send.agents_only {
                     check_no_agent_address(fixed, &bytes)
                         .map_err(|v| Violation(format!("{:?}: {v}", send.kind)))?;
+                    check_no_agent_message_id(&bytes)
+                        .map_err(|v| Violation(format!("{:?}: {v}", send.kind)))?;
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// An agent's own inbound Message-ID (the one [`ticket_for`] puts in the
+/// thread) never threads mail to non-agents: In-Reply-To and References
+/// of the header block are searched, folded lines included.
+///
+/// # Errors
+/// The header that names it.
+pub fn check_no_agent_message_id(bytes: &[u8]) -> Result<(), Violation> {
+    let raw = String::from_utf8_lossy(bytes).to_lowercase();
+    let head = raw.split("\r\n\r\n").next().unwrap_or_default();
+    let mut in_threading = false;
+    for line in head.split("\r\n") {
+        if !line.starts_with([' ', '\t']) {
+            in_threading = line.starts_with("references:") || line.starts_with("in-reply-to:");
+        }
+        if in_threading && line.contains("agent-secret-1@example.org") {
+            return Err(Violation(format!(
+                "an agent's own Message-ID threads mail to non-agents: {line}"
+            )));
         }
     }
     Ok(())
@@ -228,20 +253,9 @@ pub fn compose_send(
     let Some(entry) = plan.entries.get(send.entry) else {
         return Err(Violation(format!("send {i} names no entry")));
     };
-    let mut refs: Vec<ThreadRef> = thread.to_vec();
-    for e in &plan.entries {
-        if let Some(mid) = &e.message_id {
-            refs.push(ThreadRef {
-                message_id: mid.clone(),
-                agent_inbound: e.by_agent,
-            });
-        }
-    }
-    let references: Vec<String> = refs
-        .iter()
-        .filter(|r| send.agents_only || !r.agent_inbound)
-        .map(|r| r.message_id.clone())
-        .collect();
+    // decide's own choice, as `apply::queue` makes it: the bytes checks
+    // below then catch an agent's Message-ID it would let through.
+    let references = decide::references(&decide::thread_with(thread, plan), send.agents_only);
     let listed = if entry.keeps_attachments && send.kind != SendKind::Receipt {
         inbound
             .attachments

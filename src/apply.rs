@@ -138,15 +138,7 @@ pub fn apply(
         queued += apply_bounce(conn, rt, &view, bounce, now)?;
     }
 
-    let mut thread = view.thread.clone();
-    for entry in &plan.entries {
-        if let Some(mid) = &entry.message_id {
-            thread.push(crate::decide::ThreadRef {
-                message_id: mid.clone(),
-                agent_inbound: entry.by_agent,
-            });
-        }
-    }
+    let thread = decide::thread_with(&view.thread, plan);
     for send in &plan.sends {
         if send.kind == SendKind::ReplyAllNotice
             && !first_notice_today(conn, view.id, &send.envelope, now)?

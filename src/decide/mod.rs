@@ -34,7 +34,7 @@ mod trust;
 
 pub use caps::{cap, held_back_note, within_cap, Cap, SentCounts};
 pub use from::{agent_mailboxes, helpdesk, via_display_name};
-pub use notices::{failure_notice, references, reply_all_notice_day};
+pub use notices::{failure_notice, references, reply_all_notice_day, thread_with};
 pub use operations::{email, publish, resolve};
 pub use trust::{
     accepts_recipient, admit_to_watch_group, from_is_believed, is_postmaster, is_robot_address,

@@ -2,7 +2,7 @@
 //! store applies: which failure is told to the agents, how often a
 //! reply-all notice goes, which Message-IDs a message threads on.
 
-use super::{from, Facts, PlannedSend, ThreadRef, TicketView};
+use super::{from, Facts, Plan, PlannedSend, ThreadRef, TicketView};
 use crate::helpdesk::{OutboxKind, SendKind};
 
 /// The notice that tells the work-notes list mail of the ticket was not
@@ -41,6 +41,19 @@ pub fn failure_notice(
 /// notice counts on (UTC days since the epoch), as the store keys it.
 pub fn reply_all_notice_day(now: i64) -> i64 {
     now / 86_400
+}
+
+/// What the mail of `plan` threads on: the ticket's thread, then the
+/// Message-IDs of the entries the plan adds (the inbound message's own,
+/// marked when an agent wrote it).
+pub fn thread_with(thread: &[ThreadRef], plan: &Plan) -> Vec<ThreadRef> {
+    let added = plan.entries.iter().filter_map(|e| {
+        e.message_id.as_ref().map(|mid| ThreadRef {
+            message_id: mid.clone(),
+            agent_inbound: e.by_agent,
+        })
+    });
+    thread.iter().cloned().chain(added).collect()
 }
 
 /// The References of an outgoing message (SPEC, "Outgoing mail"): the
