@@ -84,13 +84,7 @@ pub fn apply(
     let mut entry_ids = Vec::with_capacity(plan.entries.len());
     let mut entry_texts = Vec::with_capacity(plan.entries.len());
     let mut attachments_kept = false;
-    // Inline images (a signature's logo) stay on the ticket unlisted.
-    let listed: Vec<(String, u64)> = inbound
-        .attachments
-        .iter()
-        .filter(|a| !a.inline)
-        .map(|a| (a.filename.clone(), a.data.len() as u64))
-        .collect();
+    let mut listed: Vec<(String, u64)> = Vec::new();
     for entry in &plan.entries {
         let text: std::borrow::Cow<'_, str> = match entry.kind {
             EntryKind::Receipt => render(rt, "receipt", &view, "", "")?.into(),
@@ -122,7 +116,11 @@ pub fn apply(
         )?;
         if entry.keeps_attachments && !attachments_kept {
             for a in &inbound.attachments {
-                tickets::insert_attachment(conn, id, a)?;
+                // Listed once: not when the ticket has these bytes already,
+                // nor an inline image (a signature's logo).
+                if tickets::insert_attachment(conn, id, a)? && !a.inline {
+                    listed.push((a.filename.clone(), a.data.len() as u64));
+                }
             }
             attachments_kept = true;
         }

@@ -156,3 +156,96 @@ async fn a_reply_without_the_marker_is_never_cut() {
     );
     g.stop().await;
 }
+
+/// A message from Alice with one PDF attached.
+fn with_pdf(number: &str, id: &str, name: &str, pdf: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut b64 = String::new();
+    let table = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    for chunk in pdf.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            let c = if i <= chunk.len() {
+                table[(n >> (18 - 6 * i) & 63) as usize]
+            } else {
+                b'='
+            };
+            b64.push(c as char);
+        }
+    }
+    let mut m = String::new();
+    let _ = write!(
+        m,
+        "From: Alice Martin <alice@u.example>\nTo: support@example.org\nSubject: RE: [{number}] Imprimante\n\
+         Message-ID: <{id}@u.example>\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"b\"\n\n\
+         --b\nContent-Type: text/plain; charset=utf-8\n\nVoici le rapport.\n\
+         --b\nContent-Type: application/pdf; name=\"{name}\"\nContent-Disposition: attachment; filename=\"{name}\"\n\
+         Content-Transfer-Encoding: base64\n\n{b64}\n--b--\n"
+    );
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attachment_already_on_the_ticket_is_stored_once_and_listed_once() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    let pdf = b"%PDF-1.4\n% rapport du technicien\n%%EOF\n".to_vec();
+    let listed_in = |sent: &[Received], name: &str| {
+        sent.iter()
+            .filter(|m| {
+                let parsed = mail_parser::MessageParser::default().parse(&m.data);
+                parsed
+                    .and_then(|p| p.body_text(0).map(|t| t.contains(&format!("{name} ("))))
+                    .unwrap_or(false)
+            })
+            .count()
+    };
+    let mut before = g.sink.messages().len();
+    for (i, name) in ["rapport.pdf", "rapport (1).pdf"].iter().enumerate() {
+        let message = with_pdf(&number, &format!("pdf-{i}"), name, &pdf);
+        let reply = g.send("alice@u.example", &[PUBLIC], &message).await;
+        assert!(reply.starts_with("250"), "{reply}");
+        let sent = g.settle().await;
+        let copies = &sent[before..];
+        assert!(!copies.is_empty());
+        // Listed in the copies of the first message only.
+        let expected = if i == 0 { copies.len() } else { 0 };
+        assert_eq!(listed_in(copies, name), expected, "{name}");
+        before = sent.len();
+    }
+    // Both entries name their attachment; the bytes are stored once.
+    let t = g.show(&number);
+    let names: Vec<String> = entries(&t)
+        .iter()
+        .flat_map(|e| e["attachments"].as_array().cloned().unwrap_or_default())
+        .map(|a| a["filename"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(names, ["rapport.pdf", "rapport (1).pdf"]);
+    let db = rusqlite::Connection::open(g.dir.path().join("state/crmgate.db")).expect("db");
+    let stored: i64 = db
+        .query_row(
+            "SELECT count(*) FROM attachments WHERE length(data) > 0",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(stored, 1);
+
+    // Outlook's signature logo, in two replies: kept, never listed.
+    for id in ["<logo-1@u.example>", "<logo-2@u.example>"] {
+        let reply = reply_fixture("outlook-fr.eml").replace(
+            "<PAXPR02MB7001A1B2C3D4E5F6A7B8C9D0@PAXPR02MB7001.eurprd02.prod.outlook.com>",
+            id,
+        );
+        let answer = g.send("alice@u.example", &[PUBLIC], &reply).await;
+        assert!(answer.starts_with("250"), "{answer}");
+        let sent = g.settle().await;
+        assert_eq!(listed_in(&sent[before..], "image001.png"), 0);
+        before = sent.len();
+    }
+    g.stop().await;
+}

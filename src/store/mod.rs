@@ -61,6 +61,14 @@ fn migrations() -> Migrations<'static> {
         // than sorting every queued row at each batch (a backlog of 20,000
         // rows was sorted 80 times to be sent).
         M::up("CREATE INDEX outbox_queued ON outbox (id) WHERE status = 'queued';"),
+        // An attachment's bytes are kept once per ticket: later copies (a
+        // signature's logo, a file sent back) name the row that holds them.
+        // Rows from before have no hash and are not matched.
+        M::up(
+            "ALTER TABLE attachments ADD COLUMN sha256 TEXT;
+             ALTER TABLE attachments ADD COLUMN same_as INTEGER REFERENCES attachments (id);
+             CREATE INDEX attachments_sha256 ON attachments (sha256) WHERE sha256 IS NOT NULL;",
+        ),
     ])
 }
 

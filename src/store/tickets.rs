@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use super::{Result, StoreError};
 use crate::decide::{NewTicket, ThreadRef, TicketView};
@@ -426,11 +427,34 @@ pub fn insert_system_entry(
     )
 }
 
-pub fn insert_attachment(conn: &Connection, entry_id: i64, a: &Attachment) -> Result<()> {
+/// Keep an attachment on its entry. Bytes already on the entry's ticket
+/// (the logo of every mail of a signature, a document sent back) are
+/// stored once: the new row names the attachment and points at the row
+/// that holds them (`same_as`). Returns whether the bytes are new on the
+/// ticket, which is whether notifications list the attachment.
+pub fn insert_attachment(conn: &Connection, entry_id: i64, a: &Attachment) -> Result<bool> {
+    let sha256 = hex::encode(Sha256::digest(&a.data));
+    let held_by: Option<i64> = conn
+        .prepare_cached(
+            "SELECT a.id FROM attachments a JOIN entries e ON e.id = a.entry_id \
+             WHERE a.sha256 = ?2 AND a.same_as IS NULL \
+               AND e.ticket_id = (SELECT ticket_id FROM entries WHERE id = ?1) \
+             ORDER BY a.id LIMIT 1",
+        )?
+        .query_row(params![entry_id, sha256], |r| r.get(0))
+        .optional()?;
+    if let Some(held_by) = held_by {
+        conn.prepare_cached(
+            "INSERT INTO attachments (entry_id, filename, content_type, size, data, sha256, same_as) \
+             VALUES (?1, ?2, ?3, ?4, X'', ?5, ?6)",
+        )?
+        .execute(params![entry_id, a.filename, a.content_type, a.data.len() as i64, sha256, held_by])?;
+        return Ok(false);
+    }
     conn.prepare_cached(
-        "INSERT INTO attachments (entry_id, filename, content_type, size, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO attachments (entry_id, filename, content_type, size, data, sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
-    .execute(params![entry_id, a.filename, a.content_type, a.data.len() as i64, blob_value(&a.data)?])?;
+    .execute(params![entry_id, a.filename, a.content_type, a.data.len() as i64, blob_value(&a.data)?, sha256])?;
     fill_in_place(
         conn,
         "attachments",
@@ -438,7 +462,7 @@ pub fn insert_attachment(conn: &Connection, entry_id: i64, a: &Attachment) -> Re
         conn.last_insert_rowid(),
         &a.data,
     )?;
-    Ok(())
+    Ok(true)
 }
 
 /// Remember a Message-ID on a ticket, for threading both ways.
