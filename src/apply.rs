@@ -259,6 +259,7 @@ fn render(
             public_address: &config.addresses.public,
             recipients,
             reason,
+            line: "",
         },
     )?)
 }
@@ -493,6 +494,102 @@ pub fn queue(
         now,
     )?;
     tickets::insert_thread_id(conn, &message_id, view.id, false, now)?;
+    Ok(Some(id))
+}
+
+/// A notice to one agent about a quick action (`quick_help`,
+/// `quick_refused`): on the ticket when there is one, else an outbox row of
+/// no ticket (a refused block in a message that opened none).
+///
+/// # Errors
+/// Template, composing or database failures.
+#[allow(clippy::too_many_arguments)]
+pub fn queue_agent_notice(
+    conn: &Connection,
+    rt: &Runtime,
+    view: Option<&TicketView>,
+    subject: &str,
+    agent: &Mailbox,
+    template: &str,
+    line: &str,
+    reason: &str,
+    now: i64,
+) -> Result<Option<i64>, ApplyError> {
+    let config = &rt.config;
+    let language = config.gateway.language;
+    let number = view.map_or("", |v| v.number.as_str());
+    let text = rt.templates.render(
+        template,
+        language,
+        &templates::Context {
+            number,
+            subject,
+            display_name: &config.gateway.display_name,
+            public_address: &config.addresses.public,
+            recipients: "",
+            reason,
+            line,
+        },
+    )?;
+    let subject = templates::subject(template, language, subject);
+    let send = PlannedSend {
+        kind: SendKind::QuickActionNotice,
+        entry: 0,
+        from_name: config.gateway.display_name.clone(),
+        from_address: config.addresses.public.clone(),
+        to: vec![agent.clone()],
+        cc: Vec::new(),
+        envelope: vec![agent.address.clone()],
+        agents_only: true,
+    };
+    if let Some(view) = view {
+        let content = Content {
+            subject,
+            text,
+            html: None,
+            listed_attachments: Vec::new(),
+            attachments: Vec::new(),
+            written_by_agent: true,
+        };
+        return queue(conn, rt, view, &view.thread, &send, content, None, now);
+    }
+    let message_id = format!(
+        "quick.{:016x}@{}",
+        rand::random::<u64>(),
+        config.gateway.hostname
+    );
+    let draft = Draft {
+        kind: send.kind,
+        ticket_number: String::new(),
+        language,
+        from_name: send.from_name,
+        from_address: send.from_address,
+        reply_address: None,
+        to: send.to,
+        cc: Vec::new(),
+        subject,
+        text,
+        html: None,
+        listed_attachments: Vec::new(),
+        attachments: Vec::new(),
+        message_id: message_id.clone(),
+        in_reply_to: None,
+        references: Vec::new(),
+        date: now,
+        loop_host: config.gateway.hostname.clone(),
+        scrub: None,
+    };
+    let bytes = compose::compose(&draft)?;
+    let id = tickets::insert_outbox(
+        conn,
+        None,
+        None,
+        send.kind.into(),
+        &send.envelope,
+        &message_id,
+        &bytes,
+        now,
+    )?;
     Ok(Some(id))
 }
 

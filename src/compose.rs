@@ -188,7 +188,8 @@ fn kind_headers(kind: SendKind) -> Vec<(&'static str, &'static str)> {
         | SendKind::WorkNote
         | SendKind::PartnerCopy
         | SendKind::ReplyAllNotice
-        | SendKind::FailureNotice => vec![
+        | SendKind::FailureNotice
+        | SendKind::QuickActionNotice => vec![
             ("Auto-Submitted", "auto-generated"),
             ("X-Auto-Response-Suppress", "OOF, AutoReply"),
         ],
@@ -199,6 +200,10 @@ fn kind_headers(kind: SendKind) -> Vec<(&'static str, &'static str)> {
 /// subject already had it: a second tag would make replies' subjects grow
 /// and confuse the thread lookup.
 fn tagged_subject(number: &str, subject: &str) -> String {
+    if number.is_empty() {
+        // Mail about no ticket (a refused quick action that opened none).
+        return subject.split_whitespace().collect::<Vec<_>>().join(" ");
+    }
     let tag = format!("[{number}]");
     let mut rest = subject.to_string();
     if !number.is_empty() {

@@ -13,6 +13,7 @@ use rusqlite::Connection;
 
 use crate::apply::{self, Applied, ApplyError};
 use crate::config::Config;
+use crate::decide::quick::{QuickAction, QuickBlock};
 use crate::decide::{self, NotAdmitted};
 use crate::helpdesk::{EntryKind, Role, TicketState};
 use crate::intake::Runtime;
@@ -66,6 +67,14 @@ pub enum DeskError {
 }
 
 type Result<T> = std::result::Result<T, DeskError>;
+
+impl DeskError {
+    /// A refusal the user can mend (the rules said no), as opposed to a
+    /// failure of the database or of composing, which is retried.
+    pub fn is_refusal(&self) -> bool {
+        !matches!(self, DeskError::Apply(_) | DeskError::Store(_))
+    }
+}
 
 /// The agent configured at `address`, with the name mail shows.
 ///
@@ -253,6 +262,110 @@ pub fn reopen(
     let by = by.map(|a| format!(" by {}", a.address)).unwrap_or_default();
     system_entry(conn, rt, id, &format!("reopened{by}"), now)?;
     Ok(view.number)
+}
+
+/// A quick action that could not run: its line, and why.
+#[derive(Debug)]
+pub struct ActionFailed {
+    /// As the agent wrote it.
+    pub line: String,
+    pub error: DeskError,
+}
+
+/// Carry out a believed agent's quick actions on ticket `number`, in the
+/// order written, each through the same operation as the CLI's and each
+/// noted in a `system` entry naming the agent and the line. `inbound` is
+/// the message without its block: `/email` sends its text and attachments.
+///
+/// # Errors
+/// The first action that fails, with its line; the caller rolls back the
+/// whole message (nothing half-done).
+pub fn quick_actions(
+    conn: &Connection,
+    rt: &Runtime,
+    number: &str,
+    agent: &Mailbox,
+    block: &QuickBlock,
+    inbound: &Inbound,
+) -> std::result::Result<(), ActionFailed> {
+    for line in &block.lines {
+        quick_action(conn, rt, number, agent, &line.action, inbound).map_err(|error| {
+            ActionFailed {
+                line: line.line.clone(),
+                error,
+            }
+        })?;
+        let id = tickets::require(conn, number).map_err(|e| ActionFailed {
+            line: line.line.clone(),
+            error: e.into(),
+        })?;
+        system_entry(
+            conn,
+            rt,
+            id,
+            &format!("{}: {}", agent.address, line.line),
+            store::now(),
+        )
+        .map_err(|error| ActionFailed {
+            line: line.line.clone(),
+            error,
+        })?;
+    }
+    Ok(())
+}
+
+fn quick_action(
+    conn: &Connection,
+    rt: &Runtime,
+    number: &str,
+    agent: &Mailbox,
+    action: &QuickAction,
+    inbound: &Inbound,
+) -> Result<()> {
+    let config = &rt.config;
+    match action {
+        QuickAction::Resolve => resolve(conn, rt, number, Some(agent)).map(drop),
+        QuickAction::Reopen => reopen(conn, rt, number, Some(agent)).map(drop),
+        QuickAction::Assign(address) => assign(conn, rt, number, &self::agent(config, address)?),
+        QuickAction::List(change) => {
+            for address in &change.addresses {
+                change_list(conn, rt, number, change.role, address, change.add)?;
+            }
+            Ok(())
+        }
+        QuickAction::Email(to) => {
+            let subject = crate::thread::clean_subject(&inbound.subject, &config.ticket.pattern);
+            email(
+                conn,
+                rt,
+                &Email {
+                    number,
+                    agent,
+                    to: &to.to,
+                    cc: &to.cc,
+                    subject: &subject,
+                    text: &inbound.text,
+                    attachments: &inbound.attachments,
+                },
+            )
+            .map(drop)
+        }
+        QuickAction::Help => {
+            let view = tickets::view(conn, tickets::require(conn, number)?)?;
+            apply::queue_agent_notice(
+                conn,
+                rt,
+                Some(&view),
+                &view.subject,
+                agent,
+                "quick_help",
+                "",
+                "",
+                store::now(),
+            )?;
+            Ok(())
+        }
+    }
 }
 
 /// Make `agent` the ticket's owner; the owner is on the work-notes list.

@@ -126,10 +126,12 @@ pub enum SendKind {
     FailureNotice,
     /// The ticket's e-mail function: a person's mail, attachments included.
     Email,
+    /// To an agent: the list of quick actions, or why a line was refused.
+    QuickActionNotice,
 }
 
 impl SendKind {
-    const ALL: [SendKind; 9] = [
+    const ALL: [SendKind; 10] = [
         SendKind::PublicCopy,
         SendKind::AgentCopy,
         SendKind::WorkNote,
@@ -139,6 +141,7 @@ impl SendKind {
         SendKind::ReplyAllNotice,
         SendKind::FailureNotice,
         SendKind::Email,
+        SendKind::QuickActionNotice,
     ];
 
     /// The value of the outbox `kind` column and of logs.
@@ -153,6 +156,7 @@ impl SendKind {
             SendKind::ReplyAllNotice => "reply_all_notice",
             SendKind::FailureNotice => "failure_notice",
             SendKind::Email => "email",
+            SendKind::QuickActionNotice => "quick_action_notice",
         }
     }
 

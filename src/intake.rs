@@ -14,12 +14,15 @@ use crate::apply::{self, ApplyError};
 use crate::auth::{Spf, Verifier, VerifyError};
 use crate::compose::Scrub;
 use crate::config::Config;
+use crate::config::Language;
+use crate::decide::quick::{self, QuickAction, QuickBlock, QuickRefusal};
 use crate::decide::{self, Decision, Facts, TicketView};
+use crate::desk;
 use crate::helpdesk::{OutboxKind, QuarantineReason};
-use crate::parse::{self, Inbound, ParseError};
+use crate::parse::{self, Inbound, Mailbox, ParseError};
 use crate::smtp::{Deliver, Envelope, Verdict};
 use crate::store::{self, tickets, StoreError};
-use crate::templates::Templates;
+use crate::templates::{self, Templates};
 use crate::writer::Writer;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +33,8 @@ pub enum IntakeError {
     Sqlite(#[from] rusqlite::Error),
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Desk(#[from] desk::DeskError),
 }
 
 impl From<rusqlite_migration::Error> for IntakeError {
@@ -182,7 +187,58 @@ pub fn process(
         &inbound.body_hash,
         now,
     )?;
+    // Quick actions (SPEC): read off a believed agent's own words first; the
+    // rules then see the message without its block.
+    let quick = match duplicate_of {
+        None => read_quick(rt, env, inbound, ticket.is_none()),
+        Some(_) => Quick::None,
+    };
+    let (inbound, block) = match quick {
+        Quick::None => (std::borrow::Cow::Borrowed(inbound), None),
+        Quick::Refused { agent, refusal } => {
+            let reason = templates::quick_problem(config.gateway.language, &refusal.problem);
+            return refuse_quick(
+                conn,
+                rt,
+                arrival,
+                inbound,
+                ticket.as_ref(),
+                &agent,
+                &refusal.line,
+                &reason,
+                now,
+            );
+        }
+        Quick::Block {
+            agent,
+            block,
+            inbound: stripped,
+        } => {
+            if ticket.is_none()
+                && block.lines.iter().all(|l| l.action == QuickAction::Help)
+                && quick::nothing_remains(&block.rest)
+            {
+                return help_without_ticket(conn, rt, arrival, inbound, &agent, now);
+            }
+            (std::borrow::Cow::Owned(*stripped), Some((agent, block)))
+        }
+    };
+    let inbound: &Inbound = &inbound;
     let decision = decide::decide(&rt.facts(), env, inbound, ticket.as_ref(), duplicate_of);
+    let decision = match (decision, block) {
+        (Decision::Record(plan), Some((agent, block))) => {
+            let quick = QuickMessage {
+                arrival,
+                inbound,
+                ticket: ticket.as_ref(),
+                sender: &sender,
+                agent: &agent,
+                block: &block,
+            };
+            return record_with_actions(conn, rt, &quick, *plan, now);
+        }
+        (decision, _) => decision,
+    };
     let quarantine = |reason: &str| {
         keep_in_quarantine(
             conn,
@@ -250,6 +306,264 @@ pub fn process(
                 queued: applied.queued,
             })
         }
+    }
+}
+
+/// What a believed agent's quick-action block makes of a message.
+enum Quick {
+    /// Not a believed agent, or no block: the message as it came.
+    None,
+    /// A line the rules refuse: nothing of the message is carried out.
+    Refused {
+        agent: Mailbox,
+        refusal: QuickRefusal,
+    },
+    /// Actions to run after the message's entry, and the message without
+    /// its block (no HTML: the block would still stand in it).
+    Block {
+        agent: Mailbox,
+        block: QuickBlock,
+        inbound: Box<Inbound>,
+    },
+}
+
+/// Why a message with quick actions was not recorded as it stands.
+enum QuickFailed {
+    /// An action the rules refused when it ran: the agent is told.
+    Action(desk::ActionFailed),
+    /// The database or composing failed: 451, the sender retries.
+    Intake(IntakeError),
+}
+
+/// The block at the top of a believed agent's own words: the text, or on a
+/// forward that opens a ticket, the agent's words above the forwarded part.
+fn read_quick(rt: &Runtime, env: &Envelope, inbound: &Inbound, opens: bool) -> Quick {
+    let config = &rt.config;
+    let Some(from) = inbound.from.as_ref() else {
+        return Quick::None;
+    };
+    let Some(agent) = config.agent(&from.address) else {
+        return Quick::None;
+    };
+    if !decide::from_is_believed(config, env, inbound, &from.address) {
+        return Quick::None;
+    }
+    let agent = Mailbox::new(Some(&agent.name), &agent.email);
+    let forward = inbound.forward.as_ref().filter(|_| opens);
+    let text = forward.map_or(&*inbound.text, |f| f.agent_text.as_str());
+    let block = match quick::read_block(text, &agent.address) {
+        None => return Quick::None,
+        Some(Err(refusal)) => return Quick::Refused { agent, refusal },
+        Some(Ok(block)) => block,
+    };
+    if let Err(refusal) = quick::check(&rt.facts(), &block) {
+        return Quick::Refused { agent, refusal };
+    }
+    let mut stripped = inbound.clone();
+    let rest = if quick::nothing_remains(&block.rest) {
+        String::new()
+    } else {
+        block.rest.clone()
+    };
+    match stripped.forward.as_mut().filter(|_| opens) {
+        Some(forward) => forward.agent_text = rest,
+        None => stripped.text = rest.into(),
+    }
+    stripped.html = None;
+    Quick::Block {
+        agent,
+        block,
+        inbound: Box::new(stripped),
+    }
+}
+
+/// A message with a quick-action block, on its way to the store.
+struct QuickMessage<'a> {
+    arrival: &'a Arrival,
+    /// Without its block.
+    inbound: &'a Inbound,
+    ticket: Option<&'a TicketView>,
+    sender: &'a str,
+    agent: &'a Mailbox,
+    block: &'a QuickBlock,
+}
+
+/// Record the message and run its actions in one savepoint: an action the
+/// rules refuse as it runs undoes the whole message, which is then kept
+/// and answered as a refused block.
+fn record_with_actions(
+    conn: &Connection,
+    rt: &Runtime,
+    m: &QuickMessage<'_>,
+    mut plan: decide::Plan,
+    now: i64,
+) -> Result<Outcome, IntakeError> {
+    let config = &rt.config;
+    let (agent, block) = (m.agent, m.block);
+    if quick::nothing_remains(&block.rest)
+        || block
+            .lines
+            .iter()
+            .any(|l| matches!(l.action, QuickAction::Email(_)))
+    {
+        quick::actions_only(&mut plan, &agent.address, block);
+    }
+    let done = store::in_savepoint(conn, |conn| -> Result<_, QuickFailed> {
+        let raw_id = store_raw(conn, m.arrival, now).map_err(QuickFailed::Intake)?;
+        let applied = apply::apply(
+            conn,
+            rt,
+            &plan,
+            m.ticket,
+            m.inbound,
+            m.sender,
+            Some(raw_id),
+            now,
+        )
+        .map_err(|e| QuickFailed::Intake(e.into()))?;
+        desk::quick_actions(conn, rt, &applied.number, agent, block, m.inbound)
+            .map_err(QuickFailed::Action)?;
+        Ok(applied)
+    })?;
+    match done {
+        Ok(applied) => Ok(Outcome {
+            verdict: Verdict::Stored,
+            ticket: Some(applied.number),
+            decision: plan.decision.as_str(),
+            queued: applied.queued,
+        }),
+        Err(QuickFailed::Action(failed)) if failed.error.is_refusal() => {
+            let reason = desk_refusal(config.gateway.language, &failed.error);
+            refuse_quick(
+                conn,
+                rt,
+                m.arrival,
+                m.inbound,
+                m.ticket,
+                agent,
+                &failed.line,
+                &reason,
+                now,
+            )
+        }
+        Err(QuickFailed::Action(failed)) => Err(IntakeError::Desk(failed.error)),
+        Err(QuickFailed::Intake(e)) => Err(e),
+    }
+}
+
+/// A refused block: the message is kept (on its ticket, else in
+/// quarantine), a `system` entry says who asked what and why not, and the
+/// agent gets a notice quoting the line.
+#[allow(clippy::too_many_arguments)]
+fn refuse_quick(
+    conn: &Connection,
+    rt: &Runtime,
+    arrival: &Arrival,
+    inbound: &Inbound,
+    ticket: Option<&TicketView>,
+    agent: &Mailbox,
+    line: &str,
+    reason: &str,
+    now: i64,
+) -> Result<Outcome, IntakeError> {
+    let config = &rt.config;
+    match ticket {
+        Some(view) => {
+            store_raw(conn, arrival, now)?;
+            let text = format!(
+                "quick action refused, from {}: {line}: {reason}",
+                agent.address
+            );
+            tickets::insert_system_entry(
+                conn,
+                view.id,
+                &decide::helpdesk(config),
+                &view.subject,
+                &text,
+                now,
+            )?;
+        }
+        None => keep_in_quarantine(
+            conn,
+            arrival,
+            now,
+            "refused",
+            Some(&agent.address),
+            Some(&inbound.subject),
+            inbound.message_id.as_deref(),
+        )?,
+    }
+    let subject = ticket.map_or_else(
+        || crate::thread::clean_subject(&inbound.subject, &config.ticket.pattern),
+        |t| t.subject.clone(),
+    );
+    apply::queue_agent_notice(
+        conn,
+        rt,
+        ticket,
+        &subject,
+        agent,
+        "quick_refused",
+        line,
+        reason,
+        now,
+    )?;
+    tracing::info!(agent = %agent.address, line, reason, "quick action refused");
+    Ok(Outcome {
+        verdict: Verdict::Stored,
+        ticket: ticket.map(|t| t.number.clone()),
+        decision: "quick_action_refused",
+        queued: 1,
+    })
+}
+
+/// `/help` alone, on no ticket: the agent gets the list, and no ticket is
+/// opened for the question (the message is kept in quarantine).
+fn help_without_ticket(
+    conn: &Connection,
+    rt: &Runtime,
+    arrival: &Arrival,
+    inbound: &Inbound,
+    agent: &Mailbox,
+    now: i64,
+) -> Result<Outcome, IntakeError> {
+    keep_in_quarantine(
+        conn,
+        arrival,
+        now,
+        "quick_help",
+        Some(&agent.address),
+        Some(&inbound.subject),
+        inbound.message_id.as_deref(),
+    )?;
+    apply::queue_agent_notice(conn, rt, None, "", agent, "quick_help", "", "", now)?;
+    Ok(Outcome {
+        verdict: Verdict::Stored,
+        ticket: None,
+        decision: "quick_help",
+        queued: 1,
+    })
+}
+
+/// What the agent reads when an action was refused as it ran.
+fn desk_refusal(language: Language, error: &desk::DeskError) -> String {
+    use desk::DeskError as E;
+    match (error, language) {
+        (E::AlreadyResolved(n), Language::Fr) => format!("le billet {n} est déjà résolu."),
+        (E::NotResolved(n), Language::Fr) => format!("le billet {n} n'est pas résolu."),
+        (
+            E::Unchanged {
+                address,
+                already: "already on",
+                ..
+            },
+            Language::Fr,
+        ) => {
+            format!("{address} y figure déjà.")
+        }
+        (E::Unchanged { address, .. }, Language::Fr) => format!("{address} n'y figure pas."),
+        (E::NobodyToEmail(_), Language::Fr) => "aucun destinataire possible.".into(),
+        (other, _) => format!("{other}."),
     }
 }
 

@@ -20,7 +20,9 @@ pub enum Cap {
 /// The cap an outgoing message of `kind` counts against.
 pub fn cap(kind: SendKind, written_by_agent: bool) -> Cap {
     match kind {
-        SendKind::Email => Cap::Never,
+        // The e-mail function is a person's mail; a quick-action notice only
+        // ever answers a believed agent's own mail.
+        SendKind::Email | SendKind::QuickActionNotice => Cap::Never,
         SendKind::Receipt
         | SendKind::Closure
         | SendKind::ReplyAllNotice

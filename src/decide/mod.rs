@@ -29,6 +29,7 @@ mod from;
 mod new_ticket;
 mod notices;
 mod operations;
+pub mod quick;
 mod reemit;
 mod trust;
 

@@ -16,9 +16,16 @@ use serde::Serialize;
 use crate::config::Language;
 
 /// The kinds of automatic message that have a template.
-pub const NAMES: [&str; 4] = ["receipt", "closure", "reply_all", "failure"];
+pub const NAMES: [&str; 6] = [
+    "receipt",
+    "closure",
+    "reply_all",
+    "failure",
+    "quick_help",
+    "quick_refused",
+];
 
-const BUILT_IN: [(&str, &str); 8] = [
+const BUILT_IN: [(&str, &str); 12] = [
     ("receipt.fr.txt", include_str!("receipt.fr.txt")),
     ("receipt.en.txt", include_str!("receipt.en.txt")),
     ("closure.fr.txt", include_str!("closure.fr.txt")),
@@ -27,6 +34,10 @@ const BUILT_IN: [(&str, &str); 8] = [
     ("reply_all.en.txt", include_str!("reply_all.en.txt")),
     ("failure.fr.txt", include_str!("failure.fr.txt")),
     ("failure.en.txt", include_str!("failure.en.txt")),
+    ("quick_help.fr.txt", include_str!("quick_help.fr.txt")),
+    ("quick_help.en.txt", include_str!("quick_help.en.txt")),
+    ("quick_refused.fr.txt", include_str!("quick_refused.fr.txt")),
+    ("quick_refused.en.txt", include_str!("quick_refused.en.txt")),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +68,10 @@ pub struct Context<'a> {
     pub public_address: &'a str,
     /// Failure notice only.
     pub recipients: &'a str,
-    /// Failure notice only.
+    /// Failure notice and refused quick action.
     pub reason: &'a str,
+    /// Refused quick action only: the line, as the agent wrote it.
+    pub line: &'a str,
 }
 
 pub struct Templates {
@@ -163,6 +176,10 @@ pub fn subject(name: &str, language: Language, ticket_subject: &str) -> String {
         ("reply_all", Language::Fr) => "Ne répondre qu'au CRM",
         ("reply_all", Language::En) => "Reply to the CRM only",
         ("failure", Language::Fr) => "Échec de remise",
+        ("quick_help", Language::Fr) => "Actions rapides",
+        ("quick_help", Language::En) => "Quick actions",
+        ("quick_refused", Language::Fr) => "Action rapide refusée",
+        ("quick_refused", Language::En) => "Quick action refused",
         _ => "Delivery failure",
     };
     if ticket_subject.is_empty() {
@@ -174,6 +191,33 @@ pub fn subject(name: &str, language: Language, ticket_subject: &str) -> String {
             ": "
         };
         format!("{prefix}{separator}{ticket_subject}")
+    }
+}
+
+/// Why a quick action is refused, in the notice's language.
+pub fn quick_problem(language: Language, problem: &crate::decide::quick::QuickProblem) -> String {
+    use crate::decide::quick::QuickProblem as P;
+    let fr = language == Language::Fr;
+    match (problem, fr) {
+        (P::UnknownWord(w), true) => format!("{w} n'est pas une action rapide connue."),
+        (P::UnknownWord(w), false) => format!("{w} is not a known quick action."),
+        (P::AddOrRemove, true) => "il faut « ajouter » ou « retirer » (add, remove).".into(),
+        (P::AddOrRemove, false) => "\"add\" or \"remove\" is missing.".into(),
+        (P::MissingArgument, true) => "il manque l'adresse.".into(),
+        (P::MissingArgument, false) => "the address is missing.".into(),
+        (P::NotAnAddress(a), true) => format!("{a} n'est pas une adresse de courriel."),
+        (P::NotAnAddress(a), false) => format!("{a} is not a mail address."),
+        (P::NotAnAgent(a), true) => format!("{a} n'est pas un agent du service."),
+        (P::NotAnAgent(a), false) => format!("{a} is not one of the helpdesk's agents."),
+        (P::AgentInWatchGroup(a), true) => format!(
+            "{a} est un agent : les agents suivent un billet par la liste des Notes de travail (/notes ajouter), jamais comme demandeurs ni dans la Liste de surveillance."
+        ),
+        (P::AgentInWatchGroup(a), false) => format!(
+            "{a} is an agent: agents follow a ticket on its work-notes list (/notes add), never as requesters or on the watch list."
+        ),
+        (P::CrmAddress(a), true) => format!("{a} est une adresse du CRM."),
+        (P::CrmAddress(a), false) => format!("{a} is one of the CRM's own addresses."),
+        (P::Refused(why), _) => why.clone(),
     }
 }
 
@@ -202,6 +246,7 @@ mod tests {
             public_address: "support@example.org",
             recipients: "a@example.org",
             reason: "550 5.1.1 no such user",
+            line: "/watch add jane.doe@example.org",
         }
     }
 
