@@ -33,13 +33,24 @@ async fn an_answer_with_resolve_reaches_the_requester_then_the_closure() {
     let number = g.open_ticket().await;
     g.settle().await;
     let before = g.mark();
-    let message = reply(&number, PUBLIC, "/resolve\n\nLe toner est change, bonne journee.\n");
+    let message = reply(
+        &number,
+        PUBLIC,
+        "/resolve\n\nLe toner est change, bonne journee.\n",
+    );
     assert!(g.send(JANE, &[PUBLIC], &message).await.starts_with("250"));
     let sent = g.settle().await;
     let to_alice = to(before.of(&sent), "alice@u.example");
-    assert_eq!(to_alice.len(), 2, "the comment, then the closure: {to_alice:?}");
+    assert_eq!(
+        to_alice.len(),
+        2,
+        "the comment, then the closure: {to_alice:?}"
+    );
     assert!(to_alice[0].text().contains("Le toner est change"));
-    assert!(!to_alice[0].text().contains("/resolve"), "the block is taken out");
+    assert!(
+        !to_alice[0].text().contains("/resolve"),
+        "the block is taken out"
+    );
     assert_eq!(header(&to_alice[1].text(), "Precedence"), Some("bulk"));
     let t = g.show(&number);
     assert_eq!(t["state"], "resolved");
@@ -126,10 +137,18 @@ async fn email_with_a_pdf_reaches_the_partner_and_cc_with_the_number_and_no_agen
     let after = before.of(&sent);
     assert_eq!(after.len(), 1, "the e-mail only: {after:?}");
     let mail = &after[0];
-    assert_eq!(mail.rcpt_to, ["partner@vendor.example", "other@vendor.example"]);
+    assert_eq!(
+        mail.rcpt_to,
+        ["partner@vendor.example", "other@vendor.example"]
+    );
     let text = mail.text();
-    assert!(header(&text, "Subject").unwrap().contains(&format!("[{number}]")));
-    assert!(text.contains("devis.pdf") && text.contains("JVBERi0xLjQK"), "{text}");
+    assert!(header(&text, "Subject")
+        .unwrap()
+        .contains(&format!("[{number}]")));
+    assert!(
+        text.contains("devis.pdf") && text.contains("JVBERi0xLjQK"),
+        "{text}"
+    );
     assert!(!text.to_ascii_lowercase().contains(JANE), "{text}");
     assert!(!text.contains("/email"), "{text}");
     let t = g.show(&number);
@@ -199,15 +218,18 @@ async fn an_unknown_word_carries_out_nothing_and_the_agent_is_told_in_french() {
     assert!(text.contains("/fermer"), "{text}");
     assert!(header(&text, "Subject").unwrap().contains(&number));
     let t = g.show(&number);
-    assert_eq!(t["owner"], Value::Null, "the valid /assign is not carried out");
+    assert_eq!(
+        t["owner"],
+        Value::Null,
+        "the valid /assign is not carried out"
+    );
     g.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn help_answers_with_the_list_in_each_language_and_opens_no_ticket() {
     for (language, word) in [("fr", "/résoudre"), ("en", "/resolve")] {
-        let tail = format!("[ticket]\nprefix = \"TKT\"\n\n[auto]\nreceipt = \"all\"\n");
-        let mut g = Gateway::start_with("", &tail).await;
+        let mut g = Gateway::start("").await;
         let text = std::fs::read_to_string(g.config_path()).unwrap();
         std::fs::write(
             g.config_path(),
