@@ -6,8 +6,10 @@
 //! body, attachments, the signals of automatic mail, Authentication-Results,
 //! forwarded mail), so that `decide` stays a pure function of plain values.
 //!
-//! Submodules: `forward` finds a forwarded message (attached or pasted
-//! inline by the usual clients), `html` renders HTML-only mail as text,
+//! Submodules: `charset` reads header lines (and undeclared bodies) written
+//! in a legacy charset, `forward` finds a forwarded message (attached or
+//! pasted inline by the usual clients), `html` renders HTML-only mail as
+//! text, `reply` cuts a reply at crmgate's "reply above this line" marker,
 //! `report` reads delivery reports (RFC 3464). Parsing is lenient: only
 //! input without any header line is refused ([`ParseError::Unparseable`]).
 
@@ -133,8 +135,10 @@ pub struct Inbound {
     /// Unix seconds from the Date header, when it parses.
     pub date: Option<i64>,
     /// The text body (text/plain parts joined, charset decoded, `\n` line
-    /// endings); for HTML-only mail a text rendering of the HTML. Shared
-    /// (not copied) with the entries the rules plan from it.
+    /// endings); for HTML-only mail a text rendering of the HTML; for a
+    /// reply to a notification, only what is above the marker (see
+    /// `cut_at_marker`). Shared (not copied) with the entries the rules
+    /// plan from it.
     pub text: std::sync::Arc<str>,
     /// The HTML body, when there is one.
     pub html: Option<String>,
