@@ -1037,6 +1037,22 @@ mod tests {
     }
 
     #[test]
+    fn a_reply_keeps_its_words_above_the_marker_and_the_hash_of_all() {
+        let full = "Merci !\n\nOn Mon, Soutien TI wrote:\n> ## Reply above this line ##\n> Old\n";
+        let m = parse_ok(&format!("Subject: Re: [TKT0000001] x\r\n\r\n{full}"));
+        assert!(m.cut_at_marker);
+        assert_eq!(&*m.text, "Merci !\n");
+        assert_eq!(
+            m.body_hash,
+            body_hash(full),
+            "duplicates compare what arrived"
+        );
+        let m = parse_ok("Subject: s\r\n\r\nMerci !\n\nOn Mon, X wrote:\n> Old\n");
+        assert!(!m.cut_at_marker);
+        assert!(m.text.contains("> Old"));
+    }
+
+    #[test]
     fn automatic_mail_signals() {
         let auto = |headers: &str| parse_ok(&format!("{headers}Subject: s\r\n\r\nx\r\n")).auto;
         assert_eq!(auto("Auto-Submitted: no\r\n"), None);
