@@ -5,14 +5,14 @@
 //! ([`crate::intake`]), the CLI's ticket commands and the relay's failure
 //! hook all queue their mail here.
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
 
 use crate::compose::{self, Draft};
 use crate::decide::{self, Plan, PlannedSend, TicketTarget, TicketView};
 use crate::helpdesk::{EntryKind, Role, SendKind, TicketState};
 use crate::intake::Runtime;
 use crate::parse::{Inbound, Mailbox};
-use crate::store::{tickets, StoreError};
+use crate::store::{outbox, tickets, StoreError};
 use crate::templates;
 
 /// Why a plan could not be written: the caller rolls its transaction back.
@@ -274,10 +274,7 @@ fn first_notice_today(
     let day = decide::reply_all_notice_day(now);
     let mut first = false;
     for agent in agents {
-        first |= conn.execute(
-            "INSERT OR IGNORE INTO reply_all_notices (ticket_id, agent, day) VALUES (?1, ?2, ?3)",
-            rusqlite::params![ticket_id, agent, day.to_string()],
-        )? > 0;
+        first |= tickets::first_reply_all_notice(conn, ticket_id, agent, day)?;
     }
     Ok(first)
 }
@@ -293,17 +290,11 @@ fn apply_bounce(
 ) -> Result<usize, ApplyError> {
     let id = match (bounce.outbox_id, &bounce.original_message_id) {
         (Some(id), _) => Some(id),
-        (None, Some(mid)) => conn
-            .query_row(
-                "SELECT id FROM outbox WHERE message_id = ?1 ORDER BY id LIMIT 1",
-                [mid],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()?,
+        (None, Some(mid)) => outbox::first_with_message_id(conn, mid)?,
         (None, None) => None,
     };
     let row = match id {
-        Some(id) => match crate::store::outbox::get(conn, id) {
+        Some(id) => match outbox::get(conn, id) {
             Ok(row) => Some(row),
             Err(StoreError::NotFound(_)) => None,
             Err(e) => return Err(e.into()),
@@ -323,11 +314,8 @@ fn apply_bounce(
     } else {
         bounce.diagnostic.clone()
     };
-    let newly_failed = crate::store::outbox::mark_failed_by_report(
-        conn,
-        row.id,
-        &format!("bounced: {failed}: {reason}"),
-    )?;
+    let newly_failed =
+        outbox::mark_failed_by_report(conn, row.id, &format!("bounced: {failed}: {reason}"))?;
     // Told once per row (and `decide` tells whether at all).
     if !newly_failed {
         return Ok(0);

@@ -173,11 +173,7 @@ pub async fn serve(
     }
     let _ = checkpointer.join();
     if let Ok(conn) = store::open(&db_path) {
-        if let Ok(pending) = conn.query_row(
-            "SELECT COUNT(*) FROM outbox WHERE status = 'queued'",
-            [],
-            |r| r.get::<_, i64>(0),
-        ) {
+        if let Ok(pending) = store::outbox::queued_count(&conn) {
             if pending > 0 {
                 tracing::info!(pending, "stopped; queued mail is sent at the next start");
             } else {

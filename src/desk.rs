@@ -436,13 +436,7 @@ fn system_entry(
     text: &str,
     now: i64,
 ) -> Result<()> {
-    let subject: String = conn
-        .query_row(
-            "SELECT subject FROM tickets WHERE id = ?1",
-            [ticket_id],
-            |r| r.get(0),
-        )
-        .map_err(StoreError::from)?;
+    let subject = tickets::subject(conn, ticket_id)?;
     let system = decide::helpdesk(&rt.config);
     tickets::insert_system_entry(conn, ticket_id, &system, &subject, text, now)?;
     Ok(())

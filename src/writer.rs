@@ -174,18 +174,9 @@ impl WalFile {
     /// can be synced here (a database in a file, in WAL mode); otherwise it
     /// stays `FULL` and [`WalFile::sync`] has nothing to do.
     fn take_over_syncs(conn: &Connection) -> std::io::Result<WalFile> {
-        // SQLite keeps its rollback journal where WAL cannot be had (a
-        // file system without shared memory): there is no WAL to sync then.
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .map_err(std::io::Error::other)?;
-        let path = conn
-            .path()
-            .filter(|p| !p.is_empty() && mode.eq_ignore_ascii_case("wal"))
-            .map(|p| PathBuf::from(format!("{p}-wal")));
+        let path = store::wal_path(conn).map_err(std::io::Error::other)?;
         if path.is_some() {
-            conn.pragma_update(None, "synchronous", "NORMAL")
-                .map_err(std::io::Error::other)?;
+            store::commit_without_sync(conn).map_err(std::io::Error::other)?;
         }
         Ok(WalFile { path, open: None })
     }

@@ -10,7 +10,7 @@
 //! and the CLI writes, on connections of their own.
 
 use std::cell::Cell;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
@@ -178,6 +178,32 @@ pub fn tune_for_writer(conn: &Connection) -> Result<()> {
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.wal_hook(Some(note_wal_frames));
     conn.pragma_update(None, "temp_store", "MEMORY")?;
+    Ok(())
+}
+
+/// The WAL file of `conn`'s database, when it has one: the daemon's sync
+/// thread fdatasyncs it before answering. `None` for a database in memory,
+/// and where SQLite kept its rollback journal because WAL cannot be had (a
+/// file system without shared memory): there is no WAL to sync then.
+///
+/// # Errors
+/// A database error.
+pub fn wal_path(conn: &Connection) -> Result<Option<PathBuf>> {
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+    Ok(conn
+        .path()
+        .filter(|p| !p.is_empty() && mode.eq_ignore_ascii_case("wal"))
+        .map(|p| PathBuf::from(format!("{p}-wal"))))
+}
+
+/// Commits on `conn` no longer wait for the disk (`synchronous=NORMAL`; in
+/// WAL mode still consistent after a crash): for the daemon's writer, whose
+/// WAL ([`wal_path`]) a thread of its own syncs before any answer.
+///
+/// # Errors
+/// A database error.
+pub fn commit_without_sync(conn: &Connection) -> Result<()> {
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
     Ok(())
 }
 

@@ -198,6 +198,35 @@ pub fn next_due_at(conn: &Connection) -> Result<Option<i64>> {
     )?)
 }
 
+/// How many rows wait for the relay: what a stopping daemon leaves for
+/// the next start, said in its last log line.
+///
+/// # Errors
+/// A database error.
+pub fn queued_count(conn: &Connection) -> Result<i64> {
+    Ok(conn.query_row(
+        "SELECT COUNT(*) FROM outbox WHERE status = 'queued'",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+/// The first row sent with this Message-ID: a delivery report that names
+/// no outbox row (no signed bounce address) still returns the Message-ID
+/// of the message it is about.
+///
+/// # Errors
+/// A database error.
+pub fn first_with_message_id(conn: &Connection, message_id: &str) -> Result<Option<i64>> {
+    Ok(conn
+        .query_row(
+            "SELECT id FROM outbox WHERE message_id = ?1 ORDER BY id LIMIT 1",
+            [message_id],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
 /// One row by id.
 ///
 /// # Errors

@@ -274,6 +274,17 @@ pub fn remove_participant(
         > 0)
 }
 
+/// A ticket's subject, for the `system` entries the CLI notes on it.
+///
+/// # Errors
+/// `NotFound` when there is no such ticket; a database error.
+pub fn subject(conn: &Connection, ticket_id: i64) -> Result<String> {
+    conn.prepare_cached("SELECT subject FROM tickets WHERE id = ?1")?
+        .query_row([ticket_id], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("no ticket with id {ticket_id}")))
+}
+
 pub fn set_state(conn: &Connection, ticket_id: i64, state: TicketState, now: i64) -> Result<()> {
     conn.prepare_cached("UPDATE tickets SET state = ?2, updated_at = ?3 WHERE id = ?1")?
         .execute(params![ticket_id, state.as_str(), now])?;
@@ -820,6 +831,24 @@ pub fn prune_sends(conn: &Connection, now: i64, limit: i64) -> Result<usize> {
             .execute(params![first, first + limit, cutoff])?),
         _ => Ok(0),
     }
+}
+
+/// Note that `agent` was sent the "reply to the CRM only" notice on this
+/// ticket on `day` (Unix days); `true` when it is the first that day, so
+/// an agent who keeps replying to all is told once a day, not per message.
+///
+/// # Errors
+/// A database error.
+pub fn first_reply_all_notice(
+    conn: &Connection,
+    ticket_id: i64,
+    agent: &str,
+    day: i64,
+) -> Result<bool> {
+    Ok(conn.execute(
+        "INSERT OR IGNORE INTO reply_all_notices (ticket_id, agent, day) VALUES (?1, ?2, ?3)",
+        params![ticket_id, agent, day.to_string()],
+    )? > 0)
 }
 
 /// Count one capped message to `address`.
