@@ -417,6 +417,26 @@ mod tests {
     }
 
     #[test]
+    fn a_file_in_wal_mode_has_a_wal_to_sync_and_a_journal_has_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        let conn = open(&path).unwrap();
+        let wal = wal_path(&conn).unwrap().unwrap();
+        assert_eq!(wal, dir.path().join("log.db-wal"));
+        let synchronous = |c: &Connection| -> i64 {
+            c.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap()
+        };
+        assert_eq!(synchronous(&conn), 2, "FULL");
+        commit_without_sync(&conn).unwrap();
+        assert_eq!(synchronous(&conn), 1, "NORMAL");
+
+        conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
+        assert_eq!(wal_path(&conn).unwrap(), None);
+        let memory = Connection::open_in_memory().unwrap();
+        assert_eq!(wal_path(&memory).unwrap(), None);
+    }
+
+    #[test]
     fn open_twice_keeps_schema() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/crmgate.db");

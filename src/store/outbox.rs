@@ -752,4 +752,128 @@ mod tests {
             Err(StoreError::Invalid(_))
         ));
     }
+
+    #[test]
+    fn queued_count_is_what_a_stopping_daemon_leaves() {
+        let db = Db::new();
+        assert_eq!(queued_count(&db.conn).unwrap(), 0);
+        let a = db.queue(&["a@x"], 100);
+        db.queue(&["b@x"], 9_000);
+        let c = db.queue(&["c@x"], 100);
+        mark_sent(&db.conn, a, 150).unwrap();
+        mark_failed(&db.conn, c, "550").unwrap();
+        assert_eq!(queued_count(&db.conn).unwrap(), 1, "a later row counts too");
+    }
+
+    #[test]
+    fn a_message_id_finds_the_first_row_that_sent_it() {
+        let db = Db::new();
+        // Every row of `Db::queue` carries the Message-ID <m@x>.
+        let first = db.queue(&["a@x"], 100);
+        db.queue(&["b@x"], 100);
+        assert_eq!(
+            first_with_message_id(&db.conn, "<m@x>").unwrap(),
+            Some(first)
+        );
+        assert_eq!(first_with_message_id(&db.conn, "<other@x>").unwrap(), None);
+    }
+
+    #[test]
+    fn marks_are_written_with_their_hook_and_a_row_no_longer_queued_keeps_its_state() {
+        let db = Db::new();
+        let sent = db.queue(&["a@x"], 100);
+        let retried = db.queue(&["b@x", "c@x"], 100);
+        let failed = db.queue(&["d@x"], 100);
+        let gone = db.queue(&["e@x"], 100);
+        let broken_hook = db.queue(&["f@x"], 100);
+        // An operator's retry or a report came first: no longer queued.
+        mark_failed(&db.conn, gone, "550 before").unwrap();
+        let row = |id| get(&db.conn, id).unwrap();
+        let settled = vec![
+            (row(sent), Disposition::Sent),
+            (
+                row(retried),
+                Disposition::Retry {
+                    next_at: 400,
+                    error: "452 full".into(),
+                    narrow_to: Some(vec!["c@x".into()]),
+                    refused: Some("refused: b@x".into()),
+                },
+            ),
+            (
+                row(failed),
+                Disposition::Failed {
+                    error: "550 unknown".into(),
+                },
+            ),
+            (row(gone), Disposition::Sent),
+            (
+                row(broken_hook),
+                Disposition::Failed {
+                    error: "550 hook".into(),
+                },
+            ),
+        ];
+        let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = told.clone();
+        let hook: FailureHook = std::sync::Arc::new(move |conn, row, reason| {
+            conn.execute(
+                "INSERT INTO quarantine (at, reason) VALUES (0, ?1)",
+                [format!("hook: {reason}")],
+            )?;
+            seen.lock().unwrap().push((row.id, reason.to_string()));
+            if reason == "550 hook" {
+                return Err(StoreError::Invalid("the hook failed half-way".into()));
+            }
+            Ok(())
+        });
+        write_marks(&db.conn, &settled, 300, &hook).unwrap();
+
+        assert_eq!(row(sent).status, OutboxStatus::Sent);
+        let r = row(retried);
+        assert_eq!((r.status, r.next_attempt_at), (OutboxStatus::Queued, 400));
+        assert_eq!(r.recipients, ["c@x"]);
+        assert_eq!(row(failed).status, OutboxStatus::Failed);
+        let g = row(gone);
+        assert_eq!(
+            (g.status, g.last_error.as_deref()),
+            (OutboxStatus::Failed, Some("550 before"))
+        );
+        let b = row(broken_hook);
+        assert_eq!(
+            (b.status, b.last_error.as_deref()),
+            (OutboxStatus::Failed, Some("550 hook")),
+            "recorded without its hook"
+        );
+        assert_eq!(
+            *told.lock().unwrap(),
+            [
+                (retried, "refused: b@x".to_string()),
+                (failed, "550 unknown".to_string()),
+                (broken_hook, "550 hook".to_string())
+            ]
+        );
+        // The failed hook's write was rolled back with it; the others stay.
+        let noted: Vec<String> = db
+            .conn
+            .prepare("SELECT reason FROM quarantine ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(noted, ["hook: refused: b@x", "hook: 550 unknown"]);
+
+        let request = |settled| MarkRequest {
+            settled,
+            now: 0,
+            on_failed: hook.clone(),
+            reply: tokio::sync::oneshot::channel().0,
+        };
+        assert!(!request(vec![(row(sent), Disposition::Sent)]).may_queue());
+        assert!(
+            request(settled.clone()).may_queue(),
+            "a failure may queue a notice"
+        );
+    }
 }

@@ -865,3 +865,525 @@ pub fn record_send(
     .execute(params![address, ticket_id, automatic, now])?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh database file with the real schema.
+    struct Db {
+        _dir: tempfile::TempDir,
+        conn: Connection,
+    }
+
+    impl Db {
+        fn new() -> Db {
+            let dir = tempfile::tempdir().unwrap();
+            let conn = crate::store::open(&dir.path().join("crmgate.db")).unwrap();
+            Db { _dir: dir, conn }
+        }
+
+        /// A ticket with one requester and nothing else.
+        fn ticket(&self, subject: &str) -> i64 {
+            let new = NewTicket {
+                subject: subject.into(),
+                requesters: vec![Mailbox::new(Some("Alice"), "alice@example.org")],
+                watch_list: Vec::new(),
+                work_notes_list: Vec::new(),
+                owner: None,
+            };
+            create(&self.conn, &new, TicketState::New, "TKT", 7, 100)
+                .unwrap()
+                .0
+        }
+
+        fn entry(&self, ticket_id: i64, e: EntryRow<'_>) -> i64 {
+            insert_entry(&self.conn, &EntryRow { ticket_id, ..e }).unwrap()
+        }
+    }
+
+    fn comment<'a>(from: &'a Mailbox, body: &'a str, at: i64) -> EntryRow<'a> {
+        EntryRow {
+            ticket_id: 0,
+            kind: EntryKind::Comment,
+            from,
+            at,
+            subject: "Printer",
+            body,
+            html: None,
+            message_id: None,
+            by_agent: false,
+            sender: None,
+            body_hash: None,
+            raw_id: None,
+        }
+    }
+
+    #[test]
+    fn a_new_ticket_is_numbered_from_its_row_and_its_people_are_on_their_lists() {
+        let db = Db::new();
+        let first = db.ticket("First");
+        let new = NewTicket {
+            subject: "Printer".into(),
+            requesters: vec![Mailbox::new(Some("Alice"), "alice@example.org")],
+            watch_list: vec![Mailbox::new(None, "bob@example.org")],
+            work_notes_list: vec!["agent@crm.test".into()],
+            owner: Some("agent@crm.test".into()),
+        };
+        let (id, number) = create(&db.conn, &new, TicketState::Open, "TKT", 7, 200).unwrap();
+        assert_eq!(number, "TKT0000002");
+        assert_ne!(id, first);
+
+        let ticket = view(&db.conn, id).unwrap();
+        assert_eq!(ticket.number, "TKT0000002");
+        assert_eq!(ticket.subject, "Printer");
+        assert_eq!(ticket.state, TicketState::Open);
+        assert_eq!(ticket.owner.as_deref(), Some("agent@crm.test"));
+        assert_eq!(ticket.requesters, new.requesters);
+        assert_eq!(ticket.watch_list, new.watch_list);
+        // The owner is on the work-notes list once, however often named.
+        assert_eq!(ticket.work_notes_list, ["agent@crm.test"]);
+        assert!(ticket.thread.is_empty());
+
+        assert_eq!(find_by_number(&db.conn, "TKT0000002").unwrap(), Some(id));
+        assert_eq!(require(&db.conn, "tkt0000002").unwrap(), id, "any case");
+        assert_eq!(find_by_number(&db.conn, "TKT0000009").unwrap(), None);
+        let missing = require(&db.conn, "TKT0000009").unwrap_err();
+        assert!(matches!(&missing, StoreError::NotFound(why) if why == "no ticket TKT0000009"));
+        assert!(matches!(view(&db.conn, 99), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            subject(&db.conn, 99),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn lists_change_one_address_at_a_time_and_say_whether_they_changed() {
+        let db = Db::new();
+        let id = db.ticket("Printer");
+        let carol = Mailbox::new(Some("Carol"), "carol@example.org");
+        assert!(add_participant(&db.conn, id, Role::Watch, &carol, 110).unwrap());
+        assert!(!add_participant(&db.conn, id, Role::Watch, &carol, 120).unwrap());
+        // The same address may stand on another list.
+        assert!(add_participant(&db.conn, id, Role::Requester, &carol, 130).unwrap());
+        let ticket = view(&db.conn, id).unwrap();
+        assert_eq!(ticket.watch_list, std::slice::from_ref(&carol));
+        assert_eq!(ticket.requesters.len(), 2);
+
+        assert!(remove_participant(&db.conn, id, Role::Watch, "carol@example.org").unwrap());
+        assert!(!remove_participant(&db.conn, id, Role::Watch, "carol@example.org").unwrap());
+        let info = info(&db.conn, id).unwrap();
+        assert!(info.watch_list.is_empty());
+        assert_eq!(info.requesters, ["alice@example.org", "carol@example.org"]);
+    }
+
+    #[test]
+    fn state_owner_and_time_of_a_ticket_change_in_place() {
+        let db = Db::new();
+        let id = db.ticket("Printer");
+        set_state(&db.conn, id, TicketState::Resolved, 3_600).unwrap();
+        set_owner(&db.conn, id, Some("agent@crm.test"), 7_200).unwrap();
+        let ticket = view(&db.conn, id).unwrap();
+        assert_eq!(ticket.state, TicketState::Resolved);
+        assert_eq!(ticket.owner.as_deref(), Some("agent@crm.test"));
+        touch(&db.conn, id, 86_400).unwrap();
+        let info = info(&db.conn, id).unwrap();
+        assert_eq!(info.state, "resolved");
+        assert_eq!(info.created_at, "1970-01-01T00:01:40Z");
+        assert_eq!(info.updated_at, "1970-01-02T00:00:00Z");
+        set_owner(&db.conn, id, None, 90_000).unwrap();
+        assert_eq!(view(&db.conn, id).unwrap().owner, None);
+        assert_eq!(subject(&db.conn, id).unwrap(), "Printer");
+    }
+
+    #[test]
+    fn tickets_are_listed_in_order_and_by_state() {
+        let db = Db::new();
+        let a = db.ticket("A");
+        db.ticket("B");
+        set_state(&db.conn, a, TicketState::Resolved, 300).unwrap();
+        let all = list(&db.conn, None).unwrap();
+        let numbers: Vec<&str> = all.iter().map(|t| t.number.as_str()).collect();
+        assert_eq!(numbers, ["TKT0000001", "TKT0000002"]);
+        assert_eq!(all[0].requesters, ["alice@example.org"]);
+        let resolved = list(&db.conn, Some(TicketState::Resolved)).unwrap();
+        assert_eq!(resolved.len(), 1);
+        assert_eq!(
+            (resolved[0].subject.as_str(), resolved[0].state.as_str()),
+            ("A", "resolved")
+        );
+        assert!(list(&db.conn, Some(TicketState::Open)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn threading_finds_a_ticket_by_any_of_its_message_ids_and_keeps_the_first_and_the_last() {
+        let db = Db::new();
+        let id = db.ticket("Printer");
+        let other = db.ticket("Other");
+        // An agent's own Message-ID first: the first one kept is the
+        // first that is not an agent's.
+        insert_thread_id(&db.conn, "<agent-0@x>", id, true, 100).unwrap();
+        insert_thread_id(&db.conn, "<first@x>", id, false, 100).unwrap();
+        for i in 0..40 {
+            insert_thread_id(&db.conn, &format!("<m{i}@x>"), id, i % 2 == 0, 100 + i).unwrap();
+        }
+        insert_thread_id(&db.conn, "<elsewhere@x>", other, false, 200).unwrap();
+
+        assert_eq!(find_by_message_id(&db.conn, "<first@x>").unwrap(), Some(id));
+        assert_eq!(
+            find_by_message_id(&db.conn, "<elsewhere@x>").unwrap(),
+            Some(other)
+        );
+        assert_eq!(find_by_message_id(&db.conn, "<unknown@x>").unwrap(), None);
+
+        let refs = thread_refs(&db.conn, id).unwrap();
+        assert_eq!(refs.len(), THREAD_TAIL as usize + 1);
+        assert_eq!(
+            refs[0],
+            ThreadRef {
+                message_id: "<first@x>".into(),
+                agent_inbound: false
+            }
+        );
+        assert_eq!(refs[1].message_id, "<m10@x>");
+        assert_eq!(refs.last().unwrap().message_id, "<m39@x>");
+        assert!(refs.last().unwrap().agent_inbound == (39 % 2 == 0));
+        assert_eq!(view(&db.conn, id).unwrap().thread, refs);
+    }
+
+    #[test]
+    fn a_message_seen_before_is_found_by_its_message_id_or_within_a_day_by_its_text() {
+        let db = Db::new();
+        let id = db.ticket("Printer");
+        let alice = Mailbox::new(None, "alice@example.org");
+        let raw = insert_raw(&db.conn, 1_000, None, None, &[], b"raw").unwrap();
+        let with_id = db.entry(
+            id,
+            EntryRow {
+                message_id: Some("<a@x>"),
+                sender: Some("alice@example.org"),
+                body_hash: Some("h1"),
+                raw_id: Some(raw),
+                ..comment(&alice, "Hello", 1_000)
+            },
+        );
+        let without_id = db.entry(
+            id,
+            EntryRow {
+                sender: Some("alice@example.org"),
+                body_hash: Some("h2"),
+                raw_id: Some(raw),
+                ..comment(&alice, "Hello again", 1_000)
+            },
+        );
+        let found = |mid: Option<&str>, sender: &str, hash: &str, now: i64| {
+            duplicate_of(&db.conn, sender, mid, "Printer", hash, now).unwrap()
+        };
+        assert_eq!(
+            found(Some("<a@x>"), "alice@example.org", "h1", 1_000_000),
+            Some(with_id)
+        );
+        assert_eq!(
+            found(Some("<a@x>"), "alice@example.org", "other", 1_000),
+            None,
+            "another body"
+        );
+        assert_eq!(
+            found(Some("<a@x>"), "mallory@example.org", "h1", 1_000),
+            None,
+            "another sender"
+        );
+        assert_eq!(
+            found(None, "alice@example.org", "h2", 1_000 + 86_400),
+            Some(without_id)
+        );
+        assert_eq!(
+            found(None, "alice@example.org", "h2", 1_001 + 86_400),
+            None,
+            "a day later"
+        );
+        assert_eq!(
+            duplicate_of(&db.conn, "alice@example.org", None, "Other", "h2", 1_000).unwrap(),
+            None,
+            "another subject"
+        );
+
+        count_duplicate(&db.conn, with_id).unwrap();
+        count_duplicate(&db.conn, with_id).unwrap();
+        let info = info(&db.conn, id).unwrap();
+        assert_eq!(info.entries[0].duplicates, 2);
+        assert_eq!(info.entries[0].message_id.as_deref(), Some("<a@x>"));
+        assert_eq!(info.entries[1].duplicates, 0);
+    }
+
+    #[test]
+    fn long_bodies_attachments_and_raw_messages_come_back_whole() {
+        let db = Db::new();
+        let id = db.ticket("Printer");
+        let alice = Mailbox::new(Some("Alice"), "alice@example.org");
+        let long = "a log line\n".repeat(2 * BLOB_IN_PLACE / 11);
+        assert!(long.len() > BLOB_IN_PLACE);
+        let short_id = db.entry(id, comment(&alice, "short", 100));
+        let long_id = db.entry(id, comment(&alice, &long, 101));
+        let big = Attachment {
+            filename: "dump.bin".into(),
+            content_type: "application/octet-stream".into(),
+            data: (0..3 * BLOB_IN_PLACE).map(|i| (i % 251) as u8).collect(),
+            inline: false,
+        };
+        let small = Attachment {
+            filename: "note.txt".into(),
+            content_type: "text/plain".into(),
+            data: b"hi".to_vec(),
+            inline: false,
+        };
+        insert_attachment(&db.conn, long_id, &big).unwrap();
+        insert_attachment(&db.conn, long_id, &small).unwrap();
+
+        let info = info(&db.conn, id).unwrap();
+        let ids: Vec<i64> = info.entries.iter().map(|e| e.id).collect();
+        assert_eq!(ids, [short_id, long_id]);
+        assert_eq!(info.entries[0].body, "short");
+        assert_eq!(info.entries[1].body, long);
+        assert_eq!(info.entries[1].kind, "comment");
+        assert_eq!(info.entries[1].from, "alice@example.org");
+        let listed: Vec<(&str, &str, i64)> = info.entries[1]
+            .attachments
+            .iter()
+            .map(|a| (a.filename.as_str(), a.content_type.as_str(), a.size))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                (
+                    "dump.bin",
+                    "application/octet-stream",
+                    big.data.len() as i64
+                ),
+                ("note.txt", "text/plain", 2)
+            ]
+        );
+        let stored: Vec<u8> = db
+            .conn
+            .query_row(
+                "SELECT data FROM attachments WHERE filename = 'dump.bin'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, big.data);
+
+        let rcpt = ["support@crm.test".to_string()];
+        let raw = big.data.clone();
+        let raw_id = insert_raw(&db.conn, 5, Some("192.0.2.1"), Some("a@x"), &rcpt, &raw).unwrap();
+        let (data, rcpt_to): (Vec<u8>, String) = db
+            .conn
+            .query_row(
+                "SELECT data, rcpt_to FROM raw_messages WHERE id = ?1",
+                [raw_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(data, raw);
+        assert_eq!(rcpt_to, r#"["support@crm.test"]"#);
+    }
+
+    #[test]
+    fn a_system_entry_is_crmgates_own_note_on_the_ticket() {
+        let db = Db::new();
+        let id = db.ticket("Printer");
+        let system = Mailbox::new(Some("Support"), "support@crm.test");
+        insert_system_entry(&db.conn, id, &system, "Printer", "cap reached", 300).unwrap();
+        let info = info(&db.conn, id).unwrap();
+        assert_eq!(info.entries.len(), 1);
+        let e = &info.entries[0];
+        assert_eq!(
+            (e.kind.as_str(), e.from.as_str()),
+            ("system", "support@crm.test")
+        );
+        assert_eq!(
+            (e.subject.as_str(), e.body.as_str()),
+            ("Printer", "cap reached")
+        );
+        assert_eq!(e.at, "1970-01-01T00:05:00Z");
+    }
+
+    #[test]
+    fn agents_no_longer_configured_leave_every_work_notes_list_and_ownership() {
+        let db = Db::new();
+        let agent = |email: &str| crate::config::Agent {
+            name: email.to_uppercase(),
+            email: email.into(),
+            default_notes_list: false,
+        };
+        let both = [agent("ann@crm.test"), agent("bert@crm.test")];
+        assert!(sync_agents(&db.conn, &both, 10).unwrap().is_empty());
+        let id = db.ticket("Printer");
+        for a in &both {
+            add_participant(&db.conn, id, Role::Notes, &Mailbox::new(None, &a.email), 20).unwrap();
+        }
+        set_owner(&db.conn, id, Some("bert@crm.test"), 20).unwrap();
+
+        let removed = sync_agents(&db.conn, &both[..1], 30).unwrap();
+        assert_eq!(removed, ["bert@crm.test"]);
+        let ticket = view(&db.conn, id).unwrap();
+        assert_eq!(ticket.work_notes_list, ["ann@crm.test"]);
+        assert_eq!(ticket.owner, None);
+        assert_eq!(
+            former_agents(&db.conn).unwrap(),
+            BTreeSet::from(["bert@crm.test".to_string()])
+        );
+        assert!(
+            sync_agents(&db.conn, &both[..1], 40).unwrap().is_empty(),
+            "removed once"
+        );
+
+        // Configured again: no longer a former agent.
+        assert!(sync_agents(&db.conn, &both, 50).unwrap().is_empty());
+        assert!(former_agents(&db.conn).unwrap().is_empty());
+    }
+
+    #[test]
+    fn quarantined_mail_is_listed_oldest_first() {
+        let db = Db::new();
+        let raw = insert_raw(&db.conn, 60, None, None, &[], b"x").unwrap();
+        let first =
+            insert_quarantine(&db.conn, 60, "unparseable", None, None, None, Some(raw)).unwrap();
+        let second = insert_quarantine(
+            &db.conn,
+            120,
+            "no_ticket",
+            Some("a@example.org"),
+            Some("Hello"),
+            Some("<q@x>"),
+            None,
+        )
+        .unwrap();
+        let rows = quarantine_list(&db.conn).unwrap();
+        assert_eq!(
+            rows.iter().map(|q| q.id).collect::<Vec<_>>(),
+            [first, second]
+        );
+        assert_eq!(rows[0].reason, "unparseable");
+        assert_eq!(rows[0].sender, None);
+        assert_eq!(rows[1].at, "1970-01-01T00:02:00Z");
+        assert_eq!(
+            (
+                rows[1].sender.as_deref(),
+                rows[1].subject.as_deref(),
+                rows[1].message_id.as_deref()
+            ),
+            (Some("a@example.org"), Some("Hello"), Some("<q@x>"))
+        );
+    }
+
+    #[test]
+    fn an_outbox_row_names_its_ticket_for_the_bounce_that_comes_back() {
+        let db = Db::new();
+        let id = db.ticket("Printer");
+        let recipients = ["alice@example.org".to_string()];
+        let kind = OutboxKind::Send(crate::helpdesk::SendKind::PublicCopy);
+        let row = insert_outbox(
+            &db.conn,
+            Some(id),
+            None,
+            kind,
+            &recipients,
+            "<o@x>",
+            b"m",
+            500,
+        )
+        .unwrap();
+        let big = vec![b'x'; 2 * BLOB_IN_PLACE];
+        let orphan = insert_outbox(
+            &db.conn,
+            None,
+            None,
+            OutboxKind::Postmaster,
+            &recipients,
+            "<p@x>",
+            &big,
+            500,
+        )
+        .unwrap();
+        assert_eq!(find_by_outbox_id(&db.conn, row).unwrap(), Some(id));
+        assert_eq!(
+            find_by_outbox_id(&db.conn, orphan).unwrap(),
+            None,
+            "no ticket's"
+        );
+        assert_eq!(find_by_outbox_id(&db.conn, 999).unwrap(), None);
+
+        let stored = crate::store::outbox::get(&db.conn, row).unwrap();
+        assert_eq!(stored.kind, "public_copy");
+        assert_eq!(stored.recipients, recipients);
+        assert_eq!((stored.next_attempt_at, stored.created_at), (500, 500));
+        let stored = crate::store::outbox::get(&db.conn, orphan).unwrap();
+        assert_eq!(stored.kind, "postmaster");
+        assert_eq!(stored.message, big, "written in place, whole");
+    }
+
+    #[test]
+    fn the_cap_counts_stop_at_the_cap_and_look_back_an_hour_or_a_day() {
+        let db = Db::new();
+        let now = 100_000;
+        let caps = crate::decide::SentCounts {
+            automatic_last_hour: 3,
+            automatic_last_day: 50,
+            resends_on_ticket_last_hour: 2,
+        };
+        for i in 0..5 {
+            record_send(&db.conn, "a@x", 1, true, now - 60 * i).unwrap();
+        }
+        record_send(&db.conn, "a@x", 1, true, now - 7_200).unwrap();
+        record_send(&db.conn, "a@x", 1, true, now - 90_000).unwrap();
+        record_send(&db.conn, "a@x", 1, false, now - 10).unwrap();
+        record_send(&db.conn, "a@x", 2, false, now - 10).unwrap();
+        record_send(&db.conn, "a@x", 2, false, now - 20).unwrap();
+        record_send(&db.conn, "a@x", 2, false, now - 30).unwrap();
+        record_send(&db.conn, "b@x", 1, true, now).unwrap();
+
+        let counts = sent_counts(&db.conn, "a@x", 1, caps, now).unwrap();
+        assert_eq!(
+            counts,
+            crate::decide::SentCounts {
+                automatic_last_hour: 3,
+                automatic_last_day: 6,
+                resends_on_ticket_last_hour: 1,
+            }
+        );
+        assert_eq!(
+            sent_counts(&db.conn, "a@x", 2, caps, now)
+                .unwrap()
+                .resends_on_ticket_last_hour,
+            2
+        );
+        let other = sent_counts(&db.conn, "c@x", 1, caps, now).unwrap();
+        assert_eq!(other, crate::decide::SentCounts::default());
+    }
+
+    #[test]
+    fn the_reply_all_notice_is_the_first_once_per_agent_ticket_and_day() {
+        let db = Db::new();
+        assert!(first_reply_all_notice(&db.conn, 1, "ann@crm.test", 20_000).unwrap());
+        assert!(!first_reply_all_notice(&db.conn, 1, "ann@crm.test", 20_000).unwrap());
+        assert!(
+            first_reply_all_notice(&db.conn, 1, "ann@crm.test", 20_001).unwrap(),
+            "next day"
+        );
+        assert!(
+            first_reply_all_notice(&db.conn, 2, "ann@crm.test", 20_000).unwrap(),
+            "other ticket"
+        );
+        assert!(
+            first_reply_all_notice(&db.conn, 1, "bert@crm.test", 20_000).unwrap(),
+            "other agent"
+        );
+    }
+
+    #[test]
+    fn times_are_shown_in_rfc3339_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+}
