@@ -9,6 +9,8 @@
 //! on another thread before it answers; the relay worker reads the outbox,
 //! and the CLI writes, on connections of their own.
 
+#![warn(missing_docs)]
+
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -20,23 +22,37 @@ use rusqlite_migration::{Migrations, M};
 pub mod outbox;
 pub mod tickets;
 
+/// Why the store could not do what was asked. The callers tell a missing
+/// row (`NotFound`: a user's typo, or a row someone else changed first)
+/// from a database they cannot trust, which rolls the transaction back.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// SQLite refused: the file is locked, full, or corrupt.
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The schema could not be brought up to date (or is from a newer
+    /// crmgate): nothing may be written to it.
     #[error("database schema: {0}")]
     Migration(#[from] rusqlite_migration::Error),
+    /// The directory of the database file cannot be made.
     #[error("cannot create the state directory {path}: {source}")]
     StateDir {
+        /// The directory, as the operator configured it.
         path: String,
+        /// What the file system said.
         source: std::io::Error,
     },
+    /// No such ticket or row, or a row no longer in the state an update
+    /// expects; the sentence names it, for the user or the log.
     #[error("{0}")]
     NotFound(String),
+    /// A value that cannot be stored or was not stored by us (a corrupt
+    /// column, a blob larger than SQLite takes).
     #[error("{0}")]
     Invalid(String),
 }
 
+/// Every store function answers with [`StoreError`].
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// How long a connection waits for another writer before giving up: the CLI

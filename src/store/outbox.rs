@@ -6,6 +6,10 @@
 //! `next_attempt_at` and `attempts` columns rather than in sleeps, so a
 //! restart, or a `crmgate outbox retry` from another process, simply
 //! changes what the next query returns.
+//!
+//! The relay's outcomes ([`Disposition`], [`MarkRequest`]) are defined
+//! here, beside the updates that record them: in the daemon the writer
+//! thread records them in its batches, and needs nothing of the relay.
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::Serialize;
@@ -51,8 +55,12 @@ impl OutboxStatus {
 /// One outgoing message as the relay worker needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxRow {
+    /// The queue order: a ticket's mail leaves in id order.
     pub id: i64,
+    /// The ticket the message belongs to (none for postmaster mail passed
+    /// on to the operator): where a failure is logged.
     pub ticket_id: Option<i64>,
+    /// The entry the message carries, when it carries one.
     pub entry_id: Option<i64>,
     /// What the message is (`public_copy`, `receipt`, …): for logs, and so
     /// the failure hook can refuse to notify about a failed notice.
@@ -60,13 +68,18 @@ pub struct OutboxRow {
     /// Envelope recipients still to deliver. Narrowed when some recipients
     /// were accepted and others deferred, so a retry never sends twice.
     pub recipients: Vec<String>,
+    /// The message's own Message-ID: a delivery report names it.
     pub message_id: String,
     /// The full RFC 5322 message, CRLF line ends (left empty in the
     /// outcomes the relay worker records: they do not need it).
     pub message: Vec<u8>,
+    /// Only queued rows are sent.
     pub status: OutboxStatus,
+    /// Attempts made so far: the backoff doubles with each.
     pub attempts: i64,
+    /// Unix seconds; not sent before then (the retry schedule, as data).
     pub next_attempt_at: i64,
+    /// What the relay said last, for the operator (`outbox list`).
     pub last_error: Option<String>,
     /// Unix seconds; the give-up clock starts here.
     pub created_at: i64,
@@ -76,16 +89,24 @@ pub struct OutboxRow {
 /// its number. Serializes to the SPEC's `outbox list --json` object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct OutboxSummary {
+    /// What `outbox retry ID` takes.
     pub id: i64,
     /// The ticket number (`TKT0000042`), when the row belongs to a ticket.
     pub ticket: Option<String>,
+    /// As [`OutboxRow::kind`].
     pub kind: String,
+    /// The envelope recipients still to deliver.
     pub recipients: Vec<String>,
+    /// Queued, sent or failed: what an operator looks for.
     pub status: OutboxStatus,
+    /// Attempts made so far.
     pub attempts: i64,
+    /// Why the last attempt did not deliver, if it did not.
     pub last_error: Option<String>,
+    /// When the row is tried next (not in the SPEC's JSON).
     #[serde(skip)]
     pub next_attempt_at: i64,
+    /// When the row was queued (not in the SPEC's JSON).
     #[serde(skip)]
     pub created_at: i64,
 }
@@ -443,9 +464,14 @@ pub type FailureHook =
 /// the per-recipient outcomes, the time and the policy ([`crate::relay::dispose`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Disposition {
+    /// Every recipient left on the row took it.
     Sent,
+    /// Some recipients deferred it: try those again later.
     Retry {
+        /// Unix seconds of the next attempt (the backoff, never past the
+        /// give-up time).
         next_at: i64,
+        /// The replies of this attempt, for `last_error`.
         error: String,
         /// The recipients left for next time, when fewer than the row has:
         /// the others were delivered or refused.
@@ -453,7 +479,10 @@ pub enum Disposition {
         /// Recipients refused for good in this attempt, for the hook.
         refused: Option<String>,
     },
+    /// Refused for good, or given up: the row stays failed and the hook
+    /// tells the ticket.
     Failed {
+        /// Why, for `last_error` and the hook.
         error: String,
     },
 }
@@ -462,8 +491,11 @@ pub enum Disposition {
 /// (see [`crate::relay::run_with`]): one writer, so the worker's marks never wait for
 /// the database's write lock, nor make inbound mail wait for theirs.
 pub struct MarkRequest {
+    /// Each attempted row (without its message bytes) and its outcome.
     pub settled: Vec<(OutboxRow, Disposition)>,
+    /// When the attempts ended: the hook's entries carry this time.
     pub now: i64,
+    /// Logs each failure on its ticket, in the same transaction.
     pub on_failed: FailureHook,
     /// Answered once the marks are committed, or with why they are not.
     pub reply: tokio::sync::oneshot::Sender<Result<(), String>>,

@@ -19,6 +19,8 @@ use crate::parse::{Attachment, Mailbox};
 /// that ten remain after agents' own are left out of mail to non-agents).
 const THREAD_TAIL: i64 = 30;
 
+/// The ticket a number names (a Subject's `[TKT0000042]`, a `+TKT0000042`
+/// tag, or what a user typed: the column ignores case).
 pub fn find_by_number(conn: &Connection, number: &str) -> Result<Option<i64>> {
     Ok(conn
         .prepare_cached("SELECT id FROM tickets WHERE number = ?1")?
@@ -45,6 +47,11 @@ pub fn find_by_outbox_id(conn: &Connection, outbox_id: i64) -> Result<Option<i64
         .flatten())
 }
 
+/// What the rules need to know of a ticket: its state, its lists and its
+/// thread, read once per message.
+///
+/// # Errors
+/// `NotFound` when there is no such ticket; a database error.
 pub fn view(conn: &Connection, ticket_id: i64) -> Result<TicketView> {
     let (number, subject, state, owner): (String, String, String, Option<String>) = conn
         .prepare_cached("SELECT number, subject, state, owner FROM tickets WHERE id = ?1")?
@@ -147,13 +154,16 @@ pub fn duplicate_of(
     }
 }
 
+/// One more copy of an entry's message arrived (reply-all, several
+/// deliveries): counted, not logged again.
 pub fn count_duplicate(conn: &Connection, entry_id: i64) -> Result<()> {
     conn.prepare_cached("UPDATE entries SET duplicates = duplicates + 1 WHERE id = ?1")?
         .execute([entry_id])?;
     Ok(())
 }
 
-/// Addresses that were agents once and are no longer configured.
+/// Addresses that were agents once and are no longer configured: mail to
+/// non-agents stays scrubbed of them.
 pub fn former_agents(conn: &Connection) -> Result<BTreeSet<String>> {
     Ok(conn
         .prepare_cached("SELECT address FROM known_agents WHERE removed_at IS NOT NULL")?
@@ -285,18 +295,22 @@ pub fn subject(conn: &Connection, ticket_id: i64) -> Result<String> {
         .ok_or_else(|| StoreError::NotFound(format!("no ticket with id {ticket_id}")))
 }
 
+/// A ticket's state changes (a reply reopens it, an agent resolves it).
 pub fn set_state(conn: &Connection, ticket_id: i64, state: TicketState, now: i64) -> Result<()> {
     conn.prepare_cached("UPDATE tickets SET state = ?2, updated_at = ?3 WHERE id = ?1")?
         .execute(params![ticket_id, state.as_str(), now])?;
     Ok(())
 }
 
+/// The agent responsible for a ticket, or none (a former agent's tickets).
 pub fn set_owner(conn: &Connection, ticket_id: i64, owner: Option<&str>, now: i64) -> Result<()> {
     conn.prepare_cached("UPDATE tickets SET owner = ?2, updated_at = ?3 WHERE id = ?1")?
         .execute(params![ticket_id, owner, now])?;
     Ok(())
 }
 
+/// The ticket changed without a new state: `updated_at` moves, so lists
+/// sorted by it show the latest activity.
 pub fn touch(conn: &Connection, ticket_id: i64, now: i64) -> Result<()> {
     conn.prepare_cached("UPDATE tickets SET updated_at = ?2 WHERE id = ?1")?
         .execute(params![ticket_id, now])?;
@@ -352,23 +366,37 @@ pub fn insert_raw(
     Ok(id)
 }
 
-/// One log entry to write.
+/// One log entry to write: borrowed, so a 25 MB body is not copied to be
+/// stored.
 pub struct EntryRow<'a> {
+    /// The ticket whose log it joins.
     pub ticket_id: i64,
+    /// Comment, work note, e-mail…: who may see it and what it sends.
     pub kind: EntryKind,
+    /// The author as shown on the ticket.
     pub from: &'a Mailbox,
+    /// Unix seconds.
     pub at: i64,
+    /// The Subject without the ticket's tag.
     pub subject: &'a str,
+    /// The cleaned text (a long one is written in place, see
+    /// [`insert_entry`]).
     pub body: &'a str,
+    /// The HTML part, when the message had one, kept beside the text.
     pub html: Option<&'a str>,
+    /// The inbound Message-ID, for the duplicate check.
     pub message_id: Option<&'a str>,
+    /// Written by a believed agent, not merely from an agent's address.
     pub by_agent: bool,
     /// The sender as the duplicate check knows it (envelope or From).
     pub sender: Option<&'a str>,
+    /// A hash of the body, so a copy is known without comparing texts.
     pub body_hash: Option<&'a str>,
+    /// The raw message it came from, kept as it arrived.
     pub raw_id: Option<i64>,
 }
 
+/// Log an entry on a ticket; its id, for attachments and outbox rows.
 pub fn insert_entry(conn: &Connection, e: &EntryRow<'_>) -> Result<i64> {
     let long = e.body.len() > BLOB_IN_PLACE;
     conn.prepare_cached(
@@ -491,6 +519,8 @@ pub fn insert_thread_id(
     Ok(())
 }
 
+/// Keep a message that went to no ticket (unparseable, no ticket found,
+/// refused, postmaster…) with the reason, for `crmgate quarantine list`.
 pub fn insert_quarantine(
     conn: &Connection,
     now: i64,
@@ -511,49 +541,83 @@ pub fn insert_quarantine(
 // Reading for the command line.
 // ---------------------------------------------------------------------------
 
+/// An attachment as `ticket show` names it: no bytes.
 #[derive(Debug, Serialize)]
 pub struct AttachmentInfo {
+    /// The name the sender gave it.
     pub filename: String,
+    /// Its MIME type, as sent (or guessed from the name, for `--attach`).
     pub content_type: String,
+    /// Bytes.
     pub size: i64,
 }
 
+/// An entry as `ticket show --json` prints it (the SPEC's object).
 #[derive(Debug, Serialize)]
 pub struct EntryInfo {
+    /// The log order.
     pub id: i64,
+    /// `comment`, `work_note`, `email`, `receipt`, `closure` or `system`.
     pub kind: String,
+    /// The author's address.
     pub from: String,
+    /// RFC 3339, UTC.
     pub at: String,
+    /// The Subject without the ticket's tag.
     pub subject: String,
+    /// The whole text, however long.
     pub body: String,
+    /// The inbound Message-ID, when it came by mail.
     pub message_id: Option<String>,
+    /// How many more copies of the same message arrived.
     pub duplicates: i64,
+    /// What the entry keeps, without the bytes.
     pub attachments: Vec<AttachmentInfo>,
 }
 
+/// A ticket as `ticket show --json` prints it (the SPEC's object): its
+/// lists and its whole log.
 #[derive(Debug, Serialize)]
 pub struct TicketInfo {
+    /// `TKT0000042`.
     pub number: String,
+    /// The first message's Subject, cleaned.
     pub subject: String,
+    /// `new`, `open` or `resolved`.
     pub state: String,
+    /// The responsible agent, if any.
     pub owner: Option<String>,
+    /// Who asked: the watch group with the watch list.
     pub requesters: Vec<String>,
+    /// Who follows the public conversation.
     pub watch_list: Vec<String>,
+    /// The agents who get comments and work notes.
     pub work_notes_list: Vec<String>,
+    /// RFC 3339, UTC.
     pub created_at: String,
+    /// RFC 3339, UTC: the last change.
     pub updated_at: String,
+    /// The log, oldest first.
     pub entries: Vec<EntryInfo>,
 }
 
+/// A ticket as `ticket list --json` prints it: enough to pick one.
 #[derive(Debug, Serialize)]
 pub struct TicketSummary {
+    /// `TKT0000042`.
     pub number: String,
+    /// The cleaned Subject.
     pub subject: String,
+    /// `new`, `open` or `resolved`.
     pub state: String,
+    /// Who asked.
     pub requesters: Vec<String>,
+    /// RFC 3339, UTC: the last change.
     pub updated_at: String,
 }
 
+/// Unix seconds as the CLI shows them (RFC 3339, UTC); empty when out of
+/// range, rather than failing a whole listing.
 pub fn rfc3339(at: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(at)
         .ok()
@@ -581,6 +645,10 @@ pub fn require(conn: &Connection, number: &str) -> Result<i64> {
     find_by_number(conn, number)?.ok_or_else(|| StoreError::NotFound(format!("no ticket {number}")))
 }
 
+/// Everything `ticket show` prints of a ticket.
+///
+/// # Errors
+/// A database error (a missing ticket among them).
 pub fn info(conn: &Connection, ticket_id: i64) -> Result<TicketInfo> {
     let (number, subject, state, owner, created_at, updated_at): (
         String,
@@ -649,6 +717,7 @@ pub fn info(conn: &Connection, ticket_id: i64) -> Result<TicketInfo> {
     })
 }
 
+/// Every ticket in number order, or those in one state, for `ticket list`.
 pub fn list(conn: &Connection, state: Option<TicketState>) -> Result<Vec<TicketSummary>> {
     let mut stmt = conn.prepare(
         "SELECT id, number, subject, state, updated_at FROM tickets
@@ -672,16 +741,24 @@ pub fn list(conn: &Connection, state: Option<TicketState>) -> Result<Vec<TicketS
         .collect()
 }
 
+/// A quarantined message as `quarantine list --json` prints it.
 #[derive(Debug, Serialize)]
 pub struct QuarantineInfo {
+    /// The arrival order.
     pub id: i64,
+    /// RFC 3339, UTC.
     pub at: String,
+    /// Why it went to no ticket (`unparseable`, `refused`, …).
     pub reason: String,
+    /// The sender, when one could be read.
     pub sender: Option<String>,
+    /// The Subject, when it could be read.
     pub subject: Option<String>,
+    /// The Message-ID, when it had one.
     pub message_id: Option<String>,
 }
 
+/// Every quarantined message, oldest first, for an operator to look at.
 pub fn quarantine_list(conn: &Connection) -> Result<Vec<QuarantineInfo>> {
     Ok(conn
         .prepare("SELECT id, at, reason, sender, subject, message_id FROM quarantine ORDER BY id")?
