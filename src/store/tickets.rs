@@ -779,10 +779,16 @@ pub fn quarantine_list(conn: &Connection) -> Result<Vec<QuarantineInfo>> {
 /// and `quarantine release`.
 #[derive(Debug)]
 pub struct QuarantinedMessage {
+    /// What `quarantine list` shows of it.
     pub info: QuarantineInfo,
+    /// The client that sent it: a release hands the message on as that
+    /// client did.
     pub peer: Option<String>,
+    /// The envelope sender, as received.
     pub mail_from: Option<String>,
+    /// The envelope recipients, as received.
     pub rcpt_to: Vec<String>,
+    /// The message as it arrived, byte for byte.
     pub data: Vec<u8>,
 }
 
@@ -1352,6 +1358,57 @@ mod tests {
             ),
             (Some("a@example.org"), Some("Hello"), Some("<q@x>"))
         );
+    }
+
+    #[test]
+    fn a_quarantined_message_comes_back_with_its_envelope_until_released() {
+        let db = Db::new();
+        let rcpt = ["support@crm.test".to_string(), "other@crm.test".to_string()];
+        let raw = insert_raw(
+            &db.conn,
+            60,
+            Some("192.0.2.7"),
+            Some("a@x"),
+            &rcpt,
+            b"raw\r\n",
+        )
+        .unwrap();
+        let kept = insert_quarantine(
+            &db.conn,
+            60,
+            "refused",
+            Some("a@x"),
+            Some("Hi"),
+            None,
+            Some(raw),
+        )
+        .unwrap();
+        let bare = insert_quarantine(&db.conn, 61, "unparseable", None, None, None, None).unwrap();
+
+        let m = quarantined(&db.conn, kept).unwrap().unwrap();
+        assert_eq!((m.info.id, m.info.reason.as_str()), (kept, "refused"));
+        assert_eq!(m.info.subject.as_deref(), Some("Hi"));
+        assert_eq!(
+            (m.peer.as_deref(), m.mail_from.as_deref()),
+            (Some("192.0.2.7"), Some("a@x"))
+        );
+        assert_eq!(m.rcpt_to, rcpt);
+        assert_eq!(m.data, b"raw\r\n");
+        assert!(
+            quarantined(&db.conn, bare).unwrap().is_none(),
+            "no raw message kept"
+        );
+        assert!(quarantined(&db.conn, 999).unwrap().is_none());
+
+        assert!(remove_quarantined(&db.conn, kept).unwrap());
+        assert!(!remove_quarantined(&db.conn, kept).unwrap());
+        assert!(quarantined(&db.conn, kept).unwrap().is_none());
+        let left: Vec<i64> = quarantine_list(&db.conn)
+            .unwrap()
+            .iter()
+            .map(|q| q.id)
+            .collect();
+        assert_eq!(left, [bare]);
     }
 
     #[test]
