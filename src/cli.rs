@@ -596,10 +596,7 @@ fn publish(
 fn email(conn: &mut Connection, rt: &Runtime, args: &EmailArgs) -> anyhow::Result<()> {
     let agent = desk::agent(&rt.config, &args.by)?;
     let text = read_body(&args.body)?;
-    desk::mail_addresses(args.to.iter().chain(&args.cc))?;
-    for address in args.to.iter().chain(&args.cc) {
-        refuse_crm_address(&rt.config, address)?;
-    }
+    desk::email_recipients(&rt.config, args.to.iter().chain(&args.cc))?;
     let attachments = args
         .attach
         .iter()
@@ -723,15 +720,6 @@ fn emit(bytes: &[u8]) -> anyhow::Result<()> {
         }
         _ => Ok(()),
     }
-}
-
-/// The ticket's e-mail function never writes to the helpdesk itself: the
-/// copy would come back in as a new message about the ticket.
-fn refuse_crm_address(config: &Config, address: &str) -> anyhow::Result<()> {
-    if decide::accepts_recipient(config, address) {
-        bail!("{address} is a CRM address: the ticket's e-mail goes to people, never to the helpdesk itself");
-    }
-    Ok(())
 }
 
 /// The sender of a message given without `--sender`: unknown, so what the

@@ -55,6 +55,12 @@ pub enum DeskError {
         list: &'static str,
         number: String,
     },
+    /// The ticket's e-mail function never writes to the helpdesk itself:
+    /// the copy would come back in as a new message about the ticket.
+    #[error(
+        "{0} is a CRM address: the ticket's e-mail goes to people, never to the helpdesk itself"
+    )]
+    EmailToCrm(String),
     /// Every recipient was one crmgate never writes to, or held back.
     #[error("{0}: nobody to send the e-mail to")]
     NobodyToEmail(String),
@@ -100,6 +106,27 @@ pub fn mail_addresses<'a>(addresses: impl IntoIterator<Item = &'a String>) -> Re
         .find(|a| !crate::config::is_address(a))
     {
         Some(bad) => Err(DeskError::NotAnAddress(bad.clone())),
+        None => Ok(()),
+    }
+}
+
+/// Check the recipients of the ticket's e-mail function: mail addresses,
+/// and none of crmgate's own. [`email`] checks them too; a caller checks
+/// early to refuse before it reads attachments.
+///
+/// # Errors
+/// [`DeskError::NotAnAddress`] or [`DeskError::EmailToCrm`] for the first
+/// address refused.
+pub fn email_recipients<'a>(
+    config: &Config,
+    addresses: impl IntoIterator<Item = &'a String> + Clone,
+) -> Result<()> {
+    mail_addresses(addresses.clone())?;
+    match addresses
+        .into_iter()
+        .find(|a| decide::accepts_recipient(config, a))
+    {
+        Some(crm) => Err(DeskError::EmailToCrm(crm.clone())),
         None => Ok(()),
     }
 }
@@ -157,9 +184,10 @@ pub struct Email<'a> {
 /// the outbox row.
 ///
 /// # Errors
-/// No such ticket, nobody left to send to, or a database or composing
-/// failure.
+/// A recipient refused, no such ticket, nobody left to send to, or a
+/// database or composing failure.
 pub fn email(conn: &Connection, rt: &Runtime, email: &Email<'_>) -> Result<(String, i64)> {
+    email_recipients(&rt.config, email.to.iter().chain(email.cc))?;
     let now = store::now();
     let id = tickets::require(conn, email.number)?;
     let view = tickets::view(conn, id)?;
