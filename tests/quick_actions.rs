@@ -290,6 +290,32 @@ async fn a_forward_that_opens_a_ticket_reads_the_block_from_the_agents_own_words
     g.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarding_agents_own_words_reach_the_other_agents_as_a_work_note() {
+    let mut g = Gateway::start("").await;
+    let message = format!(
+        "From: Jane Doe <{JANE}>\nTo: {PUBLIC}\nSubject: TR: Imprimante\nMessage-ID: <fwd-w@example.org>\n\n\
+         Bob, peux-tu passer au local 12 ?\n\n-------- Message transfere --------\n\
+         De : Sophie Martin <sophie@u.example>\nDate : lun. 30 nov. 2026 10:00\nObjet : Imprimante\n\
+         A : Jane Doe <{JANE}>\n\nElle ne marche plus.\n"
+    );
+    assert!(g.send(JANE, &[PUBLIC], &message).await.starts_with("250"));
+    let sent = g.settle().await;
+    let to_bob = to(&sent, BOB);
+    let note = to_bob
+        .iter()
+        .find(|m| m.text().contains("local 12"))
+        .unwrap_or_else(|| panic!("no work note to Bob: {to_bob:?}"));
+    assert!(header(&note.text(), "From").unwrap().contains(INTERNAL));
+    assert!(to(&sent, JANE)
+        .iter()
+        .all(|m| !m.text().contains("local 12")));
+    assert!(to(&sent, "sophie@u.example")
+        .iter()
+        .all(|m| !m.text().contains("local 12")));
+    g.stop().await;
+}
+
 /// The text of a message, its transfer encoding undone.
 fn decoded_body(data: &[u8]) -> String {
     let message = mail_parser::MessageParser::default().parse(data).unwrap();

@@ -155,6 +155,7 @@ pub(super) fn reply_all_guard(m: &Message<'_>, plan: &mut Plan) {
 pub(super) fn answer_opening(m: &Message<'_>, opening: Opening, plan: &mut Plan) {
     if opening == Opening::Forward {
         plan.sends.retain(|s| s.kind != SendKind::PublicCopy);
+        forwarding_agents_words(m, plan);
     }
     if let Some((entry, send)) = receipt(m, opening, plan) {
         if let (Some(domain), false) = (&m.inbound.sender_check.spf_fail, m.agent) {
@@ -177,6 +178,42 @@ pub(super) fn answer_opening(m: &Message<'_>, opening: Opening, plan: &mut Plan)
             ..send
         });
     }
+}
+
+/// Rule 6 makes a forwarding agent's own words above the forwarded part a
+/// work note; like any work note it goes to the rest of the work-notes list
+/// (rule 7), From the internal address.
+fn forwarding_agents_words(m: &Message<'_>, plan: &mut Plan) {
+    let config = m.facts.config;
+    let TicketTarget::New(new) = &plan.ticket else {
+        return;
+    };
+    let Some(index) = plan
+        .entries
+        .iter()
+        .position(|e| e.kind == EntryKind::WorkNote && e.by_agent)
+    else {
+        return;
+    };
+    let envelope: Vec<String> = new
+        .work_notes_list
+        .iter()
+        .filter(|a| **a != m.sender.address)
+        .cloned()
+        .collect();
+    if envelope.is_empty() {
+        return;
+    }
+    plan.sends.push(PlannedSend {
+        kind: SendKind::WorkNote,
+        entry: index,
+        from_name: from::entry_from_name(config, &m.sender, &m.sender, false),
+        from_address: config.addresses.internal.clone(),
+        to: from::agent_mailboxes(config, &new.work_notes_list),
+        cc: Vec::new(),
+        envelope,
+        agents_only: true,
+    });
 }
 
 /// The receipt's entry and message, when one is due: `[auto] receipt`
