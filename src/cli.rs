@@ -237,6 +237,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Err(e) => return Err(e.into()),
     };
+    init_logging(config.log.format);
     match cli.command {
         Command::CheckConfig => {
             Runtime::new(Arc::new(config.clone()))?;
@@ -854,4 +855,26 @@ fn print_man() -> anyhow::Result<i32> {
         .context("rendering the manual page")?;
     emit(&out)?;
     Ok(0)
+}
+
+/// Log lines on stderr, as text or (`[log] format = "json"`) one JSON
+/// object per line; `$CRMGATE_LOG` filters them (default `info`).
+fn init_logging(format: crate::config::LogFormat) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CRMGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rusqlite_migration=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second call (none in the binary) keeps the first subscriber.
+    let _ = match format {
+        crate::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        crate::config::LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
 }

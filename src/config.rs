@@ -79,6 +79,8 @@ pub struct RawConfig {
     pub auto: RawAuto,
     pub security: RawSecurity,
     pub auth: RawAuth,
+    pub metrics: RawMetrics,
+    pub log: RawLog,
     pub agents: Vec<RawAgent>,
 }
 
@@ -272,6 +274,26 @@ impl Default for RawAuth {
             dns_timeout_seconds: 5,
             dkim_selector: String::new(),
             dkim_key_file: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLog {
+    pub format: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
         }
     }
 }
@@ -505,10 +527,33 @@ pub struct Config {
     pub auto: Auto,
     pub security: Security,
     pub auth: Auth,
+    pub metrics: Metrics,
+    pub log: Log,
     /// Validated, lower-cased, without duplicates.
     pub agents: Vec<Agent>,
     /// The raw form, printed by `check-config` as the effective configuration.
     pub raw: RawConfig,
+}
+
+/// `[metrics]`: the HTTP listener of `/metrics` and `/healthz`.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// `None`: no HTTP listener. Bound once at start, like `smtp.listen`.
+    pub listen: Option<SocketAddr>,
+}
+
+/// How each log line is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    /// One JSON object per line, for a log collector.
+    Json,
+}
+
+/// `[log]`: read once, before the first line is written; a restart applies a change.
+#[derive(Debug, Clone)]
+pub struct Log {
+    pub format: LogFormat,
 }
 
 /// The certificate and key of STARTTLS, both PEM files.
@@ -621,6 +666,8 @@ impl RawConfig {
         let auto = self.auto.validate(&mut problems);
         let security = self.security.validate(&mut problems);
         let auth = self.auth.validate(&addresses, &mut problems);
+        let metrics = self.metrics.validate(&mut problems);
+        let log = self.log.validate(&mut problems);
         let agents = validate_agents(&self.agents, &self.addresses, &mut problems);
         if !problems.0.is_empty() {
             return Err(ConfigError::Invalid {
@@ -639,6 +686,8 @@ impl RawConfig {
             auto,
             security,
             auth,
+            metrics,
+            log,
             agents,
             raw: self,
         })
@@ -1139,6 +1188,46 @@ pub fn check_state_dir(config: &Config) -> Result<(), ConfigError> {
         .map_err(|e| problem(format!("cannot write in {}: {e}", dir.display())))?;
     let _ = std::fs::remove_file(&probe);
     Ok(())
+}
+
+impl RawMetrics {
+    fn validate(&self, p: &mut Problems) -> Metrics {
+        let listen = if self.listen.is_empty() {
+            None
+        } else {
+            match self.listen.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(e) => {
+                    p.bad(
+                        "metrics.listen",
+                        format!(
+                            "{:?} is not an address:port ({e}), e.g. \"127.0.0.1:9325\"",
+                            self.listen
+                        ),
+                    );
+                    None
+                }
+            }
+        };
+        Metrics { listen }
+    }
+}
+
+impl RawLog {
+    fn validate(&self, p: &mut Problems) -> Log {
+        let format = match self.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                p.bad(
+                    "log.format",
+                    format!("{other:?} is not \"text\" or \"json\""),
+                );
+                LogFormat::Text
+            }
+        };
+        Log { format }
+    }
 }
 
 /// The `[[agents]]`, each a distinct address that is not a CRM address.

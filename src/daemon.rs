@@ -10,6 +10,7 @@
 //! connection; the listen address, the database and the relay need a restart.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context as _;
@@ -18,7 +19,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::health::Health;
 use crate::intake::{Intake, Runtime};
+use crate::metrics::{Metrics, RelayResult};
 use crate::store::{self, tickets};
 use crate::writer::Writer;
 
@@ -99,10 +102,19 @@ pub async fn serve(
     let runtime = Arc::new(RwLock::new(Arc::new(first)));
     let wake = Arc::new(Notify::new());
     let progress = Arc::new(store::CheckpointProgress::default());
-    let writer = Writer::spawn(conn, runtime.clone(), wake.clone(), progress.clone())
-        .context("starting the writer thread")?;
+    let metrics = Arc::new(Metrics::new());
+    let writer = Writer::spawn(
+        conn,
+        runtime.clone(),
+        wake.clone(),
+        progress.clone(),
+        metrics.clone(),
+    )
+    .context("starting the writer thread")?;
+    let health = Arc::new(Health::new(db_path.clone(), writer.clone()));
 
     let mut settings = crate::smtp::Settings::from_config(&config);
+    settings.metrics = metrics.clone();
     if let Some(files) = &config.smtp.tls {
         settings.tls = Some(
             crate::smtp::load_tls(&files.cert, &files.key)
@@ -113,8 +125,10 @@ pub async fn serve(
     // writer, so neither waits for the other's lock.
     let (marks, mut marks_in) = tokio::sync::mpsc::channel::<crate::store::outbox::MarkRequest>(16);
     let marks_writer = writer.clone();
+    let relay_metrics = metrics.clone();
     tokio::spawn(async move {
         while let Some(request) = marks_in.recv().await {
+            count_attempts(&relay_metrics, &request);
             marks_writer.record_marks(request).await;
         }
     });
@@ -143,6 +157,7 @@ pub async fn serve(
         shutdown.clone(),
         failure_hook(runtime.clone()),
         marks,
+        health.clone(),
     ));
 
     if let Some((path, signal)) = reload {
@@ -161,12 +176,42 @@ pub async fn serve(
 
     let checkpointer = spawn_checkpointer(db_path.clone(), progress, shutdown.clone())?;
 
-    tracing::info!(listen = %listener.local_addr()?, relay = ?config.relay.target, "crmgate ready");
+    if let Some(address) = config.metrics.listen {
+        let http = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("metrics.listen: cannot listen on {address}"))?;
+        tracing::info!(
+            "metrics: GET /metrics and /healthz on http://{}",
+            http.local_addr()?
+        );
+        tokio::spawn(crate::metrics::serve_http(
+            http,
+            metrics.clone(),
+            health.clone(),
+            shutdown.clone(),
+        ));
+    }
+    tracing::info!(
+        configuration = %config.origin,
+        database = %db_path.display(),
+        agents = config.agents.len(),
+        relay = %config.raw.relay.url,
+        listen = %listener.local_addr()?,
+        "crmgate ready: configuration {}, database {}, {} agent(s), relay {}, SMTP on {}",
+        config.origin,
+        db_path.display(),
+        config.agents.len(),
+        config.raw.relay.url,
+        listener.local_addr()?
+    );
+    health.listener.store(true, Ordering::Relaxed);
     if notify_systemd {
         // Not under systemd this is a no-op.
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        tokio::spawn(crate::health::watchdog(health.clone(), shutdown.clone()));
     }
     let listened = crate::smtp::run(listener, Arc::new(settings), intake, shutdown.clone()).await;
+    health.listener.store(false, Ordering::Relaxed);
     shutdown.cancel();
     if let Err(e) = relay.await {
         tracing::error!(error = %e, "relay supervisor panicked");
@@ -200,18 +245,53 @@ async fn supervise_relay(
     shutdown: CancellationToken,
     on_failed: crate::relay::FailureHook,
     marks: tokio::sync::mpsc::Sender<crate::store::outbox::MarkRequest>,
+    health: Arc<Health>,
 ) {
     let start = || {
-        crate::relay::run_with(
+        let worker = crate::relay::run_with(
             config.clone(),
             db_path.clone(),
             wake.clone(),
             shutdown.clone(),
             on_failed.clone(),
             Some(marks.clone()),
-        )
+        );
+        let health = health.clone();
+        async move {
+            let _running = RelayRunning::new(health);
+            worker.await
+        }
     };
     supervise("relay worker", &shutdown, RELAY_RESTART_AFTER, start).await;
+}
+
+/// `Health::relay` is true while a relay worker runs: set when it starts,
+/// cleared when it ends, returns an error or panics.
+struct RelayRunning(Arc<Health>);
+
+impl RelayRunning {
+    fn new(health: Arc<Health>) -> RelayRunning {
+        health.relay.store(true, Ordering::Relaxed);
+        RelayRunning(health)
+    }
+}
+
+impl Drop for RelayRunning {
+    fn drop(&mut self) {
+        self.0.relay.store(false, Ordering::Relaxed);
+    }
+}
+
+/// One relay attempt per row whose outcome the worker reports.
+fn count_attempts(metrics: &Metrics, request: &crate::store::outbox::MarkRequest) {
+    use crate::store::outbox::Disposition;
+    for (_, disposition) in &request.settled {
+        metrics.relay_attempt(match disposition {
+            Disposition::Sent => RelayResult::Sent,
+            Disposition::Retry { .. } => RelayResult::Retry,
+            Disposition::Failed { .. } => RelayResult::Failed,
+        });
+    }
 }
 
 /// Run the task `start` makes until it returns `Ok` or `shutdown` is
@@ -321,6 +401,16 @@ fn reload_runtime(
     };
     let result = (|| -> anyhow::Result<()> {
         let config = Config::load(Some(path))?;
+        let running = match runtime.read() {
+            Ok(guard) => guard.config.clone(),
+            Err(poisoned) => poisoned.into_inner().config.clone(),
+        };
+        for key in restart_only_changes(&running, &config) {
+            tracing::warn!(
+                key,
+                "SIGHUP: {key} changed, but only a restart applies it; the running value stays"
+            );
+        }
         let mut new = Runtime::new(Arc::new(config))?;
         let conn = store::open(db_path)?;
         let removed = tickets::sync_agents(&conn, &new.config.agents, store::now())?;
@@ -339,6 +429,35 @@ fn reload_runtime(
     if let Err(e) = result {
         tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays");
     }
+}
+
+/// The keys whose new value a reload does not apply: the sockets, the
+/// database, the relay and the log are set up once, at start.
+fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
+    let (a, b) = (&running.raw, &new.raw);
+    let mut changed = Vec::new();
+    let mut check = |key: &'static str, differ: bool| {
+        if differ {
+            changed.push(key);
+        }
+    };
+    check("smtp.listen", a.smtp.listen != b.smtp.listen);
+    check("smtp.tls_cert", a.smtp.tls_cert != b.smtp.tls_cert);
+    check("smtp.tls_key", a.smtp.tls_key != b.smtp.tls_key);
+    check(
+        "gateway.state_dir",
+        a.gateway.state_dir != b.gateway.state_dir,
+    );
+    check("relay.url", a.relay.url != b.relay.url);
+    check("relay.username", a.relay.username != b.relay.username);
+    check(
+        "relay.password_file",
+        a.relay.password_file != b.relay.password_file,
+    );
+    check("relay.ca_file", a.relay.ca_file != b.relay.ca_file);
+    check("metrics.listen", a.metrics.listen != b.metrics.listen);
+    check("log.format", a.log.format != b.log.format);
+    changed
 }
 
 /// A permanent delivery failure: a system entry and a notice to the

@@ -69,13 +69,14 @@ impl Writer {
         runtime: Arc<RwLock<Arc<Runtime>>>,
         wake: Arc<Notify>,
         checkpoints: Arc<store::CheckpointProgress>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> std::io::Result<Writer> {
         let (jobs, mut rx) = tokio::sync::mpsc::channel::<Job>(4 * MAX_BATCH);
         let wal = WalFile::take_over_syncs(&conn)?;
         let (committed, to_answer) = std::sync::mpsc::channel::<Committed>();
         std::thread::Builder::new()
             .name("crmgate-sync".into())
-            .spawn(move || sync_and_answer(wal, &to_answer, &wake))?;
+            .spawn(move || sync_and_answer(wal, &to_answer, &wake, &metrics))?;
         std::thread::Builder::new()
             .name("crmgate-writer".into())
             .spawn(move || {
@@ -208,6 +209,7 @@ fn sync_and_answer(
     mut wal: WalFile,
     committed: &std::sync::mpsc::Receiver<Committed>,
     wake: &Notify,
+    metrics: &crate::metrics::Metrics,
 ) {
     while let Ok(first) = committed.recv() {
         let mut batches = vec![first];
@@ -227,7 +229,7 @@ fn sync_and_answer(
                     Done::Marks(_) if !synced => Done::Marks(Err("the WAL sync failed".into())),
                     done => done,
                 };
-                wake_relay |= answer(job, done);
+                wake_relay |= answer(job, done, metrics);
             }
         }
         if wake_relay {
@@ -237,10 +239,11 @@ fn sync_and_answer(
 }
 
 /// Answer one job of a committed batch; whether the relay has rows to send.
-fn answer(job: Job, done: Done) -> bool {
+fn answer(job: Job, done: Done, metrics: &crate::metrics::Metrics) -> bool {
     match (job, done) {
         (Job::Message { arrival, reply }, Done::Message(outcome)) => {
             intake::log_outcome(&arrival, &outcome);
+            metrics.message(outcome.decision);
             let queued = outcome.queued > 0;
             let _ = reply.send(outcome.verdict);
             queued

@@ -84,6 +84,7 @@ fn settings() -> Settings {
         data_deadline: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(5),
         tls: None,
+        metrics: Default::default(),
     }
 }
 

@@ -104,6 +104,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// STARTTLS is offered only when set (see [`load_tls`]).
     pub tls: Option<Arc<ServerConfig>>,
+    /// Sessions open, replies by code, accept latency: the daemon's own.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Settings {
@@ -128,6 +130,7 @@ impl Settings {
             data_deadline: Duration::from_secs(10 * 60),
             shutdown_grace: Duration::from_secs(30),
             tls: None,
+            metrics: Arc::default(),
         }
     }
 }
@@ -209,7 +212,15 @@ pub async fn run<D: Deliver>(
                     peer,
                     id,
                 );
-                sessions.spawn(connection(stream, session, (slot, client)).instrument(span));
+                let metrics = settings.metrics.clone();
+                metrics.session_opened();
+                sessions.spawn(
+                    async move {
+                        connection(stream, session, (slot, client)).await;
+                        metrics.session_closed();
+                    }
+                    .instrument(span),
+                );
             }
             Err(_) => {
                 sessions.spawn(

@@ -44,6 +44,7 @@ impl<D: Deliver> Session<D> {
             return;
         }
         if !deliver.accepts_recipient(&address) {
+            tracing::info!(peer = %self.peer, %address, "recipient refused: not an address of this helpdesk (550 5.1.1)");
             self.reply(replies::REPLY_NO_SUCH_USER);
             return;
         }

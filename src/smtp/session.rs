@@ -169,6 +169,7 @@ impl<D: Deliver> Session<D> {
     }
 
     pub(super) fn reply(&mut self, reply: Reply) {
+        self.settings.metrics.reply(reply.code);
         reply.write_to(&mut self.out);
     }
 
@@ -394,20 +395,24 @@ impl<D: Deliver> Session<D> {
                     rcpt_to: transaction.rcpt_to,
                 };
                 let size = raw.len();
+                let data_ended = std::time::Instant::now();
                 let verdict = self.deliver.deliver(envelope, raw).await;
                 debug!(size, ?verdict, "message handed over");
                 match verdict {
                     Verdict::Stored => {
                         self.transactions += 1;
                         let queue_id = format!("{}.{}", self.id, self.transactions);
+                        self.settings.metrics.reply(replies::REPLY_STORED.code);
                         replies::REPLY_STORED.write_with(&mut self.out, &queue_id);
                     }
                     Verdict::Refused(reason) => {
+                        self.settings.metrics.reply(replies::REPLY_REFUSED.code);
                         replies::REPLY_REFUSED.write_with(&mut self.out, &reason);
                     }
                     Verdict::TempFailure => self.reply(replies::REPLY_TEMP_FAILURE),
                     Verdict::AuthTempFailure => self.reply(replies::REPLY_AUTH_TEMP_FAILURE),
                 }
+                self.settings.metrics.accepted_in(data_ended.elapsed());
             }
         }
         Ok(AfterData::Continue)
@@ -555,6 +560,7 @@ mod tests {
             data_deadline: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(1),
             tls: None,
+            metrics: Default::default(),
         };
         let peer = SocketAddr::from(([127, 0, 0, 1], 2525));
         Session::new(

@@ -909,3 +909,59 @@ mod tests {
         );
     }
 }
+
+/// The outbox as `/metrics` shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub queued: i64,
+    pub failed: i64,
+    /// Since the oldest queued row was queued; 0 when none is.
+    pub oldest_queued_seconds: i64,
+}
+
+/// Count the queued and failed rows and age the oldest queued one.
+///
+/// # Errors
+/// A database error.
+pub fn backlog(conn: &Connection, now: i64) -> Result<Backlog> {
+    let (queued, failed) = conn.query_row(
+        "SELECT COALESCE(SUM(status = 'queued'), 0), COALESCE(SUM(status = 'failed'), 0) FROM outbox",
+        [],
+        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+    )?;
+    let oldest: Option<i64> = conn.query_row(
+        "SELECT MIN(created_at) FROM outbox WHERE status = 'queued'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(Backlog {
+        queued,
+        failed,
+        oldest_queued_seconds: oldest.map_or(0, |at| (now - at).max(0)),
+    })
+}
+
+/// A connection to the database at `path` as it is: never created, its
+/// schema untouched, a short busy timeout. For the health check and the
+/// scrape, which must report a database that is gone, not make a new one.
+///
+/// # Errors
+/// There is no database there, or it cannot be opened.
+pub fn connect_existing(path: &std::path::Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(2))?;
+    Ok(conn)
+}
+
+/// Whether the database takes a write now: a write lock taken and given
+/// back, nothing written. `/healthz` asks it on a connection of its own.
+///
+/// # Errors
+/// The database is locked past the busy timeout, read-only, or gone.
+pub fn can_write(conn: &Connection) -> Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")?;
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! Whether the daemon works, for `/healthz` and systemd's watchdog: the
+//! SMTP listener runs, the writer thread answers, the relay worker runs,
+//! and (for `/healthz`) the database takes a write.
+//!
+//! The writer is asked, not watched: a ping goes through its queue and its
+//! transaction like any job (an empty set of relay marks), so a writer
+//! stuck on a lock, a disk or a bug stops answering and the pings to
+//! systemd stop with it.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::store::outbox::{self, Backlog, MarkRequest};
+use crate::writer::Writer;
+
+/// How long the writer may take to answer a ping.
+pub const WRITER_ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// The parts a health check asks about; the daemon sets the flags.
+pub struct Health {
+    db_path: PathBuf,
+    writer: Writer,
+    /// The SMTP accept loop runs.
+    pub listener: AtomicBool,
+    /// A relay worker runs (not waiting to be started again after an error).
+    pub relay: AtomicBool,
+}
+
+impl Health {
+    pub fn new(db_path: PathBuf, writer: Writer) -> Health {
+        Health {
+            db_path,
+            writer,
+            listener: AtomicBool::new(false),
+            relay: AtomicBool::new(false),
+        }
+    }
+
+    /// The listener, the writer and the relay worker all make progress.
+    ///
+    /// # Errors
+    /// The first that does not, in words.
+    pub async fn progress(&self, writer_within: Duration) -> Result<(), String> {
+        if !self.listener.load(Ordering::Relaxed) {
+            return Err("the SMTP listener is not running".into());
+        }
+        if !self.relay.load(Ordering::Relaxed) {
+            return Err(
+                "the relay worker is not running (it is started again after an error)".into(),
+            );
+        }
+        self.ping_writer(writer_within).await
+    }
+
+    /// [`Health::progress`], and the database takes a write on a
+    /// connection of its own: what `/healthz` answers.
+    ///
+    /// # Errors
+    /// The reason, for the 503's body.
+    pub async fn check(&self) -> Result<(), String> {
+        self.progress(WRITER_ANSWER_WITHIN).await?;
+        let path = self.db_path.clone();
+        let probe = tokio::task::spawn_blocking(move || {
+            outbox::connect_existing(&path).and_then(|conn| outbox::can_write(&conn))
+        })
+        .await;
+        match probe {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!(
+                "the database {} cannot be written: {e}",
+                self.db_path.display()
+            )),
+            Err(e) => Err(format!("the database check failed: {e}")),
+        }
+    }
+
+    /// The outbox for `/metrics`; zeros (and a warning) if it cannot be read.
+    pub async fn backlog(&self) -> Backlog {
+        let path = self.db_path.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            outbox::connect_existing(&path)
+                .and_then(|conn| outbox::backlog(&conn, crate::store::now()))
+        })
+        .await;
+        match read {
+            Ok(Ok(backlog)) => backlog,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "metrics: cannot read the outbox");
+                Backlog::default()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: the outbox read failed");
+                Backlog::default()
+            }
+        }
+    }
+
+    async fn ping_writer(&self, within: Duration) -> Result<(), String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let ping = MarkRequest {
+            settled: Vec::new(),
+            now: crate::store::now(),
+            on_failed: Arc::new(|_, _, _| Ok(())),
+            reply,
+        };
+        let asked = async {
+            self.writer.record_marks(ping).await;
+            answer.await
+        };
+        match tokio::time::timeout(within, asked).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(format!("the database writer failed: {e}")),
+            Ok(Err(_)) => Err("the database writer has stopped".into()),
+            Err(_) => Err(format!(
+                "the database writer has not answered for {} s",
+                within.as_secs()
+            )),
+        }
+    }
+}
+
+/// Send `WATCHDOG=1` to systemd every half `WatchdogSec=` while
+/// [`Health::progress`] holds; nothing when the unit sets no watchdog.
+pub async fn watchdog(health: Arc<Health>, shutdown: CancellationToken) {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let every = Duration::from_micros(usec / 2);
+    let mut failing = false;
+    loop {
+        let started = tokio::time::Instant::now();
+        match health.progress(every).await {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("watchdog: every part makes progress again; pinging systemd");
+                    failing = false;
+                }
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
+            Err(reason) => {
+                if !failing {
+                    tracing::error!(%reason, "watchdog: no ping to systemd, which restarts crmgate if this lasts");
+                    failing = true;
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep_until(started + every) => {}
+        }
+    }
+}
