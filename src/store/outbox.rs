@@ -913,7 +913,9 @@ mod tests {
 /// The outbox as `/metrics` shows it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Backlog {
+    /// Rows the relay worker has still to send.
     pub queued: i64,
+    /// Rows given up on, until `crmgate outbox retry`.
     pub failed: i64,
     /// Since the oldest queued row was queued; 0 when none is.
     pub oldest_queued_seconds: i64,
