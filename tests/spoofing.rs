@@ -386,7 +386,7 @@ async fn an_outsider_cannot_read_a_work_note() {
 /// when loopback is not trusted, a forged agent is refused there too (exit
 /// 77, EX_NOPERM), and believed only on our MTA's passing result. With the
 /// default `trusted_relays` (loopback) every agent From through the pipe
-/// would be believed: see the README's threat model.
+/// would be believed: see docs/security.md (the threat model).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_agent_through_the_pipe_transport_is_refused() {
     let mut g = Gateway::start(HOSTILE).await;
