@@ -8,7 +8,7 @@
 use rusqlite::Connection;
 
 use crate::compose::{self, Draft};
-use crate::decide::{self, Plan, PlannedSend, TicketTarget, TicketView};
+use crate::decide::{self, Plan, PlannedEntry, PlannedSend, TicketTarget, TicketView};
 use crate::helpdesk::{EntryKind, Role, SendKind, TicketState};
 use crate::intake::Runtime;
 use crate::parse::{Inbound, Mailbox};
@@ -125,7 +125,8 @@ pub fn apply(
             attachments_kept = true;
         }
         if let Some(mid) = &entry.message_id {
-            tickets::insert_thread_id(conn, mid, view.id, entry.by_agent, now)?;
+            let agents_only = threads_agents_only(rt, entry, sender);
+            tickets::insert_thread_id(conn, mid, view.id, agents_only, now)?;
         }
         entry_ids.push(id);
         entry_texts.push(text);
@@ -136,7 +137,14 @@ pub fn apply(
         queued += apply_bounce(conn, rt, &view, bounce, now)?;
     }
 
-    let thread = decide::thread_with(&view.thread, plan);
+    let mut thread = decide::thread_with(&view.thread, plan);
+    // thread_with goes by each entry's author; mail from an agent's address
+    // (a forward's comment, which is the requester's; a forger's mail) threads
+    // agents' mail only as well, as its stored thread id says.
+    let added = plan.entries.iter().filter(|e| e.message_id.is_some());
+    for (reference, entry) in thread[view.thread.len()..].iter_mut().zip(added) {
+        reference.agent_inbound |= threads_agents_only(rt, entry, sender);
+    }
     for send in &plan.sends {
         if send.kind == SendKind::ReplyAllNotice
             && !first_notice_today(conn, view.id, &send.envelope, now)?
@@ -379,6 +387,18 @@ pub struct Content {
     pub attachments: Vec<crate::parse::Attachment>,
     /// Written by a believed agent: never capped.
     pub written_by_agent: bool,
+}
+
+/// Does the Message-ID of this entry thread agents' mail only? So it does
+/// for mail from an agent's address (an agent's forward, whose comment is
+/// the requester's; a work note; a forger's mail under an agent's From):
+/// public copies never name it, so no agent's Message-ID (and domain)
+/// reaches a requester.
+fn threads_agents_only(rt: &Runtime, entry: &PlannedEntry, sender: &str) -> bool {
+    entry.by_agent
+        || entry.kind == EntryKind::WorkNote
+        || rt.config.agent(sender).is_some()
+        || rt.former_agents.contains(&sender.to_ascii_lowercase())
 }
 
 /// Compose one planned message and put it in the outbox, less the

@@ -155,6 +155,10 @@ pub struct Inbound {
     pub auth_results: Vec<AuthResult>,
     /// `X-Spam-Flag: YES`.
     pub spam_flag: bool,
+    /// The mailing list the message came through, lower-cased: the id of
+    /// `List-Id` (without `<>`) and the address of `List-Post`, for
+    /// `[auto] human_lists`.
+    pub list_ids: Vec<String>,
     /// crmgate's own SPF/DKIM check, set by intake before decide (parse
     /// leaves it empty: it asks no DNS).
     pub sender_check: crate::helpdesk::SenderCheck,
@@ -270,6 +274,7 @@ fn extract(message: &Message<'_>) -> Inbound {
             .collect(),
         spam_flag: header_texts(headers, "X-Spam-Flag").any(|v| v.eq_ignore_ascii_case("yes")),
         sender_check: crate::helpdesk::SenderCheck::default(),
+        list_ids: list_ids(headers),
         forward,
     }
 }
@@ -742,11 +747,9 @@ fn auto_signal(headers: &[Header<'_>], is_report: bool) -> Option<AutoSignal> {
             .iter()
             .any(|h| h.name.as_str().eq_ignore_ascii_case(name))
     };
-    for name in [
-        "X-Autoreply",
-        "X-Autorespond",
-        "X-MS-Exchange-Inbox-Rules-Loop",
-    ] {
+    // `X-MS-Exchange-Inbox-Rules-Loop` alone is not here: an Exchange
+    // inbox rule that forwarded a person's mail marks it so (rule 4).
+    for name in ["X-Autoreply", "X-Autorespond"] {
         if present(name) {
             return Some(AutoSignal::Header(name.to_string()));
         }
@@ -765,6 +768,28 @@ fn auto_signal(headers: &[Header<'_>], is_report: bool) -> Option<AutoSignal> {
         }
     }
     is_report.then_some(AutoSignal::Report)
+}
+
+/// The `List-Id` id (RFC 2919) and `List-Post` address (RFC 2369).
+fn list_ids(headers: &[Header<'_>]) -> Vec<String> {
+    let bracketed = |v: &str| {
+        let inner = v.rsplit_once('<').map_or(v, |(_, rest)| rest);
+        inner
+            .split('>')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase()
+    };
+    let mut ids: Vec<String> = header_texts(headers, "List-Id")
+        .map(|v| bracketed(&v))
+        .collect();
+    ids.extend(
+        header_texts(headers, "List-Post")
+            .map(|v| bracketed(&v).trim_start_matches("mailto:").to_string()),
+    );
+    ids.retain(|id| !id.is_empty());
+    ids
 }
 
 /// One `Authentication-Results` header (RFC 8601), read strictly.
@@ -1073,9 +1098,15 @@ mod tests {
             auto("X-Autorespond: on\r\n"),
             Some(AutoSignal::Header("X-Autorespond".into()))
         );
+        // An inbox rule's forward or redirect is a person's mail; with
+        // Outlook's `All`, an out-of-office.
         assert_eq!(
             auto("X-MS-Exchange-Inbox-Rules-Loop: a@example.org\r\n"),
-            Some(AutoSignal::Header("X-MS-Exchange-Inbox-Rules-Loop".into()))
+            None
+        );
+        assert_eq!(
+            auto("X-MS-Exchange-Inbox-Rules-Loop: a@example.org\r\nX-Auto-Response-Suppress: All\r\n"),
+            Some(AutoSignal::Header("X-Auto-Response-Suppress".into()))
         );
         // Our own notifications carry `OOF, AutoReply`: not automatic.
         assert_eq!(auto("X-Auto-Response-Suppress: OOF, AutoReply\r\n"), None);

@@ -4,18 +4,35 @@
 
 use super::{Bounce, Decision, Facts, Plan, PlannedEntry, Recorded, TicketTarget, TicketView};
 use crate::helpdesk::{EntryKind, Envelope, QuarantineReason};
-use crate::parse::{Inbound, Mailbox};
+use crate::parse::{AutoSignal, Inbound, Mailbox};
 
 /// Why a message is automatic (rule 4), in words for its `system` entry:
 /// header signals, an empty reverse-path, or a MAILER-DAEMON/postmaster
 /// sender. `None`: a person's mail.
 pub(super) fn reason(
+    facts: &Facts<'_>,
     envelope: &Envelope,
     inbound: &Inbound,
     sender: Option<&Mailbox>,
 ) -> Option<String> {
     if let Some(signal) = &inbound.auto {
-        return Some(signal.describe());
+        // A list of `[auto] human_lists` is people writing: its List-*
+        // headers and `Precedence: list|bulk` do not make it automatic.
+        let human_list = inbound
+            .list_ids
+            .iter()
+            .any(|id| facts.config.auto.human_lists.contains(id));
+        let list_signal = match signal {
+            AutoSignal::Header(name) => {
+                name.eq_ignore_ascii_case("List-Id")
+                    || name.eq_ignore_ascii_case("List-Unsubscribe")
+            }
+            AutoSignal::Precedence(value) => !value.to_ascii_lowercase().starts_with("junk"),
+            _ => false,
+        };
+        if !(human_list && list_signal) {
+            return Some(signal.describe());
+        }
     }
     if envelope.mail_from.is_none() {
         return Some("empty reverse-path".into());

@@ -325,7 +325,7 @@ pub fn decide(
     }
     // Rule 4 ends it too; rule 3's threading found `ticket` already.
     let sender = sender_of(envelope, inbound);
-    if let Some(reason) = automatic::reason(envelope, inbound, sender.as_ref()) {
+    if let Some(reason) = automatic::reason(facts, envelope, inbound, sender.as_ref()) {
         return automatic::automatic(facts, envelope, inbound, ticket, sender, reason);
     }
     let Some(sender) = sender else {

@@ -6,7 +6,7 @@ use super::{
     TicketTarget,
 };
 use crate::helpdesk::EntryKind;
-use crate::parse::Forward;
+use crate::parse::{Forward, Mailbox};
 
 /// How a message opens a ticket: it decides the requester, the first
 /// entries and the answer (the receipt, `reemit::answer_opening`).
@@ -82,8 +82,11 @@ pub(super) fn new_ticket(m: &Message<'_>, channel: Channel) -> (Plan, Opening) {
             )
         }
     };
+    let mut entries = entries;
     if config.watch.add_cc_on_open && opening != Opening::WorkNote {
-        watch_the_opening_mail(m, &mut new);
+        if let Some(note) = watch_the_opening_mail(m, &mut new) {
+            entries.push(note);
+        }
     }
     let plan = Plan {
         ticket: TicketTarget::New(new),
@@ -145,14 +148,40 @@ fn forwarded(m: &Message<'_>, forward: &Forward, new: &mut NewTicket) -> Vec<Pla
 }
 
 /// `add_cc_on_open`: the opening mail's other To/Cc join the watch list,
-/// those a watch group may hold.
-fn watch_the_opening_mail(m: &Message<'_>, new: &mut NewTicket) {
+/// those a watch group may hold. From anyone but a believed agent, more
+/// of them than `max_cc_on_open` join none: a stranger's mail with 500
+/// addresses in Cc would otherwise make crmgate write to all 500 of them
+/// on every later comment. The `system` entry returned says so.
+fn watch_the_opening_mail(m: &Message<'_>, new: &mut NewTicket) -> Option<PlannedEntry> {
+    let mut joining: Vec<Mailbox> = Vec::new();
     for mailbox in m.inbound.to.iter().chain(&m.inbound.cc) {
         if m.facts.may_watch(&mailbox.address)
             && !contains(&new.requesters, &mailbox.address)
             && mailbox.address != m.sender.address
         {
-            push_unique(&mut new.watch_list, mailbox.clone());
+            push_unique(&mut joining, mailbox.clone());
         }
     }
+    let limit = m.facts.config.watch.max_cc_on_open;
+    if !m.agent && joining.len() > limit {
+        return Some(PlannedEntry {
+            kind: EntryKind::System,
+            author: super::from::helpdesk(m.facts.config),
+            by_agent: false,
+            subject: new.subject.clone(),
+            text: format!(
+                "{} addresses in To/Cc, more than [watch] max_cc_on_open ({limit}): \
+                 none joined the watch list.",
+                joining.len()
+            )
+            .into(),
+            html: None,
+            keeps_attachments: false,
+            message_id: None,
+        });
+    }
+    for mailbox in joining {
+        push_unique(&mut new.watch_list, mailbox);
+    }
+    None
 }

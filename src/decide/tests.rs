@@ -576,3 +576,84 @@ fn crmgates_own_check_believes_an_agent_and_an_spf_fail_stops_the_receipt() {
     // The ticket itself is opened as for anyone.
     assert_eq!(p.entries[0].kind, EntryKind::Comment);
 }
+
+#[test]
+fn a_strangers_opening_mail_with_more_cc_than_max_cc_on_open_adds_no_watcher() {
+    let env = envelope("mallory@evil.example", &["support@example.org"], false);
+    let many: Vec<String> = (0..500).map(|i| format!("victim{i}@u.example")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let inbound = mail(
+        "mallory@evil.example",
+        &["support@example.org"],
+        &many,
+        "PayPal",
+    );
+    let p = plan(run(&env, &inbound, None));
+    let TicketTarget::New(new) = &p.ticket else {
+        panic!()
+    };
+    assert!(new.watch_list.is_empty());
+    let note = p
+        .entries
+        .iter()
+        .find(|e| e.kind == EntryKind::System)
+        .unwrap();
+    assert!(note.text.contains("500 addresses") && note.text.contains("max_cc_on_open (10)"));
+    assert!(
+        p.sends
+            .iter()
+            .all(|s| !s.envelope.iter().any(|a| a.starts_with("victim"))),
+        "{:?}",
+        p.sends
+    );
+
+    // Ten is within the bound; a believed agent has none.
+    let inbound = mail(
+        "alice@u.example",
+        &["support@example.org"],
+        &many[..10],
+        "x",
+    );
+    let p = plan(run(
+        &envelope("alice@u.example", &["support@example.org"], false),
+        &inbound,
+        None,
+    ));
+    let TicketTarget::New(new) = &p.ticket else {
+        panic!()
+    };
+    assert_eq!(new.watch_list.len(), 10);
+    let inbound = mail(AGENT, &["support@example.org"], &many[..30], "x");
+    let p = plan(run(
+        &envelope(AGENT, &["support@example.org"], true),
+        &inbound,
+        None,
+    ));
+    let TicketTarget::New(new) = &p.ticket else {
+        panic!()
+    };
+    assert_eq!(new.watch_list.len(), 30);
+}
+
+#[test]
+fn a_human_list_opens_tickets_other_lists_are_automatic() {
+    let mut config = config();
+    config.auto.human_lists = vec!["staff.u.example".into()];
+    let former = BTreeSet::new();
+    let facts = Facts {
+        config: &config,
+        former_agents: &former,
+        reply_key: None,
+    };
+    let env = envelope("alice@u.example", &["support@example.org"], false);
+    let mut inbound = mail("alice@u.example", &["support@example.org"], &[], "Panne");
+    inbound.auto = Some(crate::parse::AutoSignal::Precedence("list".into()));
+    inbound.list_ids = vec!["staff.u.example".into()];
+    let p = plan(decide(&facts, &env, &inbound, None, None));
+    assert_eq!(p.entries[0].kind, EntryKind::Comment);
+    inbound.list_ids = vec!["news.u.example".into()];
+    assert!(matches!(
+        decide(&facts, &env, &inbound, None, None),
+        Decision::Quarantine(QuarantineReason::Automatic)
+    ));
+}
