@@ -204,6 +204,7 @@ pub fn apply(
             listed_attachments,
             attachments: Vec::new(),
             written_by_agent: entry.by_agent,
+            copied_from: (!entry.by_agent).then(|| sender.to_ascii_lowercase()),
         };
         let queued_id = queue(
             conn,
@@ -362,6 +363,7 @@ pub fn failure_notice(
         listed_attachments: Vec::new(),
         attachments: Vec::new(),
         written_by_agent: false,
+        copied_from: None,
     };
     queue(
         conn,
@@ -387,6 +389,9 @@ pub struct Content {
     pub attachments: Vec<crate::parse::Attachment>,
     /// Written by a believed agent: never capped.
     pub written_by_agent: bool,
+    /// The non-agent whose mail this copies, lower-cased: its copies count
+    /// against `max_resends_per_sender_hour`. `None` for crmgate's own mail.
+    pub copied_from: Option<String>,
 }
 
 /// Does the Message-ID of this entry thread agents' mail only? So it does
@@ -446,12 +451,46 @@ pub fn queue(
         tickets::insert_system_entry(conn, view.id, &system, &view.subject, &text, now)?;
         tracing::warn!(ticket = %view.number, kind = send.kind.as_str(), held_back = ?held_back, "cap reached");
     }
+    // One sender's copies, all tickets together: a stranger who opens a
+    // new ticket each time is not bounded by the cap per ticket.
+    let copied_from = content
+        .copied_from
+        .as_deref()
+        .filter(|_| cap == decide::Cap::Resend);
+    if let Some(sender) = copied_from {
+        let limit = config.auto.max_resends_per_sender_hour;
+        let mut caused = tickets::copies_caused_by(conn, sender, now - 3600, limit)?;
+        let mut over = Vec::new();
+        envelope.retain(|address| {
+            if caused < limit {
+                caused += 1;
+                true
+            } else {
+                over.push(address.clone());
+                false
+            }
+        });
+        if !over.is_empty() {
+            let over: Vec<&str> = over.iter().map(String::as_str).collect();
+            let text = decide::sender_cap_note(send.kind, sender, &over);
+            let system = decide::helpdesk(config);
+            tickets::insert_system_entry(conn, view.id, &system, &view.subject, &text, now)?;
+            tracing::warn!(ticket = %view.number, sender, held_back = ?over, "cap of copies per sender reached");
+        }
+    }
     if envelope.is_empty() {
         return Ok(None);
     }
     if cap != decide::Cap::Never {
         for address in &envelope {
-            tickets::record_send(conn, address, view.id, cap == decide::Cap::Automatic, now)?;
+            tickets::record_send(
+                conn,
+                address,
+                view.id,
+                cap == decide::Cap::Automatic,
+                copied_from,
+                now,
+            )?;
         }
     }
     let references = decide::references(thread, send.agents_only);
@@ -558,6 +597,7 @@ pub fn queue_agent_notice(
             listed_attachments: Vec::new(),
             attachments: Vec::new(),
             written_by_agent: true,
+            copied_from: None,
         };
         return queue(conn, rt, view, &view.thread, &send, content, None, now);
     }

@@ -226,6 +226,7 @@ pub fn email(conn: &Connection, rt: &Runtime, email: &Email<'_>) -> Result<(Stri
         listed_attachments: Vec::new(),
         attachments: email.attachments.to_vec(),
         written_by_agent: true,
+        copied_from: None,
     };
     let thread = &view.thread;
     let outbox_id = apply::queue(conn, rt, &view, thread, &send, content, Some(entry_id), now)?;

@@ -111,3 +111,50 @@ async fn an_exchange_inbox_rules_forward_is_a_persons_mail() {
     let quarantined = g.json(&["quarantine", "list", "--json"]);
     assert_eq!(quarantined.as_array().unwrap().len(), 0, "{quarantined}");
 }
+
+#[tokio::test]
+async fn a_burst_from_one_sender_stops_at_the_cap_of_copies_per_hour() {
+    let g = Gateway::start_with("", "[auto]\nmax_resends_per_sender_hour = 5\n").await;
+    for i in 0..6 {
+        let message =
+            format!("From: mallory@evil.example\nTo: {PUBLIC}\nSubject: Offre {i}\n\nAchetez.\n");
+        let reply = g.send("mallory@evil.example", &[PUBLIC], &message).await;
+        assert!(reply.starts_with("250"), "{reply}");
+    }
+    let sent = g.settle().await;
+    // Each mail would be copied to the two agents: twelve copies, five sent.
+    let copies = sent
+        .iter()
+        .filter(|m| m.text().contains("Achetez"))
+        .map(|m| m.rcpt_to.len())
+        .sum::<usize>();
+    assert_eq!(copies, 5, "{}", sent.len());
+    let tickets = g.json(&["ticket", "list", "--json"]);
+    assert_eq!(
+        tickets.as_array().unwrap().len(),
+        6,
+        "every mail is still logged"
+    );
+    let last = tickets
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["subject"] == "Offre 5")
+        .unwrap()["number"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let shown = g.show(&last);
+    assert!(
+        shown["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "system"
+                && e["body"]
+                    .as_str()
+                    .unwrap()
+                    .contains("max_resends_per_sender_hour")),
+        "{shown}"
+    );
+}

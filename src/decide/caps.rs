@@ -73,6 +73,17 @@ pub struct SentCounts {
     pub resends_on_ticket_last_hour: u32,
 }
 
+/// What the `system` entry says of the recipients that
+/// `max_resends_per_sender_hour` held back.
+pub fn sender_cap_note(kind: SendKind, sender: &str, held_back: &[&str]) -> String {
+    format!(
+        "{} not sent to {}: the copies that mail from {sender} caused in the last hour \
+         reached [auto] max_resends_per_sender_hour.",
+        kind.as_str(),
+        held_back.join(", "),
+    )
+}
+
 /// What the `system` entry says of the recipients a cap held back (SPEC:
 /// "What a cap holds back becomes a `system` entry"), so an agent sees who
 /// was not written to and why.

@@ -33,7 +33,7 @@ pub mod quick;
 mod reemit;
 mod trust;
 
-pub use caps::{cap, held_back_note, within_cap, Cap, SentCounts};
+pub use caps::{cap, held_back_note, sender_cap_note, within_cap, Cap, SentCounts};
 pub use from::{agent_mailboxes, helpdesk, via_display_name};
 pub use notices::{failure_notice, references, reply_all_notice_day, thread_with};
 pub use operations::{email, publish, resolve};

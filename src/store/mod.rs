@@ -85,6 +85,12 @@ fn migrations() -> Migrations<'static> {
              ALTER TABLE attachments ADD COLUMN same_as INTEGER REFERENCES attachments (id);
              CREATE INDEX attachments_sha256 ON attachments (sha256) WHERE sha256 IS NOT NULL;",
         ),
+        // Whose non-agent mail a re-sent copy came from: `[auto]
+        // max_resends_per_sender_hour` counts them across all tickets.
+        M::up(
+            "ALTER TABLE sends ADD COLUMN sender TEXT;
+             CREATE INDEX sends_sender ON sends (sender, at) WHERE sender IS NOT NULL;",
+        ),
     ])
 }
 
@@ -419,7 +425,7 @@ mod tests {
         for i in 0..25 {
             // 20 rows a day and more old, then 5 recent ones.
             let at = if i < 20 { now - 90_000 + i } else { now - 60 };
-            tickets::record_send(&conn, "a@x", 1, true, at).unwrap();
+            tickets::record_send(&conn, "a@x", 1, true, None, at).unwrap();
         }
         let count = |c: &Connection| -> i64 {
             c.query_row("SELECT COUNT(*) FROM sends", [], |r| r.get(0))

@@ -940,13 +940,24 @@ pub fn record_send(
     address: &str,
     ticket_id: i64,
     automatic: bool,
+    sender: Option<&str>,
     now: i64,
 ) -> Result<()> {
     conn.prepare_cached(
-        "INSERT INTO sends (address, ticket_id, automatic, at) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO sends (address, ticket_id, automatic, at, sender) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
-    .execute(params![address, ticket_id, automatic, now])?;
+    .execute(params![address, ticket_id, automatic, now, sender])?;
     Ok(())
+}
+
+/// The copies `sender`'s mail caused since `since`, all tickets together,
+/// counted up to `limit` (the cap: no need to count further).
+pub fn copies_caused_by(conn: &Connection, sender: &str, since: i64, limit: u32) -> Result<u32> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM sends WHERE sender = ?1 AND at >= ?2 LIMIT ?3)",
+        )?
+        .query_row(params![sender, since, limit], |r| r.get(0))?)
 }
 
 #[cfg(test)]
@@ -1467,15 +1478,15 @@ mod tests {
             resends_on_ticket_last_hour: 2,
         };
         for i in 0..5 {
-            record_send(&db.conn, "a@x", 1, true, now - 60 * i).unwrap();
+            record_send(&db.conn, "a@x", 1, true, None, now - 60 * i).unwrap();
         }
-        record_send(&db.conn, "a@x", 1, true, now - 7_200).unwrap();
-        record_send(&db.conn, "a@x", 1, true, now - 90_000).unwrap();
-        record_send(&db.conn, "a@x", 1, false, now - 10).unwrap();
-        record_send(&db.conn, "a@x", 2, false, now - 10).unwrap();
-        record_send(&db.conn, "a@x", 2, false, now - 20).unwrap();
-        record_send(&db.conn, "a@x", 2, false, now - 30).unwrap();
-        record_send(&db.conn, "b@x", 1, true, now).unwrap();
+        record_send(&db.conn, "a@x", 1, true, None, now - 7_200).unwrap();
+        record_send(&db.conn, "a@x", 1, true, None, now - 90_000).unwrap();
+        record_send(&db.conn, "a@x", 1, false, None, now - 10).unwrap();
+        record_send(&db.conn, "a@x", 2, false, None, now - 10).unwrap();
+        record_send(&db.conn, "a@x", 2, false, None, now - 20).unwrap();
+        record_send(&db.conn, "a@x", 2, false, None, now - 30).unwrap();
+        record_send(&db.conn, "b@x", 1, true, None, now).unwrap();
 
         let counts = sent_counts(&db.conn, "a@x", 1, caps, now).unwrap();
         assert_eq!(
