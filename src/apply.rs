@@ -356,15 +356,7 @@ pub fn failure_notice(
     let subject = templates::subject("failure", config.gateway.language, &view.subject);
     let system = decide::helpdesk(config);
     let entry_id = tickets::insert_system_entry(conn, view.id, &system, &subject, &text, now)?;
-    let content = Content {
-        subject,
-        text,
-        html: None,
-        listed_attachments: Vec::new(),
-        attachments: Vec::new(),
-        written_by_agent: false,
-        copied_from: None,
-    };
+    let content = Content::notice(subject, text, false);
     queue(
         conn,
         rt,
@@ -404,6 +396,21 @@ fn threads_agents_only(rt: &Runtime, entry: &PlannedEntry, sender: &str) -> bool
         || entry.kind == EntryKind::WorkNote
         || rt.config.agent(sender).is_some()
         || rt.former_agents.contains(&sender.to_ascii_lowercase())
+}
+
+impl Content {
+    /// A notice crmgate writes itself: text only, no attachment listed.
+    fn notice(subject: String, text: String, written_by_agent: bool) -> Content {
+        Content {
+            subject,
+            text,
+            html: None,
+            listed_attachments: Vec::new(),
+            attachments: Vec::new(),
+            written_by_agent,
+            copied_from: None,
+        }
+    }
 }
 
 /// Compose one planned message and put it in the outbox, less the
@@ -590,15 +597,7 @@ pub fn queue_agent_notice(
         agents_only: true,
     };
     if let Some(view) = view {
-        let content = Content {
-            subject,
-            text,
-            html: None,
-            listed_attachments: Vec::new(),
-            attachments: Vec::new(),
-            written_by_agent: true,
-            copied_from: None,
-        };
+        let content = Content::notice(subject, text, true);
         return queue(conn, rt, view, &view.thread, &send, content, None, now);
     }
     let message_id = format!(

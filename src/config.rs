@@ -27,6 +27,7 @@ pub const SYSTEM_CONFIG_PATH: &str = "/etc/crmgate/crmgate.toml";
 pub struct ConfigProblem {
     /// Dotted key path, e.g. `smtp.listen` or `agents[2].email`.
     pub key: String,
+    /// What is wrong and, where it helps, what to write instead.
     pub reason: String,
 }
 
@@ -64,34 +65,36 @@ fn join_problems(problems: &[ConfigProblem]) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// Stage one: the file as written.
+// Stage one: the file as written. Its fields mirror the TOML keys one for
+// one and mean what the checked sections below say; only this module and
+// `check-config` (which prints it) read them.
 // ---------------------------------------------------------------------------
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawConfig {
-    pub gateway: RawGateway,
-    pub smtp: RawSmtp,
-    pub addresses: RawAddresses,
-    pub ticket: RawTicket,
-    pub watch: RawWatch,
-    pub relay: RawRelay,
-    pub auto: RawAuto,
-    pub security: RawSecurity,
-    pub auth: RawAuth,
-    pub metrics: RawMetrics,
-    pub log: RawLog,
-    pub agents: Vec<RawAgent>,
+    pub(crate) gateway: RawGateway,
+    pub(crate) smtp: RawSmtp,
+    pub(crate) addresses: RawAddresses,
+    pub(crate) ticket: RawTicket,
+    pub(crate) watch: RawWatch,
+    pub(crate) relay: RawRelay,
+    pub(crate) auto: RawAuto,
+    pub(crate) security: RawSecurity,
+    pub(crate) auth: RawAuth,
+    pub(crate) metrics: RawMetrics,
+    pub(crate) log: RawLog,
+    pub(crate) agents: Vec<RawAgent>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawGateway {
-    pub hostname: String,
-    pub state_dir: String,
-    pub language: String,
-    pub display_name: String,
-    pub operator: String,
+    pub(crate) hostname: String,
+    pub(crate) state_dir: String,
+    pub(crate) language: String,
+    pub(crate) display_name: String,
+    pub(crate) operator: String,
 }
 
 impl Default for RawGateway {
@@ -109,13 +112,13 @@ impl Default for RawGateway {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawSmtp {
-    pub listen: String,
-    pub max_message_bytes: i64,
-    pub max_recipients: i64,
-    pub max_sessions: i64,
-    pub max_sessions_per_client: i64,
-    pub tls_cert: String,
-    pub tls_key: String,
+    pub(crate) listen: String,
+    pub(crate) max_message_bytes: i64,
+    pub(crate) max_recipients: i64,
+    pub(crate) max_sessions: i64,
+    pub(crate) max_sessions_per_client: i64,
+    pub(crate) tls_cert: String,
+    pub(crate) tls_key: String,
 }
 
 impl Default for RawSmtp {
@@ -135,8 +138,8 @@ impl Default for RawSmtp {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawAddresses {
-    pub public: String,
-    pub internal: String,
+    pub(crate) public: String,
+    pub(crate) internal: String,
 }
 
 impl Default for RawAddresses {
@@ -151,10 +154,10 @@ impl Default for RawAddresses {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawTicket {
-    pub prefix: String,
-    pub digits: i64,
-    pub pattern: String,
-    pub reopen_on_reply: bool,
+    pub(crate) prefix: String,
+    pub(crate) digits: i64,
+    pub(crate) pattern: String,
+    pub(crate) reopen_on_reply: bool,
 }
 
 impl Default for RawTicket {
@@ -171,8 +174,8 @@ impl Default for RawTicket {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawWatch {
-    pub add_cc_on_open: bool,
-    pub max_cc_on_open: i64,
+    pub(crate) add_cc_on_open: bool,
+    pub(crate) max_cc_on_open: i64,
 }
 
 impl Default for RawWatch {
@@ -187,13 +190,13 @@ impl Default for RawWatch {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawRelay {
-    pub url: String,
-    pub username: String,
-    pub password_file: String,
-    pub ca_file: String,
-    pub retry_initial_seconds: i64,
-    pub retry_max_seconds: i64,
-    pub give_up_after_hours: i64,
+    pub(crate) url: String,
+    pub(crate) username: String,
+    pub(crate) password_file: String,
+    pub(crate) ca_file: String,
+    pub(crate) retry_initial_seconds: i64,
+    pub(crate) retry_max_seconds: i64,
+    pub(crate) give_up_after_hours: i64,
 }
 
 impl Default for RawRelay {
@@ -213,14 +216,14 @@ impl Default for RawRelay {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawAuto {
-    pub receipt: String,
-    pub closure: bool,
-    pub max_per_address_per_hour: i64,
-    pub max_per_address_per_day: i64,
-    pub max_resends_per_ticket_hour: i64,
-    pub max_resends_per_sender_hour: i64,
-    pub human_lists: Vec<String>,
-    pub templates_dir: String,
+    pub(crate) receipt: String,
+    pub(crate) closure: bool,
+    pub(crate) max_per_address_per_hour: i64,
+    pub(crate) max_per_address_per_day: i64,
+    pub(crate) max_resends_per_ticket_hour: i64,
+    pub(crate) max_resends_per_sender_hour: i64,
+    pub(crate) human_lists: Vec<String>,
+    pub(crate) templates_dir: String,
 }
 
 impl Default for RawAuto {
@@ -241,9 +244,9 @@ impl Default for RawAuto {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawSecurity {
-    pub trusted_relays: Vec<String>,
-    pub authserv_id: String,
-    pub reply_secret_file: String,
+    pub(crate) trusted_relays: Vec<String>,
+    pub(crate) authserv_id: String,
+    pub(crate) reply_secret_file: String,
 }
 
 impl Default for RawSecurity {
@@ -259,11 +262,11 @@ impl Default for RawSecurity {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawAuth {
-    pub verify: bool,
-    pub dns_servers: Vec<String>,
-    pub dns_timeout_seconds: i64,
-    pub dkim_selector: String,
-    pub dkim_key_file: String,
+    pub(crate) verify: bool,
+    pub(crate) dns_servers: Vec<String>,
+    pub(crate) dns_timeout_seconds: i64,
+    pub(crate) dkim_selector: String,
+    pub(crate) dkim_key_file: String,
 }
 
 impl Default for RawAuth {
@@ -281,13 +284,13 @@ impl Default for RawAuth {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawMetrics {
-    pub listen: String,
+    pub(crate) listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawLog {
-    pub format: String,
+    pub(crate) format: String,
 }
 
 impl Default for RawLog {
@@ -301,9 +304,9 @@ impl Default for RawLog {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawAgent {
-    pub name: String,
-    pub email: String,
-    pub default_notes_list: bool,
+    pub(crate) name: String,
+    pub(crate) email: String,
+    pub(crate) default_notes_list: bool,
 }
 
 // ---------------------------------------------------------------------------
@@ -518,16 +521,27 @@ pub struct Auth {
 pub struct Config {
     /// Where the configuration came from, for messages: a path or "embedded default".
     pub origin: String,
+    /// `[gateway]`: name, state directory, language, display name, operator.
     pub gateway: Gateway,
+    /// `[smtp]`: the listener and its bounds.
     pub smtp: Smtp,
+    /// `[addresses]`: the public and the internal CRM address.
     pub addresses: Addresses,
+    /// `[ticket]`: numbers and reopening.
     pub ticket: Ticket,
+    /// `[watch]`: who joins a new ticket's watch list.
     pub watch: Watch,
+    /// `[relay]`: where outgoing mail goes, and its retries.
     pub relay: Relay,
+    /// `[auto]`: automatic messages and the caps against loops.
     pub auto: Auto,
+    /// `[security]`: whose From is believed, and the reply secret.
     pub security: Security,
+    /// `[auth]`: crmgate's own SPF/DKIM/DMARC check and DKIM signing.
     pub auth: Auth,
+    /// `[metrics]`: the Prometheus and health endpoint.
     pub metrics: Metrics,
+    /// `[log]`: how log lines are written.
     pub log: Log,
     /// Validated, lower-cased, without duplicates.
     pub agents: Vec<Agent>,
@@ -545,6 +559,7 @@ pub struct Metrics {
 /// How each log line is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
+    /// tracing's readable lines.
     Text,
     /// One JSON object per line, for a log collector.
     Json,
@@ -553,13 +568,16 @@ pub enum LogFormat {
 /// `[log]`: read once, before the first line is written; a restart applies a change.
 #[derive(Debug, Clone)]
 pub struct Log {
+    /// Text for a terminal or the journal, JSON for a collector.
     pub format: LogFormat,
 }
 
 /// The certificate and key of STARTTLS, both PEM files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
+    /// The certificate chain, leaf first.
     pub cert: PathBuf,
+    /// Its private key; read by the listener at start.
     pub key: PathBuf,
 }
 
