@@ -86,13 +86,18 @@ impl Harness {
         )
         .into_bytes();
         message.extend_from_slice(body);
-        conn.execute(
-            "INSERT INTO outbox (kind, recipients, message_id, message, next_attempt_at, created_at)
-             VALUES ('public_copy', ?1, ?2, ?3, ?4, ?4)",
-            params![serde_json::to_string(recipients).unwrap(), message_id, message, now],
+        let recipients: Vec<String> = recipients.iter().map(|r| r.to_string()).collect();
+        crmgate::store::tickets::insert_outbox(
+            &conn,
+            None,
+            None,
+            crmgate::helpdesk::OutboxKind::Send(crmgate::helpdesk::SendKind::PublicCopy),
+            &recipients,
+            &message_id,
+            &message,
+            now,
         )
-        .unwrap();
-        conn.last_insert_rowid()
+        .unwrap()
     }
 
     fn row(&self, id: i64) -> OutboxRow {

@@ -91,6 +91,19 @@ fn migrations() -> Migrations<'static> {
             "ALTER TABLE sends ADD COLUMN sender TEXT;
              CREATE INDEX sends_sender ON sends (sender, at) WHERE sender IS NOT NULL;",
         ),
+        // An outgoing message's bytes, written once when it is queued and
+        // never again: its outbox row changes at every attempt (status,
+        // attempts, schedule), and SQLite writes a changed row whole, so a
+        // 5.6 KB row was written anew, overflow page included, with each
+        // outcome.
+        M::up(
+            "CREATE TABLE outbox_messages (
+                 outbox_id INTEGER PRIMARY KEY REFERENCES outbox (id),
+                 message   BLOB NOT NULL
+             );
+             INSERT INTO outbox_messages (outbox_id, message) SELECT id, message FROM outbox;
+             ALTER TABLE outbox DROP COLUMN message;",
+        ),
     ])
 }
 

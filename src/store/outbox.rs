@@ -111,8 +111,15 @@ pub struct OutboxSummary {
     pub created_at: i64,
 }
 
-const ROW_COLUMNS: &str = "id, ticket_id, entry_id, kind, recipients, message_id, message, \
-     status, attempts, next_attempt_at, last_error, created_at";
+/// The columns of an [`OutboxRow`], from `outbox AS o LEFT JOIN
+/// outbox_messages AS m` (see [`ROW_FROM`]).
+const ROW_COLUMNS: &str = "o.id, o.ticket_id, o.entry_id, o.kind, o.recipients, o.message_id, \
+     m.message, o.status, o.attempts, o.next_attempt_at, o.last_error, o.created_at";
+
+/// A row and its message's bytes, which live apart (written once, never
+/// with the row's changes). A left join, so that a row without its bytes
+/// is an error the relay reports rather than a row it never sees.
+const ROW_FROM: &str = "outbox AS o LEFT JOIN outbox_messages AS m ON m.outbox_id = o.id";
 
 /// Column values as read, before the JSON and the status are checked: a
 /// rusqlite row closure cannot return our error type.
@@ -123,7 +130,7 @@ type RawRow = (
     String,
     String,
     String,
-    Vec<u8>,
+    Option<Vec<u8>>,
     String,
     i64,
     i64,
@@ -171,6 +178,8 @@ fn into_row(raw: RawRow) -> Result<OutboxRow> {
         last_error,
         created_at,
     ) = raw;
+    let message = message
+        .ok_or_else(|| StoreError::Invalid(format!("outbox row {id}: its message is missing")))?;
     Ok(OutboxRow {
         id,
         ticket_id,
@@ -195,9 +204,10 @@ fn into_row(raw: RawRow) -> Result<OutboxRow> {
 /// A database error, or a row whose recipients or status column is corrupt.
 pub fn due(conn: &Connection, now: i64, limit: usize) -> Result<Vec<OutboxRow>> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {ROW_COLUMNS} FROM outbox INDEXED BY outbox_queued
-         WHERE status = 'queued' AND next_attempt_at <= ?1
-         ORDER BY id LIMIT ?2"
+        "SELECT {ROW_COLUMNS} FROM outbox AS o INDEXED BY outbox_queued
+             LEFT JOIN outbox_messages AS m ON m.outbox_id = o.id
+         WHERE o.status = 'queued' AND o.next_attempt_at <= ?1
+         ORDER BY o.id LIMIT ?2"
     ))?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let raws = stmt
@@ -255,7 +265,7 @@ pub fn first_with_message_id(conn: &Connection, message_id: &str) -> Result<Opti
 pub fn get(conn: &Connection, id: i64) -> Result<OutboxRow> {
     let raw = conn
         .query_row(
-            &format!("SELECT {ROW_COLUMNS} FROM outbox WHERE id = ?1"),
+            &format!("SELECT {ROW_COLUMNS} FROM {ROW_FROM} WHERE o.id = ?1"),
             [id],
             raw_row,
         )
@@ -605,14 +615,25 @@ mod tests {
         }
 
         fn queue(&self, recipients: &[&str], next_at: i64) -> i64 {
+            let recipients: Vec<String> = recipients.iter().map(|r| r.to_string()).collect();
+            let id = crate::store::tickets::insert_outbox(
+                &self.conn,
+                None,
+                None,
+                crate::helpdesk::OutboxKind::Send(crate::helpdesk::SendKind::PublicCopy),
+                &recipients,
+                "<m@x>",
+                b"a\r\n",
+                100,
+            )
+            .unwrap();
             self.conn
                 .execute(
-                    "INSERT INTO outbox (kind, recipients, message_id, message, next_attempt_at, created_at)
-                     VALUES ('public_copy', ?1, '<m@x>', X'610D0A', ?2, 100)",
-                    params![serde_json::to_string(recipients).unwrap(), next_at],
+                    "UPDATE outbox SET next_attempt_at = ?2 WHERE id = ?1",
+                    params![id, next_at],
                 )
                 .unwrap();
-            self.conn.last_insert_rowid()
+            id
         }
     }
 
@@ -770,6 +791,113 @@ mod tests {
                 "recipients": ["b@x"], "status": "failed", "attempts": 1,
                 "last_error": "550 5.1.1 unknown"})
         );
+    }
+
+    /// Bytes that a careless store would change: CR LF and bare LF, a
+    /// leading dot, NUL, 8-bit, and a blob large enough to be written in
+    /// place rather than bound.
+    fn awkward_message(len: usize) -> Vec<u8> {
+        let mut m = b"From: support@crm.test\r\nSubject: =?utf-8?q?caf=C3=A9?=\r\n\r\n\
+                      .a dot\r\nbare\nlf\0nul \xc3\xa9\xff\r\n"
+            .to_vec();
+        while m.len() < len {
+            m.extend_from_slice(format!("line {} of the body\r\n", m.len()).as_bytes());
+        }
+        m
+    }
+
+    #[test]
+    fn a_queued_message_reads_back_byte_identical_after_a_restart_and_every_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crmgate.db");
+        let small = awkward_message(5_000);
+        let large = awkward_message(300_000);
+        let (a, b) = {
+            let conn = crate::store::open(&path).unwrap();
+            let queue = |message: &[u8]| {
+                crate::store::tickets::insert_outbox(
+                    &conn,
+                    None,
+                    None,
+                    crate::helpdesk::OutboxKind::Send(crate::helpdesk::SendKind::AgentCopy),
+                    &["a@x".into(), "b@x".into()],
+                    "<m@x>",
+                    message,
+                    100,
+                )
+                .unwrap()
+            };
+            (queue(&small), queue(&large))
+        };
+        // The daemon restarts: a new connection on the same file.
+        let conn = crate::store::open(&path).unwrap();
+        let rows = due(&conn, 100, 10).unwrap();
+        assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), [a, b]);
+        assert_eq!(rows[0].message, small);
+        assert_eq!(rows[1].message, large);
+        // The row changes with each attempt; the bytes never do.
+        mark_retry(&conn, a, 150, "451 later").unwrap();
+        narrow_recipients(&conn, a, &["b@x".to_string()]).unwrap();
+        assert_eq!(get(&conn, a).unwrap().message, small);
+        mark_sent(&conn, a, 160).unwrap();
+        mark_failed(&conn, b, "550 no").unwrap();
+        retry(&conn, Some(b), 170).unwrap();
+        drop(conn);
+        let conn = crate::store::open(&path).unwrap();
+        let (row_a, row_b) = (get(&conn, a).unwrap(), get(&conn, b).unwrap());
+        assert_eq!(
+            (row_a.status, row_a.recipients),
+            (OutboxStatus::Sent, vec!["b@x".to_string()])
+        );
+        assert_eq!(row_a.message, small);
+        assert_eq!(row_b.message, large);
+    }
+
+    #[test]
+    fn the_upgrade_moves_each_message_out_of_its_row_byte_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crmgate.db");
+        let message = awkward_message(7_000);
+        {
+            // A log from before the bytes had a table of their own.
+            let mut conn = Connection::open(&path).unwrap();
+            crate::store::migrations().to_version(&mut conn, 5).unwrap();
+            conn.execute(
+                "INSERT INTO outbox (kind, recipients, message_id, message, next_attempt_at, created_at)
+                 VALUES ('receipt', '[\"r@x\"]', '<old@x>', ?1, 100, 100)",
+                [&message],
+            )
+            .unwrap();
+        }
+        let conn = crate::store::open(&path).unwrap();
+        let rows = due(&conn, 100, 10).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].message_id.as_str(), &rows[0].message),
+            ("<old@x>", &message)
+        );
+        let columns: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('outbox')")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(!columns.iter().any(|c| c == "message"), "{columns:?}");
+    }
+
+    #[test]
+    fn a_row_without_its_message_is_an_error_not_a_row_never_sent() {
+        let db = Db::new();
+        let id = db.queue(&["a@x"], 100);
+        db.conn
+            .execute("DELETE FROM outbox_messages WHERE outbox_id = ?1", [id])
+            .unwrap();
+        assert!(matches!(
+            due(&db.conn, 100, 10),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(get(&db.conn, id), Err(StoreError::Invalid(_))));
     }
 
     #[test]

@@ -828,7 +828,9 @@ pub fn remove_quarantined(conn: &Connection, id: i64) -> Result<bool> {
     Ok(conn.execute("DELETE FROM quarantine WHERE id = ?1", [id])? > 0)
 }
 
-/// Queue an outgoing message; the relay worker picks it up.
+/// Queue an outgoing message; the relay worker picks it up. Its bytes go
+/// in a table of their own, written this once: the row's status changes
+/// rewrite only the row.
 #[allow(clippy::too_many_arguments)]
 pub fn insert_outbox(
     conn: &Connection,
@@ -843,12 +845,14 @@ pub fn insert_outbox(
     let recipients =
         serde_json::to_string(recipients).map_err(|e| StoreError::Invalid(e.to_string()))?;
     conn.prepare_cached(
-        "INSERT INTO outbox (ticket_id, entry_id, kind, recipients, message_id, message, next_attempt_at, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+        "INSERT INTO outbox (ticket_id, entry_id, kind, recipients, message_id, next_attempt_at, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
     )?
-    .execute(params![ticket_id, entry_id, kind.as_str(), recipients, message_id, blob_value(message)?, now])?;
+    .execute(params![ticket_id, entry_id, kind.as_str(), recipients, message_id, now])?;
     let id = conn.last_insert_rowid();
-    fill_in_place(conn, "outbox", "message", id, message)?;
+    conn.prepare_cached("INSERT INTO outbox_messages (outbox_id, message) VALUES (?1, ?2)")?
+        .execute(params![id, blob_value(message)?])?;
+    fill_in_place(conn, "outbox_messages", "message", id, message)?;
     Ok(id)
 }
 
