@@ -104,6 +104,19 @@ fn migrations() -> Migrations<'static> {
              INSERT INTO outbox_messages (outbox_id, message) SELECT id, message FROM outbox;
              ALTER TABLE outbox DROP COLUMN message;",
         ),
+        // Indexes nothing reads, each written at a random place for every
+        // message (a 4 KiB page in the WAL, and again at the checkpoint,
+        // for a few bytes): participants by address (only the removal of
+        // an agent from the configuration, at start or reload, looks
+        // there: one scan), entries by Message-ID (the duplicate check
+        // knows the sender and the body's hash too, and finds the entry
+        // along `entries_sender_hash`), tickets by state (`ticket list`
+        // reads the tickets in id order).
+        M::up(
+            "DROP INDEX participants_address;
+             DROP INDEX entries_message_id;
+             DROP INDEX tickets_state;",
+        ),
     ])
 }
 
@@ -449,6 +462,49 @@ mod tests {
         assert_eq!(tickets::prune_sends(&conn, now, 100).unwrap(), 12);
         assert_eq!(count(&conn), 5, "the recent rows stay: the caps count them");
         assert_eq!(tickets::prune_sends(&conn, now, 100).unwrap(), 0);
+    }
+
+    /// SQLite's plan for `sql`, its steps joined by "; ".
+    fn plan(conn: &Connection, sql: &str) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        // Its parameters unbound (NULL): the plan does not depend on them.
+        let mut rows = stmt.raw_query();
+        let mut steps = Vec::new();
+        while let Some(row) = rows.next().unwrap() {
+            steps.push(row.get::<_, String>(3).unwrap());
+        }
+        steps.join("; ")
+    }
+
+    #[test]
+    fn the_duplicate_checks_search_one_index_and_the_unread_ones_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join("crmgate.db")).unwrap();
+        for sql in [
+            tickets::DUPLICATE_BY_MESSAGE_ID,
+            tickets::DUPLICATE_WITHOUT_MESSAGE_ID,
+        ] {
+            let plan = plan(&conn, sql);
+            assert!(
+                plan.contains("SEARCH e USING INDEX entries_sender_hash")
+                    || plan.contains("SEARCH entries USING INDEX entries_sender_hash"),
+                "{sql}: {plan}"
+            );
+        }
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index'")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        for gone in [
+            "participants_address",
+            "entries_message_id",
+            "tickets_state",
+        ] {
+            assert!(!indexes.iter().any(|i| i == gone), "{gone} in {indexes:?}");
+        }
     }
 
     #[test]

@@ -125,6 +125,16 @@ pub fn thread_refs(conn: &Connection, ticket_id: i64) -> Result<Vec<ThreadRef>> 
     Ok(refs)
 }
 
+/// The duplicate check of a message with a Message-ID; along
+/// `entries_sender_hash`, as the one without (no index of its own).
+pub(crate) const DUPLICATE_BY_MESSAGE_ID: &str = "SELECT id FROM entries \
+     WHERE message_id = ?1 AND sender = ?2 AND body_hash = ?3 ORDER BY id LIMIT 1";
+/// The duplicate check of a message without a Message-ID.
+pub(crate) const DUPLICATE_WITHOUT_MESSAGE_ID: &str = "SELECT e.id FROM entries e \
+     JOIN raw_messages m ON m.id = e.raw_id \
+     WHERE e.sender = ?1 AND e.body_hash = ?2 AND e.at >= ?3 AND e.message_id IS NULL \
+     AND e.subject = ?4 ORDER BY e.id LIMIT 1";
+
 /// The entry that already holds this message, if any (SPEC rule 2): same
 /// Message-ID, sender and body; without a Message-ID, same sender, subject
 /// and body within 24 hours.
@@ -138,18 +148,14 @@ pub fn duplicate_of(
 ) -> Result<Option<i64>> {
     match message_id {
         Some(id) => Ok(conn
-            .prepare_cached(
-                "SELECT id FROM entries WHERE message_id = ?1 AND sender = ?2 AND body_hash = ?3 ORDER BY id LIMIT 1",
-            )?
+            .prepare_cached(DUPLICATE_BY_MESSAGE_ID)?
             .query_row(params![id, sender, body_hash], |r| r.get(0))
             .optional()?),
         None => Ok(conn
-            .prepare_cached(
-                "SELECT e.id FROM entries e JOIN raw_messages m ON m.id = e.raw_id
-                 WHERE e.sender = ?1 AND e.body_hash = ?2 AND e.at >= ?3 AND e.message_id IS NULL
-                   AND e.subject = ?4 ORDER BY e.id LIMIT 1",
-            )?
-            .query_row(params![sender, body_hash, now - 86_400, subject], |r| r.get(0))
+            .prepare_cached(DUPLICATE_WITHOUT_MESSAGE_ID)?
+            .query_row(params![sender, body_hash, now - 86_400, subject], |r| {
+                r.get(0)
+            })
             .optional()?),
     }
 }
