@@ -316,7 +316,9 @@ pub fn check_plan(
         .filter(|a| !a.is_empty())
         .or_else(|| envelope.mail_from.clone())
         .unwrap_or_default();
-    let mut seen: BTreeSet<&str> = BTreeSet::new();
+    // One copy of each entry per recipient: a forward's two entries (the
+    // requester's comment, the agent's own words) are two messages.
+    let mut seen: BTreeSet<(usize, &str)> = BTreeSet::new();
     for send in &plan.sends {
         for address in &send.envelope {
             if is_crm(fixed, address) {
@@ -325,10 +327,10 @@ pub fn check_plan(
                     send.kind
                 )));
             }
-            if !seen.insert(address.as_str()) {
+            if !seen.insert((send.entry, address.as_str())) {
                 return Err(Violation(format!(
-                    "{address} receives the message twice ({:?} and another send)",
-                    send.kind
+                    "{address} receives entry {} twice ({:?} and another send)",
+                    send.entry, send.kind
                 )));
             }
             let copy = matches!(
