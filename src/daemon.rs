@@ -358,8 +358,8 @@ fn wal_growth(last: Option<i64>, now: i64) -> i64 {
 /// for one: the writer's own checkpoints ([`store::finish_checkpoint`])
 /// only catch the last frames this one could not, so the WAL starts over.
 /// Under load the writer is the daemon's narrowest point: each page this
-/// thread copies is one the writer need not (the writer's checkpoints were
-/// 13 % of its time with this one every 250 ms).
+/// thread copies is one the writer need not (`bench/README.md` has the
+/// measurements).
 fn spawn_checkpointer(
     db_path: PathBuf,
     progress: Arc<store::CheckpointProgress>,

@@ -154,7 +154,7 @@ struct Committed {
 /// The writer's WAL, synced by the answering thread.
 ///
 /// With `synchronous=FULL`, every commit waited for its fsync on the
-/// writer thread, which then sat idle (15 % of its time under load) while
+/// writer thread, which then sat idle while
 /// the next sessions' messages waited for it. Now the writer commits with
 /// `synchronous=NORMAL` (in WAL mode: consistent, and nothing reaches the
 /// disk at commit) and goes on with the next batch, while this thread

@@ -124,8 +124,8 @@ impl Scrubber {
     /// do not change.
     ///
     /// Every outgoing message of one configuration has the same [`Scrub`],
-    /// and compiling it costs more than scrubbing a typical message (about
-    /// 60 ms for 50 agents in a release build), so the last one is kept.
+    /// and compiling it costs more than scrubbing a typical message, so the
+    /// last one is kept.
     pub fn shared(scrub: &Scrub) -> Arc<Scrubber> {
         static LAST: Mutex<Option<(Scrub, Arc<Scrubber>)>> = Mutex::new(None);
         // A panic elsewhere while holding the lock leaves a usable cache.

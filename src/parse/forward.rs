@@ -101,8 +101,7 @@ pub(super) fn is_separator(line: &str) -> bool {
 }
 
 /// The line with its non-breaking spaces made plain, copied only when it
-/// has some: every line of every body passes here (the copies were 4 % of
-/// the daemon's CPU under load).
+/// has some: every line of every body passes here.
 fn plain_spaces(line: &str) -> Cow<'_, str> {
     const NON_BREAKING: [char; 2] = ['\u{a0}', '\u{202f}'];
     if line.contains(NON_BREAKING) {

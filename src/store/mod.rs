@@ -61,8 +61,7 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Prepared statements each connection keeps. rusqlite's default (16) is
 /// fewer than the writer uses for one message, so the least recently used
-/// ones were compiled again for every message (13 % of the writer's time
-/// in `sqlite3Prepare` under load).
+/// ones were compiled again for every message.
 const STATEMENT_CACHE: usize = 128;
 
 fn migrations() -> Migrations<'static> {
@@ -190,9 +189,8 @@ pub fn open_with(path: &Path, durability: Durability) -> Result<Connection> {
     }
 }
 
-/// The writer's page cache: the hot pages of a big log's indexes (with
-/// 1,000,000 entries, a 16 MiB cache made ingest 10 % slower than on an
-/// empty log; 64 MiB, 1 %).
+/// The writer's page cache: the hot pages of a big log's indexes, so a log
+/// of a million entries ingests about as fast as an empty one.
 const WRITER_CACHE_KIB: i64 = 64 * 1024;
 /// The writer's page cache while it writes a large message: a 25 MB
 /// message would otherwise fill the whole cache with its own pages, and
@@ -204,20 +202,18 @@ const WRITER_CACHE_LARGE_KIB: i64 = 4 * 1024;
 ///
 /// Each message is written in a savepoint; with SQLite's default
 /// `temp_store`, the first change to each page inside one copies that page
-/// to a temporary file first, two `pwrite`s per page (11 % of the daemon's
-/// CPU under load; in memory: 1.37 × the new-ticket rate in an A/B run).
+/// to a temporary file first, two `pwrite`s per page: in memory, they
+/// cost nothing on disk.
 ///
 /// The checkpointer thread ([`checkpoint`]) copies most of the WAL back,
 /// but under a steady load it never catches the last frames, and a WAL is
-/// only started over once a checkpoint has caught them all: it grew by
-/// 75 KB a message (600 MB for 8,000), every frame extending the file
-/// (the kernel zeroes each new block: 14 % of the CPU). So the writer
-/// catches the last frames itself ([`finish_checkpoint`]), and the next
-/// transaction starts the WAL over (both changes: 1.55 × in the same A/B,
-/// p99 12 ms against 16). That is SQLite's own checkpoint after a commit,
-/// done by hand so that it can skip a large message: copied on the
-/// writer's thread, a 25 MB message held its `250`, and the other
-/// sessions, 0.41 s instead of 0.24.
+/// only started over once a checkpoint has caught them all: it grew
+/// without end, every frame extending the file (and the kernel zeroing
+/// each new block). So the writer catches the last frames itself
+/// ([`finish_checkpoint`]), and the next transaction starts the WAL over.
+/// That is SQLite's own checkpoint after a commit, done by hand so that it
+/// can skip a large message: copied on the writer's thread, a 25 MB
+/// message would hold its own `250` and every other session's.
 ///
 /// # Errors
 /// A database error.
@@ -289,10 +285,9 @@ const LARGE_COMMIT_FRAMES: i64 = 4 * WRITER_CHECKPOINT_FRAMES;
 /// copied most already), so the next transaction starts the WAL over, as
 /// SQLite's own checkpoint after a commit would. Except after a commit of
 /// a large message: copying it here would hold the writer, and every
-/// session waiting for it, 0.2–0.4 s for a 25 MB message; the writer
-/// waits until the checkpointer has copied past it. (Leaving every long
-/// WAL to the checkpointer instead let the WAL reach 47 MB and raised the
-/// p99 of replies at half the peak rate from 7 to 21 ms.) A failed
+/// session waiting for it; the writer waits until the checkpointer has
+/// copied past it. (Leaving every long WAL to the checkpointer instead let
+/// the WAL grow long and the replies' tail latency with it.) A failed
 /// checkpoint is only a WAL that stays long a while: logged by the
 /// caller, never an error for the batch.
 ///
