@@ -551,24 +551,39 @@ pub fn queue(
     Ok(Some(id))
 }
 
-/// A notice to one agent about a quick action (`quick_help`,
-/// `quick_refused`): on the ticket when there is one, else an outbox row of
-/// no ticket (a refused block in a message that opened none).
+/// A notice to one agent about a quick action.
+pub struct AgentNotice<'a> {
+    /// Who asked.
+    pub agent: &'a Mailbox,
+    /// `quick_help` or `quick_refused`.
+    pub template: &'a str,
+    /// The ticket's subject (or the message's, on no ticket).
+    pub subject: &'a str,
+    /// The refused line, as written; empty for the help.
+    pub line: &'a str,
+    /// Why it was refused, in the configured language.
+    pub reason: &'a str,
+}
+
+/// Queue an [`AgentNotice`]: on the ticket when there is one, else as an
+/// outbox row of no ticket (a refused block in a message that opened none).
 ///
 /// # Errors
 /// Template, composing or database failures.
-#[allow(clippy::too_many_arguments)]
 pub fn queue_agent_notice(
     conn: &Connection,
     rt: &Runtime,
     view: Option<&TicketView>,
-    subject: &str,
-    agent: &Mailbox,
-    template: &str,
-    line: &str,
-    reason: &str,
+    notice: &AgentNotice<'_>,
     now: i64,
 ) -> Result<Option<i64>, ApplyError> {
+    let AgentNotice {
+        agent,
+        template,
+        subject,
+        line,
+        reason,
+    } = *notice;
     let config = &rt.config;
     let language = config.gateway.language;
     let number = view.map_or("", |v| v.number.as_str());

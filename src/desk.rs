@@ -381,17 +381,14 @@ fn quick_action(
         }
         QuickAction::Help => {
             let view = tickets::view(conn, tickets::require(conn, number)?)?;
-            apply::queue_agent_notice(
-                conn,
-                rt,
-                Some(&view),
-                &view.subject,
+            let notice = apply::AgentNotice {
                 agent,
-                "quick_help",
-                "",
-                "",
-                store::now(),
-            )?;
+                template: "quick_help",
+                subject: &view.subject,
+                line: "",
+                reason: "",
+            };
+            apply::queue_agent_notice(conn, rt, Some(&view), &notice, store::now())?;
             Ok(())
         }
     }

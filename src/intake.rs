@@ -197,17 +197,12 @@ pub fn process(
         Quick::None => (std::borrow::Cow::Borrowed(inbound), None),
         Quick::Refused { agent, refusal } => {
             let reason = templates::quick_problem(config.gateway.language, &refusal.problem);
-            return refuse_quick(
-                conn,
-                rt,
-                arrival,
-                inbound,
-                ticket.as_ref(),
-                &agent,
-                &refusal.line,
-                &reason,
-                now,
-            );
+            let refused = Refused {
+                agent: &agent,
+                line: &refusal.line,
+                reason: &reason,
+            };
+            return refuse_quick(conn, rt, arrival, inbound, ticket.as_ref(), &refused, now);
         }
         Quick::Block {
             agent,
@@ -434,38 +429,44 @@ fn record_with_actions(
         }),
         Err(QuickFailed::Action(failed)) if failed.error.is_refusal() => {
             let reason = desk_refusal(config.gateway.language, &failed.error);
-            refuse_quick(
-                conn,
-                rt,
-                m.arrival,
-                m.inbound,
-                m.ticket,
+            let refused = Refused {
                 agent,
-                &failed.line,
-                &reason,
-                now,
-            )
+                line: &failed.line,
+                reason: &reason,
+            };
+            refuse_quick(conn, rt, m.arrival, m.inbound, m.ticket, &refused, now)
         }
         Err(QuickFailed::Action(failed)) => Err(IntakeError::Desk(failed.error)),
         Err(QuickFailed::Intake(e)) => Err(e),
     }
 }
 
+/// Who asked for what, and why not.
+struct Refused<'a> {
+    agent: &'a Mailbox,
+    /// As written.
+    line: &'a str,
+    /// In the configured language.
+    reason: &'a str,
+}
+
 /// A refused block: the message is kept (on its ticket, else in
 /// quarantine), a `system` entry says who asked what and why not, and the
 /// agent gets a notice quoting the line.
-#[allow(clippy::too_many_arguments)]
 fn refuse_quick(
     conn: &Connection,
     rt: &Runtime,
     arrival: &Arrival,
     inbound: &Inbound,
     ticket: Option<&TicketView>,
-    agent: &Mailbox,
-    line: &str,
-    reason: &str,
+    refused: &Refused<'_>,
     now: i64,
 ) -> Result<Outcome, IntakeError> {
+    let Refused {
+        agent,
+        line,
+        reason,
+    } = *refused;
     let config = &rt.config;
     match ticket {
         Some(view) => {
@@ -497,17 +498,14 @@ fn refuse_quick(
         || crate::thread::clean_subject(&inbound.subject, &config.ticket.pattern),
         |t| t.subject.clone(),
     );
-    apply::queue_agent_notice(
-        conn,
-        rt,
-        ticket,
-        &subject,
+    let notice = apply::AgentNotice {
         agent,
-        "quick_refused",
+        template: "quick_refused",
+        subject: &subject,
         line,
         reason,
-        now,
-    )?;
+    };
+    apply::queue_agent_notice(conn, rt, ticket, &notice, now)?;
     tracing::info!(agent = %agent.address, line, reason, "quick action refused");
     Ok(Outcome {
         verdict: Verdict::Stored,
@@ -536,7 +534,14 @@ fn help_without_ticket(
         Some(&inbound.subject),
         inbound.message_id.as_deref(),
     )?;
-    apply::queue_agent_notice(conn, rt, None, "", agent, "quick_help", "", "", now)?;
+    let notice = apply::AgentNotice {
+        agent,
+        template: "quick_help",
+        subject: "",
+        line: "",
+        reason: "",
+    };
+    apply::queue_agent_notice(conn, rt, None, &notice, now)?;
     Ok(Outcome {
         verdict: Verdict::Stored,
         ticket: None,
