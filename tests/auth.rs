@@ -559,6 +559,20 @@ async fn dns_down_during_an_agents_check_is_451_4_4_3_and_nothing_is_stored() {
 }
 
 #[tokio::test]
+async fn a_servfail_on_the_spf_record_of_an_unsigned_agents_mail_is_451_4_4_3() {
+    let signer = signer("rsa2048.pem", &["example.org"]);
+    let dns = agents_domain(&signer).await;
+    let g = untrusting_gateway(&dns).await;
+    let number = g.open_ticket().await;
+    dns.set_servfail(true);
+    // No signature: only SPF could vouch for Jane, and its record is unknown.
+    let note = work_note(&number, "", "Pendant le SERVFAIL.");
+    let reply = g.send(JANE, &[INTERNAL], &note).await;
+    assert!(reply.starts_with("451 4.4.3"), "{reply}");
+    assert_eq!(work_notes(&g, &number), 0);
+}
+
+#[tokio::test]
 async fn requesters_mail_costs_no_dns_query_and_a_forged_sender_gets_no_receipt() {
     let signer = signer("rsa2048.pem", &["example.org"]);
     let dns = agents_domain(&signer).await;
