@@ -214,6 +214,11 @@ pub enum QuarantineReason {
     Unparseable,
     /// Mail to postmaster@.
     Postmaster,
+    /// Refused by policy (`550 5.7.1`), or a refused quick-action block on
+    /// a message that opened no ticket: kept so an operator sees attempts.
+    Refused,
+    /// An agent's `/help` on no ticket: answered, and kept.
+    QuickHelp,
 }
 
 impl QuarantineReason {
@@ -224,6 +229,8 @@ impl QuarantineReason {
             QuarantineReason::Automatic => "automatic",
             QuarantineReason::Unparseable => "unparseable",
             QuarantineReason::Postmaster => "postmaster",
+            QuarantineReason::Refused => "refused",
+            QuarantineReason::QuickHelp => "quick_help",
         }
     }
 }

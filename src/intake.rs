@@ -162,11 +162,19 @@ pub fn process(
     let inbound = match &arrival.parsed {
         Ok(inbound) => inbound,
         Err(ParseError::Unparseable) => {
-            keep_in_quarantine(conn, arrival, now, "unparseable", None, None, None)?;
+            keep_in_quarantine(
+                conn,
+                arrival,
+                now,
+                QuarantineReason::Unparseable,
+                None,
+                None,
+                None,
+            )?;
             return Ok(Outcome {
                 verdict: Verdict::Stored,
                 ticket: None,
-                decision: "unparseable",
+                decision: QuarantineReason::Unparseable.as_str(),
                 queued: 0,
             });
         }
@@ -234,7 +242,7 @@ pub fn process(
         }
         (decision, _) => decision,
     };
-    let quarantine = |reason: &str| {
+    let quarantine = |reason: QuarantineReason| {
         keep_in_quarantine(
             conn,
             arrival,
@@ -248,7 +256,7 @@ pub fn process(
     let number = ticket.as_ref().map(|t| t.number.clone());
     match decision {
         Decision::Quarantine(reason) => {
-            quarantine(reason.as_str())?;
+            quarantine(reason)?;
             let mut queued = 0;
             if let (QuarantineReason::Postmaster, Some(operator)) =
                 (reason, &config.gateway.operator)
@@ -274,11 +282,11 @@ pub fn process(
         }
         Decision::Refuse(sentence) => {
             // Kept so an operator can see who tried; the sender gets the 550.
-            quarantine("refused")?;
+            quarantine(QuarantineReason::Refused)?;
             Ok(Outcome {
                 verdict: Verdict::Refused(sentence),
                 ticket: number,
-                decision: "refused",
+                decision: QuarantineReason::Refused.as_str(),
                 queued: 0,
             })
         }
@@ -488,7 +496,7 @@ fn refuse_quick(
             conn,
             arrival,
             now,
-            "refused",
+            QuarantineReason::Refused,
             Some(&agent.address),
             Some(&inbound.subject),
             inbound.message_id.as_deref(),
@@ -529,7 +537,7 @@ fn help_without_ticket(
         conn,
         arrival,
         now,
-        "quick_help",
+        QuarantineReason::QuickHelp,
         Some(&agent.address),
         Some(&inbound.subject),
         inbound.message_id.as_deref(),
@@ -545,7 +553,7 @@ fn help_without_ticket(
     Ok(Outcome {
         verdict: Verdict::Stored,
         ticket: None,
-        decision: "quick_help",
+        decision: QuarantineReason::QuickHelp.as_str(),
         queued: 1,
     })
 }
@@ -577,7 +585,7 @@ fn keep_in_quarantine(
     conn: &Connection,
     arrival: &Arrival,
     now: i64,
-    reason: &str,
+    reason: QuarantineReason,
     sender: Option<&str>,
     subject: Option<&str>,
     message_id: Option<&str>,
@@ -587,7 +595,7 @@ fn keep_in_quarantine(
     tickets::insert_quarantine(
         conn,
         now,
-        reason,
+        reason.as_str(),
         sender.or(env.mail_from.as_deref()),
         subject,
         message_id,
