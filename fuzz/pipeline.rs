@@ -121,9 +121,14 @@ pub fn envelope_for(data: &[u8], inbound: &Inbound) -> (Envelope, u8) {
     )
 }
 
+/// The time decisions are made at (Unix seconds, in 2027).
+pub const NOW: i64 = 1_800_000_000;
+
 /// An existing ticket as the store would show it: Alice requester, Carol
 /// watching, the agents on the work-notes list. Bits of `b` put the sender
-/// among the requesters or the watch list and pick the state.
+/// among the requesters or the watch list and pick the state; a resolved
+/// one was resolved an hour ago or, with bit 64, a year ago (past the
+/// reopen window: a requester's reply opens a new ticket).
 pub fn ticket_for(b: u8, inbound: &Inbound) -> TicketView {
     let mut requesters = vec![Mailbox::new(Some("Alice"), "alice@u.example")];
     let mut watch_list = vec![Mailbox::new(None, "carol@u.example")];
@@ -138,15 +143,18 @@ pub fn ticket_for(b: u8, inbound: &Inbound) -> TicketView {
     if b & 4 == 4 {
         work_notes_list.push(BOB.to_string());
     }
+    let state = match (b >> 3) % 3 {
+        0 => TicketState::New,
+        1 => TicketState::Open,
+        _ => TicketState::Resolved,
+    };
+    let resolved_ago = if b & 64 == 64 { 365 * 86_400 } else { 3_600 };
     TicketView {
         id: 7,
         number: "TKT0000007".into(),
         subject: "Imprimante".into(),
-        state: match (b >> 3) % 3 {
-            0 => TicketState::New,
-            1 => TicketState::Open,
-            _ => TicketState::Resolved,
-        },
+        state,
+        resolved_at: (state == TicketState::Resolved).then_some(NOW - resolved_ago),
         owner: (b & 32 == 32).then(|| JANE.to_string()),
         requesters,
         watch_list,
@@ -177,7 +185,7 @@ pub fn run(fixed: &Fixed, data: &[u8]) -> Result<(), Violation> {
     let facts = fixed.facts();
     let view = ticket_for(b, &inbound);
     for ticket in [None, Some(&view)] {
-        let decision = decide::decide(&facts, &envelope, &inbound, ticket, None);
+        let decision = decide::decide(&facts, &envelope, &inbound, ticket, None, NOW);
         if let Decision::Record(plan) = decision {
             check_plan(fixed, &envelope, &inbound, ticket, &plan)?;
             let number = ticket.map_or("TKT0000099", |t| t.number.as_str());

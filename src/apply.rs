@@ -61,7 +61,15 @@ pub fn apply(
                 config.ticket.digits,
                 now,
             )?;
-            tickets::view(conn, id)?
+            let view = tickets::view(conn, id)?;
+            if let Some(old) = &plan.follows {
+                // Rule 9: the resolved ticket a late reply left names the
+                // new one; it stays resolved and untouched otherwise.
+                let text = decide::followed_by(old, &view.number);
+                let helpdesk = decide::helpdesk(config);
+                tickets::insert_system_entry(conn, old.id, &helpdesk, &old.subject, &text, now)?;
+            }
+            view
         }
         TicketTarget::Existing(id) => {
             if let Some(state) = plan.state {

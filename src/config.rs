@@ -158,6 +158,7 @@ pub struct RawTicket {
     pub(crate) digits: i64,
     pub(crate) pattern: String,
     pub(crate) reopen_on_reply: bool,
+    pub(crate) reopen_within_days: i64,
 }
 
 impl Default for RawTicket {
@@ -167,6 +168,7 @@ impl Default for RawTicket {
             digits: 7,
             pattern: String::new(),
             reopen_on_reply: true,
+            reopen_within_days: 30,
         }
     }
 }
@@ -426,6 +428,9 @@ pub struct Ticket {
     pub pattern: Regex,
     /// A requester's reply to a resolved ticket reopens it.
     pub reopen_on_reply: bool,
+    /// How long after its resolution a reply still reopens a ticket; a
+    /// later one opens a new ticket (0: always). Days of 86,400 seconds.
+    pub reopen_within_days: u32,
 }
 
 /// `[watch]`: who joins a new ticket's watch list.
@@ -909,11 +914,23 @@ impl RawTicket {
                 fallback_pattern()
             }
         };
+        let reopen_within_days = u32::try_from(self.reopen_within_days).unwrap_or_else(|_| {
+            p.bad(
+                "ticket.reopen_within_days",
+                format!(
+                    "{} must be a number of days from 0 to {}",
+                    self.reopen_within_days,
+                    u32::MAX
+                ),
+            );
+            30
+        });
         Ticket {
             prefix: self.prefix.clone(),
             digits,
             pattern,
             reopen_on_reply: self.reopen_on_reply,
+            reopen_within_days,
         }
     }
 }
@@ -1486,6 +1503,18 @@ mod tests {
                 "security.trusted_relays[0]"
             ]
         );
+    }
+
+    #[test]
+    fn the_reopen_window_is_30_days_by_default_and_never_negative() {
+        assert_eq!(Config::embedded_default().ticket.reopen_within_days, 30);
+        let c = Config::from_toml("[ticket]\nreopen_within_days = 0\n", "test").unwrap();
+        assert_eq!(c.ticket.reopen_within_days, 0);
+        let p = problems("[ticket]\nreopen_within_days = -1\n");
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].key, "ticket.reopen_within_days");
+        let p = problems("[ticket]\nreopen_within_days = \"a month\"\n");
+        assert_eq!(p[0].key, "ticket.reopen_within_days");
     }
 
     #[test]

@@ -227,7 +227,14 @@ pub fn process(
         }
     };
     let inbound: &Inbound = &inbound;
-    let decision = decide::decide(&rt.facts(), env, inbound, ticket.as_ref(), duplicate_of);
+    let decision = decide::decide(
+        &rt.facts(),
+        env,
+        inbound,
+        ticket.as_ref(),
+        duplicate_of,
+        now,
+    );
     let decision = match (decision, block) {
         (Decision::Record(plan), Some((agent, block))) => {
             let quick = QuickMessage {

@@ -94,7 +94,14 @@ fn unbelieved_agent_from_became_requester() {
         &inbound,
         pipeline::JANE
     ));
-    let decision = crmgate::decide::decide(&fixed.facts(), &envelope, &inbound, None, None);
+    let decision = crmgate::decide::decide(
+        &fixed.facts(),
+        &envelope,
+        &inbound,
+        None,
+        None,
+        pipeline::NOW,
+    );
     let crmgate::decide::Decision::Record(plan) = decision else {
         panic!("{decision:?}")
     };

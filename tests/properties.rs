@@ -211,7 +211,7 @@ fn ticket() -> impl Strategy<Value = Option<TicketView>> {
         mailboxes(3),
         mailboxes(3),
         prop::sample::subsequence(vec![JANE.to_string(), BOB.to_string()], 0..=2),
-        0u8..3,
+        0u8..4,
     ))
     .prop_map(|o| {
         o.map(|(requesters, watch_list, notes, state)| TicketView {
@@ -222,6 +222,12 @@ fn ticket() -> impl Strategy<Value = Option<TicketView>> {
                 0 => TicketState::New,
                 1 => TicketState::Open,
                 _ => TicketState::Resolved,
+            },
+            // Resolved an hour ago, or (3) a year ago: past the reopen window.
+            resolved_at: match state {
+                2 => Some(pipeline::NOW - 3_600),
+                3 => Some(pipeline::NOW - 365 * 86_400),
+                _ => None,
             },
             owner: notes.first().cloned(),
             requesters,
@@ -243,7 +249,7 @@ fn keeps_the_rules(
     ticket: Option<&TicketView>,
 ) -> Result<(), String> {
     let facts = fixed.facts();
-    let Decision::Record(plan) = decide::decide(&facts, envelope, inbound, ticket, None) else {
+    let Decision::Record(plan) = decide::decide(&facts, envelope, inbound, ticket, None, pipeline::NOW) else {
         return Ok(());
     };
     pipeline::check_plan(fixed, envelope, inbound, ticket, &plan)
@@ -300,7 +306,7 @@ proptest! {
         let sender = inbound.from.as_ref().map(|m| m.address.clone()).unwrap_or_default();
         let believed = fixed.config.agent(&sender).is_some()
             && decide::from_is_believed(&fixed.config, &envelope, &inbound, &sender);
-        let decision = decide::decide(&facts, &envelope, &inbound, ticket.as_ref(), None);
+        let decision = decide::decide(&facts, &envelope, &inbound, ticket.as_ref(), None, pipeline::NOW);
         if let Decision::Record(plan) = &decision {
             let notes = plan.entries.iter().any(|e| e.kind == EntryKind::WorkNote);
             // A believed agent's forward also logs their words as a work note.

@@ -97,5 +97,6 @@ pub(super) fn automatic(
         sends: Vec::new(),
         bounce,
         decision: Recorded::Automatic,
+        follows: None,
     }))
 }

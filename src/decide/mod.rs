@@ -62,6 +62,9 @@ pub struct TicketView {
     pub subject: String,
     /// For rule 9: an agent's entry opens a new ticket, a reply reopens.
     pub state: TicketState,
+    /// For rule 9's reopen window: when it was last set resolved (Unix
+    /// seconds); `None` unless it is resolved.
+    pub resolved_at: Option<i64>,
     /// The agent who owns it, lower-cased.
     pub owner: Option<String>,
     /// The To of the public copy.
@@ -107,6 +110,7 @@ impl NewTicket {
             number: String::new(),
             subject: self.subject.clone(),
             state: TicketState::New,
+            resolved_at: None,
             owner: self.owner.clone(),
             requesters: self.requesters.clone(),
             watch_list: self.watch_list.clone(),
@@ -178,6 +182,35 @@ pub struct Plan {
     pub bounce: Option<Bounce>,
     /// What the message was, for its log line and metrics.
     pub decision: Recorded,
+    /// The resolved ticket that the new one follows (rule 9: a requester's
+    /// reply after the reopen window).
+    pub follows: Option<Follows>,
+}
+
+/// A resolved ticket that a later reply left resolved, opening a new one.
+/// The new ticket's first `system` entry, in the plan, names it; the store
+/// adds to it the `system` entry naming the new ticket ([`followed_by`]),
+/// whose number only the store gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Follows {
+    /// The old ticket's row id.
+    pub id: i64,
+    /// The old ticket's subject, for its `system` entry.
+    pub subject: String,
+    /// Who replied, lower-cased.
+    pub sender: String,
+    /// Whole days from the resolution to the reply.
+    pub days: i64,
+}
+
+/// The text of the old ticket's `system` entry naming the ticket a late
+/// reply opened.
+pub fn followed_by(follows: &Follows, new_number: &str) -> String {
+    format!(
+        "reply from {} {} days after the resolution, beyond [ticket] reopen_within_days: \
+         it opened {new_number}; this ticket stays resolved",
+        follows.sender, follows.days
+    )
 }
 
 /// What a recorded message was: the word of its log line and of
@@ -266,6 +299,8 @@ struct Message<'a> {
     internal: bool,
     /// The Subject without reply prefixes and ticket tags.
     subject: String,
+    /// When it is decided (Unix seconds): the reopen window counts to it.
+    now: i64,
 }
 
 impl Message<'_> {
@@ -308,13 +343,15 @@ enum Channel {
 ///
 /// `ticket` is what threading found (rule 3 is `thread`'s and the store's
 /// work); `duplicate_of` the entry that already holds this message, if the
-/// store found one (rule 2).
+/// store found one (rule 2); `now` the time of the decision (Unix seconds),
+/// against which the reopen window of rule 9 is measured.
 pub fn decide(
     facts: &Facts<'_>,
     envelope: &Envelope,
     inbound: &Inbound,
     ticket: Option<&TicketView>,
     duplicate_of: Option<i64>,
+    now: i64,
 ) -> Decision {
     // Rules 1 and 2 end the processing, as does mail for the postmaster.
     if let Some(decision) = loop_guard(facts.config, inbound)
@@ -334,7 +371,7 @@ pub fn decide(
         // answer and nobody to thread it for.
         return Decision::Quarantine(QuarantineReason::Unparseable);
     };
-    let message = Message::new(facts, envelope, inbound, sender);
+    let message = Message::new(facts, envelope, inbound, sender, now);
     match channel(&message, ticket) {
         Ok(channel) => Decision::Record(Box::new(record(&message, ticket, channel))),
         Err(refusal) => refusal,
@@ -344,11 +381,18 @@ pub fn decide(
 /// Rules 3 and 6–9, in order, on a message that goes on a ticket: its
 /// entries on the ticket found or a new one, the copies, the reply-all
 /// notice, the receipt of a new ticket, the state.
-fn record(m: &Message<'_>, ticket: Option<&TicketView>, channel: Channel) -> Plan {
+fn record(m: &Message<'_>, found: Option<&TicketView>, channel: Channel) -> Plan {
+    // Rule 9 sends a requester's reply after the reopen window to a new
+    // ticket: from here on, the message is one that found no ticket.
+    let late = found.filter(|t| requester_on_resolved(m, t, channel) && !within_window(m, t));
+    let ticket = found.filter(|_| late.is_none());
     let (mut plan, opening) = match ticket {
         Some(t) => (on_ticket(m, t, channel), None),
         None => {
-            let (plan, opening) = new_ticket::new_ticket(m, channel);
+            let (mut plan, opening) = new_ticket::new_ticket(m, channel);
+            if let Some(old) = late {
+                follow(m, old, &mut plan);
+            }
             (plan, Some(opening))
         }
     };
@@ -373,6 +417,7 @@ impl<'a> Message<'a> {
         envelope: &'a Envelope,
         inbound: &'a Inbound,
         sender: Mailbox,
+        now: i64,
     ) -> Message<'a> {
         let config = facts.config;
         let agent = config.agent(&sender.address).is_some()
@@ -397,6 +442,7 @@ impl<'a> Message<'a> {
             agent,
             internal,
             subject: crate::thread::clean_subject(&inbound.subject, &config.ticket.pattern),
+            now,
         }
     }
 }
@@ -478,28 +524,87 @@ fn on_ticket(m: &Message<'_>, ticket: &TicketView, channel: Channel) -> Plan {
         sends: Vec::new(),
         bounce: None,
         decision,
+        follows: None,
     }
 }
 
 /// Rule 9, State: a believed agent's entry moves `new` to `open` (a ticket
 /// an agent opens is created open); a requester's comment on a resolved
-/// ticket reopens it when `reopen_on_reply` says so.
+/// ticket reopens it when `reopen_on_reply` says so (within the window:
+/// [`record`] sent a later one to a new ticket).
 fn state(m: &Message<'_>, ticket: Option<&TicketView>, channel: Channel, plan: &mut Plan) {
     let opens = match ticket {
         None => m.agent,
         Some(t) => {
             let agent_on_new = m.agent && t.state == TicketState::New;
-            let requester_reopens = !m.agent
-                && channel == Channel::Comment
-                && t.state == TicketState::Resolved
-                && m.facts.config.ticket.reopen_on_reply
-                && contains(&t.requesters, &m.sender.address);
-            agent_on_new || requester_reopens
+            agent_on_new || requester_on_resolved(m, t, channel)
         }
     };
     if opens {
         plan.state = Some(TicketState::Open);
     }
+}
+
+/// A requester's comment on a resolved ticket, with `reopen_on_reply` on:
+/// it reopens the ticket, or after the window opens a new one. With
+/// `reopen_on_reply` off it is a comment on the resolved ticket, whenever
+/// it comes. Agents, watchers and partners never reopen (the SPEC names
+/// requesters).
+fn requester_on_resolved(m: &Message<'_>, t: &TicketView, channel: Channel) -> bool {
+    !m.agent
+        && channel == Channel::Comment
+        && t.state == TicketState::Resolved
+        && m.facts.config.ticket.reopen_on_reply
+        && contains(&t.requesters, &m.sender.address)
+}
+
+/// `reopen_within_days` of the resolution, in seconds: a reply exactly
+/// that many days after still reopens; 0 is no window at all. A resolved
+/// ticket with no time of resolution (none is left after the migration)
+/// counts as just resolved.
+fn within_window(m: &Message<'_>, t: &TicketView) -> bool {
+    let days = m.facts.config.ticket.reopen_within_days;
+    days > 0
+        && t
+            .resolved_at
+            .is_none_or(|at| m.now.saturating_sub(at) <= i64::from(days) * 86_400)
+}
+
+/// Rule 9's new ticket after the window: its first `system` entry (after
+/// the message's own) names the old ticket, which the plan then names for
+/// the store to note the new number on.
+fn follow(m: &Message<'_>, old: &TicketView, plan: &mut Plan) {
+    let config = m.facts.config;
+    let days = old
+        .resolved_at
+        .map_or(0, |at| m.now.saturating_sub(at).max(0) / 86_400);
+    let TicketTarget::New(new) = &plan.ticket else {
+        return;
+    };
+    let entry = PlannedEntry {
+        kind: EntryKind::System,
+        author: from::helpdesk(config),
+        by_agent: false,
+        subject: new.subject.clone(),
+        text: format!(
+            "follows {}, resolved {days} days before this reply from {} \
+             (beyond [ticket] reopen_within_days = {})",
+            old.number, m.sender.address, config.ticket.reopen_within_days
+        )
+        .into(),
+        html: None,
+        keeps_attachments: false,
+        message_id: None,
+    };
+    // Before any send points into the entries: the message's own stays first.
+    let at = plan.entries.len().min(1);
+    plan.entries.insert(at, entry);
+    plan.follows = Some(Follows {
+        id: old.id,
+        subject: old.subject.clone(),
+        sender: m.sender.address.clone(),
+        days,
+    });
 }
 
 fn contains(list: &[Mailbox], address: &str) -> bool {

@@ -96,6 +96,7 @@ pub(super) fn new_ticket(m: &Message<'_>, channel: Channel) -> (Plan, Opening) {
         sends: Vec::new(),
         bounce: None,
         decision: opening.recorded(),
+        follows: None,
     };
     (plan, opening)
 }

@@ -41,6 +41,7 @@ pub fn publish(
         } else {
             Recorded::Comment
         },
+        follows: None,
     };
     // Published from the CRM: nobody had it directly.
     let inbound = Inbound {
@@ -111,6 +112,7 @@ pub fn resolve(facts: &Facts<'_>, ticket: &TicketView) -> Plan {
         sends: Vec::new(),
         bounce: None,
         decision: Recorded::Closure,
+        follows: None,
     };
     let (requesters, watch) = facts.watch_group(ticket);
     if config.auto.closure && !(requesters.is_empty() && watch.is_empty()) {

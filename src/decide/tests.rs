@@ -5,6 +5,9 @@ use crate::parse::AuthResult;
 
 const AGENT: &str = "jane.doe@example.org";
 const AGENT2: &str = "bob.agent@example.org";
+/// The time of the decisions (Unix seconds, in 2027).
+const NOW: i64 = 1_800_000_000;
+const DAY: i64 = 86_400;
 
 fn config() -> Config {
     let mut config = Config::from_toml(include_str!("../../fixtures/rules.toml"), "test")
@@ -47,6 +50,7 @@ fn ticket() -> TicketView {
         number: "TKT0000007".into(),
         subject: "Imprimante".into(),
         state: TicketState::Open,
+        resolved_at: None,
         owner: Some(AGENT.into()),
         requesters: vec![Mailbox::new(Some("Alice"), "alice@u.example")],
         watch_list: vec![Mailbox::new(None, "carol@u.example")],
@@ -66,7 +70,7 @@ fn with_facts<T>(config: &Config, f: impl FnOnce(&Facts<'_>) -> T) -> T {
 }
 
 fn run(env: &Envelope, inbound: &Inbound, t: Option<&TicketView>) -> Decision {
-    with_facts(&config(), |facts| decide(facts, env, inbound, t, None))
+    with_facts(&config(), |facts| decide(facts, env, inbound, t, None, NOW))
 }
 
 fn plan(d: Decision) -> Plan {
@@ -318,7 +322,8 @@ fn loop_duplicate_automatic_in_that_order() {
             &env,
             &inbound,
             None,
-            Some(3)
+            Some(3),
+            NOW
         )),
         Decision::Duplicate { entry_id: 3 }
     );
@@ -404,6 +409,7 @@ fn no_receipt_without_a_backed_sender() {
 fn a_requesters_reply_reopens_a_resolved_ticket() {
     let mut t = ticket();
     t.state = TicketState::Resolved;
+    t.resolved_at = Some(NOW - DAY);
     let env = envelope("alice@u.example", &["support@example.org"], false);
     let p = plan(run(
         &env,
@@ -649,11 +655,116 @@ fn a_human_list_opens_tickets_other_lists_are_automatic() {
     let mut inbound = mail("alice@u.example", &["support@example.org"], &[], "Panne");
     inbound.auto = Some(crate::parse::AutoSignal::Precedence("list".into()));
     inbound.list_ids = vec!["staff.u.example".into()];
-    let p = plan(decide(&facts, &env, &inbound, None, None));
+    let p = plan(decide(&facts, &env, &inbound, None, None, NOW));
     assert_eq!(p.entries[0].kind, EntryKind::Comment);
     inbound.list_ids = vec!["news.u.example".into()];
     assert!(matches!(
-        decide(&facts, &env, &inbound, None, None),
+        decide(&facts, &env, &inbound, None, None, NOW),
         Decision::Quarantine(QuarantineReason::Automatic)
     ));
+}
+
+/// The ticket of [`ticket`], resolved `ago` seconds before [`NOW`].
+fn resolved(ago: i64) -> TicketView {
+    TicketView {
+        state: TicketState::Resolved,
+        resolved_at: Some(NOW - ago),
+        ..ticket()
+    }
+}
+
+/// Alice's reply to TKT0000007, with `config`.
+fn alices_reply(config: &Config, t: &TicketView) -> Plan {
+    let env = envelope("alice@u.example", &["support@example.org"], false);
+    let inbound = mail(
+        "alice@u.example",
+        &["support@example.org"],
+        &[],
+        "RE: [TKT0000007] Imprimante",
+    );
+    plan(with_facts(config, |facts| {
+        decide(facts, &env, &inbound, Some(t), None, NOW)
+    }))
+}
+
+#[test]
+fn a_requesters_reply_within_the_reopen_window_reopens_and_a_later_one_opens_a_new_ticket() {
+    let config = config();
+    assert_eq!(config.ticket.reopen_within_days, 30);
+    for ago in [30 * DAY - 1, 30 * DAY] {
+        let p = alices_reply(&config, &resolved(ago));
+        assert_eq!(p.ticket, TicketTarget::Existing(7), "{ago}");
+        assert_eq!(p.state, Some(TicketState::Open));
+        assert_eq!(p.follows, None);
+    }
+    let p = alices_reply(&config, &resolved(30 * DAY + 1));
+    let TicketTarget::New(new) = &p.ticket else {
+        panic!("a new ticket: {p:?}")
+    };
+    // As any ticket Alice's mail opens: hers, the default work-notes list,
+    // no watcher of the old ticket (Carol), no owner.
+    assert_eq!(new.requesters, [Mailbox::new(None, "alice@u.example")]);
+    assert!(new.watch_list.is_empty());
+    assert_eq!(new.work_notes_list, [AGENT, AGENT2]);
+    assert_eq!(new.owner, None);
+    assert_eq!(new.subject, "Imprimante");
+    assert_eq!(p.state, None);
+    assert_eq!(p.decision, Recorded::Comment);
+    // The message once, then the first `system` entry naming the old ticket.
+    let kinds: Vec<EntryKind> = p.entries.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [EntryKind::Comment, EntryKind::System, EntryKind::Receipt]
+    );
+    assert!(p.entries[0].message_id.is_some());
+    assert!(p.entries[1].text.contains("follows TKT0000007"), "{p:?}");
+    assert!(p.entries[1].text.contains("30 days"));
+    assert_eq!(
+        p.follows,
+        Some(Follows {
+            id: 7,
+            subject: "Imprimante".into(),
+            sender: "alice@u.example".into(),
+            days: 30,
+        })
+    );
+    assert_eq!(send(&p, SendKind::Receipt).envelope, ["alice@u.example"]);
+    assert_eq!(send(&p, SendKind::Receipt).entry, 2);
+    assert_eq!(send(&p, SendKind::AgentCopy).entry, 0);
+    assert!(followed_by(p.follows.as_ref().unwrap(), "TKT0000042").contains("opened TKT0000042"));
+}
+
+#[test]
+fn with_no_reopen_window_every_reply_to_a_resolved_ticket_opens_a_new_one() {
+    let mut config = config();
+    config.ticket.reopen_within_days = 0;
+    for ago in [0, 1, DAY] {
+        let p = alices_reply(&config, &resolved(ago));
+        assert!(matches!(p.ticket, TicketTarget::New(_)), "{ago}: {p:?}");
+        assert_eq!(p.follows.as_ref().map(|f| f.id), Some(7));
+    }
+    // An open ticket takes the reply as always.
+    let p = alices_reply(&config, &ticket());
+    assert_eq!(p.ticket, TicketTarget::Existing(7));
+}
+
+#[test]
+fn past_the_window_only_a_requesters_reopening_reply_opens_a_new_ticket() {
+    let late = resolved(31 * DAY);
+    // reopen_on_reply off: the reply stays on the resolved ticket, as ever.
+    let mut config = config();
+    config.ticket.reopen_on_reply = false;
+    let p = alices_reply(&config, &late);
+    assert_eq!((p.ticket, p.state, p.follows), (TicketTarget::Existing(7), None, None));
+    // A watcher's reply never reopened: it stays on the ticket too.
+    let env = envelope("carol@u.example", &["support@example.org"], false);
+    let inbound = mail("carol@u.example", &["support@example.org"], &[], "RE: [TKT0000007]");
+    let p = plan(run(&env, &inbound, Some(&late)));
+    assert_eq!((p.ticket, p.state, p.follows), (TicketTarget::Existing(7), None, None));
+    // An agent's comment on the resolved ticket stays on it, as before.
+    let env = envelope(AGENT, &["support@example.org"], true);
+    let inbound = mail(AGENT, &["support@example.org"], &[], "RE: [TKT0000007]");
+    let p = plan(run(&env, &inbound, Some(&late)));
+    assert_eq!((p.ticket, p.state, p.follows), (TicketTarget::Existing(7), None, None));
+    assert_eq!(p.entries[0].kind, EntryKind::Comment);
 }

@@ -116,6 +116,16 @@ fn migrations() -> Migrations<'static> {
              DROP INDEX entries_message_id;
              DROP INDEX tickets_state;",
         ),
+        // When a ticket was set resolved: SPEC rule 9's `[ticket]
+        // reopen_within_days` counts from it; cleared when it reopens.
+        // Tickets resolved before the column existed take `updated_at`,
+        // the nearest time the store kept (later than the resolution when
+        // mail came on the resolved ticket since, so the window errs
+        // towards reopening).
+        M::up(
+            "ALTER TABLE tickets ADD COLUMN resolved_at INTEGER;
+             UPDATE tickets SET resolved_at = updated_at WHERE state = 'resolved';",
+        ),
     ])
 }
 

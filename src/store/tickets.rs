@@ -53,10 +53,13 @@ pub fn find_by_outbox_id(conn: &Connection, outbox_id: i64) -> Result<Option<i64
 /// # Errors
 /// `NotFound` when there is no such ticket; a database error.
 pub fn view(conn: &Connection, ticket_id: i64) -> Result<TicketView> {
-    let (number, subject, state, owner): (String, String, String, Option<String>) = conn
-        .prepare_cached("SELECT number, subject, state, owner FROM tickets WHERE id = ?1")?
+    type Row = (String, String, String, Option<String>, Option<i64>);
+    let (number, subject, state, owner, resolved_at): Row = conn
+        .prepare_cached(
+            "SELECT number, subject, state, owner, resolved_at FROM tickets WHERE id = ?1",
+        )?
         .query_row([ticket_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         })
         .optional()?
         .ok_or_else(|| StoreError::NotFound(format!("no ticket with id {ticket_id}")))?;
@@ -88,6 +91,7 @@ pub fn view(conn: &Connection, ticket_id: i64) -> Result<TicketView> {
         number,
         subject,
         state: TicketState::parse(&state).unwrap_or(TicketState::Open),
+        resolved_at,
         owner,
         requesters,
         watch_list,
@@ -301,10 +305,15 @@ pub fn subject(conn: &Connection, ticket_id: i64) -> Result<String> {
         .ok_or_else(|| StoreError::NotFound(format!("no ticket with id {ticket_id}")))
 }
 
-/// A ticket's state changes (a reply reopens it, an agent resolves it).
+/// A ticket's state changes (a reply reopens it, an agent resolves it);
+/// every path goes through here, so `resolved_at` is the time of the last
+/// resolution while resolved, and empty otherwise.
 pub fn set_state(conn: &Connection, ticket_id: i64, state: TicketState, now: i64) -> Result<()> {
-    conn.prepare_cached("UPDATE tickets SET state = ?2, updated_at = ?3 WHERE id = ?1")?
-        .execute(params![ticket_id, state.as_str(), now])?;
+    let resolved_at = (state == TicketState::Resolved).then_some(now);
+    conn.prepare_cached(
+        "UPDATE tickets SET state = ?2, updated_at = ?3, resolved_at = ?4 WHERE id = ?1",
+    )?
+    .execute(params![ticket_id, state.as_str(), now, resolved_at])?;
     Ok(())
 }
 
@@ -1098,6 +1107,31 @@ mod tests {
         set_owner(&db.conn, id, None, 90_000).unwrap();
         assert_eq!(view(&db.conn, id).unwrap().owner, None);
         assert_eq!(subject(&db.conn, id).unwrap(), "Printer");
+        // The resolution's time stays through later changes, goes with a
+        // reopening, and is the last one's after a second resolution.
+        assert_eq!(view(&db.conn, id).unwrap().resolved_at, Some(3_600));
+        set_state(&db.conn, id, TicketState::Open, 100_000).unwrap();
+        assert_eq!(view(&db.conn, id).unwrap().resolved_at, None);
+        set_state(&db.conn, id, TicketState::Resolved, 200_000).unwrap();
+        assert_eq!(view(&db.conn, id).unwrap().resolved_at, Some(200_000));
+    }
+
+    #[test]
+    fn tickets_resolved_before_the_migration_count_from_their_last_change() {
+        // The migration that adds `tickets.resolved_at` is the eighth.
+        const RESOLVED_AT: usize = 8;
+        let mut conn = Connection::open_in_memory().unwrap();
+        let migrations = crate::store::migrations();
+        migrations.to_version(&mut conn, RESOLVED_AT - 1).unwrap();
+        conn.execute_batch(
+            "INSERT INTO tickets (id, number, subject, state, created_at, updated_at) VALUES
+                 (1, 'TKT1', 'a', 'resolved', 10, 500),
+                 (2, 'TKT2', 'b', 'open', 10, 600);",
+        )
+        .unwrap();
+        migrations.to_version(&mut conn, RESOLVED_AT).unwrap();
+        assert_eq!(view(&conn, 1).unwrap().resolved_at, Some(500));
+        assert_eq!(view(&conn, 2).unwrap().resolved_at, None);
     }
 
     #[test]
