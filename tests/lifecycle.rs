@@ -158,6 +158,115 @@ async fn resolve_sends_the_closure_to_the_watch_group_and_a_reply_reopens() {
     g.stop().await;
 }
 
+/// Move a resolved ticket's resolution `days` into the past. The daemon
+/// reads the real clock, so the test edits the SQLite file as an operator
+/// could, between two messages; returns the new `resolved_at`.
+fn resolved_days_ago(g: &Gateway, number: &str, days: i64) -> i64 {
+    let db = rusqlite::Connection::open(g.dir.path().join("state/crmgate.db")).expect("db");
+    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE tickets SET resolved_at = resolved_at - ?2 * 86400 \
+             WHERE number = ?1 AND state = 'resolved' AND resolved_at IS NOT NULL",
+            rusqlite::params![number, days],
+        )
+        .unwrap();
+    assert_eq!(changed, 1, "{number} is resolved with a time of resolution");
+    db.query_row(
+        "SELECT resolved_at FROM tickets WHERE number = ?1",
+        [number],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+fn has_system_entry(t: &Value, words: &str) -> bool {
+    t["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["kind"] == "system" && e["body"].as_str().unwrap().contains(words))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requesters_reply_past_the_reopen_window_opens_a_new_ticket_naming_the_old_one() {
+    let mut g = Gateway::start("").await;
+    let old = g.open_ticket().await;
+    g.settle().await;
+    let reply = |n: u32, text: &str| {
+        format!(
+            "From: Alice Martin <alice@u.example>\nTo: support@example.org\n\
+             Subject: Re: [{old}] Imprimante en panne\nMessage-ID: <late-{n}@u.example>\n\
+             In-Reply-To: <open-1@u.example>\n\n{text}\n"
+        )
+    };
+
+    // 29 days after the resolution: the reply reopens the ticket.
+    let (code, _, err) = g.cli(&["ticket", "resolve", &old, "--by", JANE]);
+    assert_eq!(code, 0, "{err}");
+    let now = crmgate::store::now();
+    let at = resolved_days_ago(&g, &old, 29);
+    assert!((now - 29 * 86_400 - at).abs() < 60, "{at}");
+    let sent = reply(1, "Toujours en panne.");
+    assert!(g.send("alice@u.example", &[PUBLIC], &sent).await.starts_with("250"));
+    assert_eq!(g.show(&old)["state"], "open");
+    assert_eq!(g.json(&["ticket", "list", "--json"]).as_array().unwrap().len(), 1);
+
+    // 31 days after the next resolution: a new ticket.
+    let (code, _, err) = g.cli(&["ticket", "resolve", &old]);
+    assert_eq!(code, 0, "{err}");
+    resolved_days_ago(&g, &old, 31);
+    g.settle().await;
+    let before = g.mark();
+    let sent = reply(2, "Elle refait le meme bruit.");
+    assert!(g.send("alice@u.example", &[PUBLIC], &sent).await.starts_with("250"));
+    let list = g.json(&["ticket", "list", "--json"]);
+    let new: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["number"].as_str().unwrap().to_string())
+        .filter(|n| *n != old)
+        .collect();
+    assert_eq!(new.len(), 1, "{list}");
+    let new = &new[0];
+
+    let o = g.show(&old);
+    assert_eq!(o["state"], "resolved");
+    assert!(has_system_entry(&o, &format!("opened {new}")), "{o}");
+    assert!(
+        !o["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["body"].as_str().unwrap().contains("meme bruit")),
+        "the reply is logged on the new ticket only: {o}"
+    );
+
+    let t = g.show(new);
+    assert_eq!(t["requesters"], serde_json::json!(["alice@u.example"]));
+    assert_eq!(t["watch_list"], serde_json::json!([]), "Carol is not copied");
+    let entries = t["entries"].as_array().unwrap();
+    assert_eq!(entries[0]["kind"], "comment");
+    assert!(entries[0]["body"].as_str().unwrap().contains("meme bruit"));
+    let first_system = entries.iter().find(|e| e["kind"] == "system").unwrap();
+    assert!(
+        first_system["body"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("follows {old}")),
+        "{t}"
+    );
+    // Alice gets the receipt of the new ticket, as for any ticket she opens.
+    let sent = g.settle().await;
+    let to_alice = to(before.of(&sent), "alice@u.example");
+    assert_eq!(to_alice.len(), 1, "{to_alice:?}");
+    assert!(header(&to_alice[0].text(), "Subject")
+        .unwrap()
+        .contains(&format!("[{new}]")));
+    g.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_email_function_sends_attachments_and_a_partner_reply_reaches_only_agents() {
     let mut g = Gateway::start("").await;
