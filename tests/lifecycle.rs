@@ -208,9 +208,18 @@ async fn a_requesters_reply_past_the_reopen_window_opens_a_new_ticket_naming_the
     let at = resolved_days_ago(&g, &old, 29);
     assert!((now - 29 * 86_400 - at).abs() < 60, "{at}");
     let sent = reply(1, "Toujours en panne.");
-    assert!(g.send("alice@u.example", &[PUBLIC], &sent).await.starts_with("250"));
+    assert!(g
+        .send("alice@u.example", &[PUBLIC], &sent)
+        .await
+        .starts_with("250"));
     assert_eq!(g.show(&old)["state"], "open");
-    assert_eq!(g.json(&["ticket", "list", "--json"]).as_array().unwrap().len(), 1);
+    assert_eq!(
+        g.json(&["ticket", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 
     // 31 days after the next resolution: a new ticket.
     let (code, _, err) = g.cli(&["ticket", "resolve", &old]);
@@ -219,7 +228,10 @@ async fn a_requesters_reply_past_the_reopen_window_opens_a_new_ticket_naming_the
     g.settle().await;
     let before = g.mark();
     let sent = reply(2, "Elle refait le meme bruit.");
-    assert!(g.send("alice@u.example", &[PUBLIC], &sent).await.starts_with("250"));
+    assert!(g
+        .send("alice@u.example", &[PUBLIC], &sent)
+        .await
+        .starts_with("250"));
     let list = g.json(&["ticket", "list", "--json"]);
     let new: Vec<String> = list
         .as_array()
@@ -245,7 +257,11 @@ async fn a_requesters_reply_past_the_reopen_window_opens_a_new_ticket_naming_the
 
     let t = g.show(new);
     assert_eq!(t["requesters"], serde_json::json!(["alice@u.example"]));
-    assert_eq!(t["watch_list"], serde_json::json!([]), "Carol is not copied");
+    assert_eq!(
+        t["watch_list"],
+        serde_json::json!([]),
+        "Carol is not copied"
+    );
     let entries = t["entries"].as_array().unwrap();
     assert_eq!(entries[0]["kind"], "comment");
     assert!(entries[0]["body"].as_str().unwrap().contains("meme bruit"));

@@ -249,7 +249,9 @@ fn keeps_the_rules(
     ticket: Option<&TicketView>,
 ) -> Result<(), String> {
     let facts = fixed.facts();
-    let Decision::Record(plan) = decide::decide(&facts, envelope, inbound, ticket, None, pipeline::NOW) else {
+    let Decision::Record(plan) =
+        decide::decide(&facts, envelope, inbound, ticket, None, pipeline::NOW)
+    else {
         return Ok(());
     };
     pipeline::check_plan(fixed, envelope, inbound, ticket, &plan)

@@ -565,8 +565,7 @@ fn requester_on_resolved(m: &Message<'_>, t: &TicketView, channel: Channel) -> b
 fn within_window(m: &Message<'_>, t: &TicketView) -> bool {
     let days = m.facts.config.ticket.reopen_within_days;
     days > 0
-        && t
-            .resolved_at
+        && t.resolved_at
             .is_none_or(|at| m.now.saturating_sub(at) <= i64::from(days) * 86_400)
 }
 

@@ -755,16 +755,30 @@ fn past_the_window_only_a_requesters_reopening_reply_opens_a_new_ticket() {
     let mut config = config();
     config.ticket.reopen_on_reply = false;
     let p = alices_reply(&config, &late);
-    assert_eq!((p.ticket, p.state, p.follows), (TicketTarget::Existing(7), None, None));
+    assert_eq!(
+        (p.ticket, p.state, p.follows),
+        (TicketTarget::Existing(7), None, None)
+    );
     // A watcher's reply never reopened: it stays on the ticket too.
     let env = envelope("carol@u.example", &["support@example.org"], false);
-    let inbound = mail("carol@u.example", &["support@example.org"], &[], "RE: [TKT0000007]");
+    let inbound = mail(
+        "carol@u.example",
+        &["support@example.org"],
+        &[],
+        "RE: [TKT0000007]",
+    );
     let p = plan(run(&env, &inbound, Some(&late)));
-    assert_eq!((p.ticket, p.state, p.follows), (TicketTarget::Existing(7), None, None));
+    assert_eq!(
+        (p.ticket, p.state, p.follows),
+        (TicketTarget::Existing(7), None, None)
+    );
     // An agent's comment on the resolved ticket stays on it, as before.
     let env = envelope(AGENT, &["support@example.org"], true);
     let inbound = mail(AGENT, &["support@example.org"], &[], "RE: [TKT0000007]");
     let p = plan(run(&env, &inbound, Some(&late)));
-    assert_eq!((p.ticket, p.state, p.follows), (TicketTarget::Existing(7), None, None));
+    assert_eq!(
+        (p.ticket, p.state, p.follows),
+        (TicketTarget::Existing(7), None, None)
+    );
     assert_eq!(p.entries[0].kind, EntryKind::Comment);
 }
