@@ -241,7 +241,7 @@ pub const NOTIFICATION_TEXT_MAX: usize = 1024 * 1024;
 
 /// `text`, cut at the last line end before [`NOTIFICATION_TEXT_MAX`] with
 /// a note naming the ticket, when it is longer.
-fn notification_text(text: &str, number: &str, language: crate::config::Language) -> String {
+fn notification_text(text: &str, number: &str, language: crate::config::Languages) -> String {
     if text.len() <= NOTIFICATION_TEXT_MAX {
         return text.to_string();
     }
@@ -275,7 +275,7 @@ fn render(
             display_name: &config.gateway.display_name,
             public_address: &config.addresses.public,
             recipients,
-            reason,
+            reason: &templates::Phrase::same(reason),
             line: "",
         },
     )?)
@@ -569,8 +569,8 @@ pub struct AgentNotice<'a> {
     pub subject: &'a str,
     /// The refused line, as written; empty for the help.
     pub line: &'a str,
-    /// Why it was refused, in the configured language.
-    pub reason: &'a str,
+    /// Why it was refused, in each language; empty for the help.
+    pub reason: &'a templates::Phrase,
 }
 
 /// Queue an [`AgentNotice`]: on the ticket when there is one, else as an
@@ -666,23 +666,29 @@ pub fn queue_agent_notice(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Language;
+    use crate::config::Languages;
 
     #[test]
     fn a_short_text_goes_into_copies_whole() {
         let text = "Bonjour,\nl'imprimante ne marche plus.\n";
-        assert_eq!(notification_text(text, "TKT0000001", Language::Fr), text);
+        assert_eq!(notification_text(text, "TKT0000001", Languages::Fr), text);
     }
 
     #[test]
     fn a_long_text_is_cut_at_a_line_end_with_a_note_naming_the_ticket() {
         let line = "é".repeat(40) + "\n";
         let text = line.repeat(2 * NOTIFICATION_TEXT_MAX / line.len());
-        let cut = notification_text(&text, "TKT0000042", Language::En);
+        let cut = notification_text(&text, "TKT0000042", Languages::En);
         assert!(cut.len() <= NOTIFICATION_TEXT_MAX + 200, "{}", cut.len());
         let (head, note) = cut.split_once("\n[… cut:").unwrap();
         assert!(text.starts_with(head) && head.ends_with('\n'));
         assert!(note.contains(&format!("{} bytes", text.len())), "{note}");
         assert!(note.contains("ticket TKT0000042"), "{note}");
+        // Both languages, the first one first.
+        let cut = notification_text(&text, "TKT0000042", Languages::FrEn);
+        let (_, note) = cut.split_once("\n[… coupé :").unwrap();
+        let (fr, en) = note.split_once("[… cut:").unwrap();
+        assert!(fr.contains("billet TKT0000042"), "{fr}");
+        assert!(en.contains("ticket TKT0000042"), "{en}");
     }
 }

@@ -15,7 +15,7 @@ use mail_builder::headers::raw::Raw;
 use mail_builder::headers::text::Text;
 use mail_builder::MessageBuilder;
 
-use crate::config::Language;
+use crate::config::{Language, Languages};
 use crate::helpdesk::SendKind;
 use crate::parse::{Attachment, Mailbox};
 
@@ -34,7 +34,8 @@ pub struct Scrub {
 pub struct Draft {
     pub kind: SendKind,
     pub ticket_number: String,
-    pub language: Language,
+    /// The languages of the marker lines and attachment lines crmgate adds.
+    pub language: Languages,
     /// Display name of the From header, e.g. "Jane Doe via Soutien TI".
     pub from_name: String,
     /// A CRM address: the public or the internal one.
@@ -139,7 +140,11 @@ pub fn compose(draft: &Draft) -> Result<Vec<u8>, ComposeError> {
     let lines: Vec<String> = draft
         .listed_attachments
         .iter()
-        .map(|(name, size)| attachment_line(draft.language, &one_line(name), *size))
+        .map(|(name, size)| {
+            crate::templates::in_each(draft.language, crate::templates::LANGUAGE_SLASH, |l| {
+                attachment_line(l, &one_line(name), *size)
+            })
+        })
         .collect();
     let markers = match draft.kind {
         SendKind::PublicCopy | SendKind::AgentCopy | SendKind::WorkNote | SendKind::PartnerCopy => {
@@ -450,7 +455,7 @@ mod tests {
         Draft {
             kind,
             ticket_number: "TKT0000042".into(),
-            language: Language::Fr,
+            language: Languages::Fr,
             from_name: "Hélène Côté via Soutien TI".into(),
             from_address: "support@example.com".into(),
             reply_address: None,
@@ -748,6 +753,19 @@ mod tests {
             attachment_line(Language::Fr, "rapport.pdf", 120 * 1024),
             "Pièce jointe conservée au billet : rapport.pdf (120 Ko)"
         );
+        // fr+en: one line per attachment, each language's words on it.
+        let mut d = draft(SendKind::PublicCopy);
+        d.language = Languages::EnFr;
+        d.listed_attachments = vec![("devis.pdf".into(), 2048)];
+        let m = parse(&compose(&d).expect("compose")).into_owned();
+        let text = lf(m.body_text(0)).unwrap_or_default();
+        assert!(
+            text.contains(
+                "Attachment kept on the ticket: devis.pdf (2 KB) / \
+                 Pièce jointe conservée au billet : devis.pdf (2 Ko)\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
@@ -862,9 +880,13 @@ mod tests {
             SendKind::WorkNote,
             SendKind::PartnerCopy,
         ] {
+            const FR: &str = "## Répondez au-dessus de cette ligne ##";
+            const EN: &str = "## Reply above this line ##";
             for (language, marker) in [
-                (Language::Fr, "## Répondez au-dessus de cette ligne ##"),
-                (Language::En, "## Reply above this line ##"),
+                (Languages::Fr, FR.to_string()),
+                (Languages::En, EN.to_string()),
+                (Languages::FrEn, format!("{FR}\n{EN}")),
+                (Languages::EnFr, format!("{EN}\n{FR}")),
             ] {
                 let mut d = draft(kind);
                 d.language = language;
@@ -875,10 +897,12 @@ mod tests {
                     text.starts_with(&format!("{marker}\n\n")),
                     "{kind:?}: {text}"
                 );
-                let html = m.body_html(0).unwrap_or_default();
+                let html = lf(m.body_html(0)).unwrap_or_default();
+                // Two markers share the grey paragraph, a line each.
                 assert!(
                     html.starts_with(&format!(
-                        "<html><body class=\"x\"><p style=\"color:#888888\">{marker}</p>"
+                        "<html><body class=\"x\"><p style=\"color:#888888\">{}</p>",
+                        marker.replace('\n', "<br>\n")
                     )),
                     "{kind:?}: {html}"
                 );

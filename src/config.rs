@@ -315,6 +315,8 @@ pub struct RawAgent {
 // Stage two: checked values.
 // ---------------------------------------------------------------------------
 
+/// One language of the helpdesk's fixed texts: each template and phrase
+/// exists in each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Language {
@@ -327,6 +329,37 @@ impl Language {
         match self {
             Language::Fr => "fr",
             Language::En => "en",
+        }
+    }
+}
+
+/// `[gateway] language`: the languages automatic mail is written in, in
+/// the order written. A helpdesk that serves people of both (`fr+en`)
+/// writes every text in each, the first one first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Languages {
+    Fr,
+    En,
+    FrEn,
+    EnFr,
+}
+
+impl Languages {
+    /// Each language, in the order written.
+    pub fn each(self) -> &'static [Language] {
+        match self {
+            Languages::Fr => &[Language::Fr],
+            Languages::En => &[Language::En],
+            Languages::FrEn => &[Language::Fr, Language::En],
+            Languages::EnFr => &[Language::En, Language::Fr],
+        }
+    }
+
+    /// The language written first (the one of a single-language helpdesk).
+    pub fn first(self) -> Language {
+        match self {
+            Languages::Fr | Languages::FrEn => Language::Fr,
+            Languages::En | Languages::EnFr => Language::En,
         }
     }
 }
@@ -382,8 +415,8 @@ pub struct Gateway {
     pub hostname: String,
     /// Holds `crmgate.db` (and, by default, the sent `.eml` files).
     pub state_dir: PathBuf,
-    /// Language of automatic messages, notices and fixed phrases.
-    pub language: Language,
+    /// Languages of automatic messages, notices and fixed phrases.
+    pub language: Languages,
     /// The helpdesk's name in every From: "Jane Doe via <display_name>".
     pub display_name: String,
     /// Where mail to postmaster@ is forwarded; `None` keeps it in quarantine.
@@ -762,14 +795,16 @@ impl RawGateway {
             p.bad("gateway.state_dir", "must not be empty".into());
         }
         let language = match self.language.as_str() {
-            "fr" => Language::Fr,
-            "en" => Language::En,
+            "fr" => Languages::Fr,
+            "en" => Languages::En,
+            "fr+en" => Languages::FrEn,
+            "en+fr" => Languages::EnFr,
             other => {
                 p.bad(
                     "gateway.language",
-                    format!("{other:?} is not \"fr\" or \"en\""),
+                    format!("{other:?} is not \"fr\", \"en\", \"fr+en\" or \"en+fr\""),
                 );
-                Language::Fr
+                Languages::Fr
             }
         };
         if self.display_name.trim().is_empty() || self.display_name.contains(['\r', '\n']) {
@@ -1457,7 +1492,7 @@ mod tests {
             RelayTarget::File(PathBuf::from("./crmgate-data/sent"))
         );
         assert_eq!(c.addresses.public, "support@localhost");
-        assert_eq!(c.gateway.language, Language::Fr);
+        assert_eq!(c.gateway.language, Languages::Fr);
         assert!(c.agents.is_empty());
         assert_eq!(c.security.trusted_relays.len(), 2);
     }
@@ -1515,6 +1550,28 @@ mod tests {
         assert_eq!(p[0].key, "ticket.reopen_within_days");
         let p = problems("[ticket]\nreopen_within_days = \"a month\"\n");
         assert_eq!(p[0].key, "ticket.reopen_within_days");
+    }
+
+    #[test]
+    fn language_is_one_or_both_in_either_order() {
+        for (text, languages, each) in [
+            ("fr", Languages::Fr, &[Language::Fr][..]),
+            ("en", Languages::En, &[Language::En]),
+            ("fr+en", Languages::FrEn, &[Language::Fr, Language::En]),
+            ("en+fr", Languages::EnFr, &[Language::En, Language::Fr]),
+        ] {
+            let c = Config::from_toml(&format!("[gateway]\nlanguage = \"{text}\"\n"), "test")
+                .unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(c.gateway.language, languages);
+            assert_eq!(c.gateway.language.each(), each);
+            assert_eq!(c.gateway.language.first(), each[0]);
+        }
+        for bad in ["de", "fr+de", "fr,en", "FR", "fr+fr", ""] {
+            let p = problems(&format!("[gateway]\nlanguage = \"{bad}\"\n"));
+            assert_eq!(p.len(), 1, "{bad}: {p:?}");
+            assert_eq!(p[0].key, "gateway.language");
+            assert!(p[0].reason.contains("fr+en"), "{bad}: {}", p[0].reason);
+        }
     }
 
     #[test]

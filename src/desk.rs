@@ -386,7 +386,7 @@ fn quick_action(
                 template: "quick_help",
                 subject: &view.subject,
                 line: "",
-                reason: "",
+                reason: &crate::templates::Phrase::default(),
             };
             apply::queue_agent_notice(conn, rt, Some(&view), &notice, store::now())?;
             Ok(())

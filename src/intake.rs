@@ -204,7 +204,9 @@ pub fn process(
     let (inbound, block) = match quick {
         Quick::None => (std::borrow::Cow::Borrowed(inbound), None),
         Quick::Refused { agent, refusal } => {
-            let reason = templates::quick_problem(config.gateway.language, &refusal.problem);
+            let reason = templates::Phrase::new(|language| {
+                templates::quick_problem(language, &refusal.problem)
+            });
             let refused = Refused {
                 agent: &agent,
                 line: &refusal.line,
@@ -408,7 +410,6 @@ fn record_with_actions(
     mut plan: decide::Plan,
     now: i64,
 ) -> Result<Outcome, IntakeError> {
-    let config = &rt.config;
     let (agent, block) = (m.agent, m.block);
     if quick::nothing_remains(&block.rest)
         || block
@@ -443,7 +444,7 @@ fn record_with_actions(
             queued: applied.queued,
         }),
         Err(QuickFailed::Action(failed)) if failed.error.is_refusal() => {
-            let reason = desk_refusal(config.gateway.language, &failed.error);
+            let reason = templates::Phrase::new(|language| desk_refusal(language, &failed.error));
             let refused = Refused {
                 agent,
                 line: &failed.line,
@@ -461,8 +462,8 @@ struct Refused<'a> {
     agent: &'a Mailbox,
     /// As written.
     line: &'a str,
-    /// In the configured language.
-    reason: &'a str,
+    /// In each language.
+    reason: &'a templates::Phrase,
 }
 
 /// A refused block: the message is kept (on its ticket, else in
@@ -487,8 +488,9 @@ fn refuse_quick(
         Some(view) => {
             store_raw(conn, arrival, now)?;
             let text = format!(
-                "quick action refused, from {}: {line}: {reason}",
-                agent.address
+                "quick action refused, from {}: {line}: {}",
+                agent.address,
+                reason.get(config.gateway.language.first())
             );
             tickets::insert_system_entry(
                 conn,
@@ -521,6 +523,7 @@ fn refuse_quick(
         reason,
     };
     apply::queue_agent_notice(conn, rt, ticket, &notice, now)?;
+    let reason = reason.get(config.gateway.language.first());
     tracing::info!(agent = %agent.address, line, reason, "quick action refused");
     Ok(Outcome {
         verdict: Verdict::Stored,
@@ -554,7 +557,7 @@ fn help_without_ticket(
         template: "quick_help",
         subject: "",
         line: "",
-        reason: "",
+        reason: &templates::Phrase::default(),
     };
     apply::queue_agent_notice(conn, rt, None, &notice, now)?;
     Ok(Outcome {

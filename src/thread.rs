@@ -139,7 +139,8 @@ fn prefix_regex() -> &'static Regex {
 /// The fixed words of crmgate's own automatic subjects (the receipt's and
 /// the closure's, see [`crate::templates::AUTOMATIC_SUBJECT_WORDS`]) at
 /// the start, with their colon, any case; a non-breaking space before the
-/// colon, as French Outlook writes it, counts as a space.
+/// colon, as French Outlook writes it, counts as a space. A bilingual
+/// helpdesk's subject has the words of each language, slash between.
 fn automatic_words_regex() -> &'static Regex {
     static RE: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
     RE.get_or_init(|| {
@@ -147,9 +148,10 @@ fn automatic_words_regex() -> &'static Regex {
             .iter()
             .map(|w| regex::escape(w).replace(' ', r"[\s\u{a0}]+"))
             .collect();
+        let words = words.join("|");
+        let slash = regex::escape(crate::templates::LANGUAGE_SLASH.trim());
         match Regex::new(&format!(
-            r"(?i)^[\s\u{{a0}}]*(?:{})[\s\u{{a0}}]*(?:[:：][\s\u{{a0}}]*|$)",
-            words.join("|")
+            r"(?i)^[\s\u{{a0}}]*(?:{words})(?:[\s\u{{a0}}]*{slash}[\s\u{{a0}}]*(?:{words}))*[\s\u{{a0}}]*(?:[:：][\s\u{{a0}}]*|$)",
         )) {
             Ok(re) => re,
             Err(e) => unreachable!("regex of constant words: {e}"),
@@ -256,7 +258,7 @@ pub fn parse_bounce_address(address: &str, public: &str, key: Option<&[u8]>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, Language};
+    use crate::config::{Config, Languages};
 
     fn pattern() -> Regex {
         Config::embedded_default().ticket.pattern
@@ -306,12 +308,13 @@ mod tests {
     #[test]
     fn clean_subject_drops_the_words_of_the_receipt_and_the_closure() {
         let p = pattern();
-        for (language, name) in [
-            (Language::Fr, "closure"),
-            (Language::En, "closure"),
-            (Language::Fr, "receipt"),
-            (Language::En, "receipt"),
-        ] {
+        let every = [
+            Languages::Fr,
+            Languages::En,
+            Languages::FrEn,
+            Languages::EnFr,
+        ];
+        for (language, name) in every.iter().flat_map(|&l| [(l, "closure"), (l, "receipt")]) {
             let ours = format!(
                 "[TKT0000042] {}",
                 crate::templates::subject(name, language, "Imprimante en panne")
@@ -329,6 +332,15 @@ mod tests {
         }
         // A receipt of a ticket without a subject: the words alone.
         assert_eq!(clean_subject("RE: [TKT0000042] Billet résolu", &p), "");
+        assert_eq!(
+            clean_subject("RE: [TKT0000042] Billet résolu / Ticket resolved", &p),
+            ""
+        );
+        // A slash in the ticket's own subject stays.
+        assert_eq!(
+            clean_subject("RE: [TKT0000042] Billet résolu : Imprimante / scanner", &p),
+            "Imprimante / scanner"
+        );
         // The words elsewhere, or another word that starts alike, stay.
         assert_eq!(
             clean_subject("RE: [TKT0000042] Imprimante : billet résolu ?", &p),

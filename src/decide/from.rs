@@ -59,7 +59,11 @@ pub(super) fn entry_from_name(
 /// the helpdesk's language, so no agent takes it for a colleague's word.
 fn unverified_name(mailbox: &Mailbox, config: &Config) -> String {
     let name = mailbox.name.as_deref().unwrap_or(&mailbox.address);
-    let mark = unverified_mark(config.gateway.language);
+    let mark = crate::templates::in_each(
+        config.gateway.language,
+        crate::templates::LANGUAGE_SLASH,
+        |l| unverified_mark(l).to_string(),
+    );
     format!(
         "{name} ({mark}: {}) via {}",
         mailbox.address, config.gateway.display_name

@@ -359,6 +359,7 @@ fn text_token(start: usize, end: usize) -> Token {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Languages;
 
     fn cut_of(text: &str) -> Option<String> {
         cut_text(text)
@@ -383,12 +384,29 @@ mod tests {
             cut_of("Merci, ça marche.\n\n## Reply above this line ##\n\nold\n").as_deref(),
             Some("Merci, ça marche.\n")
         );
-        // Both languages: the first marker cuts.
-        assert_eq!(
-            cut_of("Ok\n## Répondez au-dessus de cette ligne ##\n## Reply above this line ##\nx")
+        // Both languages (fr+en, en+fr), each written by the template
+        // module: the first marker cuts, whichever it is.
+        for languages in [Languages::FrEn, Languages::EnFr] {
+            let markers = crate::templates::reply_marker_lines(languages).join("\n");
+            assert_eq!(
+                cut_of(&format!("Ok\n{markers}\nx")).as_deref(),
+                Some("Ok\n"),
+                "{languages:?}"
+            );
+            assert_eq!(
+                cut_of(&format!(
+                    "Ok\n\nOn Mon, 4 Mar 2024, Soutien TI wrote:\n> {}\n> old\n",
+                    markers.replace('\n', "\n> ")
+                ))
                 .as_deref(),
-            Some("Ok\n")
-        );
+                Some("Ok\n"),
+                "{languages:?}"
+            );
+        }
+        // Either marker alone, as a single-language helpdesk writes it.
+        for marker in crate::templates::REPLY_MARKERS {
+            assert_eq!(cut_of(&format!("Ok\n{marker}\nx")).as_deref(), Some("Ok\n"));
+        }
         // Quoted, with odd spacing and a non-breaking space.
         assert_eq!(
             cut_of("Ok\n\n>  ##\u{a0}REPLY above   this line ##\n> x\n").as_deref(),

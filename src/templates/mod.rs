@@ -7,13 +7,18 @@
 //! `check-config` error and never a surprise at the first new ticket.
 //! The fixed phrases (subjects, the marks crmgate adds to copies) live here
 //! too, so every word the helpdesk's users read is in one place.
+//!
+//! A helpdesk of two languages (`fr+en`, `en+fr`) writes each text in both,
+//! the first one first: each language's own template (or phrase) is
+//! rendered and the results are joined, so an override of one language's
+//! file changes that language only and no "both" text exists to drift.
 
 use std::path::Path;
 
 use minijinja::Environment;
 use serde::Serialize;
 
-use crate::config::Language;
+use crate::config::{Language, Languages};
 
 /// The kinds of automatic message that have a template.
 pub const NAMES: [&str; 6] = [
@@ -60,7 +65,7 @@ pub enum TemplateError {
 }
 
 /// What a template can use.
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 pub struct Context<'a> {
     pub number: &'a str,
     pub subject: &'a str,
@@ -68,10 +73,88 @@ pub struct Context<'a> {
     pub public_address: &'a str,
     /// Failure notice only.
     pub recipients: &'a str,
-    /// Failure notice and refused quick action.
-    pub reason: &'a str,
+    /// Failure notice and refused quick action: each language's template
+    /// gets its own.
+    pub reason: &'a Phrase,
     /// Refused quick action only: the line, as the agent wrote it.
     pub line: &'a str,
+}
+
+/// The values one language's template sees (the names templates in
+/// `templates_dir` use).
+#[derive(Serialize)]
+struct Values<'a> {
+    number: &'a str,
+    subject: &'a str,
+    display_name: &'a str,
+    public_address: &'a str,
+    recipients: &'a str,
+    reason: &'a str,
+    line: &'a str,
+}
+
+/// A text said in each language, for the template of each: why a quick
+/// action was refused, say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Phrase {
+    fr: String,
+    en: String,
+}
+
+impl Phrase {
+    pub fn new(say: impl Fn(Language) -> String) -> Phrase {
+        Phrase {
+            fr: say(Language::Fr),
+            en: say(Language::En),
+        }
+    }
+
+    /// A text that is the same in every language (a relay's SMTP reply).
+    pub fn same(text: &str) -> Phrase {
+        Phrase {
+            fr: text.to_string(),
+            en: text.to_string(),
+        }
+    }
+
+    pub fn get(&self, language: Language) -> &str {
+        match language {
+            Language::Fr => &self.fr,
+            Language::En => &self.en,
+        }
+    }
+}
+
+/// What stands between the two languages of a text written in both: a
+/// line of its own, so a reader sees where their language starts.
+pub const LANGUAGE_RULE: &str = "---";
+
+/// What stands between the two languages of a subject or of a phrase on
+/// one line ("Billet résolu / Ticket resolved : …").
+pub const LANGUAGE_SLASH: &str = " / ";
+
+/// `say` in each of `languages`, first one first, joined by `separator`.
+pub fn in_each(languages: Languages, separator: &str, say: impl Fn(Language) -> String) -> String {
+    let said: Vec<String> = languages.each().iter().map(|&l| say(l)).collect();
+    said.join(separator)
+}
+
+/// Whole texts (a template per language) joined: each but the last
+/// without its trailing blank lines, then the rule on a line between
+/// blank lines.
+fn joined_texts(texts: &[String]) -> String {
+    let mut out = String::new();
+    for (i, text) in texts.iter().enumerate() {
+        if i + 1 < texts.len() {
+            out.push_str(text.trim_end());
+            out.push_str("\n\n");
+            out.push_str(LANGUAGE_RULE);
+            out.push_str("\n\n");
+        } else {
+            out.push_str(text);
+        }
+    }
+    out
 }
 
 pub struct Templates {
@@ -111,18 +194,44 @@ impl Templates {
         Ok(Templates { env })
     }
 
+    /// `name` in each of `languages`, each language's template rendered
+    /// on its own, joined first one first.
+    ///
     /// # Errors
     /// A template that fails at render time (e.g. an unknown filter).
     pub fn render(
+        &self,
+        name: &str,
+        languages: Languages,
+        context: &Context<'_>,
+    ) -> Result<String, TemplateError> {
+        let texts = languages
+            .each()
+            .iter()
+            .map(|&language| self.render_one(name, language, context))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(joined_texts(&texts))
+    }
+
+    fn render_one(
         &self,
         name: &str,
         language: Language,
         context: &Context<'_>,
     ) -> Result<String, TemplateError> {
         let file = format!("{name}.{}.txt", language.code());
+        let values = Values {
+            number: context.number,
+            subject: context.subject,
+            display_name: context.display_name,
+            public_address: context.public_address,
+            recipients: context.recipients,
+            reason: context.reason.get(language),
+            line: context.line,
+        };
         self.env
             .get_template(&file)
-            .and_then(|t| t.render(context))
+            .and_then(|t| t.render(&values))
             .map_err(|source| TemplateError::Render { name: file, source })
     }
 }
@@ -132,28 +241,34 @@ impl Templates {
 /// quoted notification) is cut, see `parse::reply`. Every marker is
 /// recognised in replies whatever the configured language.
 pub const REPLY_MARKERS: [&str; 2] = [REPLY_MARKER_FR, REPLY_MARKER_EN];
+const REPLY_MARKERS_EN_FR: [&str; 2] = [REPLY_MARKER_EN, REPLY_MARKER_FR];
 const REPLY_MARKER_FR: &str = "## Répondez au-dessus de cette ligne ##";
 const REPLY_MARKER_EN: &str = "## Reply above this line ##";
 
 /// The marker lines a notification starts with, in the order written:
 /// one per language of the configuration (`fr+en` writes both, French
 /// first).
-pub fn reply_marker_lines(language: Language) -> &'static [&'static str] {
-    match language {
-        Language::Fr => &REPLY_MARKERS[..1],
-        Language::En => &REPLY_MARKERS[1..],
+pub fn reply_marker_lines(languages: Languages) -> &'static [&'static str] {
+    match languages {
+        Languages::Fr => &REPLY_MARKERS[..1],
+        Languages::En => &REPLY_MARKERS[1..],
+        Languages::FrEn => &REPLY_MARKERS,
+        Languages::EnFr => &REPLY_MARKERS_EN_FR,
     }
 }
 
 /// The text of an entry whose reply added nothing above the marker (an
 /// attachment sent back alone, say): the entry is kept and says so.
-pub fn nothing_added(language: Language) -> &'static str {
-    match language {
-        Language::Fr => {
-            "[Rien n'a été écrit au-dessus de la ligne « Répondez au-dessus de cette ligne ».]\n"
+pub fn nothing_added(languages: Languages) -> String {
+    in_each(languages, "", |language| {
+        match language {
+            Language::Fr => {
+                "[Rien n'a été écrit au-dessus de la ligne « Répondez au-dessus de cette ligne ».]\n"
+            }
+            Language::En => "[Nothing was written above the line \"Reply above this line\".]\n",
         }
-        Language::En => "[Nothing was written above the line \"Reply above this line\".]\n",
-    }
+        .to_string()
+    })
 }
 
 /// The words the receipt and the closure notice put before the ticket's
@@ -166,9 +281,27 @@ const RECEIPT_EN: &str = "Receipt confirmation";
 const CLOSURE_FR: &str = "Billet résolu";
 const CLOSURE_EN: &str = "Ticket resolved";
 
-/// The subject of an automatic message, before compose adds `[NUMBER]`.
-pub fn subject(name: &str, language: Language, ticket_subject: &str) -> String {
-    let prefix = match (name, language) {
+/// The subject of an automatic message, before compose adds `[NUMBER]`:
+/// the words of each language joined by [`LANGUAGE_SLASH`], then the
+/// ticket's subject after the first language's colon ("Billet résolu /
+/// Ticket resolved : Imprimante").
+pub fn subject(name: &str, languages: Languages, ticket_subject: &str) -> String {
+    let prefix = in_each(languages, LANGUAGE_SLASH, |language| {
+        subject_words(name, language).to_string()
+    });
+    if ticket_subject.is_empty() {
+        prefix
+    } else {
+        let separator = match languages.first() {
+            Language::Fr => " : ",
+            Language::En => ": ",
+        };
+        format!("{prefix}{separator}{ticket_subject}")
+    }
+}
+
+fn subject_words(name: &str, language: Language) -> &'static str {
+    match (name, language) {
         ("receipt", Language::Fr) => RECEIPT_FR,
         ("receipt", Language::En) => RECEIPT_EN,
         ("closure", Language::Fr) => CLOSURE_FR,
@@ -181,16 +314,6 @@ pub fn subject(name: &str, language: Language, ticket_subject: &str) -> String {
         ("quick_refused", Language::Fr) => "Action rapide refusée",
         ("quick_refused", Language::En) => "Quick action refused",
         _ => "Delivery failure",
-    };
-    if ticket_subject.is_empty() {
-        prefix.to_string()
-    } else {
-        let separator = if language == Language::Fr {
-            " : "
-        } else {
-            ": "
-        };
-        format!("{prefix}{separator}{ticket_subject}")
     }
 }
 
@@ -222,9 +345,10 @@ pub fn quick_problem(language: Language, problem: &crate::decide::quick::QuickPr
 }
 
 /// The line that ends a text cut short in the copies: how long the message
-/// is, and where its whole text is.
-pub fn cut_note(language: Language, length: usize, number: &str) -> String {
-    match language {
+/// is, and where its whole text is (a line per language).
+pub fn cut_note(languages: Languages, length: usize, number: &str) -> String {
+    in_each(languages, "", |language| {
+        match language {
         Language::Fr => format!(
             "\n[… coupé : ce message fait {length} octets ; le texte entier est sur le billet {number}.]\n"
         ),
@@ -232,42 +356,164 @@ pub fn cut_note(language: Language, length: usize, number: &str) -> String {
             "\n[… cut: this message is {length} bytes long; its whole text is on ticket {number}.]\n"
         ),
     }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn context() -> Context<'static> {
+    fn context(reason: &Phrase) -> Context<'_> {
         Context {
             number: "TKT0000042",
             subject: "Imprimante",
             display_name: "Soutien TI",
             public_address: "support@example.org",
             recipients: "a@example.org",
-            reason: "550 5.1.1 no such user",
+            reason,
             line: "/watch add jane.doe@example.org",
         }
+    }
+
+    fn smtp_reason() -> Phrase {
+        Phrase::same("550 5.1.1 no such user")
     }
 
     #[test]
     fn built_in_templates_render_in_both_languages() {
         let t = Templates::load(None).unwrap();
+        let reason = smtp_reason();
         for name in NAMES {
-            for lang in [Language::Fr, Language::En] {
-                let text = t.render(name, lang, &context()).unwrap();
+            for lang in [Languages::Fr, Languages::En] {
+                let text = t.render(name, lang, &context(&reason)).unwrap();
                 assert!(text.contains("TKT0000042"), "{name}.{lang:?}: {text}");
+                assert!(!text.contains(LANGUAGE_RULE), "{name}.{lang:?}: {text}");
             }
         }
-        let fr = t.render("receipt", Language::Fr, &context()).unwrap();
+        let fr = t
+            .render("receipt", Languages::Fr, &context(&reason))
+            .unwrap();
         assert!(fr.contains("billet TKT0000042"));
         assert_eq!(
-            subject("closure", Language::En, "Imprimante"),
+            subject("closure", Languages::En, "Imprimante"),
             "Ticket resolved: Imprimante"
         );
         assert_eq!(
-            subject("closure", Language::Fr, "Imprimante"),
+            subject("closure", Languages::Fr, "Imprimante"),
             "Billet résolu : Imprimante"
+        );
+    }
+
+    #[test]
+    fn two_languages_render_each_template_first_one_first_with_a_rule_between() {
+        let t = Templates::load(None).unwrap();
+        let reason = Phrase::new(|l| match l {
+            Language::Fr => "raison en français".into(),
+            Language::En => "reason in English".into(),
+        });
+        for name in NAMES {
+            let fr = t.render(name, Languages::Fr, &context(&reason)).unwrap();
+            let en = t.render(name, Languages::En, &context(&reason)).unwrap();
+            let rule = format!("\n\n{LANGUAGE_RULE}\n\n");
+            assert_eq!(
+                t.render(name, Languages::FrEn, &context(&reason)).unwrap(),
+                format!("{}{rule}{en}", fr.trim_end()),
+                "{name}"
+            );
+            assert_eq!(
+                t.render(name, Languages::EnFr, &context(&reason)).unwrap(),
+                format!("{}{rule}{fr}", en.trim_end()),
+                "{name}"
+            );
+        }
+        // Each language's template gets the reason in its own language.
+        let both = t
+            .render("quick_refused", Languages::FrEn, &context(&reason))
+            .unwrap();
+        let (fr, en) = both.split_once("\n---\n").unwrap();
+        assert!(fr.contains("est refusée : raison en français"), "{fr}");
+        assert!(en.contains("is refused: reason in English"), "{en}");
+        assert!(
+            !fr.contains("English") && !en.contains("français"),
+            "{both}"
+        );
+        // The receipt and the closure as a requester reads them.
+        let receipt = t
+            .render("receipt", Languages::EnFr, &context(&reason))
+            .unwrap();
+        let english = receipt.find("We have received your request").unwrap();
+        let french = receipt.find("Nous avons bien reçu votre demande").unwrap();
+        assert!(
+            english < receipt.find("\n---\n").unwrap() && receipt.find("\n---\n").unwrap() < french
+        );
+        let closure = t
+            .render("closure", Languages::FrEn, &context(&reason))
+            .unwrap();
+        assert!(
+            closure.find("est maintenant résolu").unwrap()
+                < closure.find("is now resolved").unwrap()
+        );
+    }
+
+    #[test]
+    fn an_override_of_one_language_changes_that_language_only_in_both() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("receipt.en.txt"), "Got {{ number }}.").unwrap();
+        let t = Templates::load(Some(dir.path())).unwrap();
+        let reason = smtp_reason();
+        let both = t
+            .render("receipt", Languages::FrEn, &context(&reason))
+            .unwrap();
+        assert!(both.starts_with("Bonjour,"), "{both}");
+        assert!(both.ends_with("\n\n---\n\nGot TKT0000042."), "{both}");
+    }
+
+    #[test]
+    fn subjects_of_two_languages_carry_each_words_and_the_first_ones_colon() {
+        assert_eq!(
+            subject("closure", Languages::FrEn, "Imprimante"),
+            "Billet résolu / Ticket resolved : Imprimante"
+        );
+        assert_eq!(
+            subject("receipt", Languages::EnFr, "Imprimante"),
+            "Receipt confirmation / Accusé de réception: Imprimante"
+        );
+        assert_eq!(
+            subject("failure", Languages::FrEn, "Imprimante"),
+            "Échec de remise / Delivery failure : Imprimante"
+        );
+        assert_eq!(
+            subject("quick_help", Languages::EnFr, ""),
+            "Quick actions / Actions rapides"
+        );
+        for name in NAMES {
+            let both = subject(name, Languages::FrEn, "X");
+            let fr = subject(name, Languages::Fr, "");
+            let en = subject(name, Languages::En, "");
+            assert_eq!(both, format!("{fr} / {en} : X"));
+        }
+    }
+
+    #[test]
+    fn marker_lines_and_phrases_of_two_languages() {
+        assert_eq!(reply_marker_lines(Languages::Fr), [REPLY_MARKER_FR]);
+        assert_eq!(reply_marker_lines(Languages::En), [REPLY_MARKER_EN]);
+        assert_eq!(
+            reply_marker_lines(Languages::FrEn),
+            [REPLY_MARKER_FR, REPLY_MARKER_EN]
+        );
+        assert_eq!(
+            reply_marker_lines(Languages::EnFr),
+            [REPLY_MARKER_EN, REPLY_MARKER_FR]
+        );
+        let nothing = nothing_added(Languages::EnFr);
+        let lines: Vec<&str> = nothing.lines().collect();
+        assert_eq!(lines.len(), 2, "{nothing}");
+        assert!(lines[0].starts_with("[Nothing was written"), "{nothing}");
+        assert!(lines[1].starts_with("[Rien n'a été écrit"), "{nothing}");
+        assert_eq!(
+            in_each(Languages::FrEn, LANGUAGE_SLASH, |l| l.code().to_string()),
+            "fr / en"
         );
     }
 
@@ -277,7 +523,8 @@ mod tests {
         std::fs::write(dir.path().join("receipt.en.txt"), "Got {{ number }}.").unwrap();
         let t = Templates::load(Some(dir.path())).unwrap();
         assert_eq!(
-            t.render("receipt", Language::En, &context()).unwrap(),
+            t.render("receipt", Languages::En, &context(&smtp_reason()))
+                .unwrap(),
             "Got TKT0000042."
         );
         std::fs::write(dir.path().join("closure.fr.txt"), "{% if %}").unwrap();
