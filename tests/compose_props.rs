@@ -9,7 +9,7 @@
 //! those addresses.
 
 use crmgate::compose::{compose, scrub_html, scrub_text, Draft, Scrub};
-use crmgate::config::Language;
+use crmgate::config::Languages;
 use crmgate::helpdesk::SendKind;
 use crmgate::parse::{Attachment, Mailbox};
 use mail_parser::{Address, HeaderValue, MessageParser, MimeHeaders, PartType};
@@ -326,7 +326,7 @@ proptest! {
         let draft = Draft {
             kind: kind_of(kind),
             ticket_number: "TKT0000042".into(),
-            language: Language::Fr,
+            language: Languages::Fr,
             from_name: format!("{} via Soutien TI", line(&name)),
             from_address: REPLACEMENT.into(),
             reply_address: None,
@@ -487,7 +487,7 @@ fn real_mail_scrubbed_of_every_address() {
         let draft = Draft {
             kind: SendKind::PublicCopy,
             ticket_number: "TKT0000042".into(),
-            language: Language::En,
+            language: Languages::En,
             from_name: "Support via Soutien TI".into(),
             from_address: REPLACEMENT.into(),
             reply_address: None,

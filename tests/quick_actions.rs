@@ -5,6 +5,7 @@
 mod common;
 
 use common::gateway::*;
+use common::sink::Received;
 use serde_json::Value;
 
 fn entries(t: &Value) -> Vec<Value> {
@@ -226,25 +227,47 @@ async fn an_unknown_word_carries_out_nothing_and_the_agent_is_told_in_french() {
     g.stop().await;
 }
 
+/// What the list of quick actions says first, in each language.
+const HELP_FR: &str = "Voici les actions rapides";
+const HELP_EN: &str = "These are the quick actions";
+
+/// The phrases `body` must hold in the order the configured `language`
+/// writes them: each language's, the first one first; and none of a
+/// language it does not write.
+fn assert_in_order(language: &str, body: &str, fr: &str, en: &str) {
+    let expected: &[&str] = match language {
+        "fr" => &[fr],
+        "en" => &[en],
+        "fr+en" => &[fr, en],
+        _ => &[en, fr],
+    };
+    let found: Vec<usize> = expected
+        .iter()
+        .map(|p| {
+            body.find(p)
+                .unwrap_or_else(|| panic!("{language}: no {p:?} in {body}"))
+        })
+        .collect();
+    assert!(found.windows(2).all(|w| w[0] < w[1]), "{language}: {body}");
+    for p in [fr, en] {
+        if !expected.contains(&p) {
+            assert!(!body.contains(p), "{language}: {p:?} in {body}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn help_answers_with_the_list_in_each_language_and_opens_no_ticket() {
-    for (language, word) in [("fr", "/résoudre"), ("en", "/resolve")] {
-        let mut g = Gateway::start("").await;
-        let text = std::fs::read_to_string(g.config_path()).unwrap();
-        std::fs::write(
-            g.config_path(),
-            text.replace("language = \"fr\"", &format!("language = \"{language}\"")),
-        )
-        .unwrap();
-        g.stop().await;
-        g.boot().await;
+    for language in ["fr", "en", "fr+en", "en+fr"] {
+        let mut g = Gateway::start_in(language, "", "").await;
         let message = format!("From: Jane Doe <{JANE}>\nTo: {PUBLIC}\nSubject: aide\n\n/aide\n");
         assert!(g.send(JANE, &[PUBLIC], &message).await.starts_with("250"));
         let sent = g.settle().await;
         assert_eq!(sent.len(), 1, "{sent:?}");
         assert_eq!(sent[0].rcpt_to, [JANE]);
         let body = decoded_body(&sent[0].data);
-        assert!(body.contains(word), "{language}: {body}");
+        assert_in_order(language, &body, HELP_FR, HELP_EN);
+        assert_in_order(language, &body, "/résoudre  ", "/resolve  ");
         let list = g.json(&["ticket", "list", "--json"]);
         assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
         g.stop().await;
@@ -320,4 +343,342 @@ async fn a_forwarding_agents_own_words_reach_the_other_agents_as_a_work_note() {
 fn decoded_body(data: &[u8]) -> String {
     let message = mail_parser::MessageParser::default().parse(data).unwrap();
     message.body_text(0).unwrap_or_default().into_owned()
+}
+
+// ---------------------------------------------------------------------------
+// The SPEC's quick-action table, row by row, in English and in French: each
+// line on a ticket of its own, as a message of only that line from Jane, a
+// believed agent. Each row checks what it changed on the ticket, the
+// `system` entry naming Jane and the line, and the mail it caused.
+// ---------------------------------------------------------------------------
+
+const ALICE: &str = "alice@u.example";
+const CAROL: &str = "carol@u.example";
+const DAVE: &str = "dave@u.example";
+const ERIN: &str = "erin@u.example";
+
+/// A ticket of its own for each `n`: Alice opens it, Carol in Cc (so on the
+/// watch list); Jane and Bob are on its work-notes list. Returns its number
+/// once the receipt has left.
+async fn ticket(g: &Gateway, n: usize) -> String {
+    let subject = format!("Imprimante {n}");
+    let reply = g
+        .send(
+            ALICE,
+            &[PUBLIC],
+            &format!(
+                "From: Alice Martin <{ALICE}>\nTo: {PUBLIC}\nCc: {CAROL}\nSubject: {subject}\n\
+                 Message-ID: <open-{n}@u.example>\n\nElle ne marche plus ({n}).\n"
+            ),
+        )
+        .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    g.settle().await;
+    let list = g.json(&["ticket", "list", "--json"]);
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["subject"] == subject.as_str())
+        .unwrap_or_else(|| panic!("no ticket {subject}: {list}"))["number"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Jane's message on ticket `number` of `text` (quick actions at its top);
+/// returns the ticket after it and the mail it caused.
+async fn act(g: &Gateway, number: &str, text: &str) -> (Value, Vec<Received>) {
+    let before = g.mark();
+    let message = format!(
+        "From: Jane Doe <{JANE}>\nTo: {PUBLIC}\nSubject: RE: [{number}] Imprimante\n\
+         Message-ID: <act-{number}-{}@example.org>\n\n{text}",
+        text.len()
+    );
+    let reply = g.send(JANE, &[PUBLIC], &message).await;
+    assert!(reply.starts_with("250"), "{text}: {reply}");
+    let sent = g.settle().await;
+    (g.show(number), before.of(&sent).to_vec())
+}
+
+/// The ticket has a `system` entry naming Jane and `line`, and no comment
+/// or work note of Jane's: the message was only its block.
+fn assert_done_by_jane(t: &Value, line: &str) {
+    let e = entries(t);
+    assert!(
+        e.iter().any(|e| e["kind"] == "system"
+            && e["body"].as_str().unwrap().contains(JANE)
+            && e["body"].as_str().unwrap().contains(line)),
+        "no system entry naming {JANE} and {line:?}: {t}"
+    );
+    assert!(
+        !e.iter()
+            .any(|e| e["from"] == JANE && (e["kind"] == "comment" || e["kind"] == "work_note")),
+        "{line}: a message of only actions logs no entry of its own: {t}"
+    );
+    assert!(
+        !e.iter()
+            .any(|e| e["kind"] != "system" && e["body"].as_str().unwrap().contains(line)),
+        "{line}: the block is taken out: {t}"
+    );
+}
+
+fn list(t: &Value, name: &str) -> Vec<String> {
+    t[name]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {name}: {t}"))
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_resolve_and_resoudre_set_resolved_and_send_the_closure_in_the_configured_language() {
+    for (language, closure) in [("fr", "Billet résolu"), ("en", "Ticket resolved")] {
+        let mut g = Gateway::start_in(language, "", "").await;
+        for (n, line) in ["/resolve", "/résoudre", "/resoudre", "/Résoudre"]
+            .into_iter()
+            .enumerate()
+        {
+            let number = ticket(&g, n).await;
+            let (t, sent) = act(&g, &number, &format!("{line}\n")).await;
+            assert_eq!(t["state"], "resolved", "{language} {line}");
+            assert_done_by_jane(&t, line);
+            assert!(kinds(&t).contains(&"closure".to_string()), "{t}");
+            // The closure, to the watch group: Alice and Carol, nobody else.
+            assert_eq!(sent.len(), 1, "{language} {line}: {sent:?}");
+            let mut rcpt = sent[0].rcpt_to.clone();
+            rcpt.sort();
+            assert_eq!(rcpt, [ALICE, CAROL]);
+            let subject = header(&sent[0].text(), "Subject").unwrap().to_string();
+            assert!(subject.contains(&format!("[{number}]")), "{subject}");
+            let body = decoded_body(&sent[0].data);
+            assert_in_order(language, &body, "est maintenant résolu", "is now resolved");
+            assert!(
+                decoded_subject(&sent[0].data).contains(closure),
+                "{language}: {subject}"
+            );
+        }
+        g.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_reopen_and_rouvrir_set_a_resolved_ticket_open() {
+    let mut g = Gateway::start("").await;
+    for (n, line) in ["/reopen", "/rouvrir", "/ROUVRIR"].into_iter().enumerate() {
+        let number = ticket(&g, n).await;
+        let (code, _, err) = g.cli(&["ticket", "resolve", &number]);
+        assert_eq!(code, 0, "{err}");
+        g.settle().await;
+        let (t, sent) = act(&g, &number, &format!("{line}\n")).await;
+        assert_eq!(t["state"], "open", "{line}: {t}");
+        assert_done_by_jane(&t, line);
+        assert!(
+            entries(&t)
+                .iter()
+                .any(|e| e["kind"] == "system"
+                    && e["body"] == format!("reopened by {JANE}").as_str()),
+            "{t}"
+        );
+        assert!(sent.is_empty(), "{line}: {sent:?}");
+    }
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_assign_and_assigner_set_the_owner_me_and_moi_being_the_sender() {
+    let mut g = Gateway::start("").await;
+    let rows = [
+        (format!("/assign {BOB}"), BOB),
+        (format!("/assigner <{BOB}>"), BOB),
+        ("/assign me".to_string(), JANE),
+        ("/assigner moi".to_string(), JANE),
+        ("/ASSIGNER MOI".to_string(), JANE),
+    ];
+    for (n, (line, owner)) in rows.iter().enumerate() {
+        let number = ticket(&g, n).await;
+        let (t, sent) = act(&g, &number, &format!("{line}\n")).await;
+        assert_eq!(t["owner"], *owner, "{line}: {t}");
+        assert!(
+            list(&t, "work_notes_list").contains(&owner.to_string()),
+            "{t}"
+        );
+        assert!(
+            entries(&t)
+                .iter()
+                .any(|e| e["kind"] == "system"
+                    && e["body"] == format!("assigned to {owner}").as_str()),
+            "{t}"
+        );
+        assert_done_by_jane(&t, line);
+        assert!(sent.is_empty(), "{line}: {sent:?}");
+    }
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_watch_and_surveillance_add_and_remove_on_the_watch_list() {
+    let mut g = Gateway::start("").await;
+    let rows = [
+        (
+            format!("/watch add {DAVE}, <{ERIN}>"),
+            vec![CAROL, DAVE, ERIN],
+        ),
+        (
+            format!("/surveillance ajouter {DAVE} {ERIN}"),
+            vec![CAROL, DAVE, ERIN],
+        ),
+        (format!("/Surveillance Ajouter <{DAVE}>"), vec![CAROL, DAVE]),
+        (format!("/watch remove {CAROL}"), vec![]),
+        (format!("/surveillance retirer <{CAROL}>"), vec![]),
+    ];
+    for (n, (line, expected)) in rows.iter().enumerate() {
+        let number = ticket(&g, n).await;
+        assert_eq!(list(&g.show(&number), "watch_list"), [CAROL]);
+        let (t, sent) = act(&g, &number, &format!("{line}\n")).await;
+        let mut watch = list(&t, "watch_list");
+        watch.sort();
+        assert_eq!(watch, *expected, "{line}: {t}");
+        assert_eq!(list(&t, "requesters"), [ALICE], "{line}");
+        assert_done_by_jane(&t, line);
+        assert!(sent.is_empty(), "{line}: {sent:?}");
+    }
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_notes_add_ajouter_remove_retirer_change_the_work_notes_list() {
+    let mut g = Gateway::start("").await;
+    let rows = [
+        (format!("/notes add {BOB}"), true),
+        (format!("/notes ajouter <{BOB}>"), true),
+        (format!("/notes remove {BOB}"), false),
+        (format!("/notes retirer {BOB}"), false),
+        (format!("/NOTES RETIRER {BOB}"), false),
+    ];
+    for (n, (line, add)) in rows.iter().enumerate() {
+        let number = ticket(&g, n).await;
+        if *add {
+            let (code, _, err) = g.cli(&["notes-list", "remove", &number, BOB]);
+            assert_eq!(code, 0, "{err}");
+        }
+        assert_eq!(
+            list(&g.show(&number), "work_notes_list").contains(&BOB.to_string()),
+            !add
+        );
+        let (t, sent) = act(&g, &number, &format!("{line}\n")).await;
+        let notes = list(&t, "work_notes_list");
+        assert_eq!(notes.contains(&BOB.to_string()), *add, "{line}: {t}");
+        assert!(notes.contains(&JANE.to_string()), "{line}: {t}");
+        assert_done_by_jane(&t, line);
+        assert!(sent.is_empty(), "{line}: {sent:?}");
+    }
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_requester_and_demandeur_add_and_remove_requesters() {
+    let mut g = Gateway::start("").await;
+    let rows = [
+        (format!("/requester add {DAVE}"), vec![ALICE, DAVE]),
+        (
+            format!("/demandeur ajouter <{DAVE}>, {ERIN}"),
+            vec![ALICE, DAVE, ERIN],
+        ),
+        (format!("/requester remove {ALICE}"), vec![]),
+        (format!("/demandeur retirer {ALICE}"), vec![]),
+    ];
+    for (n, (line, expected)) in rows.iter().enumerate() {
+        let number = ticket(&g, n).await;
+        let (t, sent) = act(&g, &number, &format!("{line}\n")).await;
+        let mut requesters = list(&t, "requesters");
+        requesters.sort();
+        assert_eq!(requesters, *expected, "{line}: {t}");
+        assert_eq!(list(&t, "watch_list"), [CAROL], "{line}");
+        assert_done_by_jane(&t, line);
+        assert!(sent.is_empty(), "{line}: {sent:?}");
+    }
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_email_and_courriel_send_the_text_to_the_partners_as_an_email_entry() {
+    let mut g = Gateway::start("").await;
+    let rows = [
+        "/email partner@vendor.example cc other@vendor.example",
+        "/courriel <partner@vendor.example> cc <other@vendor.example>",
+        "/Courriel partner@vendor.example, CC, other@vendor.example",
+    ];
+    for (n, line) in rows.into_iter().enumerate() {
+        let number = ticket(&g, n).await;
+        let text = format!("{line}\n\nPouvez-vous remplacer l'unite {n} ?\n");
+        let (t, sent) = act(&g, &number, &text).await;
+        // The partner mail, then its copy to the other agent on the
+        // work-notes list (Bob): nothing to the requester or the watcher.
+        let to_partner: Vec<&Received> = sent
+            .iter()
+            .filter(|m| m.rcpt_to.iter().any(|r| r == "partner@vendor.example"))
+            .collect();
+        assert_eq!(to_partner.len(), 1, "{line}: {sent:?}");
+        assert_eq!(
+            to_partner[0].rcpt_to,
+            ["partner@vendor.example", "other@vendor.example"]
+        );
+        let mail = to_partner[0].text();
+        assert!(
+            header(&mail, "Cc")
+                .unwrap()
+                .contains("other@vendor.example"),
+            "{mail}"
+        );
+        assert!(header(&mail, "Subject")
+            .unwrap()
+            .contains(&format!("[{number}]")));
+        let body = decoded_body(&to_partner[0].data);
+        assert!(body.contains(&format!("remplacer l'unite {n}")), "{body}");
+        assert!(!body.contains(line) && !body.contains("/email"), "{body}");
+        for m in &sent {
+            assert!(
+                !m.rcpt_to.iter().any(|r| r == ALICE || r == CAROL),
+                "{line}: {m:?}"
+            );
+        }
+        let email = entries(&t)
+            .into_iter()
+            .find(|e| e["kind"] == "email")
+            .unwrap_or_else(|| panic!("{line}: no email entry: {t}"));
+        assert!(email["body"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("l'unite {n}")));
+        assert_done_by_jane(&t, line);
+    }
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_help_and_aide_on_a_ticket_answer_the_agent_in_the_configured_languages() {
+    for language in ["fr", "en", "fr+en", "en+fr"] {
+        let mut g = Gateway::start_in(language, "", "").await;
+        for (n, line) in ["/help", "/aide", "/AIDE"].into_iter().enumerate() {
+            let number = ticket(&g, n).await;
+            let (t, sent) = act(&g, &number, &format!("{line}\n")).await;
+            assert_eq!(sent.len(), 1, "{language} {line}: {sent:?}");
+            assert_eq!(sent[0].rcpt_to, [JANE]);
+            let subject = decoded_subject(&sent[0].data);
+            assert!(subject.contains(&format!("[{number}]")), "{subject}");
+            assert_in_order(language, &subject, "Actions rapides", "Quick actions");
+            let body = decoded_body(&sent[0].data);
+            assert!(body.contains(&number), "{body}");
+            assert_in_order(language, &body, HELP_FR, HELP_EN);
+            assert_done_by_jane(&t, line);
+        }
+        g.stop().await;
+    }
+}
+
+/// The Subject of a message, its encoded words undone.
+fn decoded_subject(data: &[u8]) -> String {
+    let message = mail_parser::MessageParser::default().parse(data).unwrap();
+    message.subject().unwrap_or_default().to_string()
 }

@@ -35,6 +35,8 @@ pub struct Gateway {
     pub agents: Vec<(String, String)>,
     /// `[gateway] operator`.
     pub operator: Option<String>,
+    /// `[gateway] language`.
+    pub language: String,
 }
 
 fn config_text(
@@ -44,6 +46,7 @@ fn config_text(
     tail: &str,
     agents: &[(String, String)],
     operator: &str,
+    language: &str,
 ) -> String {
     let agents: String = agents
         .iter()
@@ -63,7 +66,7 @@ fn config_text(
 [gateway]
 hostname = "crm.example.org"
 state_dir = "{state}"
-language = "fr"
+language = "{language}"
 display_name = "Soutien TI"
 operator = "{operator}"
 
@@ -95,6 +98,11 @@ impl Gateway {
     }
 
     pub async fn start_with(extra: &str, tail: &str) -> Gateway {
+        Gateway::start_in("fr", extra, tail).await
+    }
+
+    /// With `[gateway] language = LANGUAGE`.
+    pub async fn start_in(language: &str, extra: &str, tail: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let sink = Sink::start().await;
         let mut g = Gateway {
@@ -106,6 +114,7 @@ impl Gateway {
             extra: extra.to_string(),
             tail: tail.to_string(),
             operator: None,
+            language: language.to_string(),
             agents: vec![
                 ("Jane Doe".into(), "Jane.Doe@example.org".into()),
                 ("Bob Agent".into(), BOB.into()),
@@ -127,6 +136,7 @@ impl Gateway {
             &self.tail,
             &self.agents,
             self.operator.as_deref().unwrap_or(""),
+            &self.language,
         );
         std::fs::write(self.config_path(), &text).unwrap();
         let config = crmgate::config::Config::from_toml(&text, "test").unwrap();
