@@ -1,13 +1,15 @@
 //! Apply: a plan that `decide` made, written to the store and turned into
 //! outgoing mail. The ticket and its lists change, the entries are logged,
-//! and each planned send is composed (scrubbed for non-agents, capped) and
-//! queued in the outbox, all in the caller's transaction. Inbound mail
+//! and each planned send is capped and queued in the outbox as the plan of
+//! its copy (who, what, scrubbed of whom: [`crate::compose::plan`]), which
+//! the relay composes when it sends it, all in the caller's transaction. Inbound mail
 //! ([`crate::intake`]), the CLI's ticket commands and the relay's failure
 //! hook all queue their mail here.
 
 use rusqlite::Connection;
 
-use crate::compose::{self, Draft};
+use crate::compose;
+use crate::compose::plan::{CopyPlan, EntryBody, PlannedText};
 use crate::decide::{self, Plan, PlannedEntry, PlannedSend, TicketTarget, TicketView};
 use crate::helpdesk::{EntryKind, Role, SendKind, TicketState};
 use crate::intake::Runtime;
@@ -162,11 +164,10 @@ pub fn apply(
         let Some(entry) = plan.entries.get(send.entry) else {
             continue;
         };
-        let (subject, text, html) = match send.kind {
+        let (subject, text) = match send.kind {
             SendKind::ReplyAllNotice => (
                 templates::subject("reply_all", config.gateway.language, &view.subject),
-                render(rt, "reply_all", &view, "", "")?,
-                None,
+                PlannedText::Here(render(rt, "reply_all", &view, "", "")?),
             ),
             SendKind::Receipt | SendKind::Closure => (
                 templates::subject(
@@ -178,8 +179,8 @@ pub fn apply(
                     config.gateway.language,
                     &view.subject,
                 ),
-                entry_texts[send.entry].to_string(),
-                None,
+                // The receipt's (closure's) entry is its rendered template.
+                PlannedText::Entry,
             ),
             _ => (
                 if entry.subject.is_empty() {
@@ -187,17 +188,7 @@ pub fn apply(
                 } else {
                     entry.subject.clone()
                 },
-                notification_text(
-                    &entry_texts[send.entry],
-                    &view.number,
-                    config.gateway.language,
-                ),
-                // A text that long is cut: the HTML would say more than it.
-                entry
-                    .html
-                    .clone()
-                    .filter(|_| entry_texts[send.entry].len() <= NOTIFICATION_TEXT_MAX)
-                    .filter(|html| html.len() <= NOTIFICATION_TEXT_MAX),
+                PlannedText::Notification,
             ),
         };
         let listed_attachments = if entry.keeps_attachments && send.kind != SendKind::Receipt {
@@ -208,9 +199,13 @@ pub fn apply(
         let content = Content {
             subject,
             text,
-            html,
+            entry: Some(EntryBody {
+                text: &entry_texts[send.entry],
+                html: entry.html.as_deref(),
+                attachments: Vec::new().into(),
+            }),
             listed_attachments,
-            attachments: Vec::new(),
+            attachments: false,
             written_by_agent: entry.by_agent,
             copied_from: (!entry.by_agent).then(|| sender.to_ascii_lowercase()),
         };
@@ -230,32 +225,6 @@ pub fn apply(
         number: view.number,
         queued,
     })
-}
-
-/// The most text one copy carries. Real mail is far below it; a longer
-/// text (a log pasted whole, 25 MB of it) stays whole on the ticket, and
-/// each copy carries its beginning and says where the rest is, instead of
-/// holding the whole text once more per copy while it is composed, stored
-/// and sent.
-pub const NOTIFICATION_TEXT_MAX: usize = 1024 * 1024;
-
-/// `text`, cut at the last line end before [`NOTIFICATION_TEXT_MAX`] with
-/// a note naming the ticket, when it is longer.
-fn notification_text(text: &str, number: &str, language: crate::config::Languages) -> String {
-    if text.len() <= NOTIFICATION_TEXT_MAX {
-        return text.to_string();
-    }
-    let mut end = NOTIFICATION_TEXT_MAX;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    let head = &text[..end];
-    let head = head.rfind('\n').map_or(head, |i| &head[..=i]);
-    let note = templates::cut_note(language, text.len(), number);
-    let mut out = String::with_capacity(head.len() + note.len());
-    out.push_str(head);
-    out.push_str(&note);
-    out
 }
 
 fn render(
@@ -379,14 +348,18 @@ pub fn failure_notice(
 }
 
 /// What one outgoing message says.
-pub struct Content {
+pub struct Content<'a> {
     pub subject: String,
-    pub text: String,
-    pub html: Option<String>,
+    /// Its own text, or its entry's (see [`PlannedText`]).
+    pub text: PlannedText,
+    /// The entry it carries, as written in this transaction: what the copy
+    /// composed at send time reads back. Here it only gives tests the
+    /// draft ingest would compose, to compare with that copy.
+    pub entry: Option<EntryBody<'a>>,
     /// Kept on the ticket, named in the body.
     pub listed_attachments: Vec<(String, u64)>,
-    /// Sent along: the e-mail function only.
-    pub attachments: Vec<crate::parse::Attachment>,
+    /// The entry's attachments are sent along: the e-mail function only.
+    pub attachments: bool,
     /// Written by a believed agent: never capped.
     pub written_by_agent: bool,
     /// The non-agent whose mail this copies, lower-cased: its copies count
@@ -406,24 +379,25 @@ fn threads_agents_only(rt: &Runtime, entry: &PlannedEntry, sender: &str) -> bool
         || rt.former_agents.contains(&sender.to_ascii_lowercase())
 }
 
-impl Content {
+impl Content<'_> {
     /// A notice crmgate writes itself: text only, no attachment listed.
-    fn notice(subject: String, text: String, written_by_agent: bool) -> Content {
+    fn notice(subject: String, text: String, written_by_agent: bool) -> Content<'static> {
         Content {
             subject,
-            text,
-            html: None,
+            text: PlannedText::Here(text),
+            entry: None,
             listed_attachments: Vec::new(),
-            attachments: Vec::new(),
+            attachments: false,
             written_by_agent,
             copied_from: None,
         }
     }
 }
 
-/// Compose one planned message and put it in the outbox, less the
-/// recipients a cap holds back (each noted in a `system` entry). `None`
-/// when nobody is left to send to.
+/// Plan one message and put it in the outbox, less the recipients a cap
+/// holds back (each noted in a `system` entry): the relay composes it when
+/// it sends it (see [`crate::compose::plan`]). `None` when nobody is left
+/// to send to.
 ///
 /// # Errors
 /// Database or composing failures.
@@ -434,7 +408,7 @@ pub fn queue(
     view: &TicketView,
     thread: &[crate::decide::ThreadRef],
     send: &PlannedSend,
-    content: Content,
+    content: Content<'_>,
     entry_id: Option<i64>,
     now: i64,
 ) -> Result<Option<i64>, ApplyError> {
@@ -516,9 +490,8 @@ pub fn queue(
         rand::random::<u64>(),
         config.gateway.hostname
     );
-    let draft = Draft {
-        kind: send.kind,
-        ticket_number: view.number.clone(),
+    let copy = CopyPlan {
+        number: view.number.clone(),
         language: config.gateway.language,
         from_name: send.from_name.clone(),
         from_address: send.from_address.clone(),
@@ -534,25 +507,23 @@ pub fn queue(
         cc: send.cc.clone(),
         subject: content.subject,
         text: content.text,
-        html: content.html,
-        listed_attachments: content.listed_attachments,
+        listed: content.listed_attachments,
         attachments: content.attachments,
-        message_id: message_id.clone(),
         in_reply_to: references.last().cloned(),
         references,
         date: now,
         loop_host: config.gateway.hostname.clone(),
         scrub,
     };
-    let bytes = compose::compose(&draft)?;
-    let id = tickets::insert_outbox(
+    planned(send.kind, &message_id, &copy, content.entry)?;
+    let id = tickets::insert_outbox_plan(
         conn,
         Some(view.id),
         entry_id,
         send.kind.into(),
         &envelope,
         &message_id,
-        &bytes,
+        &copy.to_json()?,
         now,
     )?;
     tickets::insert_thread_id(conn, &message_id, view.id, false, now)?;
@@ -628,9 +599,8 @@ pub fn queue_agent_notice(
         rand::random::<u64>(),
         config.gateway.hostname
     );
-    let draft = Draft {
-        kind: send.kind,
-        ticket_number: String::new(),
+    let copy = CopyPlan {
+        number: String::new(),
         language,
         from_name: send.from_name,
         from_address: send.from_address,
@@ -638,57 +608,48 @@ pub fn queue_agent_notice(
         to: send.to,
         cc: Vec::new(),
         subject,
-        text,
-        html: None,
-        listed_attachments: Vec::new(),
-        attachments: Vec::new(),
-        message_id: message_id.clone(),
+        text: PlannedText::Here(text),
+        listed: Vec::new(),
+        attachments: false,
         in_reply_to: None,
         references: Vec::new(),
         date: now,
         loop_host: config.gateway.hostname.clone(),
         scrub: None,
     };
-    let bytes = compose::compose(&draft)?;
-    let id = tickets::insert_outbox(
+    planned(send.kind, &message_id, &copy, None)?;
+    let id = tickets::insert_outbox_plan(
         conn,
         None,
         None,
         send.kind.into(),
         &send.envelope,
         &message_id,
-        &bytes,
+        &copy.to_json()?,
         now,
     )?;
     Ok(Some(id))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Languages;
-
-    #[test]
-    fn a_short_text_goes_into_copies_whole() {
-        let text = "Bonjour,\nl'imprimante ne marche plus.\n";
-        assert_eq!(notification_text(text, "TKT0000001", Languages::Fr), text);
-    }
-
-    #[test]
-    fn a_long_text_is_cut_at_a_line_end_with_a_note_naming_the_ticket() {
-        let line = "é".repeat(40) + "\n";
-        let text = line.repeat(2 * NOTIFICATION_TEXT_MAX / line.len());
-        let cut = notification_text(&text, "TKT0000042", Languages::En);
-        assert!(cut.len() <= NOTIFICATION_TEXT_MAX + 200, "{}", cut.len());
-        let (head, note) = cut.split_once("\n[… cut:").unwrap();
-        assert!(text.starts_with(head) && head.ends_with('\n'));
-        assert!(note.contains(&format!("{} bytes", text.len())), "{note}");
-        assert!(note.contains("ticket TKT0000042"), "{note}");
-        // Both languages, the first one first.
-        let cut = notification_text(&text, "TKT0000042", Languages::FrEn);
-        let (_, note) = cut.split_once("\n[… coupé :").unwrap();
-        let (fr, en) = note.split_once("[… cut:").unwrap();
-        assert!(fr.contains("billet TKT0000042"), "{fr}");
-        assert!(en.contains("ticket TKT0000042"), "{en}");
-    }
+/// The draft of a copy as ingest plans it, from the entry as written in
+/// this transaction rather than read back: the tests compose it and
+/// compare it, byte for byte, with the copy the relay composes at send
+/// time. Outside the tests, nothing is composed here.
+///
+/// # Errors
+/// A plan that names an entry it is not given.
+fn planned(
+    kind: SendKind,
+    message_id: &str,
+    copy: &CopyPlan,
+    entry: Option<EntryBody<'_>>,
+) -> Result<(), ApplyError> {
+    #[cfg(test)]
+    tests::record_ingest_draft(compose::plan::draft(kind, message_id, copy, entry)?);
+    #[cfg(not(test))]
+    let _ = (kind, message_id, copy, entry);
+    Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -7,13 +7,17 @@
 //! "De :" / "wrote:" lines, signatures, `mailto:` links, HTML entities)
 //! before the message is encoded again.
 
+pub mod plan;
 mod scrub;
 
 use mail_builder::headers::address::Address;
+use mail_builder::headers::content_type::ContentType;
 use mail_builder::headers::message_id::MessageId;
 use mail_builder::headers::raw::Raw;
 use mail_builder::headers::text::Text;
+use mail_builder::mime::{BodyPart, MimePart};
 use mail_builder::MessageBuilder;
+use sha2::{Digest, Sha256};
 
 use crate::config::{Language, Languages};
 use crate::helpdesk::SendKind;
@@ -23,7 +27,7 @@ pub use scrub::{scrub_html, scrub_text, Scrubber};
 
 /// Replace these addresses (agents and former agents, lower-cased) with the
 /// public address everywhere in the message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Scrub {
     pub addresses: Vec<String>,
     pub replacement: String,
@@ -71,6 +75,9 @@ pub struct Draft {
 pub enum ComposeError {
     #[error("cannot build the message: {0}")]
     Build(#[from] std::io::Error),
+    /// A stored plan that cannot be read, or that lacks its entry.
+    #[error("cannot compose from the outbox plan: {0}")]
+    Plan(String),
 }
 
 /// Build the message bytes.
@@ -153,22 +160,59 @@ pub fn compose(draft: &Draft) -> Result<Vec<u8>, ComposeError> {
         _ => &[],
     };
     let text = text_with_marker(&text_with_lines(&draft.text, &lines), markers);
-    message = message.text_body(clean(&text));
-    if let Some(html) = &draft.html {
+    let text = MimePart::new("text/plain", BodyPart::Text(clean(&text).into()));
+    let html = draft.html.as_ref().map(|html| {
         let html = html_with_marker(&html_with_lines(html, &lines), markers);
-        message = message.html_body(match &scrubber {
+        let html = match &scrubber {
             Some(scrubber) => scrubber.html(&html),
             None => html,
-        });
-    }
-
-    if draft.kind == SendKind::Email {
-        for attachment in &draft.attachments {
-            message = attach(message, attachment, scrubber.as_deref());
+        };
+        MimePart::new("text/html", BodyPart::Text(html.into()))
+    });
+    let attachments: Vec<MimePart<'_>> = if draft.kind == SendKind::Email {
+        draft
+            .attachments
+            .iter()
+            .map(|attachment| attach(attachment, scrubber.as_deref()))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let alternative = |text, html| {
+        MimePart::new(
+            multipart("alternative", &draft.message_id),
+            vec![text, html],
+        )
+    };
+    let body = match (html, attachments.is_empty()) {
+        (None, true) => text,
+        (Some(html), true) => alternative(text, html),
+        (html, false) => {
+            let mut parts = Vec::with_capacity(attachments.len() + 1);
+            parts.push(match html {
+                Some(html) => alternative(text, html),
+                None => text,
+            });
+            parts.extend(attachments);
+            MimePart::new(multipart("mixed", &draft.message_id), parts)
         }
-    }
+    };
 
-    Ok(message.write_to_vec()?)
+    Ok(message.body(body).write_to_vec()?)
+}
+
+/// A multipart content type whose boundary comes from the Message-ID, not
+/// from the clock as mail-builder's would: the same draft composes to the
+/// same bytes, so a copy composed at send time is the one planned at
+/// ingest (see [`plan`]). A digest of a random Message-ID, so no text of
+/// the message can guess it, and `=_` in it, which neither base64 nor
+/// quoted-printable can produce.
+fn multipart(subtype: &str, message_id: &str) -> ContentType<'static> {
+    let digest = Sha256::digest(message_id.as_bytes());
+    ContentType::new(format!("multipart/{subtype}")).attribute(
+        "boundary",
+        format!("=_{subtype}_{}", hex::encode(&digest[..12])),
+    )
 }
 
 /// The headers that tell auto-responders and mail filters what a message is
@@ -344,11 +388,7 @@ fn escape_html(text: &str) -> String {
 /// Attach one file of the e-mail function. A text attachment that is valid
 /// UTF-8 is scrubbed like the body (a `.txt` or an `.html` is read like one);
 /// other files are sent as they are.
-fn attach<'x>(
-    message: MessageBuilder<'x>,
-    attachment: &Attachment,
-    scrubber: Option<&Scrubber>,
-) -> MessageBuilder<'x> {
+fn attach(attachment: &Attachment, scrubber: Option<&Scrubber>) -> MimePart<'static> {
     let content_type = media_type(&attachment.content_type);
     let filename = match scrubber {
         Some(scrubber) => scrubber.text(&one_line(&attachment.filename)),
@@ -366,9 +406,13 @@ fn attach<'x>(
             } else {
                 scrubber.text(text)
             };
-            message.attachment(content_type, filename, text)
+            MimePart::new(content_type, BodyPart::Text(text.into())).attachment(filename)
         }
-        _ => message.attachment(content_type, filename, attachment.data.clone()),
+        _ => MimePart::new(
+            content_type,
+            BodyPart::Binary(attachment.data.clone().into()),
+        )
+        .attachment(filename),
     }
 }
 

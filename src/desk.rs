@@ -221,10 +221,14 @@ pub fn email(conn: &Connection, rt: &Runtime, email: &Email<'_>) -> Result<(Stri
     }
     let content = apply::Content {
         subject: entry.subject.clone(),
-        text: email.text.to_string(),
-        html: None,
+        text: crate::compose::plan::PlannedText::Entry,
+        entry: Some(crate::compose::plan::EntryBody {
+            text: email.text,
+            html: None,
+            attachments: email.attachments.into(),
+        }),
         listed_attachments: Vec::new(),
-        attachments: email.attachments.to_vec(),
+        attachments: true,
         written_by_agent: true,
         copied_from: None,
     };

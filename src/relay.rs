@@ -464,6 +464,88 @@ async fn run_lane(
     lane
 }
 
+/// Why a planned copy could not be composed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlannedError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Compose(#[from] crate::compose::ComposeError),
+}
+
+/// The bytes of a planned copy, composed now from its plan and its entry
+/// as read back: the same bytes ingest would have composed (see
+/// [`crate::compose::plan`]).
+///
+/// # Errors
+/// A database error, no such entry, or a plan that cannot be read.
+pub fn compose_planned(
+    conn: &Connection,
+    row: &OutboxRow,
+    plan: &str,
+) -> Result<Vec<u8>, PlannedError> {
+    use crate::compose::plan::{self, CopyPlan, EntryBody, PlannedText};
+    use crate::compose::ComposeError;
+    let plan = CopyPlan::from_json(plan)?;
+    let Some(crate::helpdesk::OutboxKind::Send(kind)) =
+        crate::helpdesk::OutboxKind::parse(&row.kind)
+    else {
+        return Err(ComposeError::Plan(format!("a plan for a {} row", row.kind)).into());
+    };
+    let needs_entry = plan.attachments || !matches!(plan.text, PlannedText::Here(_));
+    let entry_id = row.entry_id.filter(|_| needs_entry);
+    let body = entry_id
+        .map(|id| outbox::entry_body(conn, id))
+        .transpose()?;
+    let attachments = match entry_id {
+        Some(id) if plan.attachments => outbox::entry_attachments(conn, id)?,
+        _ => Vec::new(),
+    };
+    let entry = body.as_ref().map(|(text, html)| EntryBody {
+        text,
+        html: html.as_deref(),
+        attachments: attachments.into(),
+    });
+    let draft = plan::draft(kind, &row.message_id, &plan, entry)?;
+    Ok(crate::compose::compose(&draft)?)
+}
+
+/// Rows whose copy cannot be composed, each with why.
+pub type Unsendable = Vec<(OutboxRow, String)>;
+
+/// Compose the planned copies of `rows`. A row whose copy cannot be
+/// composed (its entry gone, a plan this version cannot read) comes back
+/// apart with why, to be failed; a database error fails the whole read, to
+/// be tried again.
+///
+/// # Errors
+/// A database error other than a missing entry.
+pub fn composed(
+    conn: &Connection,
+    rows: Vec<OutboxRow>,
+) -> Result<(Vec<OutboxRow>, Unsendable), StoreError> {
+    let mut ready = Vec::with_capacity(rows.len());
+    let mut unsendable = Vec::new();
+    for mut row in rows {
+        let Some(plan) = row.plan.take() else {
+            ready.push(row);
+            continue;
+        };
+        match compose_planned(conn, &row, &plan) {
+            Ok(message) => {
+                row.message = message;
+                ready.push(row);
+            }
+            Err(PlannedError::Store(e @ (StoreError::NotFound(_) | StoreError::Invalid(_)))) => {
+                unsendable.push((row, format!("cannot compose the copy: {e}")));
+            }
+            Err(PlannedError::Store(e)) => return Err(e),
+            Err(PlannedError::Compose(e)) => unsendable.push((row, e.to_string())),
+        }
+    }
+    Ok((ready, unsendable))
+}
+
 /// The row with a `DKIM-Signature` on its message, signed here, at send
 /// time: nothing changes the message after this, so the signature holds.
 /// A message that cannot be signed (a From without a domain) goes unsigned
@@ -526,8 +608,15 @@ impl Worker {
                 pause(self::until(until), shutdown).await;
                 continue;
             }
-            let batch = match self.db.call(move |c| outbox::due(c, now, BATCH)).await {
-                Ok(batch) => batch,
+            let due = self.db.call(move |c| {
+                let due = outbox::due(c, now, BATCH)?;
+                composed(c, due)
+            });
+            let batch = match due.await {
+                Ok((batch, unsendable)) => {
+                    self.fail_unsendable(unsendable).await;
+                    batch
+                }
                 Err(e) => {
                     error!(error = %e, "cannot read the outbox");
                     pause(STORE_PAUSE, shutdown).await;
@@ -548,6 +637,25 @@ impl Worker {
                 continue;
             }
             self.send_batch(batch, shutdown).await;
+        }
+    }
+
+    /// Rows whose copy cannot be composed fail now, told on their ticket
+    /// like any failure: sending them later would fail the same way.
+    async fn fail_unsendable(&mut self, unsendable: Unsendable) {
+        if unsendable.is_empty() {
+            return;
+        }
+        let settled: Vec<(OutboxRow, Disposition)> = unsendable
+            .into_iter()
+            .map(|(row, error)| {
+                error!(outbox_id = row.id, error = %error, "cannot compose the copy");
+                (row, Disposition::Failed { error })
+            })
+            .collect();
+        if let Err(e) = self.record(settled.clone(), store::now()).await {
+            error!(error = %e, rows = settled.len(), "cannot record the outcomes; will try again");
+            self.unrecorded.extend(settled);
         }
     }
 
@@ -786,6 +894,7 @@ mod tests {
             recipients: recipients.iter().map(|r| r.to_string()).collect(),
             message_id: "<m@h>".into(),
             message: b"x\r\n".to_vec(),
+            plan: None,
             status: OutboxStatus::Queued,
             attempts,
             next_attempt_at: created_at,

@@ -554,6 +554,101 @@ async fn a_removed_agent_leaves_the_lists_and_stays_scrubbed() {
     g.stop().await;
 }
 
+/// The copies waiting in the outbox, composed from their plans as the
+/// relay composes them now, by Message-ID.
+fn planned_copies(g: &Gateway) -> Vec<(String, Vec<u8>)> {
+    let conn = crmgate::store::open(&g.dir.path().join("state").join("crmgate.db")).unwrap();
+    let rows = crmgate::store::outbox::due(&conn, i64::MAX, 100).unwrap();
+    assert!(rows.iter().all(|r| r.plan.is_some()), "every copy planned");
+    let (rows, unsendable) = crmgate::relay::composed(&conn, rows).unwrap();
+    assert!(unsendable.is_empty(), "{unsendable:?}");
+    rows.into_iter()
+        .map(|r| (r.message_id, r.message))
+        .collect()
+}
+
+/// Each planned copy arrived once, exactly as planned, under its Message-ID.
+fn assert_arrived_as_planned(planned: &[(String, Vec<u8>)], sent: &[common::sink::Received]) {
+    assert!(!planned.is_empty());
+    for (message_id, bytes) in planned {
+        let arrived: Vec<_> = sent
+            .iter()
+            .filter(|m| header(&m.text(), "Message-ID") == Some(format!("<{message_id}>").as_str()))
+            .collect();
+        assert_eq!(arrived.len(), 1, "{message_id}");
+        assert_eq!(
+            arrived[0].text(),
+            String::from_utf8_lossy(bytes),
+            "{message_id}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_queued_before_a_restart_is_composed_after_it_as_planned() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    let before = g.mark();
+    g.sink.set_outage(true);
+    let reply = format!(
+        "From: Alice Martin <alice@u.example>\nTo: support@example.org\n\
+         Subject: Re: [{number}] Imprimante en panne\nMessage-ID: <reply-2@u.example>\n\
+         In-Reply-To: <open-1@u.example>\n\n\
+         Toujours en panne. Jane Doe <jane.doe@example.org> devait passer.\n"
+    );
+    assert!(g
+        .send("alice@u.example", &[PUBLIC], &reply)
+        .await
+        .starts_with("250"));
+    let planned = planned_copies(&g);
+    g.stop().await;
+    g.sink.set_outage(false);
+    g.boot().await;
+    let sent = g.settle().await;
+    let new = before.of(&sent);
+    assert_arrived_as_planned(&planned, new);
+    // Carol's copy (the watch list): threaded under Alice's first message,
+    // and Jane's address scrubbed from it.
+    let carol = to(new, "carol@u.example");
+    assert_eq!(carol.len(), 1);
+    let text = carol[0].text();
+    let references = header(&text, "References").unwrap_or_default();
+    assert!(references.contains("<open-1@u.example>"), "{text}");
+    assert!(!text.to_ascii_lowercase().contains(JANE), "{text}");
+    assert!(text.contains(PUBLIC), "{text}");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_removed_before_a_copy_leaves_is_still_scrubbed_from_it() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    let before = g.mark();
+    g.sink.set_outage(true);
+    let m = format!(
+        "From: Jane Doe <jane.doe@example.org>\nTo: support@example.org\nSubject: RE: [{number}] x\n\n\
+         Bob Agent <bob.agent@example.org> passe demain.\n"
+    );
+    assert!(g.send(JANE, &[PUBLIC], &m).await.starts_with("250"));
+    let planned = planned_copies(&g);
+    g.stop().await;
+    // Bob leaves the configuration before the copies leave.
+    g.agents.retain(|(_, email)| email != BOB);
+    g.sink.set_outage(false);
+    g.boot().await;
+    let sent = g.settle().await;
+    let new = before.of(&sent);
+    assert_arrived_as_planned(&planned, new);
+    let public = to(new, "alice@u.example");
+    assert_eq!(public.len(), 1);
+    let text = public[0].text().to_ascii_lowercase();
+    assert!(!text.contains(BOB), "{text}");
+    assert!(text.contains("passe demain"), "{text}");
+    g.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_from_the_command_line_sends_as_if_the_agent_had_mailed() {
     let mut g = Gateway::start("").await;

@@ -126,6 +126,13 @@ fn migrations() -> Migrations<'static> {
             "ALTER TABLE tickets ADD COLUMN resolved_at INTEGER;
              UPDATE tickets SET resolved_at = updated_at WHERE state = 'resolved';",
         ),
+        // An outgoing copy is kept as its plan (`compose::plan`), a few
+        // hundred bytes composed by the relay when it sends the copy,
+        // rather than as the copy's bytes composed at ingest: the message
+        // is written once, as its raw bytes and its entry. Rows queued
+        // before keep their bytes and are sent from them; a planned row
+        // leaves `message` empty.
+        M::up("ALTER TABLE outbox_messages ADD COLUMN plan TEXT;"),
     ])
 }
 

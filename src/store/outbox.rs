@@ -70,9 +70,14 @@ pub struct OutboxRow {
     pub recipients: Vec<String>,
     /// The message's own Message-ID: a delivery report names it.
     pub message_id: String,
-    /// The full RFC 5322 message, CRLF line ends (left empty in the
-    /// outcomes the relay worker records: they do not need it).
+    /// The full RFC 5322 message, CRLF line ends: as stored for a row
+    /// queued as bytes, composed by the relay from [`OutboxRow::plan`]
+    /// otherwise (left empty in the outcomes the relay worker records:
+    /// they do not need it).
     pub message: Vec<u8>,
+    /// The copy's plan (`compose::plan::CopyPlan` as JSON), when it was
+    /// queued as one: the relay composes [`OutboxRow::message`] from it.
+    pub plan: Option<String>,
     /// Only queued rows are sent.
     pub status: OutboxStatus,
     /// Attempts made so far: the backoff doubles with each.
@@ -114,7 +119,7 @@ pub struct OutboxSummary {
 /// The columns of an [`OutboxRow`], from `outbox AS o LEFT JOIN
 /// outbox_messages AS m` (see [`ROW_FROM`]).
 const ROW_COLUMNS: &str = "o.id, o.ticket_id, o.entry_id, o.kind, o.recipients, o.message_id, \
-     m.message, o.status, o.attempts, o.next_attempt_at, o.last_error, o.created_at";
+     m.message, o.status, o.attempts, o.next_attempt_at, o.last_error, o.created_at, m.plan";
 
 /// A row and its message's bytes, which live apart (written once, never
 /// with the row's changes). A left join, so that a row without its bytes
@@ -136,6 +141,7 @@ type RawRow = (
     i64,
     Option<String>,
     i64,
+    Option<String>,
 );
 
 fn raw_row(r: &Row<'_>) -> rusqlite::Result<RawRow> {
@@ -152,6 +158,7 @@ fn raw_row(r: &Row<'_>) -> rusqlite::Result<RawRow> {
         r.get(9)?,
         r.get(10)?,
         r.get(11)?,
+        r.get(12)?,
     ))
 }
 
@@ -177,9 +184,11 @@ fn into_row(raw: RawRow) -> Result<OutboxRow> {
         next_attempt_at,
         last_error,
         created_at,
+        plan,
     ) = raw;
     let message = message
         .ok_or_else(|| StoreError::Invalid(format!("outbox row {id}: its message is missing")))?;
+    let plan = plan.filter(|_| message.is_empty());
     Ok(OutboxRow {
         id,
         ticket_id,
@@ -188,6 +197,7 @@ fn into_row(raw: RawRow) -> Result<OutboxRow> {
         recipients: parse_recipients(id, &recipients)?,
         message_id,
         message,
+        plan,
         status: OutboxStatus::from_column(&status)?,
         attempts,
         next_attempt_at,
@@ -272,6 +282,61 @@ pub fn get(conn: &Connection, id: i64) -> Result<OutboxRow> {
         .optional()?
         .ok_or_else(|| StoreError::NotFound(format!("no outbox row {id}")))?;
     into_row(raw)
+}
+
+/// What a planned copy carries of its entry: the text and HTML, as
+/// written.
+///
+/// # Errors
+/// `NotFound` when there is no such entry; a database error, or a long
+/// body that is not UTF-8.
+pub fn entry_body(conn: &Connection, entry_id: i64) -> Result<(String, Option<String>)> {
+    conn.prepare_cached("SELECT body, long_body, html FROM entries WHERE id = ?1")?
+        .query_row([entry_id], |r| {
+            let long: Option<Vec<u8>> = r.get(1)?;
+            Ok((r.get::<_, String>(0)?, long, r.get::<_, Option<String>>(2)?))
+        })
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("no entry {entry_id}")))
+        .and_then(|(body, long, html)| {
+            let body = match long {
+                // A long body lives in `long_body` (the second migration).
+                Some(bytes) => String::from_utf8(bytes).map_err(|e| {
+                    StoreError::Invalid(format!("entry {entry_id}: its body is not UTF-8: {e}"))
+                })?,
+                None => body,
+            };
+            Ok((body, html))
+        })
+}
+
+/// The attachments kept on an entry, in the order they were kept, each
+/// with its bytes (from the row that holds them when the ticket had them
+/// already): what the e-mail function's copy sends along.
+///
+/// # Errors
+/// A database error.
+pub fn entry_attachments(
+    conn: &Connection,
+    entry_id: i64,
+) -> Result<Vec<crate::parse::Attachment>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT a.filename, a.content_type,
+                CASE WHEN a.same_as IS NULL THEN a.data ELSE h.data END
+         FROM attachments AS a LEFT JOIN attachments AS h ON h.id = a.same_as
+         WHERE a.entry_id = ?1 ORDER BY a.id",
+    )?;
+    let rows = stmt
+        .query_map([entry_id], |r| {
+            Ok(crate::parse::Attachment {
+                filename: r.get(0)?,
+                content_type: r.get(1)?,
+                data: r.get::<_, Option<Vec<u8>>>(2)?.unwrap_or_default(),
+                inline: false,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
 }
 
 /// Fails with `NotFound` when an update touched no row, so a caller never
@@ -884,6 +949,48 @@ mod tests {
             .collect::<rusqlite::Result<_>>()
             .unwrap();
         assert!(!columns.iter().any(|c| c == "message"), "{columns:?}");
+    }
+
+    #[test]
+    fn a_row_queued_as_bytes_before_plans_is_still_sent_from_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crmgate.db");
+        let message = awkward_message(7_000);
+        let id = {
+            // A log from before the copies were planned.
+            let mut conn = Connection::open(&path).unwrap();
+            crate::store::migrations().to_version(&mut conn, 7).unwrap();
+            crate::store::tickets::insert_outbox(
+                &conn,
+                None,
+                None,
+                crate::helpdesk::OutboxKind::Send(crate::helpdesk::SendKind::Receipt),
+                &["r@x".into()],
+                "<old@x>",
+                &message,
+                100,
+            )
+            .unwrap()
+        };
+        let conn = crate::store::open(&path).unwrap();
+        let rows = due(&conn, 100, 10).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].id, &rows[0].message), (id, &message));
+        assert_eq!(rows[0].plan, None);
+        // Beside it, a row queued now is its plan, and no bytes.
+        let planned = crate::store::tickets::insert_outbox_plan(
+            &conn,
+            None,
+            None,
+            crate::helpdesk::OutboxKind::Send(crate::helpdesk::SendKind::Receipt),
+            &["r@x".into()],
+            "<new@x>",
+            "{}",
+            100,
+        )
+        .unwrap();
+        let row = get(&conn, planned).unwrap();
+        assert_eq!((row.message.len(), row.plan.as_deref()), (0, Some("{}")));
     }
 
     #[test]

@@ -843,7 +843,8 @@ pub fn remove_quarantined(conn: &Connection, id: i64) -> Result<bool> {
     Ok(conn.execute("DELETE FROM quarantine WHERE id = ?1", [id])? > 0)
 }
 
-/// Queue an outgoing message; the relay worker picks it up. Its bytes go
+/// Queue an outgoing message as its bytes (mail crmgate passes on, and
+/// rows queued before plans); the relay worker picks it up. Its bytes go
 /// in a table of their own, written this once: the row's status changes
 /// rewrite only the row.
 #[allow(clippy::too_many_arguments)]
@@ -857,6 +858,45 @@ pub fn insert_outbox(
     message: &[u8],
     now: i64,
 ) -> Result<i64> {
+    let id = insert_outbox_row(conn, ticket_id, entry_id, kind, recipients, message_id, now)?;
+    conn.prepare_cached("INSERT INTO outbox_messages (outbox_id, message) VALUES (?1, ?2)")?
+        .execute(params![id, blob_value(message)?])?;
+    fill_in_place(conn, "outbox_messages", "message", id, message)?;
+    Ok(id)
+}
+
+/// Queue an outgoing copy as its plan (`compose::plan::CopyPlan`, as
+/// JSON): the relay composes it when it sends it, from the plan and the
+/// row's entry. Beside the bytes' column, left empty, so a row has one
+/// place for what it sends, whichever it is.
+#[allow(clippy::too_many_arguments)]
+pub fn insert_outbox_plan(
+    conn: &Connection,
+    ticket_id: Option<i64>,
+    entry_id: Option<i64>,
+    kind: OutboxKind,
+    recipients: &[String],
+    message_id: &str,
+    plan: &str,
+    now: i64,
+) -> Result<i64> {
+    let id = insert_outbox_row(conn, ticket_id, entry_id, kind, recipients, message_id, now)?;
+    conn.prepare_cached(
+        "INSERT INTO outbox_messages (outbox_id, message, plan) VALUES (?1, X'', ?2)",
+    )?
+    .execute(params![id, plan])?;
+    Ok(id)
+}
+
+fn insert_outbox_row(
+    conn: &Connection,
+    ticket_id: Option<i64>,
+    entry_id: Option<i64>,
+    kind: OutboxKind,
+    recipients: &[String],
+    message_id: &str,
+    now: i64,
+) -> Result<i64> {
     let recipients =
         serde_json::to_string(recipients).map_err(|e| StoreError::Invalid(e.to_string()))?;
     conn.prepare_cached(
@@ -864,11 +904,7 @@ pub fn insert_outbox(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
     )?
     .execute(params![ticket_id, entry_id, kind.as_str(), recipients, message_id, now])?;
-    let id = conn.last_insert_rowid();
-    conn.prepare_cached("INSERT INTO outbox_messages (outbox_id, message) VALUES (?1, ?2)")?
-        .execute(params![id, blob_value(message)?])?;
-    fill_in_place(conn, "outbox_messages", "message", id, message)?;
-    Ok(id)
+    Ok(conn.last_insert_rowid())
 }
 
 /// How many capped messages went to `address` lately, each count stopped
