@@ -222,3 +222,54 @@ async fn check_config_refuses_a_language_it_does_not_write_naming_the_key() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_failure_notice_is_written_in_both_languages() {
+    for language in ["fr+en", "en+fr"] {
+        let mut g = Gateway::start_in(language, "", "").await;
+        g.sink.refuse_recipient(CAROL);
+        let number = g.open_ticket().await;
+        g.settle().await;
+        let before = g.mark();
+        let message = format!(
+            "From: Jane Doe <{JANE}>\nTo: {PUBLIC}\nSubject: RE: [{number}] Imprimante en panne\n\
+             Message-ID: <jane-f@example.org>\n\nLe toner est change.\n"
+        );
+        assert!(g.send(JANE, &[PUBLIC], &message).await.starts_with("250"));
+        let mut notices = Vec::new();
+        for _ in 0..100 {
+            let sent = g.settle().await;
+            notices = to(before.of(&sent), BOB)
+                .into_iter()
+                .filter(|m| !body(m).contains("Le toner est change"))
+                .collect();
+            if !notices.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            notices.len(),
+            1,
+            "{language}: {:?}",
+            before.of(&g.sink.messages())
+        );
+        let text = body(&notices[0]);
+        let fr = format!("Un message du billet {number} n'a pas pu être remis.");
+        let en = format!("A message of ticket {number} could not be delivered.");
+        let (first, second) = order(language, &fr, &en);
+        assert_first_then_second(&text, first, second);
+        assert_eq!(
+            text.matches("550 5.1.1").count(),
+            2,
+            "the reason in each: {text}"
+        );
+        let (w1, w2) = order(language, "Échec de remise", "Delivery failure");
+        assert!(
+            subject(&notices[0]).contains(&format!("{w1} / {w2}")),
+            "{}",
+            subject(&notices[0])
+        );
+        g.stop().await;
+    }
+}

@@ -348,7 +348,8 @@ fn decoded_body(data: &[u8]) -> String {
 // ---------------------------------------------------------------------------
 // The SPEC's quick-action table, row by row, in English and in French: each
 // line on a ticket of its own, as a message of only that line from Jane, a
-// believed agent. Each row checks what it changed on the ticket, the
+// believed agent, to the public and the internal address in turn. Each row
+// checks what it changed on the ticket, the
 // `system` entry naming Jane and the line, and the mail it caused.
 // ---------------------------------------------------------------------------
 
@@ -385,16 +386,28 @@ async fn ticket(g: &Gateway, n: usize) -> String {
         .to_string()
 }
 
-/// Jane's message on ticket `number` of `text` (quick actions at its top);
-/// returns the ticket after it and the mail it caused.
-async fn act(g: &Gateway, number: &str, text: &str) -> (Value, Vec<Received>) {
+/// Where the `n`th line of a row goes: the public and the internal address
+/// in turn, as agents write to either.
+fn address(n: usize) -> &'static str {
+    if n % 2 == 0 {
+        PUBLIC
+    } else {
+        INTERNAL
+    }
+}
+
+/// Jane's message on ticket `number` of `text` (quick actions at its top),
+/// to the `n`th line's address; returns the ticket after it and the mail
+/// it caused.
+async fn act(g: &Gateway, number: &str, n: usize, text: &str) -> (Value, Vec<Received>) {
     let before = g.mark();
+    let to = address(n);
     let message = format!(
-        "From: Jane Doe <{JANE}>\nTo: {PUBLIC}\nSubject: RE: [{number}] Imprimante\n\
+        "From: Jane Doe <{JANE}>\nTo: {to}\nSubject: RE: [{number}] Imprimante\n\
          Message-ID: <act-{number}-{}@example.org>\n\n{text}",
         text.len()
     );
-    let reply = g.send(JANE, &[PUBLIC], &message).await;
+    let reply = g.send(JANE, &[to], &message).await;
     assert!(reply.starts_with("250"), "{text}: {reply}");
     let sent = g.settle().await;
     (g.show(number), before.of(&sent).to_vec())
@@ -440,7 +453,7 @@ async fn row_resolve_and_resoudre_set_resolved_and_send_the_closure_in_the_confi
             .enumerate()
         {
             let number = ticket(&g, n).await;
-            let (t, sent) = act(&g, &number, &format!("{line}\n")).await;
+            let (t, sent) = act(&g, &number, n, &format!("{line}\n")).await;
             assert_eq!(t["state"], "resolved", "{language} {line}");
             assert_done_by_jane(&t, line);
             assert!(kinds(&t).contains(&"closure".to_string()), "{t}");
@@ -470,7 +483,7 @@ async fn row_reopen_and_rouvrir_set_a_resolved_ticket_open() {
         let (code, _, err) = g.cli(&["ticket", "resolve", &number]);
         assert_eq!(code, 0, "{err}");
         g.settle().await;
-        let (t, sent) = act(&g, &number, &format!("{line}\n")).await;
+        let (t, sent) = act(&g, &number, n, &format!("{line}\n")).await;
         assert_eq!(t["state"], "open", "{line}: {t}");
         assert_done_by_jane(&t, line);
         assert!(
@@ -497,7 +510,7 @@ async fn row_assign_and_assigner_set_the_owner_me_and_moi_being_the_sender() {
     ];
     for (n, (line, owner)) in rows.iter().enumerate() {
         let number = ticket(&g, n).await;
-        let (t, sent) = act(&g, &number, &format!("{line}\n")).await;
+        let (t, sent) = act(&g, &number, n, &format!("{line}\n")).await;
         assert_eq!(t["owner"], *owner, "{line}: {t}");
         assert!(
             list(&t, "work_notes_list").contains(&owner.to_string()),
@@ -535,7 +548,7 @@ async fn row_watch_and_surveillance_add_and_remove_on_the_watch_list() {
     for (n, (line, expected)) in rows.iter().enumerate() {
         let number = ticket(&g, n).await;
         assert_eq!(list(&g.show(&number), "watch_list"), [CAROL]);
-        let (t, sent) = act(&g, &number, &format!("{line}\n")).await;
+        let (t, sent) = act(&g, &number, n, &format!("{line}\n")).await;
         let mut watch = list(&t, "watch_list");
         watch.sort();
         assert_eq!(watch, *expected, "{line}: {t}");
@@ -566,7 +579,7 @@ async fn row_notes_add_ajouter_remove_retirer_change_the_work_notes_list() {
             list(&g.show(&number), "work_notes_list").contains(&BOB.to_string()),
             !add
         );
-        let (t, sent) = act(&g, &number, &format!("{line}\n")).await;
+        let (t, sent) = act(&g, &number, n, &format!("{line}\n")).await;
         let notes = list(&t, "work_notes_list");
         assert_eq!(notes.contains(&BOB.to_string()), *add, "{line}: {t}");
         assert!(notes.contains(&JANE.to_string()), "{line}: {t}");
@@ -590,7 +603,7 @@ async fn row_requester_and_demandeur_add_and_remove_requesters() {
     ];
     for (n, (line, expected)) in rows.iter().enumerate() {
         let number = ticket(&g, n).await;
-        let (t, sent) = act(&g, &number, &format!("{line}\n")).await;
+        let (t, sent) = act(&g, &number, n, &format!("{line}\n")).await;
         let mut requesters = list(&t, "requesters");
         requesters.sort();
         assert_eq!(requesters, *expected, "{line}: {t}");
@@ -612,9 +625,10 @@ async fn row_email_and_courriel_send_the_text_to_the_partners_as_an_email_entry(
     for (n, line) in rows.into_iter().enumerate() {
         let number = ticket(&g, n).await;
         let text = format!("{line}\n\nPouvez-vous remplacer l'unite {n} ?\n");
-        let (t, sent) = act(&g, &number, &text).await;
-        // The partner mail, then its copy to the other agent on the
-        // work-notes list (Bob): nothing to the requester or the watcher.
+        let (t, sent) = act(&g, &number, n, &text).await;
+        // The partner mail only: nothing to the requester, the watcher or
+        // the agents (as the existing /email test has it).
+        assert_eq!(sent.len(), 1, "{line}: {sent:?}");
         let to_partner: Vec<&Received> = sent
             .iter()
             .filter(|m| m.rcpt_to.iter().any(|r| r == "partner@vendor.example"))
@@ -637,12 +651,6 @@ async fn row_email_and_courriel_send_the_text_to_the_partners_as_an_email_entry(
         let body = decoded_body(&to_partner[0].data);
         assert!(body.contains(&format!("remplacer l'unite {n}")), "{body}");
         assert!(!body.contains(line) && !body.contains("/email"), "{body}");
-        for m in &sent {
-            assert!(
-                !m.rcpt_to.iter().any(|r| r == ALICE || r == CAROL),
-                "{line}: {m:?}"
-            );
-        }
         let email = entries(&t)
             .into_iter()
             .find(|e| e["kind"] == "email")
@@ -662,7 +670,7 @@ async fn row_help_and_aide_on_a_ticket_answer_the_agent_in_the_configured_langua
         let mut g = Gateway::start_in(language, "", "").await;
         for (n, line) in ["/help", "/aide", "/AIDE"].into_iter().enumerate() {
             let number = ticket(&g, n).await;
-            let (t, sent) = act(&g, &number, &format!("{line}\n")).await;
+            let (t, sent) = act(&g, &number, n, &format!("{line}\n")).await;
             assert_eq!(sent.len(), 1, "{language} {line}: {sent:?}");
             assert_eq!(sent[0].rcpt_to, [JANE]);
             let subject = decoded_subject(&sent[0].data);
