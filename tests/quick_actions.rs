@@ -389,7 +389,7 @@ async fn ticket(g: &Gateway, n: usize) -> String {
 /// Where the `n`th line of a row goes: the public and the internal address
 /// in turn, as agents write to either.
 fn address(n: usize) -> &'static str {
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         PUBLIC
     } else {
         INTERNAL
