@@ -6,7 +6,7 @@
 //! ([`crate::intake`]), the CLI's ticket commands and the relay's failure
 //! hook all queue their mail here.
 
-use rusqlite::Connection;
+use crate::store::Db;
 
 use crate::compose;
 use crate::compose::plan::{CopyPlan, EntryBody, PlannedText};
@@ -42,7 +42,7 @@ pub struct Applied {
 /// Database, template or composing failures.
 #[allow(clippy::too_many_arguments)]
 pub fn apply(
-    conn: &Connection,
+    conn: &Db,
     rt: &Runtime,
     plan: &Plan,
     ticket: Option<&TicketView>,
@@ -252,7 +252,7 @@ fn render(
 
 /// One "reply to the CRM only" notice per agent, ticket and day.
 fn first_notice_today(
-    conn: &Connection,
+    conn: &Db,
     ticket_id: i64,
     agents: &[String],
     now: i64,
@@ -268,7 +268,7 @@ fn first_notice_today(
 /// A delivery report about our mail: mark the row failed and tell the
 /// work-notes list when `decide::failure_notice` says so.
 fn apply_bounce(
-    conn: &Connection,
+    conn: &Db,
     rt: &Runtime,
     view: &TicketView,
     bounce: &decide::Bounce,
@@ -317,7 +317,7 @@ fn apply_bounce(
 /// # Errors
 /// Database, template or composing failures.
 pub fn failure_notice(
-    conn: &Connection,
+    conn: &Db,
     rt: &Runtime,
     view: &TicketView,
     failed_kind: &str,
@@ -403,7 +403,7 @@ impl Content<'_> {
 /// Database or composing failures.
 #[allow(clippy::too_many_arguments)]
 pub fn queue(
-    conn: &Connection,
+    conn: &Db,
     rt: &Runtime,
     view: &TicketView,
     thread: &[crate::decide::ThreadRef],
@@ -550,7 +550,7 @@ pub struct AgentNotice<'a> {
 /// # Errors
 /// Template, composing or database failures.
 pub fn queue_agent_notice(
-    conn: &Connection,
+    conn: &Db,
     rt: &Runtime,
     view: Option<&TicketView>,
     notice: &AgentNotice<'_>,

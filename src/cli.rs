@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
-use rusqlite::{Connection, TransactionBehavior};
 
 use crate::config::Config;
 use crate::decide;
@@ -19,7 +18,7 @@ use crate::helpdesk::{EntryKind, Role, TicketState};
 use crate::intake::{self, Arrival, Runtime};
 use crate::parse::Attachment;
 use crate::smtp::{Envelope, Verdict};
-use crate::store::{self, outbox, tickets};
+use crate::store::{self, outbox, tickets, Db, Location};
 
 #[derive(Debug, Parser)]
 #[command(name = "crmgate", version, about = "Mail gateway of a helpdesk CRM")]
@@ -280,16 +279,18 @@ fn serve(config: Config) -> anyhow::Result<i32> {
 /// create one, so a command run from the wrong directory (or with the
 /// wrong configuration) says where it looked instead of starting an empty
 /// database there.
-fn open_existing(config: &Config) -> anyhow::Result<Connection> {
-    let path = config.database_path();
-    if !path.exists() {
-        bail!(
-            "no database at {} (gateway.state_dir of {}): give the daemon's configuration with --config FILE",
-            path.display(),
-            config.origin
-        );
+fn open_existing(config: &Config) -> anyhow::Result<Db> {
+    let location = Location::of(config);
+    if let Location::Sqlite(path) = &location {
+        if !path.exists() {
+            bail!(
+                "no database at {} (gateway.state_dir of {}): give the daemon's configuration with --config FILE",
+                path.display(),
+                config.origin
+            );
+        }
     }
-    Ok(store::open(&path)?)
+    Ok(store::connect(&location, store::Durability::Full)?)
 }
 
 fn deliver(config: Config, recipients: Vec<String>, sender: Option<String>) -> i32 {
@@ -345,7 +346,8 @@ fn deliver(config: Config, recipients: Vec<String>, sender: Option<String>) -> i
             .map(|s| s.to_ascii_lowercase()),
         None => unknown_sender(&arrival.raw, parsed),
     };
-    let mut conn = match store::open(&runtime.config.database_path())
+    let location = Location::of(&runtime.config);
+    let mut conn = match store::connect(&location, store::Durability::Full)
         .and_then(|c| runtime.load_former_agents(&c).map(|()| c))
     {
         Ok(c) => c,
@@ -370,7 +372,7 @@ fn deliver(config: Config, recipients: Vec<String>, sender: Option<String>) -> i
     }
 }
 
-fn dispatch(conn: &mut Connection, rt: &Runtime, command: Command) -> anyhow::Result<()> {
+fn dispatch(conn: &mut Db, rt: &Runtime, command: Command) -> anyhow::Result<()> {
     let config = &rt.config;
     match command {
         Command::Ticket(TicketCommand::List { state, json }) => {
@@ -549,11 +551,8 @@ fn print_rows<T: serde::Serialize>(
     emit(text.as_bytes())
 }
 
-fn in_transaction<T>(
-    conn: &mut Connection,
-    f: impl FnOnce(&Connection) -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+fn in_transaction<T>(conn: &mut Db, f: impl FnOnce(&Db) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let tx = conn.transaction()?;
     let value = f(&tx)?;
     tx.commit()?;
     Ok(value)
@@ -571,7 +570,7 @@ fn read_body(body: &Body) -> anyhow::Result<String> {
 
 /// `ticket comment|work-note`: published as the agent (`desk::publish`).
 fn publish(
-    conn: &mut Connection,
+    conn: &mut Db,
     rt: &Runtime,
     number: &str,
     by: &str,
@@ -594,7 +593,7 @@ fn publish(
 
 /// `ticket email`: the files read and the addresses checked before the
 /// transaction, then `desk::email`.
-fn email(conn: &mut Connection, rt: &Runtime, args: &EmailArgs) -> anyhow::Result<()> {
+fn email(conn: &mut Db, rt: &Runtime, args: &EmailArgs) -> anyhow::Result<()> {
     let agent = desk::agent(&rt.config, &args.by)?;
     let text = read_body(&args.body)?;
     desk::email_recipients(&rt.config, args.to.iter().chain(&args.cc))?;
@@ -619,7 +618,7 @@ fn email(conn: &mut Connection, rt: &Runtime, args: &EmailArgs) -> anyhow::Resul
 
 /// `requester|watch|notes-list add|remove` (`desk::change_list`).
 fn change_list(
-    conn: &mut Connection,
+    conn: &mut Db,
     rt: &Runtime,
     number: &str,
     role: Role,
@@ -673,7 +672,7 @@ fn content_type_of(filename: &str) -> &'static str {
     }
 }
 
-fn print_list(conn: &Connection, number: &str, role: Role, json: bool) -> anyhow::Result<()> {
+fn print_list(conn: &Db, number: &str, role: Role, json: bool) -> anyhow::Result<()> {
     let id = tickets::require(conn, number)?;
     let info = tickets::info(conn, id)?;
     let list = if role == Role::Watch {
@@ -768,7 +767,7 @@ fn return_path(raw: &[u8]) -> Option<String> {
     None
 }
 
-fn require_quarantined(conn: &Connection, id: i64) -> anyhow::Result<tickets::QuarantinedMessage> {
+fn require_quarantined(conn: &Db, id: i64) -> anyhow::Result<tickets::QuarantinedMessage> {
     tickets::quarantined(conn, id)?.with_context(|| {
         format!("no quarantined message with id {id} (see crmgate quarantine list)")
     })
@@ -776,7 +775,7 @@ fn require_quarantined(conn: &Connection, id: i64) -> anyhow::Result<tickets::Qu
 
 /// `quarantine show`: the header block and the text as crmgate read it, or
 /// the bytes as they arrived.
-fn show_quarantined(conn: &Connection, id: i64, raw: bool) -> anyhow::Result<()> {
+fn show_quarantined(conn: &Db, id: i64, raw: bool) -> anyhow::Result<()> {
     let q = require_quarantined(conn, id)?;
     if raw {
         return emit(&q.data);
@@ -806,7 +805,7 @@ fn show_quarantined(conn: &Connection, id: i64, raw: bool) -> anyhow::Result<()>
 /// had just arrived — with the sender a message without one gets now
 /// ([`unknown_sender`]), for mail taken as automatic for its null
 /// reverse-path — and leaves the quarantine in the same transaction.
-fn release_quarantined(conn: &mut Connection, rt: &Runtime, id: i64) -> anyhow::Result<()> {
+fn release_quarantined(conn: &mut Db, rt: &Runtime, id: i64) -> anyhow::Result<()> {
     let q = require_quarantined(conn, id)?;
     let peer = q
         .peer
@@ -825,7 +824,7 @@ fn release_quarantined(conn: &mut Connection, rt: &Runtime, id: i64) -> anyhow::
             arrival.envelope.mail_from = unknown_sender(&arrival.raw, parsed);
         }
     }
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = conn.transaction()?;
     tickets::remove_quarantined(&tx, id)?;
     let outcome = intake::process(&tx, rt, &arrival, store::now())?;
     tx.commit()?;

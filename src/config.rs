@@ -82,6 +82,7 @@ pub struct RawConfig {
     pub(crate) auto: RawAuto,
     pub(crate) security: RawSecurity,
     pub(crate) auth: RawAuth,
+    pub(crate) store: RawStore,
     pub(crate) metrics: RawMetrics,
     pub(crate) log: RawLog,
     pub(crate) agents: Vec<RawAgent>,
@@ -281,6 +282,13 @@ impl Default for RawAuth {
             dkim_key_file: String::new(),
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawStore {
+    pub(crate) url: String,
+    pub(crate) password_file: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -577,6 +585,8 @@ pub struct Config {
     pub security: Security,
     /// `[auth]`: crmgate's own SPF/DKIM/DMARC check and DKIM signing.
     pub auth: Auth,
+    /// `[store]`: which database holds the ticket log.
+    pub store: Store,
     /// `[metrics]`: the Prometheus and health endpoint.
     pub metrics: Metrics,
     /// `[log]`: how log lines are written.
@@ -585,6 +595,34 @@ pub struct Config {
     pub agents: Vec<Agent>,
     /// The raw form, printed by `check-config` as the effective configuration.
     pub raw: RawConfig,
+}
+
+/// `[store]`: SQLite in the state directory, or a PostgreSQL database
+/// that several instances may share.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Store {
+    /// The embedded default: `state_dir/crmgate.db`.
+    Sqlite,
+    /// A `postgres://` URL and the password read from `password_file`.
+    Postgres {
+        /// As configured, without a password.
+        url: String,
+        /// Read once when the configuration is loaded; never printed.
+        password: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Store::Sqlite => f.write_str("Sqlite"),
+            Store::Postgres { url, password } => f
+                .debug_struct("Postgres")
+                .field("url", url)
+                .field("password", &password.as_ref().map(|_| "…"))
+                .finish(),
+        }
+    }
 }
 
 /// `[metrics]`: the HTTP listener of `/metrics` and `/healthz`.
@@ -722,6 +760,7 @@ impl RawConfig {
         let auto = self.auto.validate(&mut problems);
         let security = self.security.validate(&mut problems);
         let auth = self.auth.validate(&addresses, &mut problems);
+        let store = self.store.validate(&mut problems);
         let metrics = self.metrics.validate(&mut problems);
         let log = self.log.validate(&mut problems);
         let agents = validate_agents(&self.agents, &self.addresses, &mut problems);
@@ -742,6 +781,7 @@ impl RawConfig {
             auto,
             security,
             auth,
+            store,
             metrics,
             log,
             agents,
@@ -1260,6 +1300,57 @@ pub fn check_state_dir(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
+impl RawStore {
+    fn validate(&self, p: &mut Problems) -> Store {
+        let url = self.url.trim();
+        if url.is_empty() {
+            if !self.password_file.is_empty() {
+                p.bad(
+                    "store.password_file",
+                    "is only read with a PostgreSQL store.url".into(),
+                );
+            }
+            return Store::Sqlite;
+        }
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            p.bad(
+                "store.url",
+                format!("{url:?} is neither empty (SQLite) nor a postgres:// URL"),
+            );
+            return Store::Sqlite;
+        }
+        match url.parse::<postgres::Config>() {
+            Err(e) => p.bad(
+                "store.url",
+                format!("{url:?} is not a PostgreSQL URL ({e}), e.g. \"postgres://user@host:5432/dbname\""),
+            ),
+            Ok(c) if c.get_password().is_some() => p.bad(
+                "store.url",
+                "holds a password: put it in store.password_file".into(),
+            ),
+            Ok(_) => {}
+        }
+        let password = if self.password_file.is_empty() {
+            None
+        } else {
+            match std::fs::read_to_string(&self.password_file) {
+                Ok(text) => Some(text.trim_end_matches(['\n', '\r']).to_string()),
+                Err(e) => {
+                    p.bad(
+                        "store.password_file",
+                        format!("cannot read {}: {e}", self.password_file),
+                    );
+                    None
+                }
+            }
+        };
+        Store::Postgres {
+            url: url.to_string(),
+            password,
+        }
+    }
+}
+
 impl RawMetrics {
     fn validate(&self, p: &mut Problems) -> Metrics {
         let listen = if self.listen.is_empty() {
@@ -1685,5 +1776,48 @@ mod tests {
             .unwrap();
         assert_eq!(&caps["number"], "tkt0000042");
         assert!(c.ticket.pattern.captures("TKT00000421").is_none());
+    }
+
+    #[test]
+    fn the_store_is_sqlite_by_default_or_a_postgres_url_with_its_password_in_a_file() {
+        assert_eq!(Config::embedded_default().store, Store::Sqlite);
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("pg.pass");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let c = Config::from_toml(
+            &format!(
+                "[store]\nurl = \"postgres://crmgate@db.example.org:5432/crm\"\npassword_file = {:?}\n",
+                secret.display().to_string()
+            ),
+            "test",
+        )
+        .unwrap();
+        assert_eq!(
+            c.store,
+            Store::Postgres {
+                url: "postgres://crmgate@db.example.org:5432/crm".into(),
+                password: Some("s3cret".into()),
+            }
+        );
+        assert!(
+            !format!("{:?}", c.store).contains("s3cret"),
+            "never printed"
+        );
+
+        let keys =
+            |text: &str| -> Vec<String> { problems(text).into_iter().map(|p| p.key).collect() };
+        assert_eq!(keys("[store]\nurl = \"mysql://x@y/z\""), ["store.url"]);
+        assert_eq!(
+            keys("[store]\nurl = \"/var/lib/crmgate.db\""),
+            ["store.url"]
+        );
+        assert_eq!(
+            keys("[store]\nurl = \"postgres://u:pw@h/db\""),
+            ["store.url"]
+        );
+        assert_eq!(
+            keys("[store]\nurl = \"postgres://u@h/db\"\npassword_file = \"/nonexistent/pass\""),
+            ["store.password_file"]
+        );
     }
 }

@@ -90,13 +90,16 @@ pub async fn serve(
     notify_systemd: bool,
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let db_path = config.database_path();
-    let conn = store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
+    let location = store::Location::of(&config);
+    let conn = store::connect(&location, store::Durability::Full)
+        .with_context(|| format!("opening {location}"))?;
     let removed = tickets::sync_agents(&conn, &config.agents, store::now())?;
     if !removed.is_empty() {
         tracing::info!(?removed, "former agents taken off every work-notes list");
     }
-    store::tune_for_writer(&conn)?;
+    if let Some(sqlite) = conn.sqlite() {
+        store::tune_for_writer(sqlite)?;
+    }
     let mut first = Runtime::new(config.clone())?;
     first.load_former_agents(&conn)?;
     let runtime = Arc::new(RwLock::new(Arc::new(first)));
@@ -111,7 +114,7 @@ pub async fn serve(
         metrics.clone(),
     )
     .context("starting the writer thread")?;
-    let health = Arc::new(Health::new(db_path.clone(), writer.clone()));
+    let health = Arc::new(Health::new(location.clone(), writer.clone()));
 
     let mut settings = crate::smtp::Settings::from_config(&config);
     settings.metrics = metrics.clone();
@@ -152,7 +155,7 @@ pub async fn serve(
 
     let relay = tokio::spawn(supervise_relay(
         config.clone(),
-        db_path.clone(),
+        location.clone(),
         wake.clone(),
         shutdown.clone(),
         failure_hook(runtime.clone()),
@@ -162,19 +165,27 @@ pub async fn serve(
 
     if let Some((path, signal)) = reload {
         let runtime = runtime.clone();
-        let db_path = db_path.clone();
+        let location = location.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = signal.notified() => reload_runtime(path.as_deref(), &runtime, &db_path),
+                    _ = signal.notified() => reload_runtime(path.as_deref(), &runtime, &location),
                 }
             }
         });
     }
 
-    let checkpointer = spawn_checkpointer(db_path.clone(), progress, shutdown.clone())?;
+    // PostgreSQL checkpoints by itself.
+    let checkpointer = match &location {
+        store::Location::Sqlite(path) => Some(spawn_checkpointer(
+            path.clone(),
+            progress,
+            shutdown.clone(),
+        )?),
+        store::Location::Postgres { .. } => None,
+    };
 
     if let Some(address) = config.metrics.listen {
         let http = TcpListener::bind(address)
@@ -193,13 +204,13 @@ pub async fn serve(
     }
     tracing::info!(
         configuration = %config.origin,
-        database = %db_path.display(),
+        database = %location,
         agents = config.agents.len(),
         relay = %config.raw.relay.url,
         listen = %listener.local_addr()?,
         "crmgate ready: configuration {}, database {}, {} agent(s), relay {}, SMTP on {}",
         config.origin,
-        db_path.display(),
+        location,
         config.agents.len(),
         config.raw.relay.url,
         listener.local_addr()?
@@ -216,8 +227,10 @@ pub async fn serve(
     if let Err(e) = relay.await {
         tracing::error!(error = %e, "relay supervisor panicked");
     }
-    let _ = checkpointer.join();
-    if let Ok(conn) = store::open(&db_path) {
+    if let Some(checkpointer) = checkpointer {
+        let _ = checkpointer.join();
+    }
+    if let Ok(conn) = store::connect(&location, store::Durability::Full) {
         if let Ok(pending) = store::outbox::queued_count(&conn) {
             if pending > 0 {
                 tracing::info!(pending, "stopped; queued mail is sent at the next start");
@@ -240,7 +253,7 @@ const RELAY_RESTART_AFTER: std::time::Duration = std::time::Duration::from_secs(
 /// the outbox growing in silence: it is logged at once and started again.
 async fn supervise_relay(
     config: Arc<Config>,
-    db_path: PathBuf,
+    location: store::Location,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
     on_failed: crate::relay::FailureHook,
@@ -250,7 +263,7 @@ async fn supervise_relay(
     let start = || {
         let worker = crate::relay::run_with(
             config.clone(),
-            db_path.clone(),
+            location.clone(),
             wake.clone(),
             shutdown.clone(),
             on_failed.clone(),
@@ -393,7 +406,7 @@ fn spawn_checkpointer(
 fn reload_runtime(
     path: Option<&std::path::Path>,
     runtime: &Arc<RwLock<Arc<Runtime>>>,
-    db_path: &std::path::Path,
+    location: &store::Location,
 ) {
     let Some(path) = path else {
         tracing::info!("running on the embedded default: nothing to reload");
@@ -412,7 +425,7 @@ fn reload_runtime(
             );
         }
         let mut new = Runtime::new(Arc::new(config))?;
-        let conn = store::open(db_path)?;
+        let conn = store::connect(location, store::Durability::Full)?;
         let removed = tickets::sync_agents(&conn, &new.config.agents, store::now())?;
         new.load_former_agents(&conn)?;
         tracing::info!(
@@ -455,6 +468,11 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         a.relay.password_file != b.relay.password_file,
     );
     check("relay.ca_file", a.relay.ca_file != b.relay.ca_file);
+    check("store.url", a.store.url != b.store.url);
+    check(
+        "store.password_file",
+        a.store.password_file != b.store.password_file,
+    );
     check("metrics.listen", a.metrics.listen != b.metrics.listen);
     check("log.format", a.log.format != b.log.format);
     changed

@@ -9,7 +9,7 @@
 //! mail drive the very same code; printing and exit codes stay with the
 //! caller.
 
-use rusqlite::Connection;
+use crate::store::Db;
 
 use crate::apply::{self, Applied, ApplyError};
 use crate::config::Config;
@@ -137,7 +137,7 @@ pub fn email_recipients<'a>(
 /// # Errors
 /// No such ticket, or a database, template or composing failure.
 pub fn publish(
-    conn: &Connection,
+    conn: &Db,
     rt: &Runtime,
     number: &str,
     agent: &Mailbox,
@@ -186,7 +186,7 @@ pub struct Email<'a> {
 /// # Errors
 /// A recipient refused, no such ticket, nobody left to send to, or a
 /// database or composing failure.
-pub fn email(conn: &Connection, rt: &Runtime, email: &Email<'_>) -> Result<(String, i64)> {
+pub fn email(conn: &Db, rt: &Runtime, email: &Email<'_>) -> Result<(String, i64)> {
     email_recipients(&rt.config, email.to.iter().chain(email.cc))?;
     let now = store::now();
     let id = tickets::require(conn, email.number)?;
@@ -246,12 +246,7 @@ pub fn email(conn: &Connection, rt: &Runtime, email: &Email<'_>) -> Result<(Stri
 ///
 /// # Errors
 /// No such ticket, already resolved, or a database or composing failure.
-pub fn resolve(
-    conn: &Connection,
-    rt: &Runtime,
-    number: &str,
-    by: Option<&Mailbox>,
-) -> Result<String> {
+pub fn resolve(conn: &Db, rt: &Runtime, number: &str, by: Option<&Mailbox>) -> Result<String> {
     let view = tickets::view(conn, tickets::require(conn, number)?)?;
     if view.state == TicketState::Resolved {
         return Err(DeskError::AlreadyResolved(number.to_string()));
@@ -279,12 +274,7 @@ pub fn resolve(
 ///
 /// # Errors
 /// No such ticket, not resolved, or a database failure.
-pub fn reopen(
-    conn: &Connection,
-    rt: &Runtime,
-    number: &str,
-    by: Option<&Mailbox>,
-) -> Result<String> {
+pub fn reopen(conn: &Db, rt: &Runtime, number: &str, by: Option<&Mailbox>) -> Result<String> {
     let id = tickets::require(conn, number)?;
     let view = tickets::view(conn, id)?;
     if view.state != TicketState::Resolved {
@@ -314,7 +304,7 @@ pub struct ActionFailed {
 /// The first action that fails, with its line; the caller rolls back the
 /// whole message (nothing half-done).
 pub fn quick_actions(
-    conn: &Connection,
+    conn: &Db,
     rt: &Runtime,
     number: &str,
     agent: &Mailbox,
@@ -348,7 +338,7 @@ pub fn quick_actions(
 }
 
 fn quick_action(
-    conn: &Connection,
+    conn: &Db,
     rt: &Runtime,
     number: &str,
     agent: &Mailbox,
@@ -402,7 +392,7 @@ fn quick_action(
 ///
 /// # Errors
 /// No such ticket, or a database failure.
-pub fn assign(conn: &Connection, rt: &Runtime, number: &str, agent: &Mailbox) -> Result<()> {
+pub fn assign(conn: &Db, rt: &Runtime, number: &str, agent: &Mailbox) -> Result<()> {
     let id = tickets::require(conn, number)?;
     let now = store::now();
     tickets::set_owner(conn, id, Some(&agent.address), now)?;
@@ -420,7 +410,7 @@ pub fn assign(conn: &Connection, rt: &Runtime, number: &str, agent: &Mailbox) ->
 /// Not a mail address, no such ticket, an address the rules refuse, no
 /// change to make, or a database failure.
 pub fn change_list(
-    conn: &Connection,
+    conn: &Db,
     rt: &Runtime,
     number: &str,
     role: Role,
@@ -459,13 +449,7 @@ pub fn change_list(
 }
 
 /// A `system` entry by the helpdesk itself, under the ticket's subject.
-fn system_entry(
-    conn: &Connection,
-    rt: &Runtime,
-    ticket_id: i64,
-    text: &str,
-    now: i64,
-) -> Result<()> {
+fn system_entry(conn: &Db, rt: &Runtime, ticket_id: i64, text: &str, now: i64) -> Result<()> {
     let subject = tickets::subject(conn, ticket_id)?;
     let system = decide::helpdesk(&rt.config);
     tickets::insert_system_entry(conn, ticket_id, &system, &subject, text, now)?;

@@ -7,7 +7,6 @@
 //! stuck on a lock, a disk or a bug stops answering and the pings to
 //! systemd stop with it.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +14,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::outbox::{self, Backlog, MarkRequest};
+use crate::store::Location;
 use crate::writer::Writer;
 
 /// How long the writer may take to answer a ping.
@@ -22,7 +22,7 @@ pub const WRITER_ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
 /// The parts a health check asks about; the daemon sets the flags.
 pub struct Health {
-    db_path: PathBuf,
+    location: Location,
     writer: Writer,
     /// The SMTP accept loop runs.
     pub listener: AtomicBool,
@@ -31,9 +31,9 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn new(db_path: PathBuf, writer: Writer) -> Health {
+    pub fn new(location: Location, writer: Writer) -> Health {
         Health {
-            db_path,
+            location,
             writer,
             listener: AtomicBool::new(false),
             relay: AtomicBool::new(false),
@@ -63,16 +63,16 @@ impl Health {
     /// The reason, for the 503's body.
     pub async fn check(&self) -> Result<(), String> {
         self.progress(WRITER_ANSWER_WITHIN).await?;
-        let path = self.db_path.clone();
+        let location = self.location.clone();
         let probe = tokio::task::spawn_blocking(move || {
-            outbox::connect_existing(&path).and_then(|conn| outbox::can_write(&conn))
+            outbox::connect_existing(&location).and_then(|conn| outbox::can_write(&conn))
         })
         .await;
         match probe {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!(
                 "the database {} cannot be written: {e}",
-                self.db_path.display()
+                self.location
             )),
             Err(e) => Err(format!("the database check failed: {e}")),
         }
@@ -80,9 +80,9 @@ impl Health {
 
     /// The outbox for `/metrics`; zeros (and a warning) if it cannot be read.
     pub async fn backlog(&self) -> Backlog {
-        let path = self.db_path.clone();
+        let location = self.location.clone();
         let read = tokio::task::spawn_blocking(move || {
-            outbox::connect_existing(&path)
+            outbox::connect_existing(&location)
                 .and_then(|conn| outbox::backlog(&conn, crate::store::now()))
         })
         .await;

@@ -8,8 +8,6 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 
-use rusqlite::{Connection, TransactionBehavior};
-
 use crate::apply::{self, ApplyError};
 use crate::auth::{Spf, Verifier, VerifyError};
 use crate::compose::Scrub;
@@ -21,7 +19,7 @@ use crate::desk;
 use crate::helpdesk::{OutboxKind, QuarantineReason};
 use crate::parse::{self, Inbound, Mailbox, ParseError};
 use crate::smtp::{Deliver, Envelope, Verdict};
-use crate::store::{self, tickets, StoreError};
+use crate::store::{self, tickets, Db, StoreError};
 use crate::templates::{self, Templates};
 use crate::writer::Writer;
 
@@ -81,7 +79,7 @@ impl Runtime {
     ///
     /// # Errors
     /// A database error.
-    pub fn load_former_agents(&mut self, conn: &Connection) -> Result<(), StoreError> {
+    pub fn load_former_agents(&mut self, conn: &Db) -> Result<(), StoreError> {
         self.set_former_agents(tickets::former_agents(conn)?);
         Ok(())
     }
@@ -152,7 +150,36 @@ impl Outcome {
 /// Any database or composing failure: the caller rolls back and answers
 /// `451 4.3.0`.
 pub fn process(
-    conn: &Connection,
+    conn: &Db,
+    rt: &Runtime,
+    arrival: &Arrival,
+    now: i64,
+) -> Result<Outcome, IntakeError> {
+    if !conn.is_postgres() {
+        return process_once(conn, rt, arrival, now);
+    }
+    // Another instance may log the same message at the same moment: its
+    // entry wins the unique key, this one undoes its own work and, the
+    // other's entry committed and visible now, counts a duplicate.
+    match store::in_savepoint(conn, |c| process_once(c, rt, arrival, now))? {
+        Err(e) if e.already_logged() => process_once(conn, rt, arrival, now),
+        done => done,
+    }
+}
+
+impl IntakeError {
+    /// The message was logged by another instance meanwhile.
+    fn already_logged(&self) -> bool {
+        matches!(
+            self,
+            IntakeError::Store(StoreError::AlreadyLogged)
+                | IntakeError::Apply(ApplyError::Store(StoreError::AlreadyLogged))
+        )
+    }
+}
+
+fn process_once(
+    conn: &Db,
     rt: &Runtime,
     arrival: &Arrival,
     now: i64,
@@ -187,6 +214,7 @@ pub fn process(
         .map(|m| m.address.clone())
         .or_else(|| env.mail_from.clone())
         .unwrap_or_default();
+    tickets::hold_duplicate_key(conn, &sender, &inbound.body_hash)?;
     let duplicate_of = tickets::duplicate_of(
         conn,
         &sender,
@@ -404,7 +432,7 @@ struct QuickMessage<'a> {
 /// rules refuse as it runs undoes the whole message, which is then kept
 /// and answered as a refused block.
 fn record_with_actions(
-    conn: &Connection,
+    conn: &Db,
     rt: &Runtime,
     m: &QuickMessage<'_>,
     mut plan: decide::Plan,
@@ -470,7 +498,7 @@ struct Refused<'a> {
 /// quarantine), a `system` entry says who asked what and why not, and the
 /// agent gets a notice quoting the line.
 fn refuse_quick(
-    conn: &Connection,
+    conn: &Db,
     rt: &Runtime,
     arrival: &Arrival,
     inbound: &Inbound,
@@ -536,7 +564,7 @@ fn refuse_quick(
 /// `/help` alone, on no ticket: the agent gets the list, and no ticket is
 /// opened for the question (the message is kept in quarantine).
 fn help_without_ticket(
-    conn: &Connection,
+    conn: &Db,
     rt: &Runtime,
     arrival: &Arrival,
     inbound: &Inbound,
@@ -592,7 +620,7 @@ fn desk_refusal(language: Language, error: &desk::DeskError) -> String {
 
 /// Keep a message that goes to no ticket, raw, with the reason.
 fn keep_in_quarantine(
-    conn: &Connection,
+    conn: &Db,
     arrival: &Arrival,
     now: i64,
     reason: QuarantineReason,
@@ -615,7 +643,7 @@ fn keep_in_quarantine(
 }
 
 /// The raw message, stored once with its envelope.
-fn store_raw(conn: &Connection, arrival: &Arrival, now: i64) -> Result<i64, IntakeError> {
+fn store_raw(conn: &Db, arrival: &Arrival, now: i64) -> Result<i64, IntakeError> {
     let env = &arrival.envelope;
     Ok(tickets::insert_raw(
         conn,
@@ -630,7 +658,7 @@ fn store_raw(conn: &Connection, arrival: &Arrival, now: i64) -> Result<i64, Inta
 /// Mail to postmaster@ goes on, unchanged but for our loop header, to the
 /// operator (`[gateway] operator`): RFC 5321 wants a human to read it.
 fn forward_to_operator(
-    conn: &Connection,
+    conn: &Db,
     config: &Config,
     operator: &str,
     inbound: &Inbound,
@@ -663,7 +691,7 @@ fn forward_to_operator(
 /// Subject's number, a `+NUMBER` tag, In-Reply-To/References, and the
 /// Message-ID a delivery report returns.
 fn find_ticket(
-    conn: &Connection,
+    conn: &Db,
     rt: &Runtime,
     env: &Envelope,
     inbound: &Inbound,
@@ -887,11 +915,11 @@ impl Deliver for Intake {
 /// # Errors
 /// Database failures (the caller answers 75, temporary).
 pub fn deliver_once(
-    conn: &mut Connection,
+    conn: &mut Db,
     rt: &Runtime,
     arrival: &Arrival,
 ) -> Result<Outcome, IntakeError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = conn.transaction()?;
     let outcome = process(&tx, rt, arrival, store::now())?;
     tx.commit()?;
     log_outcome(arrival, &outcome);

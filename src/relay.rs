@@ -16,11 +16,9 @@
 //! SQLite never stalls the SMTP listener.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use rusqlite::Connection;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
@@ -76,12 +74,12 @@ const STORE_PAUSE: Duration = Duration::from_secs(1);
 /// draining it.
 pub async fn run(
     config: Arc<Config>,
-    db_path: PathBuf,
+    location: store::Location,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
     on_failed: FailureHook,
 ) -> Result<(), RelayError> {
-    run_with(config, db_path, wake, shutdown, on_failed, None).await
+    run_with(config, location, wake, shutdown, on_failed, None).await
 }
 
 /// [`run`], with the outcomes written by the daemon's writer thread when
@@ -93,7 +91,7 @@ pub async fn run(
 /// As [`run`].
 pub async fn run_with(
     config: Arc<Config>,
-    db_path: PathBuf,
+    location: store::Location,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
     on_failed: FailureHook,
@@ -101,11 +99,11 @@ pub async fn run_with(
 ) -> Result<(), RelayError> {
     let key = config.security.reply_secret.clone();
     let conn =
-        tokio::task::spawn_blocking(move || store::open_with(&db_path, store::Durability::Relaxed))
+        tokio::task::spawn_blocking(move || store::connect(&location, store::Durability::Relaxed))
             .await??;
     let template = Lane::new(&config)?;
     let mut worker = Worker {
-        db: Db(Arc::new(Mutex::new(conn))),
+        db: Shared(Arc::new(Mutex::new(conn))),
         lanes: Lane::pool(&template),
         template,
         marks,
@@ -262,7 +260,7 @@ pub fn dispose(
 /// A database error; the transaction is then rolled back, and nothing of
 /// the batch is recorded.
 fn record(
-    conn: &mut Connection,
+    conn: &mut store::Db,
     settled: &[(OutboxRow, Disposition)],
     now: i64,
     on_failed: &FailureHook,
@@ -275,13 +273,13 @@ fn record(
 
 /// The worker's connection, shared with the blocking pool.
 #[derive(Clone)]
-struct Db(Arc<Mutex<Connection>>);
+struct Shared(Arc<Mutex<store::Db>>);
 
-impl Db {
+impl Shared {
     /// Run `f` on the blocking pool with the connection.
     async fn call<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&mut store::Db) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, RelayError> {
         let conn = Arc::clone(&self.0);
         let result = tokio::task::spawn_blocking(move || {
@@ -480,7 +478,7 @@ pub enum PlannedError {
 /// # Errors
 /// A database error, no such entry, or a plan that cannot be read.
 pub fn compose_planned(
-    conn: &Connection,
+    conn: &store::Db,
     row: &OutboxRow,
     plan: &str,
 ) -> Result<Vec<u8>, PlannedError> {
@@ -521,7 +519,7 @@ pub type Unsendable = Vec<(OutboxRow, String)>;
 /// # Errors
 /// A database error other than a missing entry.
 pub fn composed(
-    conn: &Connection,
+    conn: &store::Db,
     rows: Vec<OutboxRow>,
 ) -> Result<(Vec<OutboxRow>, Unsendable), StoreError> {
     let mut ready = Vec::with_capacity(rows.len());
@@ -573,7 +571,7 @@ enum Attempt {
 }
 
 struct Worker {
-    db: Db,
+    db: Shared,
     /// The sessions with the relay; each is lent to a task while a batch
     /// is sent.
     lanes: Vec<Lane>,

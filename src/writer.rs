@@ -11,13 +11,12 @@
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
-use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{oneshot, Notify};
 
 use crate::intake::{self, Arrival, Outcome, Runtime};
 use crate::smtp::Verdict;
 use crate::store::outbox::MarkRequest;
-use crate::store::{self, tickets};
+use crate::store::{self, tickets, Db};
 
 /// How often the writer forgets `sends` rows no cap counts any more, and
 /// at most how many each time (up to 500 rows a second, above any real
@@ -65,7 +64,7 @@ impl Writer {
     /// A thread cannot be spawned, or the connection's durability cannot be
     /// set.
     pub fn spawn(
-        mut conn: Connection,
+        mut conn: Db,
         runtime: Arc<RwLock<Arc<Runtime>>>,
         wake: Arc<Notify>,
         checkpoints: Arc<store::CheckpointProgress>,
@@ -97,8 +96,10 @@ impl Writer {
                     // Without the answering thread the replies are dropped:
                     // each session then answers 451.
                     let _ = committed.send(Committed { batch, done });
-                    if let Err(e) = store::finish_checkpoint(&conn, &checkpoints) {
-                        tracing::warn!(error = %e, "checkpoint failed: the WAL stays long a while");
+                    if let Some(sqlite) = conn.sqlite() {
+                        if let Err(e) = store::finish_checkpoint(sqlite, &checkpoints) {
+                            tracing::warn!(error = %e, "checkpoint failed: the WAL stays long a while");
+                        }
                     }
                     if pruned_at.elapsed() >= PRUNE_EVERY {
                         pruned_at = std::time::Instant::now();
@@ -174,7 +175,15 @@ impl WalFile {
     /// Set the writer's connection to commit without syncing, when its WAL
     /// can be synced here (a database in a file, in WAL mode); otherwise it
     /// stays `FULL` and [`WalFile::sync`] has nothing to do.
-    fn take_over_syncs(conn: &Connection) -> std::io::Result<WalFile> {
+    /// On PostgreSQL there is no WAL of ours: a commit has returned once
+    /// the server made it durable (`synchronous_commit` as it has it).
+    fn take_over_syncs(conn: &Db) -> std::io::Result<WalFile> {
+        let Some(conn) = conn.sqlite() else {
+            return Ok(WalFile {
+                path: None,
+                open: None,
+            });
+        };
         let path = store::wal_path(conn).map_err(std::io::Error::other)?;
         if path.is_some() {
             store::commit_without_sync(conn).map_err(std::io::Error::other)?;
@@ -267,7 +276,7 @@ fn answer(job: Job, done: Done, metrics: &crate::metrics::Metrics) -> bool {
 }
 
 /// One transaction for the whole batch, one savepoint per job.
-fn write_batch(conn: &mut Connection, rt: &Runtime, batch: &[Job]) -> Vec<Done> {
+fn write_batch(conn: &mut Db, rt: &Runtime, batch: &[Job]) -> Vec<Done> {
     let now = store::now();
     let raw_bytes: usize = batch
         .iter()
@@ -276,15 +285,21 @@ fn write_batch(conn: &mut Connection, rt: &Runtime, batch: &[Job]) -> Vec<Done> 
             Job::Marks(_) => 0,
         })
         .sum();
-    let large = raw_bytes > LARGE_BATCH_BYTES;
+    let large = raw_bytes > LARGE_BATCH_BYTES && conn.sqlite().is_some();
     if large {
-        if let Err(e) = store::writer_cache(conn, true) {
+        if let Err(e) = conn
+            .sqlite()
+            .map_or(Ok(()), |c| store::writer_cache(c, true))
+        {
             tracing::warn!(error = %e, "cannot shrink the page cache for a large message");
         }
     }
     let done = write_batch_in_transaction(conn, rt, batch, now);
     if large {
-        if let Err(e) = store::writer_cache(conn, false) {
+        if let Err(e) = conn
+            .sqlite()
+            .map_or(Ok(()), |c| store::writer_cache(c, false))
+        {
             tracing::warn!(error = %e, "cannot restore the page cache");
         }
     }
@@ -295,12 +310,7 @@ fn write_batch(conn: &mut Connection, rt: &Runtime, batch: &[Job]) -> Vec<Done> 
 /// cache ([`store::writer_cache`]).
 const LARGE_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
-fn write_batch_in_transaction(
-    conn: &mut Connection,
-    rt: &Runtime,
-    batch: &[Job],
-    now: i64,
-) -> Vec<Done> {
+fn write_batch_in_transaction(conn: &mut Db, rt: &Runtime, batch: &[Job], now: i64) -> Vec<Done> {
     let failed = |why: &str| -> Vec<Done> {
         batch
             .iter()
@@ -310,7 +320,7 @@ fn write_batch_in_transaction(
             })
             .collect()
     };
-    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+    let tx = match conn.transaction() {
         Ok(tx) => tx,
         Err(e) => {
             tracing::error!(error = %e, "cannot begin a transaction");
@@ -351,7 +361,7 @@ fn write_batch_in_transaction(
 mod tests {
     use super::*;
 
-    fn synchronous(conn: &Connection) -> i64 {
+    fn synchronous(conn: &rusqlite::Connection) -> i64 {
         conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
             .unwrap()
     }
@@ -360,9 +370,10 @@ mod tests {
     fn the_writer_commits_without_syncing_and_the_wal_it_syncs_is_the_one_at_the_path() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("log.db");
-        let conn = store::open(&db).unwrap();
+        let conn = Db::Sqlite(store::open(&db).unwrap());
         let mut wal = WalFile::take_over_syncs(&conn).unwrap();
-        assert_eq!(synchronous(&conn), 1, "NORMAL");
+        let conn = conn.sqlite().unwrap();
+        assert_eq!(synchronous(conn), 1, "NORMAL");
         conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
             .unwrap();
         wal.sync().unwrap();
@@ -384,10 +395,14 @@ mod tests {
     #[test]
     fn without_a_wal_the_writer_keeps_syncing_each_commit_itself() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = store::open(&dir.path().join("log.db")).unwrap();
-        conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
+        let conn = Db::Sqlite(store::open(&dir.path().join("log.db")).unwrap());
+        let sqlite = conn.sqlite().unwrap();
+        sqlite
+            .pragma_update(None, "journal_mode", "DELETE")
+            .unwrap();
         let mut wal = WalFile::take_over_syncs(&conn).unwrap();
-        assert_eq!(synchronous(&conn), 2, "FULL");
+        let conn = sqlite;
+        assert_eq!(synchronous(conn), 2, "FULL");
         conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
             .unwrap();
         wal.sync().unwrap();

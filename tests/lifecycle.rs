@@ -557,7 +557,9 @@ async fn a_removed_agent_leaves_the_lists_and_stays_scrubbed() {
 /// The copies waiting in the outbox, composed from their plans as the
 /// relay composes them now, by Message-ID.
 fn planned_copies(g: &Gateway) -> Vec<(String, Vec<u8>)> {
-    let conn = crmgate::store::open(&g.dir.path().join("state").join("crmgate.db")).unwrap();
+    let conn = crmgate::store::Db::Sqlite(
+        crmgate::store::open(&g.dir.path().join("state").join("crmgate.db")).unwrap(),
+    );
     let rows = crmgate::store::outbox::due(&conn, i64::MAX, 100).unwrap();
     assert!(rows.iter().all(|r| r.plan.is_some()), "every copy planned");
     let (rows, unsendable) = crmgate::relay::composed(&conn, rows).unwrap();

@@ -13,7 +13,8 @@ use common::sink::Sink;
 use crmgate::config::Config;
 use crmgate::relay::{self, FailureHook, RelayError};
 use crmgate::store::outbox::{self, OutboxRow, OutboxStatus};
-use rusqlite::{params, Connection};
+use crmgate::store::{args, Db, Location};
+use rusqlite::Connection;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -69,6 +70,10 @@ impl Harness {
         crmgate::store::open(&self.db_path()).unwrap()
     }
 
+    fn db(&self) -> Db {
+        Db::Sqlite(self.conn())
+    }
+
     /// Queue a row as the writer does: due now, recipients as JSON.
     fn queue(&self, recipients: &[&str], subject: &str) -> i64 {
         let body = format!("Body of {subject}.\r\n.a line that starts with a dot\r\n");
@@ -77,7 +82,7 @@ impl Harness {
 
     /// [`Harness::queue`] with this body (any bytes).
     fn queue_body(&self, recipients: &[&str], subject: &str, body: &[u8]) -> i64 {
-        let conn = self.conn();
+        let conn = self.db();
         let now = crmgate::store::now();
         let message_id = format!("<{subject}@crm.test>");
         let mut message = format!(
@@ -101,17 +106,17 @@ impl Harness {
     }
 
     fn row(&self, id: i64) -> OutboxRow {
-        outbox::get(&self.conn(), id).unwrap()
+        outbox::get(&self.db(), id).unwrap()
     }
 
     /// The hook the lead's daemon installs logs a system entry; this one
     /// writes a quarantine row, to prove its writes commit with the outcome.
     fn hook(&self) -> FailureHook {
         let failures = Arc::clone(&self.failures);
-        Arc::new(move |conn: &Connection, row: &OutboxRow, error: &str| {
-            conn.execute(
+        Arc::new(move |conn: &Db, row: &OutboxRow, error: &str| {
+            conn.exec(
                 "INSERT INTO quarantine (at, reason, message_id) VALUES (0, ?1, ?2)",
-                params![format!("relay failure: {error}"), row.message_id],
+                args![&format!("relay failure: {error}"), &row.message_id],
             )?;
             failures.lock().unwrap().push((row.id, error.to_string()));
             Ok(())
@@ -123,7 +128,7 @@ impl Harness {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(relay::run(
             Arc::clone(&self.config),
-            self.db_path(),
+            Location::of(&self.config),
             Arc::clone(&wake),
             shutdown.clone(),
             self.hook(),

@@ -7,15 +7,13 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use rusqlite::Connection;
-
 use crate::compose::{self, Draft};
 use crate::config::Config;
 use crate::desk;
 use crate::helpdesk::{EntryKind, Envelope};
 use crate::intake::{self, Arrival, Runtime};
 use crate::parse::{Attachment, Mailbox};
-use crate::store::{self, outbox, tickets};
+use crate::store::{self, outbox, tickets, Db};
 
 thread_local! {
     /// The drafts ingest planned on this thread, by Message-ID.
@@ -33,7 +31,7 @@ const FORMER: &str = "old.agent@example.org";
 
 struct Desk {
     _dir: tempfile::TempDir,
-    conn: Connection,
+    conn: Db,
     rt: Runtime,
 }
 
@@ -42,7 +40,7 @@ impl Desk {
     /// old.agent@ an agent once, removed since.
     fn new() -> Desk {
         let dir = tempfile::tempdir().unwrap();
-        let conn = store::open(&dir.path().join("crmgate.db")).unwrap();
+        let conn = Db::Sqlite(store::open(&dir.path().join("crmgate.db")).unwrap());
         let mut config = Config::from_toml(include_str!("../../fixtures/rules.toml"), "test")
             .expect("fixtures/rules.toml");
         config.agents[1].default_notes_list = true;
@@ -82,7 +80,7 @@ impl Desk {
         assert_eq!(outcome.verdict, crate::smtp::Verdict::Stored, "{outcome:?}");
     }
 
-    fn in_transaction<T>(&mut self, f: impl FnOnce(&Connection, &Runtime) -> T) -> T {
+    fn in_transaction<T>(&mut self, f: impl FnOnce(&Db, &Runtime) -> T) -> T {
         let tx = self.conn.transaction().unwrap();
         let out = f(&tx, &self.rt);
         tx.commit().unwrap();
@@ -106,7 +104,7 @@ impl Desk {
     }
 }
 
-fn number(conn: &Connection) -> String {
+fn number(conn: &Db) -> String {
     tickets::list(conn, None).unwrap()[0].number.clone()
 }
 
@@ -272,11 +270,11 @@ fn a_copy_is_composed_alike_twice_and_a_planned_row_stores_no_bytes() {
     assert_eq!(first, second);
     let stored: Vec<(i64, Option<String>)> = desk
         .conn
-        .prepare("SELECT length(message), plan FROM outbox_messages")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
+        .query_all(
+            "SELECT length(message), plan FROM outbox_messages",
+            &[],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .unwrap();
     assert_eq!(stored.len(), first.len());
     for (bytes, plan) in stored {

@@ -1,6 +1,8 @@
-//! Store: the ticket log in SQLite.
+//! Store: the ticket log, in SQLite (the embedded default) or PostgreSQL
+//! (`[store] url`: a database several instances share). One set of
+//! functions over [`Db`], each query written once for both engines.
 //!
-//! One database file holds tickets, their entries and lists, the raw
+//! On SQLite, one database file holds tickets, their entries and lists, the raw
 //! messages, the outbox and the quarantine. WAL mode lets the CLI write while
 //! the daemon runs; `synchronous=FULL` makes a commit durable, which is what
 //! the SMTP `250` promises. In the daemon, one writer thread owns the
@@ -19,8 +21,11 @@ use std::time::Duration;
 use rusqlite::Connection;
 use rusqlite_migration::{Migrations, M};
 
+pub mod db;
 pub mod outbox;
 pub mod tickets;
+
+pub use db::{args, in_savepoint, Db, Row, Tx, Value};
 
 /// Why the store could not do what was asked. The callers tell a missing
 /// row (`NotFound`: a user's typo, or a row someone else changed first)
@@ -30,6 +35,9 @@ pub enum StoreError {
     /// SQLite refused: the file is locked, full, or corrupt.
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL refused, or cannot be reached.
+    #[error("database: {0}")]
+    Postgres(#[from] postgres::Error),
     /// The schema could not be brought up to date (or is from a newer
     /// crmgate): nothing may be written to it.
     #[error("database schema: {0}")]
@@ -46,6 +54,11 @@ pub enum StoreError {
     /// expects; the sentence names it, for the user or the log.
     #[error("{0}")]
     NotFound(String),
+    /// Another instance logged the same message (same Message-ID, sender
+    /// and body) first, in a transaction that has committed since: the
+    /// caller processes the message again, as the duplicate it now is.
+    #[error("the message was logged by another instance meanwhile")]
+    AlreadyLogged,
     /// A value that cannot be stored or was not stored by us (a corrupt
     /// column, a blob larger than SQLite takes).
     #[error("{0}")]
@@ -136,8 +149,133 @@ fn migrations() -> Migrations<'static> {
     ])
 }
 
-/// Open (creating if needed) the database, bring its schema up to date, and
-/// set the pragmas every connection needs.
+/// Where the ticket log is: `[store] url`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A SQLite file (the embedded default: `state_dir/crmgate.db`).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database: the URL as configured, and its password.
+    Postgres {
+        /// `postgres://user@host:5432/dbname`.
+        url: String,
+        /// From `[store] password_file`.
+        password: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Sqlite(path) => write!(f, "{}", path.display()),
+            Location::Postgres { url, .. } => f.write_str(url),
+        }
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+impl Location {
+    /// Where the configuration puts the log.
+    pub fn of(config: &crate::config::Config) -> Location {
+        match &config.store {
+            crate::config::Store::Sqlite => Location::Sqlite(config.database_path()),
+            crate::config::Store::Postgres { url, password } => Location::Postgres {
+                url: url.clone(),
+                password: password.clone(),
+            },
+        }
+    }
+}
+
+/// Connect to the log at `location`, creating it and bringing its schema
+/// up to date as [`open`] does.
+///
+/// # Errors
+/// The database cannot be reached or created, or its schema is from a
+/// newer crmgate.
+pub fn connect(location: &Location, durability: Durability) -> Result<Db> {
+    match location {
+        Location::Sqlite(path) => Ok(Db::Sqlite(open_with(path, durability)?)),
+        Location::Postgres { .. } => connect_postgres(location, true),
+    }
+}
+
+/// A client on the PostgreSQL database at `location`; `migrate`: create or
+/// update its schema first (every connection but the health check's).
+///
+/// # Errors
+/// The URL does not parse, the server cannot be reached, or the schema is
+/// from a newer crmgate.
+pub fn connect_postgres(location: &Location, migrate: bool) -> Result<Db> {
+    let Location::Postgres { url, password } = location else {
+        return Err(StoreError::Invalid(format!(
+            "{location} is not a PostgreSQL URL"
+        )));
+    };
+    let mut config: postgres::Config = url
+        .parse()
+        .map_err(|e: postgres::Error| StoreError::Invalid(format!("store.url: {e}")))?;
+    if let Some(password) = password {
+        config.password(password);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("crmgate");
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(BUSY_TIMEOUT);
+    }
+    let db = Db::Postgres(db::Pg::connect(&config)?);
+    if migrate {
+        postgres_migrate(&db)?;
+    }
+    Ok(db)
+}
+
+/// The PostgreSQL schema, one migration a step; `schema_version` counts
+/// those applied. A step is only ever appended.
+const POSTGRES_MIGRATIONS: &[&str] = &[include_str!("postgres/001_schema.sql")];
+
+/// Bring a PostgreSQL schema up to date, in one transaction under an
+/// advisory lock, so that instances starting together migrate once.
+fn postgres_migrate(db: &Db) -> Result<()> {
+    let Db::Postgres(pg) = db else {
+        return Ok(());
+    };
+    let mut client = pg.client();
+    let mut tx = client.transaction()?;
+    // Any constant: the key of crmgate's migrations among the database's
+    // advisory locks.
+    tx.execute("SELECT pg_advisory_xact_lock(7210012)", &[])?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
+    let version: i64 = tx
+        .query_opt("SELECT version FROM schema_version", &[])?
+        .map_or(0, |r| r.get(0));
+    let known = POSTGRES_MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::Invalid(format!(
+            "database schema: version {version} is from a newer crmgate (this one knows {known})"
+        )));
+    }
+    for step in &POSTGRES_MIGRATIONS[version as usize..] {
+        tx.batch_execute(step)?;
+    }
+    if version < known {
+        tx.execute("DELETE FROM schema_version", &[])?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[&known],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Open (creating if needed) the SQLite database, bring its schema up to
+/// date, and set the pragmas every connection needs.
 ///
 /// # Errors
 /// The directory cannot be created, the file cannot be opened, or the
@@ -365,29 +503,6 @@ pub fn checkpoint(conn: &Connection, progress: Option<&CheckpointProgress>) -> R
     Ok(size)
 }
 
-/// Run `f` in a savepoint: released when it succeeds, rolled back (and
-/// released) when it fails, so nothing of a failed step is left in the
-/// transaction. The statements are prepared once (rusqlite's `Savepoint`
-/// parses its SQL at every use).
-///
-/// # Errors
-/// The outer error: the savepoint itself could not be opened, released or
-/// rolled back, so the transaction cannot be trusted (the caller rolls it
-/// all back). The inner one: `f` failed, and nothing of it is left.
-pub fn in_savepoint<T, E>(
-    conn: &Connection,
-    f: impl FnOnce(&Connection) -> std::result::Result<T, E>,
-) -> rusqlite::Result<std::result::Result<T, E>> {
-    let run = |sql: &str| conn.prepare_cached(sql)?.execute([]).map(|_| ());
-    run("SAVEPOINT step")?;
-    let result = f(conn);
-    if result.is_err() {
-        run("ROLLBACK TO step")?;
-    }
-    run("RELEASE step")?;
-    Ok(result)
-}
-
 /// Unix seconds now. The store is the only place that reads the clock for
 /// the log; `decide` receives the time as a value.
 pub fn now() -> i64 {
@@ -395,6 +510,53 @@ pub fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+pub(crate) mod test_cluster;
+
+/// The store's tests run on both engines: a fresh log on each.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{connect, Db, Durability, Location};
+
+    /// A fresh, empty log with the real schema, on one engine.
+    pub(crate) struct TestLog {
+        /// `"sqlite"` or `"postgres"`, for the assertion messages.
+        pub engine: &'static str,
+        pub conn: Db,
+        _dir: Option<tempfile::TempDir>,
+    }
+
+    impl TestLog {
+        /// A SQLite file, and a PostgreSQL database on the tests' cluster
+        /// (unless `CRMGATE_TEST_NO_PG=1`).
+        pub(crate) fn all() -> Vec<TestLog> {
+            let mut logs = vec![TestLog::sqlite()];
+            if let Some(url) = super::test_cluster::database() {
+                let location = Location::Postgres {
+                    url,
+                    password: None,
+                };
+                logs.push(TestLog {
+                    engine: "postgres",
+                    conn: connect(&location, Durability::Full).unwrap(),
+                    _dir: None,
+                });
+            }
+            logs
+        }
+
+        pub(crate) fn sqlite() -> TestLog {
+            let dir = tempfile::tempdir().unwrap();
+            let location = Location::Sqlite(dir.path().join("crmgate.db"));
+            TestLog {
+                engine: "sqlite",
+                conn: connect(&location, Durability::Full).unwrap(),
+                _dir: Some(dir),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -457,23 +619,92 @@ mod tests {
 
     #[test]
     fn sends_older_than_a_day_are_pruned_in_bounded_steps() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = open(&dir.path().join("crmgate.db")).unwrap();
-        let now = 1_000_000;
-        for i in 0..25 {
-            // 20 rows a day and more old, then 5 recent ones.
-            let at = if i < 20 { now - 90_000 + i } else { now - 60 };
-            tickets::record_send(&conn, "a@x", 1, true, None, at).unwrap();
+        for log in testing::TestLog::all() {
+            let conn = &log.conn;
+            let now = 1_000_000;
+            for i in 0..25 {
+                // 20 rows a day and more old, then 5 recent ones.
+                let at = if i < 20 { now - 90_000 + i } else { now - 60 };
+                tickets::record_send(conn, "a@x", 1, true, None, at).unwrap();
+            }
+            let count = |c: &Db| -> i64 {
+                c.query_row("SELECT COUNT(*) FROM sends", &[], |r| r.get(0))
+                    .unwrap()
+            };
+            assert_eq!(
+                tickets::prune_sends(conn, now, 8).unwrap(),
+                8,
+                "{}",
+                log.engine
+            );
+            assert_eq!(count(conn), 17);
+            assert_eq!(tickets::prune_sends(conn, now, 100).unwrap(), 12);
+            assert_eq!(count(conn), 5, "the recent rows stay: the caps count them");
+            assert_eq!(tickets::prune_sends(conn, now, 100).unwrap(), 0);
         }
-        let count = |c: &Connection| -> i64 {
-            c.query_row("SELECT COUNT(*) FROM sends", [], |r| r.get(0))
+    }
+
+    #[test]
+    fn a_transaction_commits_or_rolls_back_and_a_savepoint_undoes_only_its_step() {
+        for mut log in testing::TestLog::all() {
+            let engine = log.engine;
+            let count = |c: &Db| -> i64 {
+                c.query_row("SELECT COUNT(*) FROM sends", &[], |r| r.get(0))
+                    .unwrap()
+            };
+            {
+                let tx = log.conn.transaction().unwrap();
+                tickets::record_send(&tx, "a@x", 1, true, None, 10).unwrap();
+                let failed = in_savepoint(&tx, |sp| -> Result<()> {
+                    tickets::record_send(sp, "b@x", 1, true, None, 10)?;
+                    // A statement the database refuses: on PostgreSQL it
+                    // aborts the transaction unless the savepoint undoes it.
+                    sp.exec("INSERT INTO no_such_table VALUES (1)", &[])?;
+                    Ok(())
+                })
+                .unwrap();
+                assert!(failed.is_err(), "{engine}");
+                tickets::record_send(&tx, "c@x", 1, true, None, 10).unwrap();
+                tx.commit().unwrap();
+            }
+            assert_eq!(count(&log.conn), 2, "{engine}: a and c, not b");
+            {
+                let tx = log.conn.transaction().unwrap();
+                tickets::record_send(&tx, "d@x", 1, true, None, 10).unwrap();
+                // Dropped without a commit.
+            }
+            assert_eq!(count(&log.conn), 2, "{engine}: rolled back");
+            let addresses = log
+                .conn
+                .query_all("SELECT address FROM sends ORDER BY rowid", &[], |r| {
+                    r.get::<String>(0)
+                })
+                .unwrap();
+            assert_eq!(addresses, ["a@x", "c@x"], "{engine}");
+        }
+    }
+
+    #[test]
+    fn postgres_migrates_once_and_refuses_a_newer_schema() {
+        let Some(url) = test_cluster::database() else {
+            return;
+        };
+        let location = Location::Postgres {
+            url,
+            password: None,
+        };
+        let db = connect(&location, Durability::Full).unwrap();
+        let version = |db: &Db| -> i64 {
+            db.query_row("SELECT version FROM schema_version", &[], |r| r.get(0))
                 .unwrap()
         };
-        assert_eq!(tickets::prune_sends(&conn, now, 8).unwrap(), 8);
-        assert_eq!(count(&conn), 17);
-        assert_eq!(tickets::prune_sends(&conn, now, 100).unwrap(), 12);
-        assert_eq!(count(&conn), 5, "the recent rows stay: the caps count them");
-        assert_eq!(tickets::prune_sends(&conn, now, 100).unwrap(), 0);
+        assert_eq!(version(&db), POSTGRES_MIGRATIONS.len() as i64);
+        drop(connect(&location, Durability::Full).unwrap());
+        assert_eq!(version(&db), POSTGRES_MIGRATIONS.len() as i64, "once");
+        db.exec("UPDATE schema_version SET version = version + 1", &[])
+            .unwrap();
+        let newer = connect(&location, Durability::Full).err().unwrap();
+        assert!(newer.to_string().contains("newer crmgate"), "{newer}");
     }
 
     /// SQLite's plan for `sql`, its steps joined by "; ".

@@ -11,7 +11,7 @@
 //! here, beside the updates that record them: in the daemon the writer
 //! thread records them in its batches, and needs nothing of the relay.
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use super::db::{args, Db, Row};
 use serde::Serialize;
 
 use super::{Result, StoreError};
@@ -126,8 +126,7 @@ const ROW_COLUMNS: &str = "o.id, o.ticket_id, o.entry_id, o.kind, o.recipients, 
 /// is an error the relay reports rather than a row it never sees.
 const ROW_FROM: &str = "outbox AS o LEFT JOIN outbox_messages AS m ON m.outbox_id = o.id";
 
-/// Column values as read, before the JSON and the status are checked: a
-/// rusqlite row closure cannot return our error type.
+/// Column values as read, before the JSON and the status are checked.
 type RawRow = (
     i64,
     Option<i64>,
@@ -144,7 +143,7 @@ type RawRow = (
     Option<String>,
 );
 
-fn raw_row(r: &Row<'_>) -> rusqlite::Result<RawRow> {
+fn raw_row(r: &Row<'_>) -> Result<RawRow> {
     Ok((
         r.get(0)?,
         r.get(1)?,
@@ -212,18 +211,67 @@ fn into_row(raw: RawRow) -> Result<OutboxRow> {
 ///
 /// # Errors
 /// A database error, or a row whose recipients or status column is corrupt.
-pub fn due(conn: &Connection, now: i64, limit: usize) -> Result<Vec<OutboxRow>> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {ROW_COLUMNS} FROM outbox AS o INDEXED BY outbox_queued
-             LEFT JOIN outbox_messages AS m ON m.outbox_id = o.id
-         WHERE o.status = 'queued' AND o.next_attempt_at <= ?1
-         ORDER BY o.id LIMIT ?2"
-    ))?;
+pub fn due(conn: &Db, now: i64, limit: usize) -> Result<Vec<OutboxRow>> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let raws = stmt
-        .query_map(params![now, limit], raw_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let raws = match conn {
+        Db::Sqlite(_) => conn.query_all(
+            &format!(
+                "SELECT {ROW_COLUMNS} FROM outbox AS o INDEXED BY outbox_queued
+                     LEFT JOIN outbox_messages AS m ON m.outbox_id = o.id
+                 WHERE o.status = 'queued' AND o.next_attempt_at <= ?1
+                 ORDER BY o.id LIMIT ?2"
+            ),
+            args![now, limit],
+            raw_row,
+        )?,
+        Db::Postgres(_) => lease_due(conn, now, limit)?,
+    };
     raws.into_iter().map(into_row).collect()
+}
+
+/// How long a row taken by one instance's relay worker is its own: after
+/// that, another instance takes it over (the first one died mid-send).
+pub const LEASE_SECONDS: i64 = 60;
+
+/// This instance's name among those that share a PostgreSQL database: the
+/// lease holder of the rows its relay worker sends.
+pub fn instance_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!(
+            "{}:{}:{:08x}",
+            host.trim(),
+            std::process::id(),
+            rand::random::<u32>()
+        )
+    })
+}
+
+/// PostgreSQL: take the due rows no other instance holds (`FOR UPDATE SKIP
+/// LOCKED`, then a lease of [`LEASE_SECONDS`] in `leased_until`), so each
+/// row is sent by one instance at a time; the rows of an instance that
+/// died are taken over once its lease has run out. The lease is one
+/// autocommitted statement: the rows are ours before any is sent.
+fn lease_due(conn: &Db, now: i64, limit: i64) -> Result<Vec<RawRow>> {
+    conn.query_all(
+        &format!(
+            "WITH taken AS (
+                 UPDATE outbox SET leased_by = ?3, leased_until = ?1 + {LEASE_SECONDS}
+                 WHERE id IN (
+                     SELECT id FROM outbox
+                     WHERE status = 'queued' AND next_attempt_at <= ?1
+                       AND (leased_until IS NULL OR leased_until <= ?1 OR leased_by = ?3)
+                     ORDER BY id LIMIT ?2
+                     FOR UPDATE SKIP LOCKED)
+                 RETURNING *)
+             SELECT {ROW_COLUMNS} FROM taken AS o
+                 LEFT JOIN outbox_messages AS m ON m.outbox_id = o.id
+             ORDER BY o.id"
+        ),
+        args![now, limit, instance_id()],
+        raw_row,
+    )
 }
 
 /// When the earliest queued row is due (possibly in the past), or `None`
@@ -231,12 +279,12 @@ pub fn due(conn: &Connection, now: i64, limit: usize) -> Result<Vec<OutboxRow>> 
 ///
 /// # Errors
 /// A database error.
-pub fn next_due_at(conn: &Connection) -> Result<Option<i64>> {
-    Ok(conn.query_row(
+pub fn next_due_at(conn: &Db) -> Result<Option<i64>> {
+    conn.query_row(
         "SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'queued'",
-        [],
+        &[],
         |r| r.get(0),
-    )?)
+    )
 }
 
 /// How many rows wait for the relay: what a stopping daemon leaves for
@@ -244,12 +292,12 @@ pub fn next_due_at(conn: &Connection) -> Result<Option<i64>> {
 ///
 /// # Errors
 /// A database error.
-pub fn queued_count(conn: &Connection) -> Result<i64> {
-    Ok(conn.query_row(
+pub fn queued_count(conn: &Db) -> Result<i64> {
+    conn.query_row(
         "SELECT COUNT(*) FROM outbox WHERE status = 'queued'",
-        [],
+        &[],
         |r| r.get(0),
-    )?)
+    )
 }
 
 /// The first row sent with this Message-ID: a delivery report that names
@@ -258,28 +306,25 @@ pub fn queued_count(conn: &Connection) -> Result<i64> {
 ///
 /// # Errors
 /// A database error.
-pub fn first_with_message_id(conn: &Connection, message_id: &str) -> Result<Option<i64>> {
-    Ok(conn
-        .query_row(
-            "SELECT id FROM outbox WHERE message_id = ?1 ORDER BY id LIMIT 1",
-            [message_id],
-            |r| r.get(0),
-        )
-        .optional()?)
+pub fn first_with_message_id(conn: &Db, message_id: &str) -> Result<Option<i64>> {
+    conn.query_opt(
+        "SELECT id FROM outbox WHERE message_id = ?1 ORDER BY id LIMIT 1",
+        args![message_id],
+        |r| r.get(0),
+    )
 }
 
 /// One row by id.
 ///
 /// # Errors
 /// `NotFound` when there is no such row; a database error.
-pub fn get(conn: &Connection, id: i64) -> Result<OutboxRow> {
+pub fn get(conn: &Db, id: i64) -> Result<OutboxRow> {
     let raw = conn
-        .query_row(
+        .query_opt(
             &format!("SELECT {ROW_COLUMNS} FROM {ROW_FROM} WHERE o.id = ?1"),
-            [id],
+            args![id],
             raw_row,
-        )
-        .optional()?
+        )?
         .ok_or_else(|| StoreError::NotFound(format!("no outbox row {id}")))?;
     into_row(raw)
 }
@@ -290,24 +335,14 @@ pub fn get(conn: &Connection, id: i64) -> Result<OutboxRow> {
 /// # Errors
 /// `NotFound` when there is no such entry; a database error, or a long
 /// body that is not UTF-8.
-pub fn entry_body(conn: &Connection, entry_id: i64) -> Result<(String, Option<String>)> {
-    conn.prepare_cached("SELECT body, long_body, html FROM entries WHERE id = ?1")?
-        .query_row([entry_id], |r| {
-            let long: Option<Vec<u8>> = r.get(1)?;
-            Ok((r.get::<_, String>(0)?, long, r.get::<_, Option<String>>(2)?))
-        })
-        .optional()?
-        .ok_or_else(|| StoreError::NotFound(format!("no entry {entry_id}")))
-        .and_then(|(body, long, html)| {
-            let body = match long {
-                // A long body lives in `long_body` (the second migration).
-                Some(bytes) => String::from_utf8(bytes).map_err(|e| {
-                    StoreError::Invalid(format!("entry {entry_id}: its body is not UTF-8: {e}"))
-                })?,
-                None => body,
-            };
-            Ok((body, html))
-        })
+pub fn entry_body(conn: &Db, entry_id: i64) -> Result<(String, Option<String>)> {
+    conn.query_opt(
+        "SELECT COALESCE(long_body, body), html FROM entries WHERE id = ?1",
+        args![entry_id],
+        // A long body lives in `long_body` (the second migration).
+        |r| Ok((r.text(0)?, r.get::<Option<String>>(1)?)),
+    )?
+    .ok_or_else(|| StoreError::NotFound(format!("no entry {entry_id}")))
 }
 
 /// The attachments kept on an entry, in the order they were kept, each
@@ -316,32 +351,27 @@ pub fn entry_body(conn: &Connection, entry_id: i64) -> Result<(String, Option<St
 ///
 /// # Errors
 /// A database error.
-pub fn entry_attachments(
-    conn: &Connection,
-    entry_id: i64,
-) -> Result<Vec<crate::parse::Attachment>> {
-    let mut stmt = conn.prepare_cached(
+pub fn entry_attachments(conn: &Db, entry_id: i64) -> Result<Vec<crate::parse::Attachment>> {
+    conn.query_all(
         "SELECT a.filename, a.content_type,
                 CASE WHEN a.same_as IS NULL THEN a.data ELSE h.data END
          FROM attachments AS a LEFT JOIN attachments AS h ON h.id = a.same_as
          WHERE a.entry_id = ?1 ORDER BY a.id",
-    )?;
-    let rows = stmt
-        .query_map([entry_id], |r| {
+        args![entry_id],
+        |r| {
             Ok(crate::parse::Attachment {
                 filename: r.get(0)?,
                 content_type: r.get(1)?,
-                data: r.get::<_, Option<Vec<u8>>>(2)?.unwrap_or_default(),
+                data: r.get::<Option<Vec<u8>>>(2)?.unwrap_or_default(),
                 inline: false,
             })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(rows)
+        },
+    )
 }
 
 /// Fails with `NotFound` when an update touched no row, so a caller never
 /// believes it recorded an outcome it did not.
-fn one_row(changed: usize, id: i64) -> Result<()> {
+fn one_row(changed: u64, id: i64) -> Result<()> {
     if changed == 0 {
         return Err(StoreError::NotFound(format!("no queued outbox row {id}")));
     }
@@ -352,14 +382,13 @@ fn one_row(changed: usize, id: i64) -> Result<()> {
 ///
 /// # Errors
 /// `NotFound` when the row is not queued; a database error.
-pub fn mark_sent(conn: &Connection, id: i64, now: i64) -> Result<()> {
-    let changed = conn
-        .prepare_cached(
-            "UPDATE outbox SET status = 'sent', sent_at = ?2, attempts = attempts + 1,
+pub fn mark_sent(conn: &Db, id: i64, now: i64) -> Result<()> {
+    let changed = conn.exec(
+        "UPDATE outbox SET status = 'sent', sent_at = ?2, attempts = attempts + 1,
                 last_error = NULL
          WHERE id = ?1 AND status = 'queued'",
-        )?
-        .execute(params![id, now])?;
+        args![id, now],
+    )?;
     one_row(changed, id)
 }
 
@@ -367,13 +396,12 @@ pub fn mark_sent(conn: &Connection, id: i64, now: i64) -> Result<()> {
 ///
 /// # Errors
 /// `NotFound` when the row is not queued; a database error.
-pub fn mark_retry(conn: &Connection, id: i64, next_at: i64, error: &str) -> Result<()> {
-    let changed = conn
-        .prepare_cached(
-            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3
+pub fn mark_retry(conn: &Db, id: i64, next_at: i64, error: &str) -> Result<()> {
+    let changed = conn.exec(
+        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3
          WHERE id = ?1 AND status = 'queued'",
-        )?
-        .execute(params![id, next_at, error])?;
+        args![id, next_at, error],
+    )?;
     one_row(changed, id)
 }
 
@@ -382,13 +410,12 @@ pub fn mark_retry(conn: &Connection, id: i64, next_at: i64, error: &str) -> Resu
 ///
 /// # Errors
 /// `NotFound` when the row is not queued; a database error.
-pub fn mark_failed(conn: &Connection, id: i64, error: &str) -> Result<()> {
-    let changed = conn
-        .prepare_cached(
-            "UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = ?2
+pub fn mark_failed(conn: &Db, id: i64, error: &str) -> Result<()> {
+    let changed = conn.exec(
+        "UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = ?2
          WHERE id = ?1 AND status = 'queued'",
-        )?
-        .execute(params![id, error])?;
+        args![id, error],
+    )?;
     one_row(changed, id)
 }
 
@@ -399,11 +426,11 @@ pub fn mark_failed(conn: &Connection, id: i64, error: &str) -> Result<()> {
 ///
 /// # Errors
 /// `NotFound` when there is no such row; a database error.
-pub fn mark_failed_by_report(conn: &Connection, id: i64, error: &str) -> Result<bool> {
-    let changed = conn.execute(
+pub fn mark_failed_by_report(conn: &Db, id: i64, error: &str) -> Result<bool> {
+    let changed = conn.exec(
         "UPDATE outbox SET status = 'failed', last_error = ?2
          WHERE id = ?1 AND status IN ('queued', 'sent')",
-        params![id, error],
+        args![id, error],
     )?;
     if changed == 0 {
         get(conn, id)?;
@@ -417,12 +444,13 @@ pub fn mark_failed_by_report(conn: &Connection, id: i64, error: &str) -> Result<
 ///
 /// # Errors
 /// `NotFound` when the row is not queued; a database error.
-pub fn narrow_recipients(conn: &Connection, id: i64, recipients: &[String]) -> Result<()> {
+pub fn narrow_recipients(conn: &Db, id: i64, recipients: &[String]) -> Result<()> {
     let json = serde_json::to_string(recipients)
         .map_err(|e| StoreError::Invalid(format!("outbox row {id}: recipients: {e}")))?;
-    let changed = conn
-        .prepare_cached("UPDATE outbox SET recipients = ?2 WHERE id = ?1 AND status = 'queued'")?
-        .execute(params![id, json])?;
+    let changed = conn.exec(
+        "UPDATE outbox SET recipients = ?2 WHERE id = ?1 AND status = 'queued'",
+        args![id, &json],
+    )?;
     one_row(changed, id)
 }
 
@@ -430,28 +458,27 @@ pub fn narrow_recipients(conn: &Connection, id: i64, recipients: &[String]) -> R
 ///
 /// # Errors
 /// A database error, or a row whose recipients or status column is corrupt.
-pub fn list(conn: &Connection) -> Result<Vec<OutboxSummary>> {
-    let mut stmt = conn.prepare(
-        "SELECT o.id, t.number, o.kind, o.recipients, o.status, o.attempts, o.last_error,
+pub fn list(conn: &Db) -> Result<Vec<OutboxSummary>> {
+    let raws = conn.query_all(
+        "SELECT o.id, CAST(t.number AS TEXT), o.kind, o.recipients, o.status, o.attempts, o.last_error,
                 o.next_attempt_at, o.created_at
          FROM outbox o LEFT JOIN tickets t ON t.id = o.ticket_id
          ORDER BY o.id DESC",
-    )?;
-    let raws = stmt
-        .query_map([], |r| {
+        &[],
+        |r| {
             Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, Option<String>>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, i64>(5)?,
-                r.get::<_, Option<String>>(6)?,
-                r.get::<_, i64>(7)?,
-                r.get::<_, i64>(8)?,
+                r.get::<i64>(0)?,
+                r.get::<Option<String>>(1)?,
+                r.get::<String>(2)?,
+                r.get::<String>(3)?,
+                r.get::<String>(4)?,
+                r.get::<i64>(5)?,
+                r.get::<Option<String>>(6)?,
+                r.get::<i64>(7)?,
+                r.get::<i64>(8)?,
             ))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        },
+    )?;
     raws.into_iter()
         .map(
             |(id, ticket, kind, recipients, status, attempts, last_error, next, created)| {
@@ -484,7 +511,7 @@ pub fn list(conn: &Connection) -> Result<Vec<OutboxSummary>> {
 /// # Errors
 /// `NotFound` for an id with no row, `Invalid` for a row already sent; a
 /// database error.
-pub fn retry(conn: &Connection, id: Option<i64>, now: i64) -> Result<usize> {
+pub fn retry(conn: &Db, id: Option<i64>, now: i64) -> Result<usize> {
     match id {
         Some(id) => {
             let row = get(conn, id)?;
@@ -493,19 +520,19 @@ pub fn retry(conn: &Connection, id: Option<i64>, now: i64) -> Result<usize> {
                     "outbox row {id} was sent already; nothing to retry"
                 )));
             }
-            Ok(conn.execute(
+            Ok(conn.exec(
                 "UPDATE outbox SET status = 'queued', next_attempt_at = ?2,
                         attempts = CASE status WHEN 'failed' THEN 0 ELSE attempts END
                  WHERE id = ?1 AND status IN ('queued', 'failed')",
-                params![id, now],
-            )?)
+                args![id, now],
+            )? as usize)
         }
-        None => Ok(conn.execute(
+        None => Ok(conn.exec(
             "UPDATE outbox SET status = 'queued', next_attempt_at = ?1,
                     attempts = CASE status WHEN 'failed' THEN 0 ELSE attempts END
              WHERE status = 'failed' OR (status = 'queued' AND next_attempt_at > ?1)",
-            params![now],
-        )?),
+            args![now],
+        )? as usize),
     }
 }
 
@@ -515,12 +542,12 @@ pub fn retry(conn: &Connection, id: Option<i64>, now: i64) -> Result<usize> {
 ///
 /// # Errors
 /// A database error.
-pub fn defer_queued(conn: &Connection, until: i64, last_id: i64) -> Result<usize> {
-    Ok(conn.execute(
+pub fn defer_queued(conn: &Db, until: i64, last_id: i64) -> Result<usize> {
+    Ok(conn.exec(
         "UPDATE outbox SET next_attempt_at = ?1
          WHERE status = 'queued' AND (next_attempt_at < ?1 OR id <= ?2)",
-        rusqlite::params![until, last_id],
-    )?)
+        args![until, last_id],
+    )? as usize)
 }
 
 // ---------------------------------------------------------------------------
@@ -533,7 +560,7 @@ pub fn defer_queued(conn: &Connection, until: i64, last_id: i64) -> Result<usize
 /// error from the hook is logged and the failure recorded without it: a
 /// failed hook must not make the worker resend the message.
 pub type FailureHook =
-    std::sync::Arc<dyn Fn(&Connection, &OutboxRow, &str) -> Result<(), StoreError> + Send + Sync>;
+    std::sync::Arc<dyn Fn(&Db, &OutboxRow, &str) -> Result<(), StoreError> + Send + Sync>;
 
 /// What to record for a row after an attempt: a pure function of the row,
 /// the per-recipient outcomes, the time and the policy ([`crate::relay::dispose`]).
@@ -582,7 +609,7 @@ impl MarkRequest {
     ///
     /// # Errors
     /// A database error.
-    pub fn write(&self, conn: &Connection) -> Result<(), StoreError> {
+    pub fn write(&self, conn: &Db) -> Result<(), StoreError> {
         write_marks(conn, &self.settled, self.now, &self.on_failed)
     }
 
@@ -602,7 +629,7 @@ impl MarkRequest {
 /// # Errors
 /// A database error.
 pub fn write_marks(
-    conn: &Connection,
+    conn: &Db,
     settled: &[(OutboxRow, Disposition)],
     now: i64,
     on_failed: &FailureHook,
@@ -623,7 +650,7 @@ pub fn write_marks(
 /// single `UPDATE ... WHERE status = 'queued'`: `NotFound` means it changed
 /// nothing.
 fn record_one(
-    conn: &Connection,
+    conn: &Db,
     row: &OutboxRow,
     disposition: &Disposition,
     now: i64,
@@ -664,21 +691,10 @@ fn record_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::testing::TestLog as Log;
 
-    /// A fresh database with the real schema, and a way to queue rows the
-    /// way the writer does.
-    struct Db {
-        _dir: tempfile::TempDir,
-        conn: Connection,
-    }
-
-    impl Db {
-        fn new() -> Db {
-            let dir = tempfile::tempdir().unwrap();
-            let conn = crate::store::open(&dir.path().join("crmgate.db")).unwrap();
-            Db { _dir: dir, conn }
-        }
-
+    /// A way to queue rows the way the writer does.
+    impl Log {
         fn queue(&self, recipients: &[&str], next_at: i64) -> i64 {
             let recipients: Vec<String> = recipients.iter().map(|r| r.to_string()).collect();
             let id = crate::store::tickets::insert_outbox(
@@ -693,9 +709,9 @@ mod tests {
             )
             .unwrap();
             self.conn
-                .execute(
+                .exec(
                     "UPDATE outbox SET next_attempt_at = ?2 WHERE id = ?1",
-                    params![id, next_at],
+                    args![id, next_at],
                 )
                 .unwrap();
             id
@@ -704,158 +720,167 @@ mod tests {
 
     #[test]
     fn due_returns_queued_rows_whose_time_has_come_in_id_order() {
-        let db = Db::new();
-        let late = db.queue(&["a@x"], 500);
-        let first = db.queue(&["b@x"], 100);
-        let second = db.queue(&["c@x", "d@x"], 200);
-        let sent = db.queue(&["e@x"], 100);
-        mark_sent(&db.conn, sent, 150).unwrap();
+        for db in Log::all() {
+            let late = db.queue(&["a@x"], 500);
+            let first = db.queue(&["b@x"], 100);
+            let second = db.queue(&["c@x", "d@x"], 200);
+            let sent = db.queue(&["e@x"], 100);
+            mark_sent(&db.conn, sent, 150).unwrap();
 
-        let rows = due(&db.conn, 200, 10).unwrap();
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        assert_eq!(ids, [first, second]);
-        assert_eq!(rows[1].recipients, ["c@x", "d@x"]);
-        assert_eq!(rows[1].message, b"a\r\n");
-        assert_eq!(rows[1].status, OutboxStatus::Queued);
-        assert_eq!(due(&db.conn, 200, 1).unwrap().len(), 1);
-        assert_eq!(due(&db.conn, 1000, 10).unwrap()[0].id, late);
+            let rows = due(&db.conn, 200, 10).unwrap();
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            assert_eq!(ids, [first, second]);
+            assert_eq!(rows[1].recipients, ["c@x", "d@x"]);
+            assert_eq!(rows[1].message, b"a\r\n");
+            assert_eq!(rows[1].status, OutboxStatus::Queued);
+            assert_eq!(due(&db.conn, 200, 1).unwrap().len(), 1);
+            assert_eq!(due(&db.conn, 1000, 10).unwrap()[0].id, late);
+        }
     }
 
     #[test]
     fn next_due_at_is_the_earliest_queued_row() {
-        let db = Db::new();
-        assert_eq!(next_due_at(&db.conn).unwrap(), None);
-        let a = db.queue(&["a@x"], 300);
-        db.queue(&["b@x"], 400);
-        assert_eq!(next_due_at(&db.conn).unwrap(), Some(300));
-        mark_failed(&db.conn, a, "550 no").unwrap();
-        assert_eq!(next_due_at(&db.conn).unwrap(), Some(400));
+        for db in Log::all() {
+            assert_eq!(next_due_at(&db.conn).unwrap(), None);
+            let a = db.queue(&["a@x"], 300);
+            db.queue(&["b@x"], 400);
+            assert_eq!(next_due_at(&db.conn).unwrap(), Some(300));
+            mark_failed(&db.conn, a, "550 no").unwrap();
+            assert_eq!(next_due_at(&db.conn).unwrap(), Some(400));
+        }
     }
 
     #[test]
     fn outcomes_count_attempts_and_only_touch_queued_rows() {
-        let db = Db::new();
-        let id = db.queue(&["a@x"], 100);
-        mark_retry(&db.conn, id, 160, "451 later").unwrap();
-        let row = get(&db.conn, id).unwrap();
-        assert_eq!((row.attempts, row.next_attempt_at), (1, 160));
-        assert_eq!(row.last_error.as_deref(), Some("451 later"));
+        for db in Log::all() {
+            let id = db.queue(&["a@x"], 100);
+            mark_retry(&db.conn, id, 160, "451 later").unwrap();
+            let row = get(&db.conn, id).unwrap();
+            assert_eq!((row.attempts, row.next_attempt_at), (1, 160));
+            assert_eq!(row.last_error.as_deref(), Some("451 later"));
 
-        mark_sent(&db.conn, id, 170).unwrap();
-        let row = get(&db.conn, id).unwrap();
-        assert_eq!(
-            (row.status, row.attempts, row.last_error),
-            (OutboxStatus::Sent, 2, None)
-        );
-        // A sent row cannot be failed or retried by a late outcome.
-        assert!(matches!(
-            mark_failed(&db.conn, id, "x"),
-            Err(StoreError::NotFound(_))
-        ));
-        assert!(matches!(
-            mark_retry(&db.conn, id, 1, "x"),
-            Err(StoreError::NotFound(_))
-        ));
-        assert!(matches!(get(&db.conn, 999), Err(StoreError::NotFound(_))));
+            mark_sent(&db.conn, id, 170).unwrap();
+            let row = get(&db.conn, id).unwrap();
+            assert_eq!(
+                (row.status, row.attempts, row.last_error),
+                (OutboxStatus::Sent, 2, None)
+            );
+            // A sent row cannot be failed or retried by a late outcome.
+            assert!(matches!(
+                mark_failed(&db.conn, id, "x"),
+                Err(StoreError::NotFound(_))
+            ));
+            assert!(matches!(
+                mark_retry(&db.conn, id, 1, "x"),
+                Err(StoreError::NotFound(_))
+            ));
+            assert!(matches!(get(&db.conn, 999), Err(StoreError::NotFound(_))));
+        }
     }
 
     #[test]
     fn a_delivery_report_fails_a_sent_row_once() {
-        let db = Db::new();
-        let id = db.queue(&["a@x"], 100);
-        mark_sent(&db.conn, id, 150).unwrap();
-        assert!(mark_failed_by_report(&db.conn, id, "5.1.1 user unknown").unwrap());
-        let row = get(&db.conn, id).unwrap();
-        assert_eq!(row.status, OutboxStatus::Failed);
-        assert_eq!(row.last_error.as_deref(), Some("5.1.1 user unknown"));
-        assert!(!mark_failed_by_report(&db.conn, id, "again").unwrap());
-        assert!(matches!(
-            mark_failed_by_report(&db.conn, 999, "x"),
-            Err(StoreError::NotFound(_))
-        ));
+        for db in Log::all() {
+            let id = db.queue(&["a@x"], 100);
+            mark_sent(&db.conn, id, 150).unwrap();
+            assert!(mark_failed_by_report(&db.conn, id, "5.1.1 user unknown").unwrap());
+            let row = get(&db.conn, id).unwrap();
+            assert_eq!(row.status, OutboxStatus::Failed);
+            assert_eq!(row.last_error.as_deref(), Some("5.1.1 user unknown"));
+            assert!(!mark_failed_by_report(&db.conn, id, "again").unwrap());
+            assert!(matches!(
+                mark_failed_by_report(&db.conn, 999, "x"),
+                Err(StoreError::NotFound(_))
+            ));
+        }
     }
 
     #[test]
     fn narrowing_keeps_only_the_deferred_recipients() {
-        let db = Db::new();
-        let id = db.queue(&["a@x", "b@x", "c@x"], 100);
-        narrow_recipients(&db.conn, id, &["c@x".to_string()]).unwrap();
-        assert_eq!(get(&db.conn, id).unwrap().recipients, ["c@x"]);
+        for db in Log::all() {
+            let id = db.queue(&["a@x", "b@x", "c@x"], 100);
+            narrow_recipients(&db.conn, id, &["c@x".to_string()]).unwrap();
+            assert_eq!(get(&db.conn, id).unwrap().recipients, ["c@x"]);
+        }
     }
 
     #[test]
     fn retry_requeues_failed_rows_due_now_with_a_fresh_backoff() {
-        let db = Db::new();
-        let failed = db.queue(&["a@x"], 100);
-        mark_retry(&db.conn, failed, 100, "451").unwrap();
-        mark_failed(&db.conn, failed, "550").unwrap();
-        let waiting = db.queue(&["b@x"], 9_000);
-        let sent = db.queue(&["c@x"], 100);
-        mark_sent(&db.conn, sent, 100).unwrap();
+        for db in Log::all() {
+            let failed = db.queue(&["a@x"], 100);
+            mark_retry(&db.conn, failed, 100, "451").unwrap();
+            mark_failed(&db.conn, failed, "550").unwrap();
+            let waiting = db.queue(&["b@x"], 9_000);
+            let sent = db.queue(&["c@x"], 100);
+            mark_sent(&db.conn, sent, 100).unwrap();
 
-        assert_eq!(retry(&db.conn, None, 1_000).unwrap(), 2);
-        let row = get(&db.conn, failed).unwrap();
-        assert_eq!(
-            (row.status, row.attempts, row.next_attempt_at),
-            (OutboxStatus::Queued, 0, 1_000)
-        );
-        assert_eq!(get(&db.conn, waiting).unwrap().next_attempt_at, 1_000);
-        assert_eq!(get(&db.conn, sent).unwrap().status, OutboxStatus::Sent);
+            assert_eq!(retry(&db.conn, None, 1_000).unwrap(), 2);
+            let row = get(&db.conn, failed).unwrap();
+            assert_eq!(
+                (row.status, row.attempts, row.next_attempt_at),
+                (OutboxStatus::Queued, 0, 1_000)
+            );
+            assert_eq!(get(&db.conn, waiting).unwrap().next_attempt_at, 1_000);
+            assert_eq!(get(&db.conn, sent).unwrap().status, OutboxStatus::Sent);
+        }
     }
 
     #[test]
     fn retry_of_one_row_names_missing_and_sent_rows() {
-        let db = Db::new();
-        let a = db.queue(&["a@x"], 100);
-        let b = db.queue(&["b@x"], 100);
-        mark_failed(&db.conn, a, "550").unwrap();
-        mark_failed(&db.conn, b, "550").unwrap();
-        assert_eq!(retry(&db.conn, Some(a), 500).unwrap(), 1);
-        assert_eq!(get(&db.conn, a).unwrap().status, OutboxStatus::Queued);
-        assert_eq!(get(&db.conn, b).unwrap().status, OutboxStatus::Failed);
+        for db in Log::all() {
+            let a = db.queue(&["a@x"], 100);
+            let b = db.queue(&["b@x"], 100);
+            mark_failed(&db.conn, a, "550").unwrap();
+            mark_failed(&db.conn, b, "550").unwrap();
+            assert_eq!(retry(&db.conn, Some(a), 500).unwrap(), 1);
+            assert_eq!(get(&db.conn, a).unwrap().status, OutboxStatus::Queued);
+            assert_eq!(get(&db.conn, b).unwrap().status, OutboxStatus::Failed);
 
-        mark_sent(&db.conn, a, 600).unwrap();
-        assert!(matches!(
-            retry(&db.conn, Some(a), 700),
-            Err(StoreError::Invalid(_))
-        ));
-        assert!(matches!(
-            retry(&db.conn, Some(42), 700),
-            Err(StoreError::NotFound(_))
-        ));
+            mark_sent(&db.conn, a, 600).unwrap();
+            assert!(matches!(
+                retry(&db.conn, Some(a), 700),
+                Err(StoreError::Invalid(_))
+            ));
+            assert!(matches!(
+                retry(&db.conn, Some(42), 700),
+                Err(StoreError::NotFound(_))
+            ));
+        }
     }
 
     #[test]
     fn list_shows_ticket_numbers_and_serializes_like_the_spec() {
-        let db = Db::new();
-        db.conn
-            .execute(
-                "INSERT INTO tickets (number, subject, state, created_at, updated_at)
-                 VALUES ('TKT0000042', 's', 'new', 1, 1)",
-                [],
-            )
-            .unwrap();
-        let ticket = db.conn.last_insert_rowid();
-        let id = db.queue(&["a@x"], 100);
-        db.conn
-            .execute(
-                "UPDATE outbox SET ticket_id = ?1 WHERE id = ?2",
-                [ticket, id],
-            )
-            .unwrap();
-        let other = db.queue(&["b@x"], 100);
-        mark_failed(&db.conn, other, "550 5.1.1 unknown").unwrap();
+        for db in Log::all() {
+            let ticket: i64 = db
+                .conn
+                .query_row(
+                    "INSERT INTO tickets (number, subject, state, created_at, updated_at)
+                 VALUES ('TKT0000042', 's', 'new', 1, 1) RETURNING id",
+                    &[],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            let id = db.queue(&["a@x"], 100);
+            db.conn
+                .exec(
+                    "UPDATE outbox SET ticket_id = ?1 WHERE id = ?2",
+                    args![ticket, id],
+                )
+                .unwrap();
+            let other = db.queue(&["b@x"], 100);
+            mark_failed(&db.conn, other, "550 5.1.1 unknown").unwrap();
 
-        let rows = list(&db.conn).unwrap();
-        assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), [other, id]);
-        assert_eq!(rows[1].ticket.as_deref(), Some("TKT0000042"));
-        let json = serde_json::to_value(&rows[0]).unwrap();
-        assert_eq!(
-            json,
-            serde_json::json!({"id": other, "ticket": null, "kind": "public_copy",
+            let rows = list(&db.conn).unwrap();
+            assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), [other, id]);
+            assert_eq!(rows[1].ticket.as_deref(), Some("TKT0000042"));
+            let json = serde_json::to_value(&rows[0]).unwrap();
+            assert_eq!(
+                json,
+                serde_json::json!({"id": other, "ticket": null, "kind": "public_copy",
                 "recipients": ["b@x"], "status": "failed", "attempts": 1,
                 "last_error": "550 5.1.1 unknown"})
-        );
+            );
+        }
     }
 
     /// Bytes that a careless store would change: CR LF and bare LF, a
@@ -878,7 +903,7 @@ mod tests {
         let small = awkward_message(5_000);
         let large = awkward_message(300_000);
         let (a, b) = {
-            let conn = crate::store::open(&path).unwrap();
+            let conn = Db::Sqlite(crate::store::open(&path).unwrap());
             let queue = |message: &[u8]| {
                 crate::store::tickets::insert_outbox(
                     &conn,
@@ -895,7 +920,7 @@ mod tests {
             (queue(&small), queue(&large))
         };
         // The daemon restarts: a new connection on the same file.
-        let conn = crate::store::open(&path).unwrap();
+        let conn = Db::Sqlite(crate::store::open(&path).unwrap());
         let rows = due(&conn, 100, 10).unwrap();
         assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), [a, b]);
         assert_eq!(rows[0].message, small);
@@ -908,7 +933,7 @@ mod tests {
         mark_failed(&conn, b, "550 no").unwrap();
         retry(&conn, Some(b), 170).unwrap();
         drop(conn);
-        let conn = crate::store::open(&path).unwrap();
+        let conn = Db::Sqlite(crate::store::open(&path).unwrap());
         let (row_a, row_b) = (get(&conn, a).unwrap(), get(&conn, b).unwrap());
         assert_eq!(
             (row_a.status, row_a.recipients),
@@ -925,7 +950,7 @@ mod tests {
         let message = awkward_message(7_000);
         {
             // A log from before the bytes had a table of their own.
-            let mut conn = Connection::open(&path).unwrap();
+            let mut conn = rusqlite::Connection::open(&path).unwrap();
             crate::store::migrations().to_version(&mut conn, 5).unwrap();
             conn.execute(
                 "INSERT INTO outbox (kind, recipients, message_id, message, next_attempt_at, created_at)
@@ -934,7 +959,7 @@ mod tests {
             )
             .unwrap();
         }
-        let conn = crate::store::open(&path).unwrap();
+        let conn = Db::Sqlite(crate::store::open(&path).unwrap());
         let rows = due(&conn, 100, 10).unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(
@@ -942,11 +967,9 @@ mod tests {
             ("<old@x>", &message)
         );
         let columns: Vec<String> = conn
-            .prepare("SELECT name FROM pragma_table_info('outbox')")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
+            .query_all("SELECT name FROM pragma_table_info('outbox')", &[], |r| {
+                r.get(0)
+            })
             .unwrap();
         assert!(!columns.iter().any(|c| c == "message"), "{columns:?}");
     }
@@ -958,8 +981,9 @@ mod tests {
         let message = awkward_message(7_000);
         let id = {
             // A log from before the copies were planned.
-            let mut conn = Connection::open(&path).unwrap();
+            let mut conn = rusqlite::Connection::open(&path).unwrap();
             crate::store::migrations().to_version(&mut conn, 7).unwrap();
+            let conn = Db::Sqlite(conn);
             crate::store::tickets::insert_outbox(
                 &conn,
                 None,
@@ -972,7 +996,7 @@ mod tests {
             )
             .unwrap()
         };
-        let conn = crate::store::open(&path).unwrap();
+        let conn = Db::Sqlite(crate::store::open(&path).unwrap());
         let rows = due(&conn, 100, 10).unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!((rows[0].id, &rows[0].message), (id, &message));
@@ -995,153 +1019,165 @@ mod tests {
 
     #[test]
     fn a_row_without_its_message_is_an_error_not_a_row_never_sent() {
-        let db = Db::new();
-        let id = db.queue(&["a@x"], 100);
-        db.conn
-            .execute("DELETE FROM outbox_messages WHERE outbox_id = ?1", [id])
-            .unwrap();
-        assert!(matches!(
-            due(&db.conn, 100, 10),
-            Err(StoreError::Invalid(_))
-        ));
-        assert!(matches!(get(&db.conn, id), Err(StoreError::Invalid(_))));
+        for db in Log::all() {
+            let id = db.queue(&["a@x"], 100);
+            db.conn
+                .exec(
+                    "DELETE FROM outbox_messages WHERE outbox_id = ?1",
+                    args![id],
+                )
+                .unwrap();
+            assert!(matches!(
+                due(&db.conn, 100, 10),
+                Err(StoreError::Invalid(_))
+            ));
+            assert!(matches!(get(&db.conn, id), Err(StoreError::Invalid(_))));
+        }
     }
 
     #[test]
     fn corrupt_recipients_are_an_error_not_a_panic() {
-        let db = Db::new();
-        let id = db.queue(&["a@x"], 100);
-        db.conn
-            .execute("UPDATE outbox SET recipients = 'a@x' WHERE id = ?1", [id])
-            .unwrap();
-        assert!(matches!(
-            due(&db.conn, 100, 10),
-            Err(StoreError::Invalid(_))
-        ));
+        for db in Log::all() {
+            let id = db.queue(&["a@x"], 100);
+            db.conn
+                .exec(
+                    "UPDATE outbox SET recipients = 'a@x' WHERE id = ?1",
+                    args![id],
+                )
+                .unwrap();
+            assert!(matches!(
+                due(&db.conn, 100, 10),
+                Err(StoreError::Invalid(_))
+            ));
+        }
     }
 
     #[test]
     fn queued_count_is_what_a_stopping_daemon_leaves() {
-        let db = Db::new();
-        assert_eq!(queued_count(&db.conn).unwrap(), 0);
-        let a = db.queue(&["a@x"], 100);
-        db.queue(&["b@x"], 9_000);
-        let c = db.queue(&["c@x"], 100);
-        mark_sent(&db.conn, a, 150).unwrap();
-        mark_failed(&db.conn, c, "550").unwrap();
-        assert_eq!(queued_count(&db.conn).unwrap(), 1, "a later row counts too");
+        for db in Log::all() {
+            assert_eq!(queued_count(&db.conn).unwrap(), 0);
+            let a = db.queue(&["a@x"], 100);
+            db.queue(&["b@x"], 9_000);
+            let c = db.queue(&["c@x"], 100);
+            mark_sent(&db.conn, a, 150).unwrap();
+            mark_failed(&db.conn, c, "550").unwrap();
+            assert_eq!(queued_count(&db.conn).unwrap(), 1, "a later row counts too");
+        }
     }
 
     #[test]
     fn a_message_id_finds_the_first_row_that_sent_it() {
-        let db = Db::new();
-        // Every row of `Db::queue` carries the Message-ID <m@x>.
-        let first = db.queue(&["a@x"], 100);
-        db.queue(&["b@x"], 100);
-        assert_eq!(
-            first_with_message_id(&db.conn, "<m@x>").unwrap(),
-            Some(first)
-        );
-        assert_eq!(first_with_message_id(&db.conn, "<other@x>").unwrap(), None);
+        for db in Log::all() {
+            // Every row of `Db::queue` carries the Message-ID <m@x>.
+            let first = db.queue(&["a@x"], 100);
+            db.queue(&["b@x"], 100);
+            assert_eq!(
+                first_with_message_id(&db.conn, "<m@x>").unwrap(),
+                Some(first)
+            );
+            assert_eq!(first_with_message_id(&db.conn, "<other@x>").unwrap(), None);
+        }
     }
 
     #[test]
     fn marks_are_written_with_their_hook_and_a_row_no_longer_queued_keeps_its_state() {
-        let db = Db::new();
-        let sent = db.queue(&["a@x"], 100);
-        let retried = db.queue(&["b@x", "c@x"], 100);
-        let failed = db.queue(&["d@x"], 100);
-        let gone = db.queue(&["e@x"], 100);
-        let broken_hook = db.queue(&["f@x"], 100);
-        // An operator's retry or a report came first: no longer queued.
-        mark_failed(&db.conn, gone, "550 before").unwrap();
-        let row = |id| get(&db.conn, id).unwrap();
-        let settled = vec![
-            (row(sent), Disposition::Sent),
-            (
-                row(retried),
-                Disposition::Retry {
-                    next_at: 400,
-                    error: "452 full".into(),
-                    narrow_to: Some(vec!["c@x".into()]),
-                    refused: Some("refused: b@x".into()),
-                },
-            ),
-            (
-                row(failed),
-                Disposition::Failed {
-                    error: "550 unknown".into(),
-                },
-            ),
-            (row(gone), Disposition::Sent),
-            (
-                row(broken_hook),
-                Disposition::Failed {
-                    error: "550 hook".into(),
-                },
-            ),
-        ];
-        let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = told.clone();
-        let hook: FailureHook = std::sync::Arc::new(move |conn, row, reason| {
-            conn.execute(
-                "INSERT INTO quarantine (at, reason) VALUES (0, ?1)",
-                [format!("hook: {reason}")],
-            )?;
-            seen.lock().unwrap().push((row.id, reason.to_string()));
-            if reason == "550 hook" {
-                return Err(StoreError::Invalid("the hook failed half-way".into()));
-            }
-            Ok(())
-        });
-        write_marks(&db.conn, &settled, 300, &hook).unwrap();
+        for db in Log::all() {
+            let sent = db.queue(&["a@x"], 100);
+            let retried = db.queue(&["b@x", "c@x"], 100);
+            let failed = db.queue(&["d@x"], 100);
+            let gone = db.queue(&["e@x"], 100);
+            let broken_hook = db.queue(&["f@x"], 100);
+            // An operator's retry or a report came first: no longer queued.
+            mark_failed(&db.conn, gone, "550 before").unwrap();
+            let row = |id| get(&db.conn, id).unwrap();
+            let settled = vec![
+                (row(sent), Disposition::Sent),
+                (
+                    row(retried),
+                    Disposition::Retry {
+                        next_at: 400,
+                        error: "452 full".into(),
+                        narrow_to: Some(vec!["c@x".into()]),
+                        refused: Some("refused: b@x".into()),
+                    },
+                ),
+                (
+                    row(failed),
+                    Disposition::Failed {
+                        error: "550 unknown".into(),
+                    },
+                ),
+                (row(gone), Disposition::Sent),
+                (
+                    row(broken_hook),
+                    Disposition::Failed {
+                        error: "550 hook".into(),
+                    },
+                ),
+            ];
+            let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let seen = told.clone();
+            let hook: FailureHook = std::sync::Arc::new(move |conn, row, reason| {
+                conn.exec(
+                    "INSERT INTO quarantine (at, reason) VALUES (0, ?1)",
+                    args![&format!("hook: {reason}")],
+                )?;
+                seen.lock().unwrap().push((row.id, reason.to_string()));
+                if reason == "550 hook" {
+                    return Err(StoreError::Invalid("the hook failed half-way".into()));
+                }
+                Ok(())
+            });
+            // In a transaction, as the writer and the relay worker write them.
+            db.conn.exec("BEGIN", &[]).unwrap();
+            write_marks(&db.conn, &settled, 300, &hook).unwrap();
+            db.conn.exec("COMMIT", &[]).unwrap();
 
-        assert_eq!(row(sent).status, OutboxStatus::Sent);
-        let r = row(retried);
-        assert_eq!((r.status, r.next_attempt_at), (OutboxStatus::Queued, 400));
-        assert_eq!(r.recipients, ["c@x"]);
-        assert_eq!(row(failed).status, OutboxStatus::Failed);
-        let g = row(gone);
-        assert_eq!(
-            (g.status, g.last_error.as_deref()),
-            (OutboxStatus::Failed, Some("550 before"))
-        );
-        let b = row(broken_hook);
-        assert_eq!(
-            (b.status, b.last_error.as_deref()),
-            (OutboxStatus::Failed, Some("550 hook")),
-            "recorded without its hook"
-        );
-        assert_eq!(
-            *told.lock().unwrap(),
-            [
-                (retried, "refused: b@x".to_string()),
-                (failed, "550 unknown".to_string()),
-                (broken_hook, "550 hook".to_string())
-            ]
-        );
-        // The failed hook's write was rolled back with it; the others stay.
-        let noted: Vec<String> = db
-            .conn
-            .prepare("SELECT reason FROM quarantine ORDER BY id")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        assert_eq!(noted, ["hook: refused: b@x", "hook: 550 unknown"]);
+            assert_eq!(row(sent).status, OutboxStatus::Sent);
+            let r = row(retried);
+            assert_eq!((r.status, r.next_attempt_at), (OutboxStatus::Queued, 400));
+            assert_eq!(r.recipients, ["c@x"]);
+            assert_eq!(row(failed).status, OutboxStatus::Failed);
+            let g = row(gone);
+            assert_eq!(
+                (g.status, g.last_error.as_deref()),
+                (OutboxStatus::Failed, Some("550 before"))
+            );
+            let b = row(broken_hook);
+            assert_eq!(
+                (b.status, b.last_error.as_deref()),
+                (OutboxStatus::Failed, Some("550 hook")),
+                "recorded without its hook"
+            );
+            assert_eq!(
+                *told.lock().unwrap(),
+                [
+                    (retried, "refused: b@x".to_string()),
+                    (failed, "550 unknown".to_string()),
+                    (broken_hook, "550 hook".to_string())
+                ]
+            );
+            // The failed hook's write was rolled back with it; the others stay.
+            let noted: Vec<String> = db
+                .conn
+                .query_all("SELECT reason FROM quarantine ORDER BY id", &[], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            assert_eq!(noted, ["hook: refused: b@x", "hook: 550 unknown"]);
 
-        let request = |settled| MarkRequest {
-            settled,
-            now: 0,
-            on_failed: hook.clone(),
-            reply: tokio::sync::oneshot::channel().0,
-        };
-        assert!(!request(vec![(row(sent), Disposition::Sent)]).may_queue());
-        assert!(
-            request(settled.clone()).may_queue(),
-            "a failure may queue a notice"
-        );
+            let request = |settled| MarkRequest {
+                settled,
+                now: 0,
+                on_failed: hook.clone(),
+                reply: tokio::sync::oneshot::channel().0,
+            };
+            assert!(!request(vec![(row(sent), Disposition::Sent)]).may_queue());
+            assert!(
+                request(settled.clone()).may_queue(),
+                "a failure may queue a notice"
+            );
+        }
     }
 }
 
@@ -1160,15 +1196,17 @@ pub struct Backlog {
 ///
 /// # Errors
 /// A database error.
-pub fn backlog(conn: &Connection, now: i64) -> Result<Backlog> {
+pub fn backlog(conn: &Db, now: i64) -> Result<Backlog> {
     let (queued, failed) = conn.query_row(
-        "SELECT COALESCE(SUM(status = 'queued'), 0), COALESCE(SUM(status = 'failed'), 0) FROM outbox",
-        [],
-        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+        "SELECT CAST(COALESCE(SUM(CASE WHEN status = 'queued' THEN 1 ELSE 0 END), 0) AS BIGINT),
+                CAST(COALESCE(SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END), 0) AS BIGINT)
+         FROM outbox",
+        &[],
+        |r| Ok((r.get::<i64>(0)?, r.get::<i64>(1)?)),
     )?;
     let oldest: Option<i64> = conn.query_row(
         "SELECT MIN(created_at) FROM outbox WHERE status = 'queued'",
-        [],
+        &[],
         |r| r.get(0),
     )?;
     Ok(Backlog {
@@ -1184,13 +1222,19 @@ pub fn backlog(conn: &Connection, now: i64) -> Result<Backlog> {
 ///
 /// # Errors
 /// There is no database there, or it cannot be opened.
-pub fn connect_existing(path: &std::path::Path) -> Result<Connection> {
-    let conn = Connection::open_with_flags(
-        path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(std::time::Duration::from_secs(2))?;
-    Ok(conn)
+pub fn connect_existing(location: &super::Location) -> Result<Db> {
+    match location {
+        super::Location::Sqlite(path) => {
+            let conn = rusqlite::Connection::open_with_flags(
+                path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            conn.busy_timeout(std::time::Duration::from_secs(2))?;
+            Ok(Db::Sqlite(conn))
+        }
+        super::Location::Postgres { .. } => super::connect_postgres(location, false),
+    }
 }
 
 /// Whether the database takes a write now: a write lock taken and given
@@ -1198,7 +1242,17 @@ pub fn connect_existing(path: &std::path::Path) -> Result<Connection> {
 ///
 /// # Errors
 /// The database is locked past the busy timeout, read-only, or gone.
-pub fn can_write(conn: &Connection) -> Result<()> {
-    conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")?;
-    Ok(())
+pub fn can_write(conn: &Db) -> Result<()> {
+    match conn {
+        Db::Sqlite(_) => conn.batch("BEGIN IMMEDIATE; ROLLBACK;"),
+        // A primary that takes writes (not a standby, not read-only).
+        Db::Postgres(_) => {
+            let read_only: String =
+                conn.query_row("SHOW transaction_read_only", &[], |r| r.get(0))?;
+            if read_only == "on" {
+                return Err(StoreError::Invalid("the database is read-only".into()));
+            }
+            Ok(())
+        }
+    }
 }

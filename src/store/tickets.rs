@@ -4,11 +4,10 @@
 
 use std::collections::BTreeSet;
 
-use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use super::db::{args, Db, Value, BLOB_IN_PLACE};
 use super::{Result, StoreError};
 use crate::decide::{NewTicket, ThreadRef, TicketView};
 use crate::helpdesk::{EntryKind, OutboxKind, Role, TicketState};
@@ -21,29 +20,31 @@ const THREAD_TAIL: i64 = 30;
 
 /// The ticket a number names (a Subject's `[TKT0000042]`, a `+TKT0000042`
 /// tag, or what a user typed: the column ignores case).
-pub fn find_by_number(conn: &Connection, number: &str) -> Result<Option<i64>> {
-    Ok(conn
-        .prepare_cached("SELECT id FROM tickets WHERE number = ?1")?
-        .query_row([number], |r| r.get(0))
-        .optional()?)
+pub fn find_by_number(conn: &Db, number: &str) -> Result<Option<i64>> {
+    conn.query_opt(
+        "SELECT id FROM tickets WHERE number = ?1",
+        args![number],
+        |r| r.get(0),
+    )
 }
 
 /// The ticket a Message-ID (inbound or outbound) belongs to.
-pub fn find_by_message_id(conn: &Connection, message_id: &str) -> Result<Option<i64>> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT ticket_id FROM thread_ids WHERE message_id = ?1 ORDER BY seq LIMIT 1",
-        )?
-        .query_row([message_id], |r| r.get(0))
-        .optional()?)
+pub fn find_by_message_id(conn: &Db, message_id: &str) -> Result<Option<i64>> {
+    conn.query_opt(
+        "SELECT ticket_id FROM thread_ids WHERE message_id = ?1 ORDER BY seq LIMIT 1",
+        args![message_id],
+        |r| r.get(0),
+    )
 }
 
 /// The ticket of one of our outbox rows (a bounce names it).
-pub fn find_by_outbox_id(conn: &Connection, outbox_id: i64) -> Result<Option<i64>> {
+pub fn find_by_outbox_id(conn: &Db, outbox_id: i64) -> Result<Option<i64>> {
     Ok(conn
-        .prepare_cached("SELECT ticket_id FROM outbox WHERE id = ?1")?
-        .query_row([outbox_id], |r| r.get::<_, Option<i64>>(0))
-        .optional()?
+        .query_opt(
+            "SELECT ticket_id FROM outbox WHERE id = ?1",
+            args![outbox_id],
+            |r| r.get::<Option<i64>>(0),
+        )?
         .flatten())
 }
 
@@ -52,32 +53,30 @@ pub fn find_by_outbox_id(conn: &Connection, outbox_id: i64) -> Result<Option<i64
 ///
 /// # Errors
 /// `NotFound` when there is no such ticket; a database error.
-pub fn view(conn: &Connection, ticket_id: i64) -> Result<TicketView> {
+pub fn view(conn: &Db, ticket_id: i64) -> Result<TicketView> {
     type Row = (String, String, String, Option<String>, Option<i64>);
     let (number, subject, state, owner, resolved_at): Row = conn
-        .prepare_cached(
+        .query_opt(
             "SELECT number, subject, state, owner, resolved_at FROM tickets WHERE id = ?1",
+            args![ticket_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
         )?
-        .query_row([ticket_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })
-        .optional()?
         .ok_or_else(|| StoreError::NotFound(format!("no ticket with id {ticket_id}")))?;
     let mut requesters = Vec::new();
     let mut watch_list = Vec::new();
     let mut work_notes_list = Vec::new();
-    let mut stmt = conn.prepare_cached(
+    let rows = conn.query_all(
         "SELECT role, address, name FROM participants WHERE ticket_id = ?1 ORDER BY id",
+        args![ticket_id],
+        |r| {
+            Ok((
+                r.get::<String>(0)?,
+                r.get::<String>(1)?,
+                r.get::<Option<String>>(2)?,
+            ))
+        },
     )?;
-    let rows = stmt.query_map([ticket_id], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, Option<String>>(2)?,
-        ))
-    })?;
-    for row in rows {
-        let (role, address, name) = row?;
+    for (role, address, name) in rows {
         let mailbox = Mailbox { name, address };
         match Role::parse(&role) {
             Some(Role::Requester) => requesters.push(mailbox),
@@ -101,26 +100,24 @@ pub fn view(conn: &Connection, ticket_id: i64) -> Result<TicketView> {
 }
 
 /// The first Message-ID of the ticket and its most recent ones, oldest first.
-pub fn thread_refs(conn: &Connection, ticket_id: i64) -> Result<Vec<ThreadRef>> {
-    let map = |r: &rusqlite::Row<'_>| {
+pub fn thread_refs(conn: &Db, ticket_id: i64) -> Result<Vec<ThreadRef>> {
+    let map = |r: &super::Row<'_>| {
         Ok(ThreadRef {
             message_id: r.get(0)?,
             agent_inbound: r.get(1)?,
         })
     };
-    let mut refs: Vec<ThreadRef> = conn
-        .prepare_cached(
-            "SELECT message_id, agent_inbound FROM thread_ids WHERE ticket_id = ?1 ORDER BY seq DESC LIMIT ?2",
-        )?
-        .query_map(params![ticket_id, THREAD_TAIL], map)?
-        .collect::<rusqlite::Result<_>>()?;
+    let mut refs: Vec<ThreadRef> = conn.query_all(
+        "SELECT message_id, agent_inbound FROM thread_ids WHERE ticket_id = ?1 ORDER BY seq DESC LIMIT ?2",
+        args![ticket_id, THREAD_TAIL],
+        map,
+    )?;
     refs.reverse();
-    let first: Vec<ThreadRef> = conn
-        .prepare_cached(
-            "SELECT message_id, agent_inbound FROM thread_ids WHERE ticket_id = ?1 AND agent_inbound = 0 ORDER BY seq LIMIT 1",
-        )?
-        .query_map([ticket_id], map)?
-        .collect::<rusqlite::Result<_>>()?;
+    let first: Vec<ThreadRef> = conn.query_all(
+        "SELECT message_id, agent_inbound FROM thread_ids WHERE ticket_id = ?1 AND agent_inbound = 0 ORDER BY seq LIMIT 1",
+        args![ticket_id],
+        map,
+    )?;
     for f in first {
         if !refs.iter().any(|r| r.message_id == f.message_id) {
             refs.insert(0, f);
@@ -143,7 +140,7 @@ pub(crate) const DUPLICATE_WITHOUT_MESSAGE_ID: &str = "SELECT e.id FROM entries 
 /// Message-ID, sender and body; without a Message-ID, same sender, subject
 /// and body within 24 hours.
 pub fn duplicate_of(
-    conn: &Connection,
+    conn: &Db,
     sender: &str,
     message_id: Option<&str>,
     subject: &str,
@@ -151,72 +148,91 @@ pub fn duplicate_of(
     now: i64,
 ) -> Result<Option<i64>> {
     match message_id {
-        Some(id) => Ok(conn
-            .prepare_cached(DUPLICATE_BY_MESSAGE_ID)?
-            .query_row(params![id, sender, body_hash], |r| r.get(0))
-            .optional()?),
-        None => Ok(conn
-            .prepare_cached(DUPLICATE_WITHOUT_MESSAGE_ID)?
-            .query_row(params![sender, body_hash, now - 86_400, subject], |r| {
-                r.get(0)
-            })
-            .optional()?),
+        Some(id) => conn.query_opt(DUPLICATE_BY_MESSAGE_ID, args![id, sender, body_hash], |r| {
+            r.get(0)
+        }),
+        None => conn.query_opt(
+            DUPLICATE_WITHOUT_MESSAGE_ID,
+            args![sender, body_hash, now - 86_400, subject],
+            |r| r.get(0),
+        ),
     }
+}
+
+/// Several instances on one PostgreSQL database: hold the duplicate key
+/// of a message (its sender and body) until the transaction ends, so that
+/// an instance receiving the same message at the same moment runs its
+/// duplicate check after this one's entry has committed, and finds it.
+/// The unique `entries_once` covers mail with a Message-ID by itself; this
+/// covers the 24-hour window of mail without one, which no unique key
+/// can express. Nothing to do on SQLite, whose one writer serializes.
+pub fn hold_duplicate_key(conn: &Db, sender: &str, body_hash: &str) -> Result<()> {
+    if conn.is_postgres() {
+        conn.query_row(
+            "SELECT CAST(pg_advisory_xact_lock(hashtextextended(?1, 0)) AS TEXT)",
+            args![&format!("{sender}\n{body_hash}")],
+            |_| Ok(()),
+        )?;
+    }
+    Ok(())
 }
 
 /// One more copy of an entry's message arrived (reply-all, several
 /// deliveries): counted, not logged again.
-pub fn count_duplicate(conn: &Connection, entry_id: i64) -> Result<()> {
-    conn.prepare_cached("UPDATE entries SET duplicates = duplicates + 1 WHERE id = ?1")?
-        .execute([entry_id])?;
+pub fn count_duplicate(conn: &Db, entry_id: i64) -> Result<()> {
+    conn.exec(
+        "UPDATE entries SET duplicates = duplicates + 1 WHERE id = ?1",
+        args![entry_id],
+    )?;
     Ok(())
 }
 
 /// Addresses that were agents once and are no longer configured: mail to
 /// non-agents stays scrubbed of them.
-pub fn former_agents(conn: &Connection) -> Result<BTreeSet<String>> {
+pub fn former_agents(conn: &Db) -> Result<BTreeSet<String>> {
     Ok(conn
-        .prepare_cached("SELECT address FROM known_agents WHERE removed_at IS NOT NULL")?
-        .query_map([], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?)
+        .query_all(
+            "SELECT address FROM known_agents WHERE removed_at IS NOT NULL",
+            &[],
+            |r| r.get(0),
+        )?
+        .into_iter()
+        .collect())
 }
 
 /// Record the configured agents; those no longer configured become former
 /// agents and leave every work-notes list and ownership (SPEC: at the next
 /// start or reload). Returns the addresses removed this time.
-pub fn sync_agents(
-    conn: &Connection,
-    agents: &[crate::config::Agent],
-    now: i64,
-) -> Result<Vec<String>> {
+pub fn sync_agents(conn: &Db, agents: &[crate::config::Agent], now: i64) -> Result<Vec<String>> {
     let configured: BTreeSet<&str> = agents.iter().map(|a| a.email.as_str()).collect();
     for a in agents {
-        conn.execute(
+        conn.exec(
             "INSERT INTO known_agents (address, name, first_seen) VALUES (?1, ?2, ?3)
              ON CONFLICT (address) DO UPDATE SET name = excluded.name, removed_at = NULL",
-            params![a.email, a.name, now],
+            args![&a.email, &a.name, now],
         )?;
     }
-    let active: Vec<String> = conn
-        .prepare("SELECT address FROM known_agents WHERE removed_at IS NULL")?
-        .query_map([], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+    let active: Vec<String> = conn.query_all(
+        "SELECT address FROM known_agents WHERE removed_at IS NULL",
+        &[],
+        |r| r.get(0),
+    )?;
     let mut removed = Vec::new();
     for address in active
         .into_iter()
         .filter(|a| !configured.contains(a.as_str()))
     {
-        conn.execute(
+        conn.exec(
             "UPDATE known_agents SET removed_at = ?2 WHERE address = ?1",
-            params![address, now],
+            args![&address, now],
         )?;
-        conn.execute(
+        conn.exec(
             "DELETE FROM participants WHERE role = 'notes' AND address = ?1",
-            [&address],
+            args![&address],
         )?;
-        conn.execute(
+        conn.exec(
             "UPDATE tickets SET owner = NULL WHERE owner = ?1",
-            [&address],
+            args![&address],
         )?;
         removed.push(address);
     }
@@ -224,30 +240,38 @@ pub fn sync_agents(
 }
 
 /// Create a ticket; its number is the prefix and the row id, zero-padded.
+///
+/// The engine picks the id (SQLite the next rowid, PostgreSQL its
+/// sequence), so instances creating tickets at once never pick the same;
+/// the row is inserted under a placeholder number no other transaction
+/// uses, then numbered from its id: two statements, as the `MAX(id) + 1`
+/// and the insert were.
 pub fn create(
-    conn: &Connection,
+    conn: &Db,
     new: &NewTicket,
     state: TicketState,
     prefix: &str,
     digits: usize,
     now: i64,
 ) -> Result<(i64, String)> {
-    let id: i64 = conn
-        .prepare_cached("SELECT COALESCE(MAX(id), 0) + 1 FROM tickets")?
-        .query_row([], |r| r.get(0))?;
+    let placeholder = format!("#new-{:032x}", rand::random::<u128>());
+    let id: i64 = conn.query_row(
+        "INSERT INTO tickets (number, subject, state, owner, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5) RETURNING id",
+        args![
+            &placeholder,
+            new.subject.as_str(),
+            state.as_str(),
+            &new.owner,
+            now
+        ],
+        |r| r.get(0),
+    )?;
     let number = format!("{prefix}{id:0digits$}");
-    conn.prepare_cached(
-        "INSERT INTO tickets (id, number, subject, state, owner, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-    )?
-    .execute(params![
-        id,
-        number,
-        new.subject,
-        state.as_str(),
-        new.owner,
-        now
-    ])?;
+    conn.exec(
+        "UPDATE tickets SET number = ?2 WHERE id = ?1",
+        args![id, &number],
+    )?;
     for m in &new.requesters {
         add_participant(conn, id, Role::Requester, m, now)?;
     }
@@ -265,108 +289,74 @@ pub fn create(
 
 /// Add someone to a list; `true` when they were not on it yet.
 pub fn add_participant(
-    conn: &Connection,
+    conn: &Db,
     ticket_id: i64,
     role: Role,
     who: &Mailbox,
     now: i64,
 ) -> Result<bool> {
-    Ok(conn
-        .prepare_cached(
-            "INSERT OR IGNORE INTO participants (ticket_id, role, address, name, added_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?
-        .execute(params![ticket_id, role.as_str(), who.address, who.name, now])?
-        > 0)
+    Ok(conn.exec(
+        "INSERT INTO participants (ticket_id, role, address, name, added_at) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT DO NOTHING",
+        args![ticket_id, role.as_str(), &who.address, &who.name, now],
+    )? > 0)
 }
 
 /// Take someone off a list; `true` when they were on it.
-pub fn remove_participant(
-    conn: &Connection,
-    ticket_id: i64,
-    role: Role,
-    address: &str,
-) -> Result<bool> {
-    Ok(conn
-        .prepare_cached(
-            "DELETE FROM participants WHERE ticket_id = ?1 AND role = ?2 AND address = ?3",
-        )?
-        .execute(params![ticket_id, role.as_str(), address])?
-        > 0)
+pub fn remove_participant(conn: &Db, ticket_id: i64, role: Role, address: &str) -> Result<bool> {
+    Ok(conn.exec(
+        "DELETE FROM participants WHERE ticket_id = ?1 AND role = ?2 AND address = ?3",
+        args![ticket_id, role.as_str(), address],
+    )? > 0)
 }
 
 /// A ticket's subject, for the `system` entries the CLI notes on it.
 ///
 /// # Errors
 /// `NotFound` when there is no such ticket; a database error.
-pub fn subject(conn: &Connection, ticket_id: i64) -> Result<String> {
-    conn.prepare_cached("SELECT subject FROM tickets WHERE id = ?1")?
-        .query_row([ticket_id], |r| r.get(0))
-        .optional()?
-        .ok_or_else(|| StoreError::NotFound(format!("no ticket with id {ticket_id}")))
+pub fn subject(conn: &Db, ticket_id: i64) -> Result<String> {
+    conn.query_opt(
+        "SELECT subject FROM tickets WHERE id = ?1",
+        args![ticket_id],
+        |r| r.get(0),
+    )?
+    .ok_or_else(|| StoreError::NotFound(format!("no ticket with id {ticket_id}")))
 }
 
 /// A ticket's state changes (a reply reopens it, an agent resolves it);
 /// every path goes through here, so `resolved_at` is the time of the last
 /// resolution while resolved, and empty otherwise.
-pub fn set_state(conn: &Connection, ticket_id: i64, state: TicketState, now: i64) -> Result<()> {
+pub fn set_state(conn: &Db, ticket_id: i64, state: TicketState, now: i64) -> Result<()> {
     let resolved_at = (state == TicketState::Resolved).then_some(now);
-    conn.prepare_cached(
+    conn.exec(
         "UPDATE tickets SET state = ?2, updated_at = ?3, resolved_at = ?4 WHERE id = ?1",
-    )?
-    .execute(params![ticket_id, state.as_str(), now, resolved_at])?;
+        args![ticket_id, state.as_str(), now, resolved_at],
+    )?;
     Ok(())
 }
 
 /// The agent responsible for a ticket, or none (a former agent's tickets).
-pub fn set_owner(conn: &Connection, ticket_id: i64, owner: Option<&str>, now: i64) -> Result<()> {
-    conn.prepare_cached("UPDATE tickets SET owner = ?2, updated_at = ?3 WHERE id = ?1")?
-        .execute(params![ticket_id, owner, now])?;
+pub fn set_owner(conn: &Db, ticket_id: i64, owner: Option<&str>, now: i64) -> Result<()> {
+    conn.exec(
+        "UPDATE tickets SET owner = ?2, updated_at = ?3 WHERE id = ?1",
+        args![ticket_id, owner, now],
+    )?;
     Ok(())
 }
 
 /// The ticket changed without a new state: `updated_at` moves, so lists
 /// sorted by it show the latest activity.
-pub fn touch(conn: &Connection, ticket_id: i64, now: i64) -> Result<()> {
-    conn.prepare_cached("UPDATE tickets SET updated_at = ?2 WHERE id = ?1")?
-        .execute(params![ticket_id, now])?;
-    Ok(())
-}
-
-/// Above this size a blob is written in place (SQLite's incremental blob
-/// I/O) rather than bound: SQLite copies a bound value whole, then copies
-/// it again into the row it builds, two more copies of a 25 MB message.
-const BLOB_IN_PLACE: usize = 64 * 1024;
-
-/// The value to insert for `data`: the bytes themselves when small, else
-/// room for them, which [`fill_in_place`] then fills.
-fn blob_value(data: &[u8]) -> Result<ToSqlOutput<'_>> {
-    if data.len() <= BLOB_IN_PLACE {
-        return Ok(ToSqlOutput::Borrowed(ValueRef::Blob(data)));
-    }
-    let len = i32::try_from(data.len())
-        .map_err(|_| StoreError::Invalid(format!("a blob of {} bytes", data.len())))?;
-    Ok(ToSqlOutput::ZeroBlob(len))
-}
-
-/// Write `data` into the room [`blob_value`] made in the row just inserted.
-fn fill_in_place(
-    conn: &Connection,
-    table: &'static str,
-    column: &'static str,
-    rowid: i64,
-    data: &[u8],
-) -> Result<()> {
-    if data.len() > BLOB_IN_PLACE {
-        let mut blob = conn.blob_open(rusqlite::MAIN_DB, table, column, rowid, false)?;
-        blob.write_all_at(data, 0)?;
-        blob.close()?;
-    }
+pub fn touch(conn: &Db, ticket_id: i64, now: i64) -> Result<()> {
+    conn.exec(
+        "UPDATE tickets SET updated_at = ?2 WHERE id = ?1",
+        args![ticket_id, now],
+    )?;
     Ok(())
 }
 
 /// Store a raw message once; entries and quarantine rows point at it.
 pub fn insert_raw(
-    conn: &Connection,
+    conn: &Db,
     now: i64,
     peer: Option<&str>,
     mail_from: Option<&str>,
@@ -374,10 +364,12 @@ pub fn insert_raw(
     data: &[u8],
 ) -> Result<i64> {
     let rcpt = serde_json::to_string(rcpt_to).unwrap_or_else(|_| "[]".into());
-    conn.prepare_cached("INSERT INTO raw_messages (received_at, peer, mail_from, rcpt_to, data) VALUES (?1, ?2, ?3, ?4, ?5)")?
-        .execute(params![now, peer, mail_from, rcpt, blob_value(data)?])?;
-    let id = conn.last_insert_rowid();
-    fill_in_place(conn, "raw_messages", "data", id, data)?;
+    let id: i64 = conn.query_row(
+        "INSERT INTO raw_messages (received_at, peer, mail_from, rcpt_to, data) VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
+        args![now, peer, mail_from, &rcpt, Value::Large(data)],
+        |r| r.get(0),
+    )?;
+    conn.fill_in_place("raw_messages", "data", id, data)?;
     Ok(id)
 }
 
@@ -412,50 +404,44 @@ pub struct EntryRow<'a> {
 }
 
 /// Log an entry on a ticket; its id, for attachments and outbox rows.
-pub fn insert_entry(conn: &Connection, e: &EntryRow<'_>) -> Result<i64> {
+pub fn insert_entry(conn: &Db, e: &EntryRow<'_>) -> Result<i64> {
     let long = e.body.len() > BLOB_IN_PLACE;
-    conn.prepare_cached(
+    // The conflict is PostgreSQL's unique `entries_once` (the same message
+    // logged by another instance); SQLite has no such index: one writer.
+    let id: i64 = conn.query_opt(
         "INSERT INTO entries (ticket_id, kind, from_addr, from_name, at, subject, body, html, message_id,
                               by_agent, sender, body_hash, raw_id, long_body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+         ON CONFLICT DO NOTHING RETURNING id",
+        args![
+            e.ticket_id,
+            e.kind.as_str(),
+            &e.from.address,
+            &e.from.name,
+            e.at,
+            e.subject,
+            if long { "" } else { e.body },
+            e.html,
+            e.message_id,
+            e.by_agent,
+            e.sender,
+            e.body_hash,
+            e.raw_id,
+            if long { Value::LargeText(e.body) } else { Value::Null },
+        ],
+        |r| r.get(0),
     )?
-    .execute(params![
-        e.ticket_id,
-        e.kind.as_str(),
-        e.from.address,
-        e.from.name,
-        e.at,
-        e.subject,
-        if long { "" } else { e.body },
-        e.html,
-        e.message_id,
-        e.by_agent,
-        e.sender,
-        e.body_hash,
-        e.raw_id,
-        long.then(|| blob_value(e.body.as_bytes())).transpose()?
-    ])?;
-    let id = conn.last_insert_rowid();
-    // A long body goes in `long_body`, written in place (see the schema's
-    // second migration); readers take either ([`text_column`]).
-    fill_in_place(conn, "entries", "long_body", id, e.body.as_bytes())?;
+    .ok_or(StoreError::AlreadyLogged)?;
+    // A long body goes in `long_body`, written in place on SQLite (see the
+    // schema's second migration); readers take either ([`super::Row::text`]).
+    conn.fill_in_place("entries", "long_body", id, e.body.as_bytes())?;
     Ok(id)
-}
-
-/// A text column that may hold its UTF-8 as a blob (`long_body`).
-fn text_column(r: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<String> {
-    match r.get_ref(index)? {
-        ValueRef::Blob(bytes) => String::from_utf8(bytes.to_vec()).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Blob, e.into())
-        }),
-        _ => r.get(index),
-    }
 }
 
 /// A `system` entry: what crmgate itself notes on a ticket (a cap reached,
 /// a delivery failure, a list changed from the command line).
 pub fn insert_system_entry(
-    conn: &Connection,
+    conn: &Db,
     ticket_id: i64,
     from: &Mailbox,
     subject: &str,
@@ -486,58 +472,61 @@ pub fn insert_system_entry(
 /// stored once: the new row names the attachment and points at the row
 /// that holds them (`same_as`). Returns whether the bytes are new on the
 /// ticket, which is whether notifications list the attachment.
-pub fn insert_attachment(conn: &Connection, entry_id: i64, a: &Attachment) -> Result<bool> {
+pub fn insert_attachment(conn: &Db, entry_id: i64, a: &Attachment) -> Result<bool> {
     let sha256 = hex::encode(Sha256::digest(&a.data));
-    let held_by: Option<i64> = conn
-        .prepare_cached(
-            "SELECT a.id FROM attachments a JOIN entries e ON e.id = a.entry_id \
-             WHERE a.sha256 = ?2 AND a.same_as IS NULL \
-               AND e.ticket_id = (SELECT ticket_id FROM entries WHERE id = ?1) \
-             ORDER BY a.id LIMIT 1",
-        )?
-        .query_row(params![entry_id, sha256], |r| r.get(0))
-        .optional()?;
+    let held_by: Option<i64> = conn.query_opt(
+        "SELECT a.id FROM attachments a JOIN entries e ON e.id = a.entry_id \
+         WHERE a.sha256 = ?2 AND a.same_as IS NULL \
+           AND e.ticket_id = (SELECT ticket_id FROM entries WHERE id = ?1) \
+         ORDER BY a.id LIMIT 1",
+        args![entry_id, &sha256],
+        |r| r.get(0),
+    )?;
+    let size = a.data.len() as i64;
     if let Some(held_by) = held_by {
-        conn.prepare_cached(
+        conn.exec(
             "INSERT INTO attachments (entry_id, filename, content_type, size, data, sha256, same_as) \
-             VALUES (?1, ?2, ?3, ?4, X'', ?5, ?6)",
-        )?
-        .execute(params![entry_id, a.filename, a.content_type, a.data.len() as i64, sha256, held_by])?;
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            args![entry_id, &a.filename, &a.content_type, size, &b""[..], &sha256, held_by],
+        )?;
         return Ok(false);
     }
-    conn.prepare_cached(
-        "INSERT INTO attachments (entry_id, filename, content_type, size, data, sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![entry_id, a.filename, a.content_type, a.data.len() as i64, blob_value(&a.data)?, sha256])?;
-    fill_in_place(
-        conn,
-        "attachments",
-        "data",
-        conn.last_insert_rowid(),
-        &a.data,
+    let id: i64 = conn.query_row(
+        "INSERT INTO attachments (entry_id, filename, content_type, size, data, sha256) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+        args![
+            entry_id,
+            &a.filename,
+            &a.content_type,
+            size,
+            Value::Large(&a.data),
+            &sha256
+        ],
+        |r| r.get(0),
     )?;
+    conn.fill_in_place("attachments", "data", id, &a.data)?;
     Ok(true)
 }
 
 /// Remember a Message-ID on a ticket, for threading both ways.
 pub fn insert_thread_id(
-    conn: &Connection,
+    conn: &Db,
     message_id: &str,
     ticket_id: i64,
     agent_inbound: bool,
     now: i64,
 ) -> Result<()> {
-    conn.prepare_cached(
+    conn.exec(
         "INSERT INTO thread_ids (message_id, ticket_id, agent_inbound, at) VALUES (?1, ?2, ?3, ?4)",
-    )?
-    .execute(params![message_id, ticket_id, agent_inbound, now])?;
+        args![message_id, ticket_id, agent_inbound, now],
+    )?;
     Ok(())
 }
 
 /// Keep a message that went to no ticket (unparseable, no ticket found,
 /// refused, postmaster…) with the reason, for `crmgate quarantine list`.
 pub fn insert_quarantine(
-    conn: &Connection,
+    conn: &Db,
     now: i64,
     reason: &str,
     sender: Option<&str>,
@@ -545,11 +534,12 @@ pub fn insert_quarantine(
     message_id: Option<&str>,
     raw_id: Option<i64>,
 ) -> Result<i64> {
-    conn.prepare_cached(
-        "INSERT INTO quarantine (at, reason, sender, subject, message_id, raw_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![now, reason, sender, subject, message_id, raw_id])?;
-    Ok(conn.last_insert_rowid())
+    conn.query_row(
+        "INSERT INTO quarantine (at, reason, sender, subject, message_id, raw_id) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+        args![now, reason, sender, subject, message_id, raw_id],
+        |r| r.get(0),
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -643,20 +633,19 @@ pub fn rfc3339(at: i64) -> String {
         .unwrap_or_default()
 }
 
-fn addresses(conn: &Connection, ticket_id: i64, role: Role) -> Result<Vec<String>> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT address FROM participants WHERE ticket_id = ?1 AND role = ?2 ORDER BY id",
-        )?
-        .query_map(params![ticket_id, role.as_str()], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?)
+fn addresses(conn: &Db, ticket_id: i64, role: Role) -> Result<Vec<String>> {
+    conn.query_all(
+        "SELECT address FROM participants WHERE ticket_id = ?1 AND role = ?2 ORDER BY id",
+        args![ticket_id, role.as_str()],
+        |r| r.get(0),
+    )
 }
 
 /// Resolve a ticket number as typed by a user (any case) to its id.
 ///
 /// # Errors
 /// `NotFound` naming the number.
-pub fn require(conn: &Connection, number: &str) -> Result<i64> {
+pub fn require(conn: &Db, number: &str) -> Result<i64> {
     find_by_number(conn, number)?.ok_or_else(|| StoreError::NotFound(format!("no ticket {number}")))
 }
 
@@ -664,7 +653,7 @@ pub fn require(conn: &Connection, number: &str) -> Result<i64> {
 ///
 /// # Errors
 /// A database error (a missing ticket among them).
-pub fn info(conn: &Connection, ticket_id: i64) -> Result<TicketInfo> {
+pub fn info(conn: &Db, ticket_id: i64) -> Result<TicketInfo> {
     let (number, subject, state, owner, created_at, updated_at): (
         String,
         String,
@@ -674,7 +663,7 @@ pub fn info(conn: &Connection, ticket_id: i64) -> Result<TicketInfo> {
         i64,
     ) = conn.query_row(
         "SELECT number, subject, state, owner, created_at, updated_at FROM tickets WHERE id = ?1",
-        [ticket_id],
+        args![ticket_id],
         |r| {
             Ok((
                 r.get(0)?,
@@ -686,37 +675,35 @@ pub fn info(conn: &Connection, ticket_id: i64) -> Result<TicketInfo> {
             ))
         },
     )?;
-    let mut entries: Vec<EntryInfo> = conn
-        .prepare_cached(
-            "SELECT id, kind, from_addr, at, subject, COALESCE(long_body, body), message_id, duplicates FROM entries WHERE ticket_id = ?1 ORDER BY id",
-        )?
-        .query_map([ticket_id], |r| {
+    let mut entries: Vec<EntryInfo> = conn.query_all(
+        "SELECT id, kind, from_addr, at, subject, COALESCE(long_body, body), message_id, duplicates FROM entries WHERE ticket_id = ?1 ORDER BY id",
+        args![ticket_id],
+        |r| {
             Ok(EntryInfo {
                 id: r.get(0)?,
                 kind: r.get(1)?,
                 from: r.get(2)?,
                 at: rfc3339(r.get(3)?),
                 subject: r.get(4)?,
-                body: text_column(r, 5)?,
+                body: r.text(5)?,
                 message_id: r.get(6)?,
                 duplicates: r.get(7)?,
                 attachments: Vec::new(),
             })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    let mut stmt = conn.prepare_cached(
-        "SELECT filename, content_type, size FROM attachments WHERE entry_id = ?1 ORDER BY id",
+        },
     )?;
     for e in &mut entries {
-        e.attachments = stmt
-            .query_map([e.id], |r| {
+        e.attachments = conn.query_all(
+            "SELECT filename, content_type, size FROM attachments WHERE entry_id = ?1 ORDER BY id",
+            args![e.id],
+            |r| {
                 Ok(AttachmentInfo {
                     filename: r.get(0)?,
                     content_type: r.get(1)?,
                     size: r.get(2)?,
                 })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
+            },
+        )?;
     }
     Ok(TicketInfo {
         number,
@@ -733,16 +720,13 @@ pub fn info(conn: &Connection, ticket_id: i64) -> Result<TicketInfo> {
 }
 
 /// Every ticket in number order, or those in one state, for `ticket list`.
-pub fn list(conn: &Connection, state: Option<TicketState>) -> Result<Vec<TicketSummary>> {
-    let mut stmt = conn.prepare(
+pub fn list(conn: &Db, state: Option<TicketState>) -> Result<Vec<TicketSummary>> {
+    let rows: Vec<(i64, String, String, String, i64)> = conn.query_all(
         "SELECT id, number, subject, state, updated_at FROM tickets
-         WHERE ?1 IS NULL OR state = ?1 ORDER BY id",
+         WHERE CAST(?1 AS TEXT) IS NULL OR state = ?1 ORDER BY id",
+        args![state.map(TicketState::as_str)],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
     )?;
-    let rows: Vec<(i64, String, String, String, i64)> = stmt
-        .query_map([state.map(TicketState::as_str)], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })?
-        .collect::<rusqlite::Result<_>>()?;
     rows.into_iter()
         .map(|(id, number, subject, state, updated_at)| {
             Ok(TicketSummary {
@@ -774,10 +758,11 @@ pub struct QuarantineInfo {
 }
 
 /// Every quarantined message, oldest first, for an operator to look at.
-pub fn quarantine_list(conn: &Connection) -> Result<Vec<QuarantineInfo>> {
-    Ok(conn
-        .prepare("SELECT id, at, reason, sender, subject, message_id FROM quarantine ORDER BY id")?
-        .query_map([], |r| {
+pub fn quarantine_list(conn: &Db) -> Result<Vec<QuarantineInfo>> {
+    conn.query_all(
+        "SELECT id, at, reason, sender, subject, message_id FROM quarantine ORDER BY id",
+        &[],
+        |r| {
             Ok(QuarantineInfo {
                 id: r.get(0)?,
                 at: rfc3339(r.get(1)?),
@@ -786,8 +771,8 @@ pub fn quarantine_list(conn: &Connection) -> Result<Vec<QuarantineInfo>> {
                 subject: r.get(4)?,
                 message_id: r.get(5)?,
             })
-        })?
-        .collect::<rusqlite::Result<_>>()?)
+        },
+    )
 }
 
 /// A quarantined message with what it arrived with, for `quarantine show`
@@ -809,38 +794,36 @@ pub struct QuarantinedMessage {
 
 /// The quarantine row `id` and its raw message; `None` when there is no
 /// such row or it kept no raw message.
-pub fn quarantined(conn: &Connection, id: i64) -> Result<Option<QuarantinedMessage>> {
-    Ok(conn
-        .query_row(
-            "SELECT q.id, q.at, q.reason, q.sender, q.subject, q.message_id, \
+pub fn quarantined(conn: &Db, id: i64) -> Result<Option<QuarantinedMessage>> {
+    conn.query_opt(
+        "SELECT q.id, q.at, q.reason, q.sender, q.subject, q.message_id, \
                     r.peer, r.mail_from, r.rcpt_to, r.data \
              FROM quarantine q JOIN raw_messages r ON r.id = q.raw_id WHERE q.id = ?1",
-            [id],
-            |r| {
-                let rcpt: String = r.get(8)?;
-                Ok(QuarantinedMessage {
-                    info: QuarantineInfo {
-                        id: r.get(0)?,
-                        at: rfc3339(r.get(1)?),
-                        reason: r.get(2)?,
-                        sender: r.get(3)?,
-                        subject: r.get(4)?,
-                        message_id: r.get(5)?,
-                    },
-                    peer: r.get(6)?,
-                    mail_from: r.get(7)?,
-                    rcpt_to: serde_json::from_str(&rcpt).unwrap_or_default(),
-                    data: r.get(9)?,
-                })
-            },
-        )
-        .optional()?)
+        args![id],
+        |r| {
+            let rcpt: String = r.get(8)?;
+            Ok(QuarantinedMessage {
+                info: QuarantineInfo {
+                    id: r.get(0)?,
+                    at: rfc3339(r.get(1)?),
+                    reason: r.get(2)?,
+                    sender: r.get(3)?,
+                    subject: r.get(4)?,
+                    message_id: r.get(5)?,
+                },
+                peer: r.get(6)?,
+                mail_from: r.get(7)?,
+                rcpt_to: serde_json::from_str(&rcpt).unwrap_or_default(),
+                data: r.get(9)?,
+            })
+        },
+    )
 }
 
 /// Take a row out of the quarantine (its raw message stays, as every raw
 /// message does); whether there was one.
-pub fn remove_quarantined(conn: &Connection, id: i64) -> Result<bool> {
-    Ok(conn.execute("DELETE FROM quarantine WHERE id = ?1", [id])? > 0)
+pub fn remove_quarantined(conn: &Db, id: i64) -> Result<bool> {
+    Ok(conn.exec("DELETE FROM quarantine WHERE id = ?1", args![id])? > 0)
 }
 
 /// Queue an outgoing message as its bytes (mail crmgate passes on, and
@@ -849,7 +832,7 @@ pub fn remove_quarantined(conn: &Connection, id: i64) -> Result<bool> {
 /// rewrite only the row.
 #[allow(clippy::too_many_arguments)]
 pub fn insert_outbox(
-    conn: &Connection,
+    conn: &Db,
     ticket_id: Option<i64>,
     entry_id: Option<i64>,
     kind: OutboxKind,
@@ -859,9 +842,11 @@ pub fn insert_outbox(
     now: i64,
 ) -> Result<i64> {
     let id = insert_outbox_row(conn, ticket_id, entry_id, kind, recipients, message_id, now)?;
-    conn.prepare_cached("INSERT INTO outbox_messages (outbox_id, message) VALUES (?1, ?2)")?
-        .execute(params![id, blob_value(message)?])?;
-    fill_in_place(conn, "outbox_messages", "message", id, message)?;
+    conn.exec(
+        "INSERT INTO outbox_messages (outbox_id, message) VALUES (?1, ?2)",
+        args![id, Value::Large(message)],
+    )?;
+    conn.fill_in_place("outbox_messages", "message", id, message)?;
     Ok(id)
 }
 
@@ -871,7 +856,7 @@ pub fn insert_outbox(
 /// place for what it sends, whichever it is.
 #[allow(clippy::too_many_arguments)]
 pub fn insert_outbox_plan(
-    conn: &Connection,
+    conn: &Db,
     ticket_id: Option<i64>,
     entry_id: Option<i64>,
     kind: OutboxKind,
@@ -881,15 +866,15 @@ pub fn insert_outbox_plan(
     now: i64,
 ) -> Result<i64> {
     let id = insert_outbox_row(conn, ticket_id, entry_id, kind, recipients, message_id, now)?;
-    conn.prepare_cached(
-        "INSERT INTO outbox_messages (outbox_id, message, plan) VALUES (?1, X'', ?2)",
-    )?
-    .execute(params![id, plan])?;
+    conn.exec(
+        "INSERT INTO outbox_messages (outbox_id, message, plan) VALUES (?1, ?2, ?3)",
+        args![id, &b""[..], plan],
+    )?;
     Ok(id)
 }
 
 fn insert_outbox_row(
-    conn: &Connection,
+    conn: &Db,
     ticket_id: Option<i64>,
     entry_id: Option<i64>,
     kind: OutboxKind,
@@ -899,50 +884,51 @@ fn insert_outbox_row(
 ) -> Result<i64> {
     let recipients =
         serde_json::to_string(recipients).map_err(|e| StoreError::Invalid(e.to_string()))?;
-    conn.prepare_cached(
+    let id: i64 = conn.query_row(
         "INSERT INTO outbox (ticket_id, entry_id, kind, recipients, message_id, next_attempt_at, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-    )?
-    .execute(params![ticket_id, entry_id, kind.as_str(), recipients, message_id, now])?;
-    Ok(conn.last_insert_rowid())
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) RETURNING id",
+        args![ticket_id, entry_id, kind.as_str(), &recipients, message_id, now],
+        |r| r.get(0),
+    )?;
+    Ok(id)
 }
 
 /// How many capped messages went to `address` lately, each count stopped
 /// at its cap (see `decide::within_cap`): an agent who receives thousands
 /// of copies a day costs no more to check than one who received three.
 pub fn sent_counts(
-    conn: &Connection,
+    conn: &Db,
     address: &str,
     ticket_id: i64,
     caps: crate::decide::SentCounts,
     now: i64,
 ) -> Result<crate::decide::SentCounts> {
-    let mut automatic = conn.prepare_cached(
+    const AUTOMATIC: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM sends
+         WHERE address = ?1 AND automatic = 1 AND at >= ?2 LIMIT ?3) AS capped";
+    let count = |r: &super::Row<'_>| -> Result<u32> {
+        u32::try_from(r.get::<i64>(0)?).map_err(|e| StoreError::Invalid(e.to_string()))
+    };
+    let automatic_last_hour = conn.query_row(
+        AUTOMATIC,
+        args![address, now - 3600, caps.automatic_last_hour],
+        count,
+    )?;
+    let automatic_last_day = conn.query_row(
+        AUTOMATIC,
+        args![address, now - 86_400, caps.automatic_last_day],
+        count,
+    )?;
+    let resends_on_ticket_last_hour = conn.query_row(
         "SELECT COUNT(*) FROM (SELECT 1 FROM sends
-         WHERE address = ?1 AND automatic = 1 AND at >= ?2 LIMIT ?3)",
+         WHERE ticket_id = ?1 AND address = ?2 AND automatic = 0 AND at >= ?3 LIMIT ?4) AS capped",
+        args![
+            ticket_id,
+            address,
+            now - 3600,
+            caps.resends_on_ticket_last_hour
+        ],
+        count,
     )?;
-    let automatic_last_hour = automatic.query_row(
-        params![address, now - 3600, caps.automatic_last_hour],
-        |r| r.get(0),
-    )?;
-    let automatic_last_day = automatic.query_row(
-        params![address, now - 86_400, caps.automatic_last_day],
-        |r| r.get(0),
-    )?;
-    let resends_on_ticket_last_hour = conn
-        .prepare_cached(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM sends
-             WHERE ticket_id = ?1 AND address = ?2 AND automatic = 0 AND at >= ?3 LIMIT ?4)",
-        )?
-        .query_row(
-            params![
-                ticket_id,
-                address,
-                now - 3600,
-                caps.resends_on_ticket_last_hour
-            ],
-            |r| r.get(0),
-        )?;
     Ok(crate::decide::SentCounts {
         automatic_last_hour,
         automatic_last_day,
@@ -957,16 +943,18 @@ const SENDS_KEPT_SECONDS: i64 = 86_400;
 /// them. Rows are appended as time goes, so the oldest lead the rowid
 /// order: one look at the first row, then a range of rowids, never a scan.
 /// Returns how many were deleted.
-pub fn prune_sends(conn: &Connection, now: i64, limit: i64) -> Result<usize> {
+pub fn prune_sends(conn: &Db, now: i64, limit: i64) -> Result<usize> {
     let cutoff = now - SENDS_KEPT_SECONDS;
-    let first: Option<(i64, i64)> = conn
-        .prepare_cached("SELECT rowid, at FROM sends ORDER BY rowid LIMIT 1")?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
+    let first: Option<(i64, i64)> = conn.query_opt(
+        "SELECT rowid, at FROM sends ORDER BY rowid LIMIT 1",
+        &[],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     match first {
-        Some((first, at)) if at < cutoff => Ok(conn
-            .prepare_cached("DELETE FROM sends WHERE rowid >= ?1 AND rowid < ?2 AND at < ?3")?
-            .execute(params![first, first + limit, cutoff])?),
+        Some((first, at)) if at < cutoff => Ok(conn.exec(
+            "DELETE FROM sends WHERE rowid >= ?1 AND rowid < ?2 AND at < ?3",
+            args![first, first + limit, cutoff],
+        )? as usize),
         _ => Ok(0),
     }
 }
@@ -977,61 +965,47 @@ pub fn prune_sends(conn: &Connection, now: i64, limit: i64) -> Result<usize> {
 ///
 /// # Errors
 /// A database error.
-pub fn first_reply_all_notice(
-    conn: &Connection,
-    ticket_id: i64,
-    agent: &str,
-    day: i64,
-) -> Result<bool> {
-    Ok(conn.execute(
-        "INSERT OR IGNORE INTO reply_all_notices (ticket_id, agent, day) VALUES (?1, ?2, ?3)",
-        params![ticket_id, agent, day.to_string()],
+pub fn first_reply_all_notice(conn: &Db, ticket_id: i64, agent: &str, day: i64) -> Result<bool> {
+    Ok(conn.exec(
+        "INSERT INTO reply_all_notices (ticket_id, agent, day) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        args![ticket_id, agent, &day.to_string()],
     )? > 0)
 }
 
 /// Count one capped message to `address`.
 pub fn record_send(
-    conn: &Connection,
+    conn: &Db,
     address: &str,
     ticket_id: i64,
     automatic: bool,
     sender: Option<&str>,
     now: i64,
 ) -> Result<()> {
-    conn.prepare_cached(
+    conn.exec(
         "INSERT INTO sends (address, ticket_id, automatic, at, sender) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![address, ticket_id, automatic, now, sender])?;
+        args![address, ticket_id, automatic, now, sender],
+    )?;
     Ok(())
 }
 
 /// The copies `sender`'s mail caused since `since`, all tickets together,
 /// counted up to `limit` (the cap: no need to count further).
-pub fn copies_caused_by(conn: &Connection, sender: &str, since: i64, limit: u32) -> Result<u32> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM sends WHERE sender = ?1 AND at >= ?2 LIMIT ?3)",
-        )?
-        .query_row(params![sender, since, limit], |r| r.get(0))?)
+pub fn copies_caused_by(conn: &Db, sender: &str, since: i64, limit: u32) -> Result<u32> {
+    let n: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM sends WHERE sender = ?1 AND at >= ?2 LIMIT ?3) AS capped",
+        args![sender, since, limit],
+        |r| r.get(0),
+    )?;
+    u32::try_from(n).map_err(|e| StoreError::Invalid(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A fresh database file with the real schema.
-    struct Db {
-        _dir: tempfile::TempDir,
-        conn: Connection,
-    }
+    use crate::store::testing::TestLog as Log;
 
-    impl Db {
-        fn new() -> Db {
-            let dir = tempfile::tempdir().unwrap();
-            let conn = crate::store::open(&dir.path().join("crmgate.db")).unwrap();
-            Db { _dir: dir, conn }
-        }
-
+    impl Log {
         /// A ticket with one requester and nothing else.
         fn ticket(&self, subject: &str) -> i64 {
             let new = NewTicket {
@@ -1070,93 +1044,101 @@ mod tests {
 
     #[test]
     fn a_new_ticket_is_numbered_from_its_row_and_its_people_are_on_their_lists() {
-        let db = Db::new();
-        let first = db.ticket("First");
-        let new = NewTicket {
-            subject: "Printer".into(),
-            requesters: vec![Mailbox::new(Some("Alice"), "alice@example.org")],
-            watch_list: vec![Mailbox::new(None, "bob@example.org")],
-            work_notes_list: vec!["agent@crm.test".into()],
-            owner: Some("agent@crm.test".into()),
-        };
-        let (id, number) = create(&db.conn, &new, TicketState::Open, "TKT", 7, 200).unwrap();
-        assert_eq!(number, "TKT0000002");
-        assert_ne!(id, first);
+        for db in Log::all() {
+            let first = db.ticket("First");
+            let new = NewTicket {
+                subject: "Printer".into(),
+                requesters: vec![Mailbox::new(Some("Alice"), "alice@example.org")],
+                watch_list: vec![Mailbox::new(None, "bob@example.org")],
+                work_notes_list: vec!["agent@crm.test".into()],
+                owner: Some("agent@crm.test".into()),
+            };
+            let (id, number) = create(&db.conn, &new, TicketState::Open, "TKT", 7, 200).unwrap();
+            assert_eq!(number, "TKT0000002");
+            assert_ne!(id, first);
 
-        let ticket = view(&db.conn, id).unwrap();
-        assert_eq!(ticket.number, "TKT0000002");
-        assert_eq!(ticket.subject, "Printer");
-        assert_eq!(ticket.state, TicketState::Open);
-        assert_eq!(ticket.owner.as_deref(), Some("agent@crm.test"));
-        assert_eq!(ticket.requesters, new.requesters);
-        assert_eq!(ticket.watch_list, new.watch_list);
-        // The owner is on the work-notes list once, however often named.
-        assert_eq!(ticket.work_notes_list, ["agent@crm.test"]);
-        assert!(ticket.thread.is_empty());
+            let ticket = view(&db.conn, id).unwrap();
+            assert_eq!(ticket.number, "TKT0000002");
+            assert_eq!(ticket.subject, "Printer");
+            assert_eq!(ticket.state, TicketState::Open);
+            assert_eq!(ticket.owner.as_deref(), Some("agent@crm.test"));
+            assert_eq!(ticket.requesters, new.requesters);
+            assert_eq!(ticket.watch_list, new.watch_list);
+            // The owner is on the work-notes list once, however often named.
+            assert_eq!(ticket.work_notes_list, ["agent@crm.test"]);
+            assert!(ticket.thread.is_empty());
 
-        assert_eq!(find_by_number(&db.conn, "TKT0000002").unwrap(), Some(id));
-        assert_eq!(require(&db.conn, "tkt0000002").unwrap(), id, "any case");
-        assert_eq!(find_by_number(&db.conn, "TKT0000009").unwrap(), None);
-        let missing = require(&db.conn, "TKT0000009").unwrap_err();
-        assert!(matches!(&missing, StoreError::NotFound(why) if why == "no ticket TKT0000009"));
-        assert!(matches!(view(&db.conn, 99), Err(StoreError::NotFound(_))));
-        assert!(matches!(
-            subject(&db.conn, 99),
-            Err(StoreError::NotFound(_))
-        ));
+            assert_eq!(find_by_number(&db.conn, "TKT0000002").unwrap(), Some(id));
+            assert_eq!(require(&db.conn, "tkt0000002").unwrap(), id, "any case");
+            assert_eq!(find_by_number(&db.conn, "TKT0000009").unwrap(), None);
+            let missing = require(&db.conn, "TKT0000009").unwrap_err();
+            assert!(matches!(&missing, StoreError::NotFound(why) if why == "no ticket TKT0000009"));
+            assert!(matches!(view(&db.conn, 99), Err(StoreError::NotFound(_))));
+            assert!(matches!(
+                subject(&db.conn, 99),
+                Err(StoreError::NotFound(_))
+            ));
+        }
     }
 
     #[test]
     fn lists_change_one_address_at_a_time_and_say_whether_they_changed() {
-        let db = Db::new();
-        let id = db.ticket("Printer");
-        let carol = Mailbox::new(Some("Carol"), "carol@example.org");
-        assert!(add_participant(&db.conn, id, Role::Watch, &carol, 110).unwrap());
-        assert!(!add_participant(&db.conn, id, Role::Watch, &carol, 120).unwrap());
-        // The same address may stand on another list.
-        assert!(add_participant(&db.conn, id, Role::Requester, &carol, 130).unwrap());
-        let ticket = view(&db.conn, id).unwrap();
-        assert_eq!(ticket.watch_list, std::slice::from_ref(&carol));
-        assert_eq!(ticket.requesters.len(), 2);
+        for db in Log::all() {
+            let id = db.ticket("Printer");
+            let carol = Mailbox::new(Some("Carol"), "carol@example.org");
+            assert!(add_participant(&db.conn, id, Role::Watch, &carol, 110).unwrap());
+            assert!(!add_participant(&db.conn, id, Role::Watch, &carol, 120).unwrap());
+            // The same address may stand on another list.
+            assert!(add_participant(&db.conn, id, Role::Requester, &carol, 130).unwrap());
+            let ticket = view(&db.conn, id).unwrap();
+            assert_eq!(ticket.watch_list, std::slice::from_ref(&carol));
+            assert_eq!(ticket.requesters.len(), 2);
 
-        assert!(remove_participant(&db.conn, id, Role::Watch, "carol@example.org").unwrap());
-        assert!(!remove_participant(&db.conn, id, Role::Watch, "carol@example.org").unwrap());
-        let info = info(&db.conn, id).unwrap();
-        assert!(info.watch_list.is_empty());
-        assert_eq!(info.requesters, ["alice@example.org", "carol@example.org"]);
+            assert!(remove_participant(&db.conn, id, Role::Watch, "carol@example.org").unwrap());
+            assert!(!remove_participant(&db.conn, id, Role::Watch, "carol@example.org").unwrap());
+            let info = info(&db.conn, id).unwrap();
+            assert!(info.watch_list.is_empty());
+            assert_eq!(info.requesters, ["alice@example.org", "carol@example.org"]);
+        }
     }
 
     #[test]
     fn state_owner_and_time_of_a_ticket_change_in_place() {
-        let db = Db::new();
-        let id = db.ticket("Printer");
-        set_state(&db.conn, id, TicketState::Resolved, 3_600).unwrap();
-        set_owner(&db.conn, id, Some("agent@crm.test"), 7_200).unwrap();
-        let ticket = view(&db.conn, id).unwrap();
-        assert_eq!(ticket.state, TicketState::Resolved);
-        assert_eq!(ticket.owner.as_deref(), Some("agent@crm.test"));
-        touch(&db.conn, id, 86_400).unwrap();
-        let info = info(&db.conn, id).unwrap();
-        assert_eq!(info.state, "resolved");
-        assert_eq!(info.created_at, "1970-01-01T00:01:40Z");
-        assert_eq!(info.updated_at, "1970-01-02T00:00:00Z");
-        set_owner(&db.conn, id, None, 90_000).unwrap();
-        assert_eq!(view(&db.conn, id).unwrap().owner, None);
-        assert_eq!(subject(&db.conn, id).unwrap(), "Printer");
-        // The resolution's time stays through later changes, goes with a
-        // reopening, and is the last one's after a second resolution.
-        assert_eq!(view(&db.conn, id).unwrap().resolved_at, Some(3_600));
-        set_state(&db.conn, id, TicketState::Open, 100_000).unwrap();
-        assert_eq!(view(&db.conn, id).unwrap().resolved_at, None);
-        set_state(&db.conn, id, TicketState::Resolved, 200_000).unwrap();
-        assert_eq!(view(&db.conn, id).unwrap().resolved_at, Some(200_000));
+        for db in Log::all() {
+            let id = db.ticket("Printer");
+            set_state(&db.conn, id, TicketState::Resolved, 3_600).unwrap();
+            set_owner(&db.conn, id, Some("agent@crm.test"), 7_200).unwrap();
+            let ticket = view(&db.conn, id).unwrap();
+            assert_eq!(ticket.state, TicketState::Resolved);
+            assert_eq!(ticket.owner.as_deref(), Some("agent@crm.test"));
+            touch(&db.conn, id, 86_400).unwrap();
+            let info = info(&db.conn, id).unwrap();
+            assert_eq!(info.state, "resolved");
+            assert_eq!(info.created_at, "1970-01-01T00:01:40Z");
+            assert_eq!(info.updated_at, "1970-01-02T00:00:00Z");
+            set_owner(&db.conn, id, None, 90_000).unwrap();
+            assert_eq!(view(&db.conn, id).unwrap().owner, None);
+            assert_eq!(subject(&db.conn, id).unwrap(), "Printer");
+            // The resolution's time stays through later changes, goes with a
+            // reopening, and is the last one's after a second resolution.
+            assert_eq!(
+                view(&db.conn, id).unwrap().resolved_at,
+                Some(3_600),
+                "{}",
+                db.engine
+            );
+            set_state(&db.conn, id, TicketState::Open, 100_000).unwrap();
+            assert_eq!(view(&db.conn, id).unwrap().resolved_at, None);
+            set_state(&db.conn, id, TicketState::Resolved, 200_000).unwrap();
+            assert_eq!(view(&db.conn, id).unwrap().resolved_at, Some(200_000));
+        }
     }
 
     #[test]
     fn tickets_resolved_before_the_migration_count_from_their_last_change() {
         // The migration that adds `tickets.resolved_at` is the eighth.
         const RESOLVED_AT: usize = 8;
-        let mut conn = Connection::open_in_memory().unwrap();
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
         let migrations = crate::store::migrations();
         migrations.to_version(&mut conn, RESOLVED_AT - 1).unwrap();
         conn.execute_batch(
@@ -1166,444 +1148,572 @@ mod tests {
         )
         .unwrap();
         migrations.to_version(&mut conn, RESOLVED_AT).unwrap();
+        let conn = Db::Sqlite(conn);
         assert_eq!(view(&conn, 1).unwrap().resolved_at, Some(500));
         assert_eq!(view(&conn, 2).unwrap().resolved_at, None);
     }
 
     #[test]
     fn tickets_are_listed_in_order_and_by_state() {
-        let db = Db::new();
-        let a = db.ticket("A");
-        db.ticket("B");
-        set_state(&db.conn, a, TicketState::Resolved, 300).unwrap();
-        let all = list(&db.conn, None).unwrap();
-        let numbers: Vec<&str> = all.iter().map(|t| t.number.as_str()).collect();
-        assert_eq!(numbers, ["TKT0000001", "TKT0000002"]);
-        assert_eq!(all[0].requesters, ["alice@example.org"]);
-        let resolved = list(&db.conn, Some(TicketState::Resolved)).unwrap();
-        assert_eq!(resolved.len(), 1);
-        assert_eq!(
-            (resolved[0].subject.as_str(), resolved[0].state.as_str()),
-            ("A", "resolved")
-        );
-        assert!(list(&db.conn, Some(TicketState::Open)).unwrap().is_empty());
+        for db in Log::all() {
+            let a = db.ticket("A");
+            db.ticket("B");
+            set_state(&db.conn, a, TicketState::Resolved, 300).unwrap();
+            let all = list(&db.conn, None).unwrap();
+            let numbers: Vec<&str> = all.iter().map(|t| t.number.as_str()).collect();
+            assert_eq!(numbers, ["TKT0000001", "TKT0000002"]);
+            assert_eq!(all[0].requesters, ["alice@example.org"]);
+            let resolved = list(&db.conn, Some(TicketState::Resolved)).unwrap();
+            assert_eq!(resolved.len(), 1);
+            assert_eq!(
+                (resolved[0].subject.as_str(), resolved[0].state.as_str()),
+                ("A", "resolved")
+            );
+            assert!(list(&db.conn, Some(TicketState::Open)).unwrap().is_empty());
+        }
     }
 
     #[test]
     fn threading_finds_a_ticket_by_any_of_its_message_ids_and_keeps_the_first_and_the_last() {
-        let db = Db::new();
-        let id = db.ticket("Printer");
-        let other = db.ticket("Other");
-        // An agent's own Message-ID first: the first one kept is the
-        // first that is not an agent's.
-        insert_thread_id(&db.conn, "<agent-0@x>", id, true, 100).unwrap();
-        insert_thread_id(&db.conn, "<first@x>", id, false, 100).unwrap();
-        for i in 0..40 {
-            insert_thread_id(&db.conn, &format!("<m{i}@x>"), id, i % 2 == 0, 100 + i).unwrap();
-        }
-        insert_thread_id(&db.conn, "<elsewhere@x>", other, false, 200).unwrap();
-
-        assert_eq!(find_by_message_id(&db.conn, "<first@x>").unwrap(), Some(id));
-        assert_eq!(
-            find_by_message_id(&db.conn, "<elsewhere@x>").unwrap(),
-            Some(other)
-        );
-        assert_eq!(find_by_message_id(&db.conn, "<unknown@x>").unwrap(), None);
-
-        let refs = thread_refs(&db.conn, id).unwrap();
-        assert_eq!(refs.len(), THREAD_TAIL as usize + 1);
-        assert_eq!(
-            refs[0],
-            ThreadRef {
-                message_id: "<first@x>".into(),
-                agent_inbound: false
+        for db in Log::all() {
+            let id = db.ticket("Printer");
+            let other = db.ticket("Other");
+            // An agent's own Message-ID first: the first one kept is the
+            // first that is not an agent's.
+            insert_thread_id(&db.conn, "<agent-0@x>", id, true, 100).unwrap();
+            insert_thread_id(&db.conn, "<first@x>", id, false, 100).unwrap();
+            for i in 0..40 {
+                insert_thread_id(&db.conn, &format!("<m{i}@x>"), id, i % 2 == 0, 100 + i).unwrap();
             }
-        );
-        assert_eq!(refs[1].message_id, "<m10@x>");
-        assert_eq!(refs.last().unwrap().message_id, "<m39@x>");
-        assert!(refs.last().unwrap().agent_inbound == (39 % 2 == 0));
-        assert_eq!(view(&db.conn, id).unwrap().thread, refs);
+            insert_thread_id(&db.conn, "<elsewhere@x>", other, false, 200).unwrap();
+
+            assert_eq!(find_by_message_id(&db.conn, "<first@x>").unwrap(), Some(id));
+            assert_eq!(
+                find_by_message_id(&db.conn, "<elsewhere@x>").unwrap(),
+                Some(other)
+            );
+            assert_eq!(find_by_message_id(&db.conn, "<unknown@x>").unwrap(), None);
+
+            let refs = thread_refs(&db.conn, id).unwrap();
+            assert_eq!(refs.len(), THREAD_TAIL as usize + 1);
+            assert_eq!(
+                refs[0],
+                ThreadRef {
+                    message_id: "<first@x>".into(),
+                    agent_inbound: false
+                }
+            );
+            assert_eq!(refs[1].message_id, "<m10@x>");
+            assert_eq!(refs.last().unwrap().message_id, "<m39@x>");
+            assert!(refs.last().unwrap().agent_inbound == (39 % 2 == 0));
+            assert_eq!(view(&db.conn, id).unwrap().thread, refs);
+        }
     }
 
     #[test]
     fn a_message_seen_before_is_found_by_its_message_id_or_within_a_day_by_its_text() {
-        let db = Db::new();
-        let id = db.ticket("Printer");
-        let alice = Mailbox::new(None, "alice@example.org");
-        let raw = insert_raw(&db.conn, 1_000, None, None, &[], b"raw").unwrap();
-        let with_id = db.entry(
-            id,
-            EntryRow {
-                message_id: Some("<a@x>"),
-                sender: Some("alice@example.org"),
-                body_hash: Some("h1"),
-                raw_id: Some(raw),
-                ..comment(&alice, "Hello", 1_000)
-            },
+        for db in Log::all() {
+            let id = db.ticket("Printer");
+            let alice = Mailbox::new(None, "alice@example.org");
+            let raw = insert_raw(&db.conn, 1_000, None, None, &[], b"raw").unwrap();
+            let with_id = db.entry(
+                id,
+                EntryRow {
+                    message_id: Some("<a@x>"),
+                    sender: Some("alice@example.org"),
+                    body_hash: Some("h1"),
+                    raw_id: Some(raw),
+                    ..comment(&alice, "Hello", 1_000)
+                },
+            );
+            let without_id = db.entry(
+                id,
+                EntryRow {
+                    sender: Some("alice@example.org"),
+                    body_hash: Some("h2"),
+                    raw_id: Some(raw),
+                    ..comment(&alice, "Hello again", 1_000)
+                },
+            );
+            let found = |mid: Option<&str>, sender: &str, hash: &str, now: i64| {
+                duplicate_of(&db.conn, sender, mid, "Printer", hash, now).unwrap()
+            };
+            assert_eq!(
+                found(Some("<a@x>"), "alice@example.org", "h1", 1_000_000),
+                Some(with_id)
+            );
+            assert_eq!(
+                found(Some("<a@x>"), "alice@example.org", "other", 1_000),
+                None,
+                "another body"
+            );
+            assert_eq!(
+                found(Some("<a@x>"), "mallory@example.org", "h1", 1_000),
+                None,
+                "another sender"
+            );
+            assert_eq!(
+                found(None, "alice@example.org", "h2", 1_000 + 86_400),
+                Some(without_id)
+            );
+            assert_eq!(
+                found(None, "alice@example.org", "h2", 1_001 + 86_400),
+                None,
+                "a day later"
+            );
+            assert_eq!(
+                duplicate_of(&db.conn, "alice@example.org", None, "Other", "h2", 1_000).unwrap(),
+                None,
+                "another subject"
+            );
+
+            count_duplicate(&db.conn, with_id).unwrap();
+            count_duplicate(&db.conn, with_id).unwrap();
+            let info = info(&db.conn, id).unwrap();
+            assert_eq!(info.entries[0].duplicates, 2);
+            assert_eq!(info.entries[0].message_id.as_deref(), Some("<a@x>"));
+            assert_eq!(info.entries[1].duplicates, 0);
+        }
+    }
+
+    #[test]
+    fn two_instances_logging_the_same_message_at_once_log_it_once() {
+        let Some(url) = crate::store::test_cluster::database() else {
+            return;
+        };
+        let location = crate::store::Location::Postgres {
+            url,
+            password: None,
+        };
+        let open = || crate::store::connect(&location, crate::store::Durability::Full).unwrap();
+        let (mut a, mut b) = (open(), open());
+        let new = NewTicket {
+            subject: "Printer".into(),
+            requesters: vec![Mailbox::new(None, "alice@example.org")],
+            watch_list: Vec::new(),
+            work_notes_list: Vec::new(),
+            owner: None,
+        };
+        let ticket = create(&a, &new, TicketState::New, "TKT", 7, 100).unwrap().0;
+        let alice: &'static Mailbox = Box::leak(Box::new(Mailbox::new(None, "alice@example.org")));
+        let entry = move |message_id| EntryRow {
+            ticket_id: ticket,
+            message_id,
+            sender: Some("alice@example.org"),
+            body_hash: Some("h"),
+            ..comment(alice, "Hello", 1_000)
+        };
+
+        // With a Message-ID: the unique key. B's insert waits for A's
+        // transaction, then finds the entry there.
+        let tx = a.transaction().unwrap();
+        let first = insert_entry(&tx, &entry(Some("<same@x>"))).unwrap();
+        let waiting = std::thread::spawn(move || {
+            let tx = b.transaction().unwrap();
+            let second = insert_entry(&tx, &entry(Some("<same@x>")));
+            drop(tx);
+            (b, matches!(second, Err(StoreError::AlreadyLogged)))
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        tx.commit().unwrap();
+        let (mut b, already) = waiting.join().unwrap();
+        assert!(already, "the second instance's entry is refused");
+
+        // Without one: the duplicate key held until commit, so B's check
+        // runs after A's entry is there.
+        let tx = a.transaction().unwrap();
+        hold_duplicate_key(&tx, "alice@example.org", "h2").unwrap();
+        assert_eq!(
+            duplicate_of(&tx, "alice@example.org", None, "Printer", "h2", 1_000).unwrap(),
+            None
         );
-        let without_id = db.entry(
-            id,
-            EntryRow {
-                sender: Some("alice@example.org"),
+        let raw = insert_raw(&tx, 1_000, None, None, &[], b"raw").unwrap();
+        let kept = insert_entry(
+            &tx,
+            &EntryRow {
                 body_hash: Some("h2"),
                 raw_id: Some(raw),
-                ..comment(&alice, "Hello again", 1_000)
+                ..entry(None)
             },
-        );
-        let found = |mid: Option<&str>, sender: &str, hash: &str, now: i64| {
-            duplicate_of(&db.conn, sender, mid, "Printer", hash, now).unwrap()
-        };
-        assert_eq!(
-            found(Some("<a@x>"), "alice@example.org", "h1", 1_000_000),
-            Some(with_id)
-        );
-        assert_eq!(
-            found(Some("<a@x>"), "alice@example.org", "other", 1_000),
-            None,
-            "another body"
-        );
-        assert_eq!(
-            found(Some("<a@x>"), "mallory@example.org", "h1", 1_000),
-            None,
-            "another sender"
-        );
-        assert_eq!(
-            found(None, "alice@example.org", "h2", 1_000 + 86_400),
-            Some(without_id)
-        );
-        assert_eq!(
-            found(None, "alice@example.org", "h2", 1_001 + 86_400),
-            None,
-            "a day later"
-        );
-        assert_eq!(
-            duplicate_of(&db.conn, "alice@example.org", None, "Other", "h2", 1_000).unwrap(),
-            None,
-            "another subject"
-        );
+        )
+        .unwrap();
+        let waiting = std::thread::spawn(move || {
+            let tx = b.transaction().unwrap();
+            hold_duplicate_key(&tx, "alice@example.org", "h2").unwrap();
+            duplicate_of(&tx, "alice@example.org", None, "Printer", "h2", 1_000).unwrap()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        tx.commit().unwrap();
+        assert_eq!(waiting.join().unwrap(), Some(kept));
+        assert_ne!(first, kept);
+    }
 
-        count_duplicate(&db.conn, with_id).unwrap();
-        count_duplicate(&db.conn, with_id).unwrap();
-        let info = info(&db.conn, id).unwrap();
-        assert_eq!(info.entries[0].duplicates, 2);
-        assert_eq!(info.entries[0].message_id.as_deref(), Some("<a@x>"));
-        assert_eq!(info.entries[1].duplicates, 0);
+    #[test]
+    fn tickets_created_at_once_by_two_instances_get_two_numbers() {
+        let Some(url) = crate::store::test_cluster::database() else {
+            return;
+        };
+        let location = crate::store::Location::Postgres {
+            url,
+            password: None,
+        };
+        let new = NewTicket {
+            subject: "Printer".into(),
+            requesters: vec![Mailbox::new(None, "alice@example.org")],
+            watch_list: Vec::new(),
+            work_notes_list: Vec::new(),
+            owner: None,
+        };
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let mut db =
+                    crate::store::connect(&location, crate::store::Durability::Full).unwrap();
+                let new = new.clone();
+                std::thread::spawn(move || {
+                    let mut numbers = Vec::new();
+                    for _ in 0..20 {
+                        let tx = db.transaction().unwrap();
+                        numbers.push(create(&tx, &new, TicketState::New, "TKT", 7, 1).unwrap().1);
+                        tx.commit().unwrap();
+                    }
+                    numbers
+                })
+            })
+            .collect();
+        let mut all: Vec<String> = workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 40, "{all:?}");
     }
 
     #[test]
     fn long_bodies_attachments_and_raw_messages_come_back_whole() {
-        let db = Db::new();
-        let id = db.ticket("Printer");
-        let alice = Mailbox::new(Some("Alice"), "alice@example.org");
-        let long = "a log line\n".repeat(2 * BLOB_IN_PLACE / 11);
-        assert!(long.len() > BLOB_IN_PLACE);
-        let short_id = db.entry(id, comment(&alice, "short", 100));
-        let long_id = db.entry(id, comment(&alice, &long, 101));
-        let big = Attachment {
-            filename: "dump.bin".into(),
-            content_type: "application/octet-stream".into(),
-            data: (0..3 * BLOB_IN_PLACE).map(|i| (i % 251) as u8).collect(),
-            inline: false,
-        };
-        let small = Attachment {
-            filename: "note.txt".into(),
-            content_type: "text/plain".into(),
-            data: b"hi".to_vec(),
-            inline: false,
-        };
-        insert_attachment(&db.conn, long_id, &big).unwrap();
-        insert_attachment(&db.conn, long_id, &small).unwrap();
+        for db in Log::all() {
+            let id = db.ticket("Printer");
+            let alice = Mailbox::new(Some("Alice"), "alice@example.org");
+            let long = "a log line\n".repeat(2 * BLOB_IN_PLACE / 11);
+            assert!(long.len() > BLOB_IN_PLACE);
+            let short_id = db.entry(id, comment(&alice, "short", 100));
+            let long_id = db.entry(id, comment(&alice, &long, 101));
+            let big = Attachment {
+                filename: "dump.bin".into(),
+                content_type: "application/octet-stream".into(),
+                data: (0..3 * BLOB_IN_PLACE).map(|i| (i % 251) as u8).collect(),
+                inline: false,
+            };
+            let small = Attachment {
+                filename: "note.txt".into(),
+                content_type: "text/plain".into(),
+                data: b"hi".to_vec(),
+                inline: false,
+            };
+            insert_attachment(&db.conn, long_id, &big).unwrap();
+            insert_attachment(&db.conn, long_id, &small).unwrap();
 
-        let info = info(&db.conn, id).unwrap();
-        let ids: Vec<i64> = info.entries.iter().map(|e| e.id).collect();
-        assert_eq!(ids, [short_id, long_id]);
-        assert_eq!(info.entries[0].body, "short");
-        assert_eq!(info.entries[1].body, long);
-        assert_eq!(info.entries[1].kind, "comment");
-        assert_eq!(info.entries[1].from, "alice@example.org");
-        let listed: Vec<(&str, &str, i64)> = info.entries[1]
-            .attachments
-            .iter()
-            .map(|a| (a.filename.as_str(), a.content_type.as_str(), a.size))
-            .collect();
-        assert_eq!(
-            listed,
-            [
-                (
-                    "dump.bin",
-                    "application/octet-stream",
-                    big.data.len() as i64
-                ),
-                ("note.txt", "text/plain", 2)
-            ]
-        );
-        let stored: Vec<u8> = db
-            .conn
-            .query_row(
-                "SELECT data FROM attachments WHERE filename = 'dump.bin'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(stored, big.data);
+            let info = info(&db.conn, id).unwrap();
+            let ids: Vec<i64> = info.entries.iter().map(|e| e.id).collect();
+            assert_eq!(ids, [short_id, long_id]);
+            assert_eq!(info.entries[0].body, "short");
+            assert_eq!(info.entries[1].body, long);
+            assert_eq!(info.entries[1].kind, "comment");
+            assert_eq!(info.entries[1].from, "alice@example.org");
+            let listed: Vec<(&str, &str, i64)> = info.entries[1]
+                .attachments
+                .iter()
+                .map(|a| (a.filename.as_str(), a.content_type.as_str(), a.size))
+                .collect();
+            assert_eq!(
+                listed,
+                [
+                    (
+                        "dump.bin",
+                        "application/octet-stream",
+                        big.data.len() as i64
+                    ),
+                    ("note.txt", "text/plain", 2)
+                ]
+            );
+            let stored: Vec<u8> = db
+                .conn
+                .query_row(
+                    "SELECT data FROM attachments WHERE filename = 'dump.bin'",
+                    &[],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(stored, big.data);
 
-        let rcpt = ["support@crm.test".to_string()];
-        let raw = big.data.clone();
-        let raw_id = insert_raw(&db.conn, 5, Some("192.0.2.1"), Some("a@x"), &rcpt, &raw).unwrap();
-        let (data, rcpt_to): (Vec<u8>, String) = db
-            .conn
-            .query_row(
-                "SELECT data, rcpt_to FROM raw_messages WHERE id = ?1",
-                [raw_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .unwrap();
-        assert_eq!(data, raw);
-        assert_eq!(rcpt_to, r#"["support@crm.test"]"#);
+            let rcpt = ["support@crm.test".to_string()];
+            let raw = big.data.clone();
+            let raw_id =
+                insert_raw(&db.conn, 5, Some("192.0.2.1"), Some("a@x"), &rcpt, &raw).unwrap();
+            let (data, rcpt_to): (Vec<u8>, String) = db
+                .conn
+                .query_row(
+                    "SELECT data, rcpt_to FROM raw_messages WHERE id = ?1",
+                    args![raw_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap();
+            assert_eq!(data, raw);
+            assert_eq!(rcpt_to, r#"["support@crm.test"]"#);
+        }
     }
 
     #[test]
     fn a_system_entry_is_crmgates_own_note_on_the_ticket() {
-        let db = Db::new();
-        let id = db.ticket("Printer");
-        let system = Mailbox::new(Some("Support"), "support@crm.test");
-        insert_system_entry(&db.conn, id, &system, "Printer", "cap reached", 300).unwrap();
-        let info = info(&db.conn, id).unwrap();
-        assert_eq!(info.entries.len(), 1);
-        let e = &info.entries[0];
-        assert_eq!(
-            (e.kind.as_str(), e.from.as_str()),
-            ("system", "support@crm.test")
-        );
-        assert_eq!(
-            (e.subject.as_str(), e.body.as_str()),
-            ("Printer", "cap reached")
-        );
-        assert_eq!(e.at, "1970-01-01T00:05:00Z");
+        for db in Log::all() {
+            let id = db.ticket("Printer");
+            let system = Mailbox::new(Some("Support"), "support@crm.test");
+            insert_system_entry(&db.conn, id, &system, "Printer", "cap reached", 300).unwrap();
+            let info = info(&db.conn, id).unwrap();
+            assert_eq!(info.entries.len(), 1);
+            let e = &info.entries[0];
+            assert_eq!(
+                (e.kind.as_str(), e.from.as_str()),
+                ("system", "support@crm.test")
+            );
+            assert_eq!(
+                (e.subject.as_str(), e.body.as_str()),
+                ("Printer", "cap reached")
+            );
+            assert_eq!(e.at, "1970-01-01T00:05:00Z");
+        }
     }
 
     #[test]
     fn agents_no_longer_configured_leave_every_work_notes_list_and_ownership() {
-        let db = Db::new();
-        let agent = |email: &str| crate::config::Agent {
-            name: email.to_uppercase(),
-            email: email.into(),
-            default_notes_list: false,
-        };
-        let both = [agent("ann@crm.test"), agent("bert@crm.test")];
-        assert!(sync_agents(&db.conn, &both, 10).unwrap().is_empty());
-        let id = db.ticket("Printer");
-        for a in &both {
-            add_participant(&db.conn, id, Role::Notes, &Mailbox::new(None, &a.email), 20).unwrap();
+        for db in Log::all() {
+            let agent = |email: &str| crate::config::Agent {
+                name: email.to_uppercase(),
+                email: email.into(),
+                default_notes_list: false,
+            };
+            let both = [agent("ann@crm.test"), agent("bert@crm.test")];
+            assert!(sync_agents(&db.conn, &both, 10).unwrap().is_empty());
+            let id = db.ticket("Printer");
+            for a in &both {
+                add_participant(&db.conn, id, Role::Notes, &Mailbox::new(None, &a.email), 20)
+                    .unwrap();
+            }
+            set_owner(&db.conn, id, Some("bert@crm.test"), 20).unwrap();
+
+            let removed = sync_agents(&db.conn, &both[..1], 30).unwrap();
+            assert_eq!(removed, ["bert@crm.test"]);
+            let ticket = view(&db.conn, id).unwrap();
+            assert_eq!(ticket.work_notes_list, ["ann@crm.test"]);
+            assert_eq!(ticket.owner, None);
+            assert_eq!(
+                former_agents(&db.conn).unwrap(),
+                BTreeSet::from(["bert@crm.test".to_string()])
+            );
+            assert!(
+                sync_agents(&db.conn, &both[..1], 40).unwrap().is_empty(),
+                "removed once"
+            );
+
+            // Configured again: no longer a former agent.
+            assert!(sync_agents(&db.conn, &both, 50).unwrap().is_empty());
+            assert!(former_agents(&db.conn).unwrap().is_empty());
         }
-        set_owner(&db.conn, id, Some("bert@crm.test"), 20).unwrap();
-
-        let removed = sync_agents(&db.conn, &both[..1], 30).unwrap();
-        assert_eq!(removed, ["bert@crm.test"]);
-        let ticket = view(&db.conn, id).unwrap();
-        assert_eq!(ticket.work_notes_list, ["ann@crm.test"]);
-        assert_eq!(ticket.owner, None);
-        assert_eq!(
-            former_agents(&db.conn).unwrap(),
-            BTreeSet::from(["bert@crm.test".to_string()])
-        );
-        assert!(
-            sync_agents(&db.conn, &both[..1], 40).unwrap().is_empty(),
-            "removed once"
-        );
-
-        // Configured again: no longer a former agent.
-        assert!(sync_agents(&db.conn, &both, 50).unwrap().is_empty());
-        assert!(former_agents(&db.conn).unwrap().is_empty());
     }
 
     #[test]
     fn quarantined_mail_is_listed_oldest_first() {
-        let db = Db::new();
-        let raw = insert_raw(&db.conn, 60, None, None, &[], b"x").unwrap();
-        let first =
-            insert_quarantine(&db.conn, 60, "unparseable", None, None, None, Some(raw)).unwrap();
-        let second = insert_quarantine(
-            &db.conn,
-            120,
-            "no_ticket",
-            Some("a@example.org"),
-            Some("Hello"),
-            Some("<q@x>"),
-            None,
-        )
-        .unwrap();
-        let rows = quarantine_list(&db.conn).unwrap();
-        assert_eq!(
-            rows.iter().map(|q| q.id).collect::<Vec<_>>(),
-            [first, second]
-        );
-        assert_eq!(rows[0].reason, "unparseable");
-        assert_eq!(rows[0].sender, None);
-        assert_eq!(rows[1].at, "1970-01-01T00:02:00Z");
-        assert_eq!(
-            (
-                rows[1].sender.as_deref(),
-                rows[1].subject.as_deref(),
-                rows[1].message_id.as_deref()
-            ),
-            (Some("a@example.org"), Some("Hello"), Some("<q@x>"))
-        );
+        for db in Log::all() {
+            let raw = insert_raw(&db.conn, 60, None, None, &[], b"x").unwrap();
+            let first = insert_quarantine(&db.conn, 60, "unparseable", None, None, None, Some(raw))
+                .unwrap();
+            let second = insert_quarantine(
+                &db.conn,
+                120,
+                "no_ticket",
+                Some("a@example.org"),
+                Some("Hello"),
+                Some("<q@x>"),
+                None,
+            )
+            .unwrap();
+            let rows = quarantine_list(&db.conn).unwrap();
+            assert_eq!(
+                rows.iter().map(|q| q.id).collect::<Vec<_>>(),
+                [first, second]
+            );
+            assert_eq!(rows[0].reason, "unparseable");
+            assert_eq!(rows[0].sender, None);
+            assert_eq!(rows[1].at, "1970-01-01T00:02:00Z");
+            assert_eq!(
+                (
+                    rows[1].sender.as_deref(),
+                    rows[1].subject.as_deref(),
+                    rows[1].message_id.as_deref()
+                ),
+                (Some("a@example.org"), Some("Hello"), Some("<q@x>"))
+            );
+        }
     }
 
     #[test]
     fn a_quarantined_message_comes_back_with_its_envelope_until_released() {
-        let db = Db::new();
-        let rcpt = ["support@crm.test".to_string(), "other@crm.test".to_string()];
-        let raw = insert_raw(
-            &db.conn,
-            60,
-            Some("192.0.2.7"),
-            Some("a@x"),
-            &rcpt,
-            b"raw\r\n",
-        )
-        .unwrap();
-        let kept = insert_quarantine(
-            &db.conn,
-            60,
-            "refused",
-            Some("a@x"),
-            Some("Hi"),
-            None,
-            Some(raw),
-        )
-        .unwrap();
-        let bare = insert_quarantine(&db.conn, 61, "unparseable", None, None, None, None).unwrap();
+        for db in Log::all() {
+            let rcpt = ["support@crm.test".to_string(), "other@crm.test".to_string()];
+            let raw = insert_raw(
+                &db.conn,
+                60,
+                Some("192.0.2.7"),
+                Some("a@x"),
+                &rcpt,
+                b"raw\r\n",
+            )
+            .unwrap();
+            let kept = insert_quarantine(
+                &db.conn,
+                60,
+                "refused",
+                Some("a@x"),
+                Some("Hi"),
+                None,
+                Some(raw),
+            )
+            .unwrap();
+            let bare =
+                insert_quarantine(&db.conn, 61, "unparseable", None, None, None, None).unwrap();
 
-        let m = quarantined(&db.conn, kept).unwrap().unwrap();
-        assert_eq!((m.info.id, m.info.reason.as_str()), (kept, "refused"));
-        assert_eq!(m.info.subject.as_deref(), Some("Hi"));
-        assert_eq!(
-            (m.peer.as_deref(), m.mail_from.as_deref()),
-            (Some("192.0.2.7"), Some("a@x"))
-        );
-        assert_eq!(m.rcpt_to, rcpt);
-        assert_eq!(m.data, b"raw\r\n");
-        assert!(
-            quarantined(&db.conn, bare).unwrap().is_none(),
-            "no raw message kept"
-        );
-        assert!(quarantined(&db.conn, 999).unwrap().is_none());
+            let m = quarantined(&db.conn, kept).unwrap().unwrap();
+            assert_eq!((m.info.id, m.info.reason.as_str()), (kept, "refused"));
+            assert_eq!(m.info.subject.as_deref(), Some("Hi"));
+            assert_eq!(
+                (m.peer.as_deref(), m.mail_from.as_deref()),
+                (Some("192.0.2.7"), Some("a@x"))
+            );
+            assert_eq!(m.rcpt_to, rcpt);
+            assert_eq!(m.data, b"raw\r\n");
+            assert!(
+                quarantined(&db.conn, bare).unwrap().is_none(),
+                "no raw message kept"
+            );
+            assert!(quarantined(&db.conn, 999).unwrap().is_none());
 
-        assert!(remove_quarantined(&db.conn, kept).unwrap());
-        assert!(!remove_quarantined(&db.conn, kept).unwrap());
-        assert!(quarantined(&db.conn, kept).unwrap().is_none());
-        let left: Vec<i64> = quarantine_list(&db.conn)
-            .unwrap()
-            .iter()
-            .map(|q| q.id)
-            .collect();
-        assert_eq!(left, [bare]);
+            assert!(remove_quarantined(&db.conn, kept).unwrap());
+            assert!(!remove_quarantined(&db.conn, kept).unwrap());
+            assert!(quarantined(&db.conn, kept).unwrap().is_none());
+            let left: Vec<i64> = quarantine_list(&db.conn)
+                .unwrap()
+                .iter()
+                .map(|q| q.id)
+                .collect();
+            assert_eq!(left, [bare]);
+        }
     }
 
     #[test]
     fn an_outbox_row_names_its_ticket_for_the_bounce_that_comes_back() {
-        let db = Db::new();
-        let id = db.ticket("Printer");
-        let recipients = ["alice@example.org".to_string()];
-        let kind = OutboxKind::Send(crate::helpdesk::SendKind::PublicCopy);
-        let row = insert_outbox(
-            &db.conn,
-            Some(id),
-            None,
-            kind,
-            &recipients,
-            "<o@x>",
-            b"m",
-            500,
-        )
-        .unwrap();
-        let big = vec![b'x'; 2 * BLOB_IN_PLACE];
-        let orphan = insert_outbox(
-            &db.conn,
-            None,
-            None,
-            OutboxKind::Postmaster,
-            &recipients,
-            "<p@x>",
-            &big,
-            500,
-        )
-        .unwrap();
-        assert_eq!(find_by_outbox_id(&db.conn, row).unwrap(), Some(id));
-        assert_eq!(
-            find_by_outbox_id(&db.conn, orphan).unwrap(),
-            None,
-            "no ticket's"
-        );
-        assert_eq!(find_by_outbox_id(&db.conn, 999).unwrap(), None);
+        for db in Log::all() {
+            let id = db.ticket("Printer");
+            let recipients = ["alice@example.org".to_string()];
+            let kind = OutboxKind::Send(crate::helpdesk::SendKind::PublicCopy);
+            let row = insert_outbox(
+                &db.conn,
+                Some(id),
+                None,
+                kind,
+                &recipients,
+                "<o@x>",
+                b"m",
+                500,
+            )
+            .unwrap();
+            let big = vec![b'x'; 2 * BLOB_IN_PLACE];
+            let orphan = insert_outbox(
+                &db.conn,
+                None,
+                None,
+                OutboxKind::Postmaster,
+                &recipients,
+                "<p@x>",
+                &big,
+                500,
+            )
+            .unwrap();
+            assert_eq!(find_by_outbox_id(&db.conn, row).unwrap(), Some(id));
+            assert_eq!(
+                find_by_outbox_id(&db.conn, orphan).unwrap(),
+                None,
+                "no ticket's"
+            );
+            assert_eq!(find_by_outbox_id(&db.conn, 999).unwrap(), None);
 
-        let stored = crate::store::outbox::get(&db.conn, row).unwrap();
-        assert_eq!(stored.kind, "public_copy");
-        assert_eq!(stored.recipients, recipients);
-        assert_eq!((stored.next_attempt_at, stored.created_at), (500, 500));
-        let stored = crate::store::outbox::get(&db.conn, orphan).unwrap();
-        assert_eq!(stored.kind, "postmaster");
-        assert_eq!(stored.message, big, "written in place, whole");
+            let stored = crate::store::outbox::get(&db.conn, row).unwrap();
+            assert_eq!(stored.kind, "public_copy");
+            assert_eq!(stored.recipients, recipients);
+            assert_eq!((stored.next_attempt_at, stored.created_at), (500, 500));
+            let stored = crate::store::outbox::get(&db.conn, orphan).unwrap();
+            assert_eq!(stored.kind, "postmaster");
+            assert_eq!(stored.message, big, "written in place, whole");
+        }
     }
 
     #[test]
     fn the_cap_counts_stop_at_the_cap_and_look_back_an_hour_or_a_day() {
-        let db = Db::new();
-        let now = 100_000;
-        let caps = crate::decide::SentCounts {
-            automatic_last_hour: 3,
-            automatic_last_day: 50,
-            resends_on_ticket_last_hour: 2,
-        };
-        for i in 0..5 {
-            record_send(&db.conn, "a@x", 1, true, None, now - 60 * i).unwrap();
-        }
-        record_send(&db.conn, "a@x", 1, true, None, now - 7_200).unwrap();
-        record_send(&db.conn, "a@x", 1, true, None, now - 90_000).unwrap();
-        record_send(&db.conn, "a@x", 1, false, None, now - 10).unwrap();
-        record_send(&db.conn, "a@x", 2, false, None, now - 10).unwrap();
-        record_send(&db.conn, "a@x", 2, false, None, now - 20).unwrap();
-        record_send(&db.conn, "a@x", 2, false, None, now - 30).unwrap();
-        record_send(&db.conn, "b@x", 1, true, None, now).unwrap();
-
-        let counts = sent_counts(&db.conn, "a@x", 1, caps, now).unwrap();
-        assert_eq!(
-            counts,
-            crate::decide::SentCounts {
+        for db in Log::all() {
+            let now = 100_000;
+            let caps = crate::decide::SentCounts {
                 automatic_last_hour: 3,
-                automatic_last_day: 6,
-                resends_on_ticket_last_hour: 1,
+                automatic_last_day: 50,
+                resends_on_ticket_last_hour: 2,
+            };
+            for i in 0..5 {
+                record_send(&db.conn, "a@x", 1, true, None, now - 60 * i).unwrap();
             }
-        );
-        assert_eq!(
-            sent_counts(&db.conn, "a@x", 2, caps, now)
-                .unwrap()
-                .resends_on_ticket_last_hour,
-            2
-        );
-        let other = sent_counts(&db.conn, "c@x", 1, caps, now).unwrap();
-        assert_eq!(other, crate::decide::SentCounts::default());
+            record_send(&db.conn, "a@x", 1, true, None, now - 7_200).unwrap();
+            record_send(&db.conn, "a@x", 1, true, None, now - 90_000).unwrap();
+            record_send(&db.conn, "a@x", 1, false, None, now - 10).unwrap();
+            record_send(&db.conn, "a@x", 2, false, None, now - 10).unwrap();
+            record_send(&db.conn, "a@x", 2, false, None, now - 20).unwrap();
+            record_send(&db.conn, "a@x", 2, false, None, now - 30).unwrap();
+            record_send(&db.conn, "b@x", 1, true, None, now).unwrap();
+
+            let counts = sent_counts(&db.conn, "a@x", 1, caps, now).unwrap();
+            assert_eq!(
+                counts,
+                crate::decide::SentCounts {
+                    automatic_last_hour: 3,
+                    automatic_last_day: 6,
+                    resends_on_ticket_last_hour: 1,
+                }
+            );
+            assert_eq!(
+                sent_counts(&db.conn, "a@x", 2, caps, now)
+                    .unwrap()
+                    .resends_on_ticket_last_hour,
+                2
+            );
+            let other = sent_counts(&db.conn, "c@x", 1, caps, now).unwrap();
+            assert_eq!(other, crate::decide::SentCounts::default());
+        }
     }
 
     #[test]
     fn the_reply_all_notice_is_the_first_once_per_agent_ticket_and_day() {
-        let db = Db::new();
-        assert!(first_reply_all_notice(&db.conn, 1, "ann@crm.test", 20_000).unwrap());
-        assert!(!first_reply_all_notice(&db.conn, 1, "ann@crm.test", 20_000).unwrap());
-        assert!(
-            first_reply_all_notice(&db.conn, 1, "ann@crm.test", 20_001).unwrap(),
-            "next day"
-        );
-        assert!(
-            first_reply_all_notice(&db.conn, 2, "ann@crm.test", 20_000).unwrap(),
-            "other ticket"
-        );
-        assert!(
-            first_reply_all_notice(&db.conn, 1, "bert@crm.test", 20_000).unwrap(),
-            "other agent"
-        );
+        for db in Log::all() {
+            assert!(first_reply_all_notice(&db.conn, 1, "ann@crm.test", 20_000).unwrap());
+            assert!(!first_reply_all_notice(&db.conn, 1, "ann@crm.test", 20_000).unwrap());
+            assert!(
+                first_reply_all_notice(&db.conn, 1, "ann@crm.test", 20_001).unwrap(),
+                "next day"
+            );
+            assert!(
+                first_reply_all_notice(&db.conn, 2, "ann@crm.test", 20_000).unwrap(),
+                "other ticket"
+            );
+            assert!(
+                first_reply_all_notice(&db.conn, 1, "bert@crm.test", 20_000).unwrap(),
+                "other agent"
+            );
+        }
     }
 
     #[test]
