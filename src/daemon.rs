@@ -91,17 +91,26 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let location = store::Location::of(&config);
-    let conn = store::connect(&location, store::Durability::Full)
-        .with_context(|| format!("opening {location}"))?;
-    let removed = tickets::sync_agents(&conn, &config.agents, store::now())?;
-    if !removed.is_empty() {
-        tracing::info!(?removed, "former agents taken off every work-notes list");
-    }
-    if let Some(sqlite) = conn.sqlite() {
-        store::tune_for_writer(sqlite)?;
-    }
-    let mut first = Runtime::new(config.clone())?;
-    first.load_former_agents(&conn)?;
+    // Off tokio's threads: the PostgreSQL client runs a runtime of its
+    // own, which may be neither made, used nor dropped on them.
+    let (conn, first) = {
+        let (location, config) = (location.clone(), config.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(store::Db, Runtime)> {
+            let conn = store::connect(&location, store::Durability::Full)
+                .with_context(|| format!("opening {location}"))?;
+            let removed = tickets::sync_agents(&conn, &config.agents, store::now())?;
+            if !removed.is_empty() {
+                tracing::info!(?removed, "former agents taken off every work-notes list");
+            }
+            if let Some(sqlite) = conn.sqlite() {
+                store::tune_for_writer(sqlite)?;
+            }
+            let mut first = Runtime::new(config)?;
+            first.load_former_agents(&conn)?;
+            Ok((conn, first))
+        })
+        .await??
+    };
     let runtime = Arc::new(RwLock::new(Arc::new(first)));
     let wake = Arc::new(Notify::new());
     let progress = Arc::new(store::CheckpointProgress::default());
@@ -171,7 +180,13 @@ pub async fn serve(
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = signal.notified() => reload_runtime(path.as_deref(), &runtime, &location),
+                    _ = signal.notified() => {
+                        let (path, runtime, location) = (path.clone(), runtime.clone(), location.clone());
+                        let _ = tokio::task::spawn_blocking(move || {
+                            reload_runtime(path.as_deref(), &runtime, &location);
+                        })
+                        .await;
+                    }
                 }
             }
         });
@@ -230,13 +245,16 @@ pub async fn serve(
     if let Some(checkpointer) = checkpointer {
         let _ = checkpointer.join();
     }
-    if let Ok(conn) = store::connect(&location, store::Durability::Full) {
-        if let Ok(pending) = store::outbox::queued_count(&conn) {
-            if pending > 0 {
-                tracing::info!(pending, "stopped; queued mail is sent at the next start");
-            } else {
-                tracing::info!("stopped; the outbox is empty");
-            }
+    let pending = tokio::task::spawn_blocking(move || {
+        store::connect(&location, store::Durability::Full)
+            .and_then(|conn| store::outbox::queued_count(&conn))
+    })
+    .await;
+    if let Ok(Ok(pending)) = pending {
+        if pending > 0 {
+            tracing::info!(pending, "stopped; queued mail is sent at the next start");
+        } else {
+            tracing::info!("stopped; the outbox is empty");
         }
     }
     listened.context("SMTP listener")?;

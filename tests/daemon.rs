@@ -1,5 +1,6 @@
 //! The whole daemon, end to end: the real listener on 127.0.0.1:0, a real
-//! SQLite file, a real SMTP sink as the relay, and the real `crmgate`
+//! SQLite file or PostgreSQL database (each test runs on both), a real
+//! SMTP sink as the relay, and the real `crmgate`
 //! binary for `ticket show --json`, as a user would drive it.
 
 mod common;
@@ -11,7 +12,6 @@ use common::gateway::*;
 use common::sink::Received;
 use serde_json::Value;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_requester_opens_a_ticket_and_gets_a_receipt() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
@@ -50,7 +50,6 @@ async fn a_requester_opens_a_ticket_and_gets_a_receipt() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agents_comment_reaches_requesters_without_any_agent_address() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
@@ -89,7 +88,6 @@ async fn an_agents_comment_reaches_requesters_without_any_agent_address() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_work_note_reaches_only_the_other_agents_and_outsiders_are_refused() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
@@ -124,7 +122,6 @@ async fn a_work_note_reaches_only_the_other_agents_and_outsiders_are_refused() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agents_from_from_an_untrusted_peer_cannot_write_a_work_note() {
     let mut g =
         Gateway::start("trusted_relays = [\"192.0.2.0/24\"]\nauthserv_id = \"mx.example.org\"")
@@ -147,7 +144,6 @@ async fn an_agents_from_from_an_untrusted_peer_cannot_write_a_work_note() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stranger_on_a_ticket_reaches_only_the_agents() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
@@ -170,7 +166,6 @@ async fn a_stranger_on_a_ticket_reaches_only_the_agents() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_recipient_is_refused() {
     let mut g = Gateway::start("").await;
     let reply = g
@@ -184,7 +179,6 @@ async fn a_foreign_recipient_is_refused() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reply_all_and_the_same_message_id_twice_make_one_entry_and_no_second_copy() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
@@ -219,7 +213,6 @@ async fn reply_all_and_the_same_message_id_twice_make_one_entry_and_no_second_co
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_out_of_office_is_logged_and_never_answered() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
@@ -242,7 +235,6 @@ async fn an_out_of_office_is_logged_and_never_answered() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pdf_stays_on_the_ticket_and_is_only_named_in_notifications() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
@@ -276,7 +268,6 @@ async fn a_pdf_stays_on_the_ticket_and_is_only_named_in_notifications() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_text_stays_whole_on_the_ticket_and_copies_carry_its_beginning() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
@@ -320,7 +311,6 @@ async fn a_long_text_stays_whole_on_the_ticket_and_copies_carry_its_beginning() 
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_threads_by_in_reply_to_alone_and_survives_a_restart() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
@@ -358,7 +348,6 @@ async fn a_reply_threads_by_in_reply_to_alone_and_survives_a_restart() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_corpus_message_is_accepted_and_logged() {
     let mut g = Gateway::start("").await;
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/corpus");
@@ -426,7 +415,6 @@ async fn every_corpus_message_is_accepted_and_logged() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_to_postmaster_reaches_the_operator_and_the_quarantine() {
     let mut g = Gateway::start("").await;
     g.stop().await;
@@ -448,3 +436,19 @@ async fn mail_to_postmaster_reaches_the_operator_and_the_quarantine() {
     assert_eq!(q[0]["reason"], "postmaster");
     g.stop().await;
 }
+
+both_engines!(
+    a_requester_opens_a_ticket_and_gets_a_receipt,
+    an_agents_comment_reaches_requesters_without_any_agent_address,
+    a_work_note_reaches_only_the_other_agents_and_outsiders_are_refused,
+    an_agents_from_from_an_untrusted_peer_cannot_write_a_work_note,
+    a_stranger_on_a_ticket_reaches_only_the_agents,
+    a_foreign_recipient_is_refused,
+    reply_all_and_the_same_message_id_twice_make_one_entry_and_no_second_copy,
+    an_out_of_office_is_logged_and_never_answered,
+    a_pdf_stays_on_the_ticket_and_is_only_named_in_notifications,
+    a_long_text_stays_whole_on_the_ticket_and_copies_carry_its_beginning,
+    a_reply_threads_by_in_reply_to_alone_and_survives_a_restart,
+    every_corpus_message_is_accepted_and_logged,
+    mail_to_postmaster_reaches_the_operator_and_the_quarantine,
+);

@@ -36,7 +36,6 @@ fn last_entry(t: &Value) -> Value {
     t["entries"].as_array().unwrap().last().unwrap().clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forward_from_each_client_opens_a_ticket_for_the_original_sender() {
     let cases = [
         (
@@ -121,7 +120,6 @@ async fn a_forward_from_each_client_opens_a_ticket_for_the_original_sender() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolve_sends_the_closure_to_the_watch_group_and_a_reply_reopens() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
@@ -159,25 +157,26 @@ async fn resolve_sends_the_closure_to_the_watch_group_and_a_reply_reopens() {
 }
 
 /// Move a resolved ticket's resolution `days` into the past. The daemon
-/// reads the real clock, so the test edits the SQLite file as an operator
-/// could, between two messages; returns the new `resolved_at`.
+/// reads the real clock, so the test edits the log as an operator could,
+/// between two messages; returns the new `resolved_at`.
 fn resolved_days_ago(g: &Gateway, number: &str, days: i64) -> i64 {
-    let db = rusqlite::Connection::open(g.dir.path().join("state/crmgate.db")).expect("db");
-    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
-    let changed = db
-        .execute(
-            "UPDATE tickets SET resolved_at = resolved_at - ?2 * 86400 \
-             WHERE number = ?1 AND state = 'resolved' AND resolved_at IS NOT NULL",
-            rusqlite::params![number, days],
+    use crmgate::store::args;
+    g.with_db(|db| {
+        let changed = db
+            .exec(
+                "UPDATE tickets SET resolved_at = resolved_at - ?2 * 86400 \
+                 WHERE number = ?1 AND state = 'resolved' AND resolved_at IS NOT NULL",
+                args![number, days],
+            )
+            .unwrap();
+        assert_eq!(changed, 1, "{number} is resolved with a time of resolution");
+        db.query_row(
+            "SELECT resolved_at FROM tickets WHERE number = ?1",
+            args![number],
+            |r| r.get(0),
         )
-        .unwrap();
-    assert_eq!(changed, 1, "{number} is resolved with a time of resolution");
-    db.query_row(
-        "SELECT resolved_at FROM tickets WHERE number = ?1",
-        [number],
-        |r| r.get(0),
-    )
-    .unwrap()
+        .unwrap()
+    })
 }
 
 fn has_system_entry(t: &Value, words: &str) -> bool {
@@ -188,7 +187,6 @@ fn has_system_entry(t: &Value, words: &str) -> bool {
         .any(|e| e["kind"] == "system" && e["body"].as_str().unwrap().contains(words))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_requesters_reply_past_the_reopen_window_opens_a_new_ticket_naming_the_old_one() {
     let mut g = Gateway::start("").await;
     let old = g.open_ticket().await;
@@ -283,7 +281,6 @@ async fn a_requesters_reply_past_the_reopen_window_opens_a_new_ticket_naming_the
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_email_function_sends_attachments_and_a_partner_reply_reaches_only_agents() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
@@ -350,7 +347,6 @@ async fn the_email_function_sends_attachments_and_a_partner_reply_reaches_only_a
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postfix_dsn_marks_the_row_failed_and_tells_the_agents() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
@@ -413,7 +409,6 @@ async fn a_postfix_dsn_marks_the_row_failed_and_tells_the_agents() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_auto_responder_without_auto_headers_is_cut_off_by_the_cap() {
     let mut g = Gateway::start_with("", "[auto]\nmax_resends_per_ticket_hour = 3\n").await;
     let number = g.open_ticket().await;
@@ -451,7 +446,6 @@ async fn an_auto_responder_without_auto_headers_is_cut_off_by_the_cap() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_who_replies_to_all_gets_the_notice_once_a_day() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
@@ -470,7 +464,6 @@ async fn an_agent_who_replies_to_all_gets_the_notice_once_a_day() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_through_deliver_lands_like_one_over_smtp() {
     let mut g = Gateway::start("").await;
     let message = "From: Alice <alice@u.example>\nTo: support@example.org\nSubject: Par le pipe\nMessage-ID: <pipe-1@u.example>\n\nBonjour.\n";
@@ -518,7 +511,6 @@ async fn a_message_through_deliver_lands_like_one_over_smtp() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_agent_leaves_the_lists_and_stays_scrubbed() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
@@ -557,16 +549,15 @@ async fn a_removed_agent_leaves_the_lists_and_stays_scrubbed() {
 /// The copies waiting in the outbox, composed from their plans as the
 /// relay composes them now, by Message-ID.
 fn planned_copies(g: &Gateway) -> Vec<(String, Vec<u8>)> {
-    let conn = crmgate::store::Db::Sqlite(
-        crmgate::store::open(&g.dir.path().join("state").join("crmgate.db")).unwrap(),
-    );
-    let rows = crmgate::store::outbox::due(&conn, i64::MAX, 100).unwrap();
-    assert!(rows.iter().all(|r| r.plan.is_some()), "every copy planned");
-    let (rows, unsendable) = crmgate::relay::composed(&conn, rows).unwrap();
-    assert!(unsendable.is_empty(), "{unsendable:?}");
-    rows.into_iter()
-        .map(|r| (r.message_id, r.message))
-        .collect()
+    g.with_db(|conn| {
+        let rows = crmgate::store::outbox::due(conn, i64::MAX, 100).unwrap();
+        assert!(rows.iter().all(|r| r.plan.is_some()), "every copy planned");
+        let (rows, unsendable) = crmgate::relay::composed(conn, rows).unwrap();
+        assert!(unsendable.is_empty(), "{unsendable:?}");
+        rows.into_iter()
+            .map(|r| (r.message_id, r.message))
+            .collect()
+    })
 }
 
 /// Each planned copy arrived once, exactly as planned, under its Message-ID.
@@ -586,7 +577,6 @@ fn assert_arrived_as_planned(planned: &[(String, Vec<u8>)], sent: &[common::sink
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_queued_before_a_restart_is_composed_after_it_as_planned() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
@@ -622,7 +612,6 @@ async fn a_copy_queued_before_a_restart_is_composed_after_it_as_planned() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_removed_before_a_copy_leaves_is_still_scrubbed_from_it() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
@@ -651,7 +640,6 @@ async fn an_agent_removed_before_a_copy_leaves_is_still_scrubbed_from_it() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_from_the_command_line_sends_as_if_the_agent_had_mailed() {
     let mut g = Gateway::start("").await;
     let number = g.open_ticket().await;
@@ -717,7 +705,6 @@ async fn publishing_from_the_command_line_sends_as_if_the_agent_had_mailed() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_to_one_address_are_capped_per_hour() {
     let mut g = Gateway::start_with("", "[auto]\nmax_per_address_per_hour = 2\n").await;
     for i in 0..3 {
@@ -848,3 +835,19 @@ fn the_binary_reloads_on_sighup_and_stops_cleanly_on_sigterm() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+both_engines!(
+    a_forward_from_each_client_opens_a_ticket_for_the_original_sender,
+    resolve_sends_the_closure_to_the_watch_group_and_a_reply_reopens,
+    a_requesters_reply_past_the_reopen_window_opens_a_new_ticket_naming_the_old_one,
+    the_email_function_sends_attachments_and_a_partner_reply_reaches_only_agents,
+    a_postfix_dsn_marks_the_row_failed_and_tells_the_agents,
+    an_auto_responder_without_auto_headers_is_cut_off_by_the_cap,
+    an_agent_who_replies_to_all_gets_the_notice_once_a_day,
+    a_message_through_deliver_lands_like_one_over_smtp,
+    a_removed_agent_leaves_the_lists_and_stays_scrubbed,
+    a_copy_queued_before_a_restart_is_composed_after_it_as_planned,
+    an_agent_removed_before_a_copy_leaves_is_still_scrubbed_from_it,
+    publishing_from_the_command_line_sends_as_if_the_agent_had_mailed,
+    receipts_to_one_address_are_capped_per_hour,
+);

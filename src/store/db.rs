@@ -223,8 +223,26 @@ impl Row<'_> {
 
 /// The PostgreSQL side: a client and its prepared statements.
 pub struct Pg {
-    client: RefCell<postgres::Client>,
+    /// Always there but while the client is dropped ([`Pg::drop`]).
+    client: RefCell<Option<postgres::Client>>,
     statements: RefCell<HashMap<String, postgres::Statement>>,
+}
+
+/// The sync client holds a runtime of its own, which may not be dropped
+/// on a tokio thread (a relay worker's connection when its task is
+/// dropped, a test's): it is closed on a thread of its own then.
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let Some(client) = self.client.get_mut().take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let statements = std::mem::take(self.statements.get_mut());
+            let _ = std::thread::Builder::new()
+                .name("crmgate-pg-close".into())
+                .spawn(move || drop((statements, client)));
+        }
+    }
 }
 
 /// A connection to the store's database, on either engine.
@@ -267,7 +285,7 @@ impl Pg {
     pub fn connect(config: &postgres::Config) -> Result<Pg> {
         let client = config.connect(postgres::NoTls)?;
         Ok(Pg {
-            client: RefCell::new(client),
+            client: RefCell::new(Some(client)),
             statements: RefCell::new(HashMap::new()),
         })
     }
@@ -276,10 +294,7 @@ impl Pg {
         if let Some(s) = self.statements.borrow().get(sql) {
             return Ok(s.clone());
         }
-        let prepared = self
-            .client
-            .borrow_mut()
-            .prepare(&postgres_placeholders(sql))?;
+        let prepared = self.client().prepare(&postgres_placeholders(sql))?;
         self.statements
             .borrow_mut()
             .insert(sql.to_string(), prepared.clone());
@@ -288,7 +303,10 @@ impl Pg {
 
     /// The client itself, for what only PostgreSQL does (`COPY`, locks).
     pub fn client(&self) -> std::cell::RefMut<'_, postgres::Client> {
-        self.client.borrow_mut()
+        std::cell::RefMut::map(self.client.borrow_mut(), |c| {
+            c.as_mut()
+                .unwrap_or_else(|| unreachable!("the client is only taken when dropped"))
+        })
     }
 }
 
@@ -305,7 +323,7 @@ impl Db {
             }
             Db::Postgres(pg) => {
                 let stmt = pg.statement(sql)?;
-                Ok(pg.client.borrow_mut().execute(&stmt, &pg_params(params))?)
+                Ok(pg.client().execute(&stmt, &pg_params(params))?)
             }
         }
     }
@@ -331,7 +349,7 @@ impl Db {
             }
             Db::Postgres(pg) => {
                 let stmt = pg.statement(sql)?;
-                let rows = pg.client.borrow_mut().query(&stmt, &pg_params(params))?;
+                let rows = pg.client().query(&stmt, &pg_params(params))?;
                 rows.first().map(|r| f(&Row::Postgres(r))).transpose()
             }
         }
@@ -374,7 +392,7 @@ impl Db {
             }
             Db::Postgres(pg) => {
                 let stmt = pg.statement(sql)?;
-                let rows = pg.client.borrow_mut().query(&stmt, &pg_params(params))?;
+                let rows = pg.client().query(&stmt, &pg_params(params))?;
                 rows.iter().map(|r| f(&Row::Postgres(r))).collect()
             }
         }
@@ -387,7 +405,7 @@ impl Db {
     pub fn batch(&self, sql: &str) -> Result<()> {
         match self {
             Db::Sqlite(c) => Ok(c.execute_batch(sql)?),
-            Db::Postgres(pg) => Ok(pg.client.borrow_mut().batch_execute(sql)?),
+            Db::Postgres(pg) => Ok(pg.client().batch_execute(sql)?),
         }
     }
 

@@ -250,7 +250,14 @@ fn postgres_migrate(db: &Db) -> Result<()> {
     // Any constant: the key of crmgate's migrations among the database's
     // advisory locks.
     tx.execute("SELECT pg_advisory_xact_lock(7210012)", &[])?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
+    // Looked up rather than `CREATE … IF NOT EXISTS`, whose notice every
+    // command would print.
+    let made: Option<String> = tx
+        .query_one("SELECT CAST(to_regclass('schema_version') AS TEXT)", &[])?
+        .get(0);
+    if made.is_none() {
+        tx.batch_execute("CREATE TABLE schema_version (version BIGINT NOT NULL)")?;
+    }
     let version: i64 = tx
         .query_opt("SELECT version FROM schema_version", &[])?
         .map_or(0, |r| r.get(0));
@@ -525,7 +532,7 @@ pub(crate) mod testing {
         /// `"sqlite"` or `"postgres"`, for the assertion messages.
         pub engine: &'static str,
         pub conn: Db,
-        _dir: Option<tempfile::TempDir>,
+        pub(crate) _dir: Option<tempfile::TempDir>,
     }
 
     impl TestLog {

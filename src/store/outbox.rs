@@ -224,7 +224,7 @@ pub fn due(conn: &Db, now: i64, limit: usize) -> Result<Vec<OutboxRow>> {
             args![now, limit],
             raw_row,
         )?,
-        Db::Postgres(_) => lease_due(conn, now, limit)?,
+        Db::Postgres(_) => lease_due(conn, now, limit, instance_id())?,
     };
     raws.into_iter().map(into_row).collect()
 }
@@ -253,11 +253,11 @@ pub fn instance_id() -> &'static str {
 /// row is sent by one instance at a time; the rows of an instance that
 /// died are taken over once its lease has run out. The lease is one
 /// autocommitted statement: the rows are ours before any is sent.
-fn lease_due(conn: &Db, now: i64, limit: i64) -> Result<Vec<RawRow>> {
+fn lease_due(conn: &Db, now: i64, limit: i64, holder: &str) -> Result<Vec<RawRow>> {
     conn.query_all(
         &format!(
             "WITH taken AS (
-                 UPDATE outbox SET leased_by = ?3, leased_until = ?1 + {LEASE_SECONDS}
+                 UPDATE outbox SET leased_by = ?3, leased_until = ?4
                  WHERE id IN (
                      SELECT id FROM outbox
                      WHERE status = 'queued' AND next_attempt_at <= ?1
@@ -269,7 +269,7 @@ fn lease_due(conn: &Db, now: i64, limit: i64) -> Result<Vec<RawRow>> {
                  LEFT JOIN outbox_messages AS m ON m.outbox_id = o.id
              ORDER BY o.id"
         ),
-        args![now, limit, instance_id()],
+        args![now, limit, holder, now.saturating_add(LEASE_SECONDS)],
         raw_row,
     )
 }
@@ -736,6 +736,46 @@ mod tests {
             assert_eq!(due(&db.conn, 200, 1).unwrap().len(), 1);
             assert_eq!(due(&db.conn, 1000, 10).unwrap()[0].id, late);
         }
+    }
+
+    #[test]
+    fn on_postgres_a_row_is_leased_by_one_instance_until_its_lease_runs_out() {
+        let Some(url) = crate::store::test_cluster::database() else {
+            return;
+        };
+        let location = crate::store::Location::Postgres {
+            url,
+            password: None,
+        };
+        let db = Log {
+            engine: "postgres",
+            conn: crate::store::connect(&location, crate::store::Durability::Full).unwrap(),
+            _dir: None,
+        };
+        let rows: Vec<i64> = (0..3).map(|i| db.queue(&["a@x"], 100 + i)).collect();
+        let taken = |now, holder| -> Vec<i64> {
+            lease_due(&db.conn, now, 10, holder)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.0)
+                .collect()
+        };
+        assert_eq!(taken(101, "a"), rows[..2], "what is due");
+        assert_eq!(taken(102, "b"), rows[2..], "not what another holds");
+        assert_eq!(taken(103, "a"), rows[..2], "a holder takes its own again");
+        assert!(taken(150, "c").is_empty());
+        // a and b died: their leases run out 60 s after they last took
+        // the rows, and another instance takes them over.
+        assert_eq!(
+            taken(102 + LEASE_SECONDS, "c"),
+            rows[2..],
+            "b's, not yet a's"
+        );
+        assert_eq!(taken(103 + LEASE_SECONDS, "c"), rows, "and a's");
+        assert!(taken(103 + LEASE_SECONDS, "a").is_empty());
+        // A row marked sent is nobody's to take.
+        mark_sent(&db.conn, rows[2], 170).unwrap();
+        assert_eq!(taken(1_000, "b"), rows[..2]);
     }
 
     #[test]

@@ -42,6 +42,16 @@ pub fn database() -> Option<String> {
         eprintln!("CRMGATE_TEST_NO_PG=1: the PostgreSQL half of this test is skipped");
         return None;
     }
+    // On a thread of its own: the sync client runs a runtime of its own,
+    // which a tokio test's thread may not start.
+    Some(
+        std::thread::spawn(create_database)
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+    )
+}
+
+fn create_database() -> String {
     let cluster = match CLUSTER.get_or_init(start) {
         Ok(c) => c,
         Err(why) => panic!("cannot start a PostgreSQL cluster for the tests: {why}"),
@@ -60,7 +70,7 @@ pub fn database() -> Option<String> {
     admin
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
-    Some(url(&cluster.dir, &name))
+    url(&cluster.dir, &name)
 }
 
 /// `postgres://crmgate@%2Fpath%2Fto%2Fdir/name`: a Unix socket directory as

@@ -1,6 +1,7 @@
 //! A whole crmgate daemon for end-to-end tests: the real listener on
-//! 127.0.0.1:0, a real SQLite file in a temporary directory, a real SMTP
-//! sink as the relay, and the real `crmgate` binary for the commands.
+//! 127.0.0.1:0, a real SQLite file in a temporary directory (or a database
+//! of its own on the tests' PostgreSQL cluster, see [`Engine`]), a real
+//! SMTP sink as the relay, and the real `crmgate` binary for the commands.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -21,6 +22,57 @@ pub const BOB: &str = "bob.agent@example.org";
 pub const PUBLIC: &str = "support@example.org";
 pub const INTERNAL: &str = "support-notes@example.org";
 
+/// The store a gateway runs on. The tests that matter run on both
+/// ([`both_engines!`]); the others on SQLite, the embedded default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+thread_local! {
+    /// The engine the gateways a test starts run on: set for the test's
+    /// thread by [`Engine::run`] (a tokio test's body runs there).
+    static ENGINE: std::cell::Cell<Engine> = const { std::cell::Cell::new(Engine::Sqlite) };
+}
+
+impl Engine {
+    /// Run a test's body with its gateways on this engine; on PostgreSQL,
+    /// nothing when `CRMGATE_TEST_NO_PG=1`.
+    pub async fn run<F: std::future::Future<Output = ()>>(self, test: impl FnOnce() -> F) {
+        if self == Engine::Postgres && super::test_cluster::skipped() {
+            eprintln!("CRMGATE_TEST_NO_PG=1: this test's PostgreSQL run is skipped");
+            return;
+        }
+        ENGINE.with(|e| e.set(self));
+        test().await;
+    }
+}
+
+/// Each test named, once on SQLite (`sqlite::NAME`) and once on PostgreSQL
+/// (`postgres::NAME`); each is an `async fn NAME()` of the file.
+#[macro_export]
+macro_rules! both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::common::gateway::Engine::Sqlite.run(super::$name).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::common::gateway::Engine::Postgres.run(super::$name).await
+                }
+            )*
+        }
+    };
+}
+
 pub struct Gateway {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
@@ -37,17 +89,22 @@ pub struct Gateway {
     pub operator: Option<String>,
     /// `[gateway] language`.
     pub language: String,
+    /// `[store] url`: empty for SQLite in the state directory.
+    pub store_url: String,
 }
 
-fn config_text(
-    dir: &std::path::Path,
-    relay: &str,
-    extra: &str,
-    tail: &str,
-    agents: &[(String, String)],
-    operator: &str,
-    language: &str,
-) -> String {
+/// The gateway's configuration file.
+fn config_text(g: &Gateway) -> String {
+    let (dir, relay, extra, tail, agents, operator, language, store_url) = (
+        g.dir.path(),
+        g.sink.url(),
+        &g.extra,
+        &g.tail,
+        &g.agents,
+        g.operator.as_deref().unwrap_or(""),
+        &g.language,
+        &g.store_url,
+    );
     let agents: String = agents
         .iter()
         .map(|(name, email)| {
@@ -82,6 +139,9 @@ url = "{relay}"
 retry_initial_seconds = 1
 retry_max_seconds = 2
 
+[store]
+url = "{store_url}"
+
 [security]
 {trusted}{extra}
 
@@ -105,7 +165,12 @@ impl Gateway {
     pub async fn start_in(language: &str, extra: &str, tail: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let sink = Sink::start().await;
+        let store_url = match ENGINE.with(std::cell::Cell::get) {
+            Engine::Sqlite => String::new(),
+            Engine::Postgres => super::test_cluster::database().expect("a test database"),
+        };
         let mut g = Gateway {
+            store_url,
             addr: "127.0.0.1:1".parse().unwrap(),
             dir,
             sink,
@@ -124,20 +189,30 @@ impl Gateway {
         g
     }
 
+    /// Run `f` on a connection to this gateway's log, on its engine, on a
+    /// thread of its own (a PostgreSQL client may not be made or used on
+    /// a tokio thread).
+    pub fn with_db<T: Send>(&self, f: impl FnOnce(&crmgate::store::Db) -> T + Send) -> T {
+        let text = std::fs::read_to_string(self.config_path()).unwrap();
+        let config = crmgate::config::Config::from_toml(&text, "test").unwrap();
+        let location = crmgate::store::Location::of(&config);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let db =
+                    crmgate::store::connect(&location, crmgate::store::Durability::Full).unwrap();
+                f(&db)
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("crmgate.toml")
     }
 
     pub async fn boot(&mut self) {
-        let text = config_text(
-            self.dir.path(),
-            &self.sink.url(),
-            &self.extra,
-            &self.tail,
-            &self.agents,
-            self.operator.as_deref().unwrap_or(""),
-            &self.language,
-        );
+        let text = config_text(self);
         std::fs::write(self.config_path(), &text).unwrap();
         let config = crmgate::config::Config::from_toml(&text, "test").unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

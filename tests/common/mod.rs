@@ -7,3 +7,5 @@ pub mod dns;
 pub mod gateway;
 pub mod pki;
 pub mod sink;
+#[path = "../../src/store/test_cluster.rs"]
+pub mod test_cluster;
