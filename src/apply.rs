@@ -48,7 +48,7 @@ pub fn apply(
     ticket: Option<&TicketView>,
     inbound: &Inbound,
     sender: &str,
-    raw_id: Option<i64>,
+    raw: Option<(i64, &[u8])>,
     now: i64,
 ) -> Result<Applied, ApplyError> {
     let config = &rt.config;
@@ -101,6 +101,7 @@ pub fn apply(
             EntryKind::Closure => render(rt, "closure", &view, "", "")?.into(),
             _ => (*entry.text).into(),
         };
+        let crmgates_own = matches!(entry.kind, EntryKind::Receipt | EntryKind::Closure);
         let stands_for_message =
             entry.message_id.is_some() || (entry.keeps_attachments && !attachments_kept);
         let id = tickets::insert_entry(
@@ -117,11 +118,8 @@ pub fn apply(
                 by_agent: entry.by_agent,
                 sender: stands_for_message.then_some(sender),
                 body_hash: stands_for_message.then_some(inbound.body_hash.as_str()),
-                raw_id: if matches!(entry.kind, EntryKind::Receipt | EntryKind::Closure) {
-                    None
-                } else {
-                    raw_id
-                },
+                raw_id: raw.map(|(id, _)| id).filter(|_| !crmgates_own),
+                raw: raw.map(|(_, data)| data).filter(|_| !crmgates_own),
             },
         )?;
         if entry.keeps_attachments && !attachments_kept {

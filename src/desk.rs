@@ -214,6 +214,7 @@ pub fn email(conn: &Db, rt: &Runtime, email: &Email<'_>) -> Result<(String, i64)
             sender: None,
             body_hash: None,
             raw_id: None,
+            raw: None,
         },
     )?;
     for a in email.attachments {

@@ -336,7 +336,7 @@ fn process_once(
                 ticket.as_ref(),
                 inbound,
                 &sender,
-                Some(raw_id),
+                Some((raw_id, &arrival.raw)),
                 now,
             )?;
             Ok(Outcome {
@@ -456,7 +456,7 @@ fn record_with_actions(
             m.ticket,
             m.inbound,
             m.sender,
-            Some(raw_id),
+            Some((raw_id, &m.arrival.raw)),
             now,
         )
         .map_err(|e| QuickFailed::Intake(e.into()))?;

@@ -282,4 +282,15 @@ fn a_copy_is_composed_alike_twice_and_a_planned_row_stores_no_bytes() {
         let plan = plan.expect("a plan");
         assert!(plan.len() < 2048, "{} bytes: {plan}", plan.len());
     }
+    // Her plain text is kept once: in the raw message, which her entry names.
+    let entries: Vec<(String, Option<i64>)> = desk
+        .conn
+        .query_all(
+            "SELECT body, raw_body_len FROM entries WHERE raw_id IS NOT NULL",
+            &[],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!((entries[0].0.as_str(), entries[0].1.is_some()), ("", true));
 }

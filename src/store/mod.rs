@@ -146,6 +146,14 @@ fn migrations() -> Migrations<'static> {
         // before keep their bytes and are sent from them; a planned row
         // leaves `message` empty.
         M::up("ALTER TABLE outbox_messages ADD COLUMN plan TEXT;"),
+        // The text of a plain-text message is the beginning of its raw
+        // message's body, which is kept anyway: the entry names those
+        // bytes (`tickets::text_in_raw`) rather than holding them a second
+        // time. Entries from before keep their text. (PostgreSQL: 002.)
+        M::up(
+            "ALTER TABLE entries ADD COLUMN raw_body_at INTEGER;
+             ALTER TABLE entries ADD COLUMN raw_body_len INTEGER;",
+        ),
     ])
 }
 
@@ -237,7 +245,10 @@ pub fn connect_postgres(location: &Location, migrate: bool) -> Result<Db> {
 
 /// The PostgreSQL schema, one migration a step; `schema_version` counts
 /// those applied. A step is only ever appended.
-const POSTGRES_MIGRATIONS: &[&str] = &[include_str!("postgres/001_schema.sql")];
+const POSTGRES_MIGRATIONS: &[&str] = &[
+    include_str!("postgres/001_schema.sql"),
+    include_str!("postgres/002_entry_text_in_raw.sql"),
+];
 
 /// Bring a PostgreSQL schema up to date, in one transaction under an
 /// advisory lock, so that instances starting together migrate once.

@@ -333,14 +333,17 @@ pub fn get(conn: &Db, id: i64) -> Result<OutboxRow> {
 /// written.
 ///
 /// # Errors
-/// `NotFound` when there is no such entry; a database error, or a long
-/// body that is not UTF-8.
+/// `NotFound` when there is no such entry; a database error, or a text
+/// that is not UTF-8.
 pub fn entry_body(conn: &Db, entry_id: i64) -> Result<(String, Option<String>)> {
+    use super::tickets::{entry_text, ENTRY_TEXT};
     conn.query_opt(
-        "SELECT COALESCE(long_body, body), html FROM entries WHERE id = ?1",
+        &format!(
+            "SELECT {ENTRY_TEXT}, e.html
+             FROM entries AS e LEFT JOIN raw_messages AS r ON r.id = e.raw_id WHERE e.id = ?1"
+        ),
         args![entry_id],
-        // A long body lives in `long_body` (the second migration).
-        |r| Ok((r.text(0)?, r.get::<Option<String>>(1)?)),
+        |r| Ok((entry_text(r, 0)?, r.get::<Option<String>>(2)?)),
     )?
     .ok_or_else(|| StoreError::NotFound(format!("no entry {entry_id}")))
 }

@@ -401,17 +401,90 @@ pub struct EntryRow<'a> {
     pub body_hash: Option<&'a str>,
     /// The raw message it came from, kept as it arrived.
     pub raw_id: Option<i64>,
+    /// That raw message's bytes, when at hand: a text that is the first
+    /// bytes of its body is not written a second time (see
+    /// [`text_in_raw`]).
+    pub raw: Option<&'a [u8]>,
+}
+
+/// Where `text` stands in `raw` when it is the beginning of the raw
+/// message's body, as it is for a plain-text message (the whole body, or
+/// the words above the reply marker): `(offset, length)` of those bytes in
+/// `raw`, read back by [`text_from_raw`]. `None` for any other text (an
+/// encoded body, a MIME part, a line end that is not CRLF): that one is
+/// stored. Each LF of `text` must be a CRLF of the body and `text` holds no
+/// CR, so that turning each CRLF of those bytes into LF gives `text` back
+/// exactly, whatever version of the parser reads the log.
+pub fn text_in_raw(raw: &[u8], text: &str) -> Option<(usize, usize)> {
+    let start = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let body = &raw[start..];
+    let mut at = 0;
+    for &b in text.as_bytes() {
+        match b {
+            b'\r' => return None,
+            b'\n' if body.get(at..at + 2) == Some(b"\r\n") => at += 2,
+            _ if body.get(at) == Some(&b) && b != b'\n' => at += 1,
+            _ => return None,
+        }
+    }
+    Some((start, at))
+}
+
+/// An entry's text kept as bytes of its raw message ([`text_in_raw`]).
+///
+/// # Errors
+/// Bytes that are not UTF-8 (not written by [`text_in_raw`]).
+pub fn text_from_raw(bytes: &[u8]) -> std::result::Result<String, std::string::FromUtf8Error> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut rest = bytes;
+    while let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
+        out.extend_from_slice(&rest[..i]);
+        out.push(b'\n');
+        rest = &rest[i + 2..];
+    }
+    out.extend_from_slice(rest);
+    String::from_utf8(out)
+}
+
+/// The two columns that give an entry's text, from `entries AS e LEFT
+/// JOIN raw_messages AS r ON r.id = e.raw_id`: the stored text (`body`,
+/// or `long_body`), then its bytes in the raw message when the entry names
+/// them instead (NULL otherwise). Two columns, text and bytes, since
+/// PostgreSQL keeps them in columns of two types. Read with
+/// [`entry_text`].
+pub const ENTRY_TEXT: &str = "COALESCE(e.long_body, e.body), \
+     substr(r.data, CAST(e.raw_body_at AS INTEGER) + 1, CAST(e.raw_body_len AS INTEGER))";
+
+/// An entry's text from the two columns of [`ENTRY_TEXT`] at `index`.
+///
+/// # Errors
+/// A column of another type, or a text that is not UTF-8.
+pub fn entry_text(r: &super::Row<'_>, index: usize) -> Result<String> {
+    match r.get::<Option<Vec<u8>>>(index + 1)? {
+        Some(bytes) => text_from_raw(&bytes)
+            .map_err(|e| StoreError::Invalid(format!("an entry's text in its raw message: {e}"))),
+        None => r.text(index),
+    }
 }
 
 /// Log an entry on a ticket; its id, for attachments and outbox rows.
 pub fn insert_entry(conn: &Db, e: &EntryRow<'_>) -> Result<i64> {
-    let long = e.body.len() > BLOB_IN_PLACE;
+    // The text of a plain-text message is in its raw message already.
+    let in_raw = match (e.raw_id, e.raw) {
+        (Some(_), Some(raw)) if !e.body.is_empty() => text_in_raw(raw, e.body),
+        _ => None,
+    };
+    let (body, long) = match in_raw {
+        Some(_) => ("", false),
+        None => (e.body, e.body.len() > BLOB_IN_PLACE),
+    };
+    let to_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
     // The conflict is PostgreSQL's unique `entries_once` (the same message
     // logged by another instance); SQLite has no such index: one writer.
     let id: i64 = conn.query_opt(
         "INSERT INTO entries (ticket_id, kind, from_addr, from_name, at, subject, body, html, message_id,
-                              by_agent, sender, body_hash, raw_id, long_body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                              by_agent, sender, body_hash, raw_id, long_body, raw_body_at, raw_body_len)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
          ON CONFLICT DO NOTHING RETURNING id",
         args![
             e.ticket_id,
@@ -420,7 +493,7 @@ pub fn insert_entry(conn: &Db, e: &EntryRow<'_>) -> Result<i64> {
             &e.from.name,
             e.at,
             e.subject,
-            if long { "" } else { e.body },
+            if long { "" } else { body },
             e.html,
             e.message_id,
             e.by_agent,
@@ -428,13 +501,17 @@ pub fn insert_entry(conn: &Db, e: &EntryRow<'_>) -> Result<i64> {
             e.body_hash,
             e.raw_id,
             if long { Value::LargeText(e.body) } else { Value::Null },
+            in_raw.map(|(at, _)| to_i64(at)),
+            in_raw.map(|(_, len)| to_i64(len)),
         ],
         |r| r.get(0),
     )?
     .ok_or(StoreError::AlreadyLogged)?;
     // A long body goes in `long_body`, written in place on SQLite (see the
-    // schema's second migration); readers take either ([`super::Row::text`]).
-    conn.fill_in_place("entries", "long_body", id, e.body.as_bytes())?;
+    // schema's second migration); readers take either ([`entry_text`]).
+    if long {
+        conn.fill_in_place("entries", "long_body", id, e.body.as_bytes())?;
+    }
     Ok(id)
 }
 
@@ -463,6 +540,7 @@ pub fn insert_system_entry(
             sender: None,
             body_hash: None,
             raw_id: None,
+            raw: None,
         },
     )
 }
@@ -676,7 +754,11 @@ pub fn info(conn: &Db, ticket_id: i64) -> Result<TicketInfo> {
         },
     )?;
     let mut entries: Vec<EntryInfo> = conn.query_all(
-        "SELECT id, kind, from_addr, at, subject, COALESCE(long_body, body), message_id, duplicates FROM entries WHERE ticket_id = ?1 ORDER BY id",
+        &format!(
+            "SELECT e.id, e.kind, e.from_addr, e.at, e.subject, {ENTRY_TEXT}, e.message_id, e.duplicates
+             FROM entries AS e LEFT JOIN raw_messages AS r ON r.id = e.raw_id
+             WHERE e.ticket_id = ?1 ORDER BY e.id"
+        ),
         args![ticket_id],
         |r| {
             Ok(EntryInfo {
@@ -685,9 +767,9 @@ pub fn info(conn: &Db, ticket_id: i64) -> Result<TicketInfo> {
                 from: r.get(2)?,
                 at: rfc3339(r.get(3)?),
                 subject: r.get(4)?,
-                body: r.text(5)?,
-                message_id: r.get(6)?,
-                duplicates: r.get(7)?,
+                body: entry_text(r, 5)?,
+                message_id: r.get(7)?,
+                duplicates: r.get(8)?,
                 attachments: Vec::new(),
             })
         },
@@ -1039,6 +1121,7 @@ mod tests {
             sender: None,
             body_hash: None,
             raw_id: None,
+            raw: None,
         }
     }
 
@@ -1223,6 +1306,7 @@ mod tests {
                     sender: Some("alice@example.org"),
                     body_hash: Some("h1"),
                     raw_id: Some(raw),
+                    raw: None,
                     ..comment(&alice, "Hello", 1_000)
                 },
             );
@@ -1232,6 +1316,7 @@ mod tests {
                     sender: Some("alice@example.org"),
                     body_hash: Some("h2"),
                     raw_id: Some(raw),
+                    raw: None,
                     ..comment(&alice, "Hello again", 1_000)
                 },
             );
@@ -1333,6 +1418,7 @@ mod tests {
             &EntryRow {
                 body_hash: Some("h2"),
                 raw_id: Some(raw),
+                raw: None,
                 ..entry(None)
             },
         )
@@ -1387,6 +1473,74 @@ mod tests {
         all.sort();
         all.dedup();
         assert_eq!(all.len(), 40, "{all:?}");
+    }
+
+    #[test]
+    fn a_text_at_the_start_of_the_raw_body_is_found_and_read_back_exactly() {
+        let raw =
+            b"Subject: x\r\nFrom: a@x\r\n\r\nLine one\r\n\r\nLine two \xc3\xa9\r\n> quoted\r\n";
+        let whole = "Line one\n\nLine two \u{e9}\n> quoted\n";
+        let (at, len) = text_in_raw(raw, whole).unwrap();
+        assert_eq!((at, len), (25, raw.len() - 25));
+        assert_eq!(text_from_raw(&raw[at..at + len]).unwrap(), whole);
+        // The words above a reply's marker: the first bytes of the body.
+        let (at, len) = text_in_raw(raw, "Line one\n").unwrap();
+        assert_eq!(text_from_raw(&raw[at..at + len]).unwrap(), "Line one\n");
+        // Anything else is stored: another text, a CR of its own, a body
+        // with bare LFs, a text longer than the body.
+        assert_eq!(text_in_raw(raw, "Line two"), None);
+        assert_eq!(text_in_raw(raw, "Line one\r\n"), None);
+        assert_eq!(text_in_raw(b"Subject: x\n\nLine one\n", "Line one\n"), None);
+        assert_eq!(text_in_raw(raw, &format!("{whole}more")), None);
+        assert_eq!(text_in_raw(b"no header end", "no"), None);
+    }
+
+    #[test]
+    fn an_entry_whose_text_is_its_raw_body_stores_it_once_and_shows_it_whole() {
+        for db in Log::all() {
+            let ticket = db.ticket("Imprimante");
+            let raw = b"Subject: x\r\n\r\nElle ne marche plus.\r\nMerci\r\n";
+            let raw_id = insert_raw(&db.conn, 1, None, Some("a@x"), &[], raw).unwrap();
+            let alice = Mailbox::new(None, "a@x");
+            let from_raw = |body| EntryRow {
+                raw_id: Some(raw_id),
+                raw: Some(&raw[..]),
+                ..comment(&alice, body, 1)
+            };
+            let once = db.entry(ticket, from_raw("Elle ne marche plus.\nMerci\n"));
+            let twice = db.entry(ticket, from_raw("Autre texte.\n"));
+            let stored = |id: i64| -> (String, Option<i64>) {
+                db.conn
+                    .query_opt(
+                        "SELECT body, raw_body_len FROM entries WHERE id = ?1",
+                        args![id],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .unwrap()
+                    .unwrap()
+            };
+            assert_eq!(stored(once), (String::new(), Some(29)), "{}", db.engine);
+            assert_eq!(
+                stored(twice),
+                ("Autre texte.\n".to_string(), None),
+                "{}",
+                db.engine
+            );
+            let shown = info(&db.conn, ticket).unwrap();
+            let bodies: Vec<&str> = shown.entries.iter().map(|e| e.body.as_str()).collect();
+            assert_eq!(
+                bodies,
+                ["Elle ne marche plus.\nMerci\n", "Autre texte.\n"],
+                "{}",
+                db.engine
+            );
+            assert_eq!(
+                crate::store::outbox::entry_body(&db.conn, once).unwrap(),
+                ("Elle ne marche plus.\nMerci\n".to_string(), None),
+                "{}",
+                db.engine
+            );
+        }
     }
 
     #[test]
