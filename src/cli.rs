@@ -64,6 +64,9 @@ pub enum Command {
     Quarantine(QuarantineCommand),
     /// The DNS TXT record to publish for [auth] dkim_selector and dkim_key_file.
     DkimRecord,
+    /// The ticket log as a whole.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// The shell completion script on stdout.
     Completions {
         #[arg(value_enum)]
@@ -200,6 +203,19 @@ pub enum QuarantineCommand {
     Release { id: i64 },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy the whole log into an empty PostgreSQL database at URL.
+    Copy {
+        /// postgres://user@host:5432/dbname
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// The target's password, never inline in the URL.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+    },
+}
+
 /// sysexits.h codes of `crmgate deliver`.
 pub mod sysexits {
     pub const OK: i32 = 0;
@@ -251,6 +267,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             print!("{}", dkim_record(&config)?);
             Ok(0)
         }
+        Command::Store(StoreCommand::Copy { to, password_file }) => {
+            store_copy(&config, &to, password_file.as_deref())?;
+            Ok(0)
+        }
         command => {
             let mut runtime = Runtime::new(Arc::new(config))?;
             let mut conn = open_existing(&runtime.config)?;
@@ -259,6 +279,35 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `crmgate store copy --to URL`: the configured log into an empty
+/// PostgreSQL database (created or migrated first), then what it copied.
+fn store_copy(config: &Config, to: &str, password_file: Option<&Path>) -> anyhow::Result<()> {
+    if !(to.starts_with("postgres://") || to.starts_with("postgresql://")) {
+        bail!("--to {to:?} is not a postgres:// URL");
+    }
+    let password = password_file
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .map(|p| p.trim_end_matches(['\n', '\r']).to_string())
+                .with_context(|| format!("--password-file {}", path.display()))
+        })
+        .transpose()?;
+    let from = open_existing(config)?;
+    let target = Location::Postgres {
+        url: to.to_string(),
+        password,
+    };
+    let mut into = store::connect(&target, store::Durability::Full)
+        .with_context(|| format!("opening {to}"))?;
+    let copied = store::copy::copy(&from, &mut into)?;
+    let said: Vec<String> = copied
+        .iter()
+        .map(|(table, rows)| format!("{rows} {table}"))
+        .collect();
+    println!("copied into {to}: {}", said.join(", "));
+    Ok(())
 }
 
 /// `crmgate serve`: a configuration it cannot use (templates, state
@@ -494,6 +543,7 @@ fn dispatch(conn: &mut Db, rt: &Runtime, command: Command) -> anyhow::Result<()>
         | Command::Deliver { .. }
         | Command::Completions { .. }
         | Command::Man
+        | Command::Store(_)
         | Command::DkimRecord => {}
     }
     Ok(())

@@ -21,6 +21,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 use rusqlite_migration::{Migrations, M};
 
+pub mod copy;
 pub mod db;
 pub mod outbox;
 pub mod tickets;
