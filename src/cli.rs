@@ -64,7 +64,7 @@ pub enum Command {
     Quarantine(QuarantineCommand),
     /// The DNS TXT record to publish for [auth] dkim_selector and dkim_key_file.
     DkimRecord,
-    /// The ticket log as a whole.
+    /// The ticket log's database.
     #[command(subcommand)]
     Store(StoreCommand),
     /// The shell completion script on stdout.
@@ -205,12 +205,23 @@ pub enum QuarantineCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
-    /// Copy the whole log into an empty PostgreSQL database at URL.
+    /// Copy the whole log into an empty database at URL (e.g. from the SQLite default to PostgreSQL).
+    #[command(
+        long_about = "Copy the whole log of the configured database (every ticket, entry, raw \
+message, attachment, list, outbox row and quarantined message) into an empty database at URL, \
+keeping row ids and ticket numbers, then print the rows copied per table. The copy is one \
+transaction on the target: all of it or nothing. A target that holds any row of a log is \
+refused, and nothing is written to it. The source is read in one snapshot: the daemon may keep \
+running, but mail it takes after the copy started is not copied (stop it, or copy again into a \
+fresh database, before pointing it at the new one)."
+    )]
     Copy {
-        /// postgres://user@host:5432/dbname
+        /// postgres://user@host:5432/dbname (an existing database: crmgate creates its
+        /// tables there), or sqlite://PATH (a new file); never with a password in it.
         #[arg(long, value_name = "URL")]
         to: String,
-        /// The target's password, never inline in the URL.
+        /// The target's password, in a file (the configuration's [store] password_file is
+        /// the source's). Without it, none is sent (trust or peer authentication).
         #[arg(long, value_name = "FILE")]
         password_file: Option<PathBuf>,
     },
@@ -279,35 +290,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
-}
-
-/// `crmgate store copy --to URL`: the configured log into an empty
-/// PostgreSQL database (created or migrated first), then what it copied.
-fn store_copy(config: &Config, to: &str, password_file: Option<&Path>) -> anyhow::Result<()> {
-    if !(to.starts_with("postgres://") || to.starts_with("postgresql://")) {
-        bail!("--to {to:?} is not a postgres:// URL");
-    }
-    let password = password_file
-        .map(|path| {
-            std::fs::read_to_string(path)
-                .map(|p| p.trim_end_matches(['\n', '\r']).to_string())
-                .with_context(|| format!("--password-file {}", path.display()))
-        })
-        .transpose()?;
-    let from = open_existing(config)?;
-    let target = Location::Postgres {
-        url: to.to_string(),
-        password,
-    };
-    let mut into = store::connect(&target, store::Durability::Full)
-        .with_context(|| format!("opening {to}"))?;
-    let copied = store::copy::copy(&from, &mut into)?;
-    let said: Vec<String> = copied
-        .iter()
-        .map(|(table, rows)| format!("{rows} {table}"))
-        .collect();
-    println!("copied into {to}: {}", said.join(", "));
-    Ok(())
 }
 
 /// `crmgate serve`: a configuration it cannot use (templates, state
@@ -886,6 +868,51 @@ fn release_quarantined(conn: &mut Db, rt: &Runtime, id: i64) -> anyhow::Result<(
         outcome.queued
     );
     Ok(())
+}
+
+/// `crmgate store copy --to URL`: the configured log into an empty
+/// database; a progress line on a terminal, the rows copied per table at
+/// the end.
+fn store_copy(config: &Config, to: &str, password_file: Option<&Path>) -> anyhow::Result<()> {
+    use std::io::{IsTerminal as _, Write as _};
+    let password = password_file
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .map(|t| t.trim_end_matches(['\n', '\r']).to_string())
+                .with_context(|| format!("--password-file {}", f.display()))
+        })
+        .transpose()?;
+    let target = store::copy::target(to, password)?;
+    let source = open_existing(config)?;
+    let from = Location::of(config);
+    let terminal = std::io::stderr().is_terminal();
+    let mut progress = |table: &str, done: u64, total: u64| {
+        if terminal {
+            let width = 30;
+            let filled = (done * width)
+                .checked_div(total)
+                .unwrap_or(width)
+                .min(width) as usize;
+            eprint!(
+                "\r\x1b[K{table:<18} [{}{}] {done}/{total}",
+                "#".repeat(filled),
+                " ".repeat(width as usize - filled)
+            );
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let copied = store::copy::copy(&source, &target, &mut progress);
+    if terminal {
+        eprint!("\r\x1b[K");
+    }
+    let copied = copied?;
+    let mut out = format!("copied {from} into {target}:\n");
+    for (table, rows) in &copied {
+        out.push_str(&format!("{rows:>10} {table}\n"));
+    }
+    let total: u64 = copied.iter().map(|(_, n)| n).sum();
+    out.push_str(&format!("{total:>10} rows in all\n"));
+    emit(out.as_bytes())
 }
 
 fn print_completions(shell: clap_complete::Shell) -> anyhow::Result<i32> {

@@ -1,35 +1,56 @@
-//! `crmgate store copy --to URL`: the whole SQLite log into an empty
-//! PostgreSQL database, ids kept, so that ticket numbers, outbox ids and
-//! threading stay what they were.
+//! `crmgate store copy --to URL`: the whole log, from the database the
+//! configuration names into an empty one (PostgreSQL, or a SQLite file),
+//! so that a helpdesk that outgrows one machine moves its history with it.
 //!
-//! The source is read in one transaction (a consistent snapshot while a
-//! daemon may still write), the target written in one: a copy that fails
-//! half-way leaves the target as empty as it was.
+//! Row ids are kept, so every reference between rows (an entry's ticket,
+//! an attachment's entry, an outbox row's entry) stays right without being
+//! rewritten; PostgreSQL's sequences are then moved past the copied ids,
+//! so the next ticket is numbered after the last one copied. The source is
+//! read in one snapshot (the daemon may keep running on it) in batches
+//! bounded in rows and bytes, never whole; the target is written in one
+//! transaction, so a copy that fails leaves it as empty as it was.
 
-use super::db::{Db, Value};
-use super::{Result, StoreError};
+use std::path::PathBuf;
 
-/// How a column is bound on the target.
-#[derive(Clone, Copy)]
+use postgres::types::{ToSql, Type};
+
+use super::{Db, Location, Result, Row, StoreError, Value};
+
+/// How a column is read from one engine and written to the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
+    /// BIGINT on PostgreSQL, INTEGER on SQLite (flags too).
     Int,
+    /// Text on both; also `entries.long_body`, which SQLite may keep as a
+    /// blob of UTF-8 written in place.
     Text,
-    Blob,
+    /// BYTEA / BLOB.
+    Bytes,
 }
-use Kind::{Blob, Int, Text};
 
-/// A table in the order foreign keys allow, its columns, and the integer
-/// key its rows are read along (in chunks: raw messages are large), if it
-/// has one.
+/// One table of the log, as the copy walks it.
 struct Table {
     name: &'static str,
+    /// The key the rows are walked along (keyset batches: each batch the
+    /// rows after the last one copied); the first columns of `columns`.
+    key: &'static [&'static str],
+    /// Every column both engines have (PostgreSQL's outbox lease columns
+    /// are left out: a copied row is held by no instance yet).
     columns: &'static [(&'static str, Kind)],
-    key: Option<&'static str>,
+    /// The bytes a row holds, roughly, for tables whose rows may be large
+    /// (a raw message of 25 MB): their batches stop at [`BATCH_BYTES`].
+    size: Option<&'static str>,
+    /// The column a PostgreSQL sequence fills.
+    serial: Option<&'static str>,
 }
 
+use Kind::{Bytes, Int, Text};
+
+/// Every table of the schema, each after those it refers to.
 const TABLES: &[Table] = &[
     Table {
         name: "tickets",
+        key: &["id"],
         columns: &[
             ("id", Int),
             ("number", Text),
@@ -40,10 +61,12 @@ const TABLES: &[Table] = &[
             ("updated_at", Int),
             ("resolved_at", Int),
         ],
-        key: Some("id"),
+        size: None,
+        serial: Some("id"),
     },
     Table {
         name: "participants",
+        key: &["id"],
         columns: &[
             ("id", Int),
             ("ticket_id", Int),
@@ -52,22 +75,26 @@ const TABLES: &[Table] = &[
             ("name", Text),
             ("added_at", Int),
         ],
-        key: Some("id"),
+        size: None,
+        serial: Some("id"),
     },
     Table {
         name: "raw_messages",
+        key: &["id"],
         columns: &[
             ("id", Int),
             ("received_at", Int),
             ("peer", Text),
             ("mail_from", Text),
             ("rcpt_to", Text),
-            ("data", Blob),
+            ("data", Bytes),
         ],
-        key: Some("id"),
+        size: Some("length(data)"),
+        serial: Some("id"),
     },
     Table {
         name: "entries",
+        key: &["id"],
         columns: &[
             ("id", Int),
             ("ticket_id", Int),
@@ -88,35 +115,41 @@ const TABLES: &[Table] = &[
             ("raw_body_at", Int),
             ("raw_body_len", Int),
         ],
-        key: Some("id"),
+        size: Some("length(body) + COALESCE(length(html), 0) + COALESCE(length(long_body), 0)"),
+        serial: Some("id"),
     },
     Table {
         name: "attachments",
+        key: &["id"],
         columns: &[
             ("id", Int),
             ("entry_id", Int),
             ("filename", Text),
             ("content_type", Text),
             ("size", Int),
-            ("data", Blob),
+            ("data", Bytes),
             ("sha256", Text),
             ("same_as", Int),
         ],
-        key: Some("id"),
+        size: Some("length(data)"),
+        serial: Some("id"),
     },
     Table {
         name: "thread_ids",
+        key: &["seq"],
         columns: &[
+            ("seq", Int),
             ("message_id", Text),
             ("ticket_id", Int),
             ("agent_inbound", Int),
             ("at", Int),
-            ("seq", Int),
         ],
-        key: Some("seq"),
+        size: None,
+        serial: Some("seq"),
     },
     Table {
         name: "outbox",
+        key: &["id"],
         columns: &[
             ("id", Int),
             ("ticket_id", Int),
@@ -131,15 +164,20 @@ const TABLES: &[Table] = &[
             ("created_at", Int),
             ("sent_at", Int),
         ],
-        key: Some("id"),
+        size: None,
+        serial: Some("id"),
     },
     Table {
         name: "outbox_messages",
-        columns: &[("outbox_id", Int), ("message", Blob), ("plan", Text)],
-        key: Some("outbox_id"),
+        key: &["outbox_id"],
+        columns: &[("outbox_id", Int), ("message", Bytes), ("plan", Text)],
+        size: Some("length(message) + COALESCE(length(plan), 0)"),
+        serial: None,
     },
     Table {
         name: "sends",
+        // SQLite's implicit key, a column of its own on PostgreSQL.
+        key: &["rowid"],
         columns: &[
             ("rowid", Int),
             ("address", Text),
@@ -148,10 +186,12 @@ const TABLES: &[Table] = &[
             ("at", Int),
             ("sender", Text),
         ],
-        key: Some("rowid"),
+        size: None,
+        serial: Some("rowid"),
     },
     Table {
         name: "quarantine",
+        key: &["id"],
         columns: &[
             ("id", Int),
             ("at", Int),
@@ -161,244 +201,578 @@ const TABLES: &[Table] = &[
             ("message_id", Text),
             ("raw_id", Int),
         ],
-        key: Some("id"),
+        size: None,
+        serial: Some("id"),
     },
     Table {
         name: "known_agents",
+        key: &["address"],
         columns: &[
             ("address", Text),
             ("name", Text),
             ("first_seen", Int),
             ("removed_at", Int),
         ],
-        key: None,
+        size: None,
+        serial: None,
     },
     Table {
         name: "reply_all_notices",
+        key: &["ticket_id", "agent", "day"],
         columns: &[("ticket_id", Int), ("agent", Text), ("day", Text)],
-        key: None,
+        size: None,
+        serial: None,
     },
 ];
 
-/// The sequences of the target's generated keys, set past the copied ids.
-const SEQUENCES: &[(&str, &str)] = &[
-    ("tickets", "id"),
-    ("participants", "id"),
-    ("raw_messages", "id"),
-    ("entries", "id"),
-    ("attachments", "id"),
-    ("thread_ids", "seq"),
-    ("outbox", "id"),
-    ("sends", "rowid"),
-    ("quarantine", "id"),
-];
+/// Rows a batch holds at most.
+const BATCH_ROWS: i64 = 1000;
+/// Bytes a batch holds at most (a single larger row is a batch of its own).
+const BATCH_BYTES: i64 = 8 * 1024 * 1024;
 
-/// Rows read at a time along a table's key.
-const CHUNK: i64 = 500;
-
-/// A value as read from SQLite, to be bound on the target.
-enum Cell {
+/// One value read from the source, owned for the length of a batch.
+#[derive(Debug, Clone, PartialEq)]
+enum Owned {
     Null,
     Int(i64),
     Text(String),
     Blob(Vec<u8>),
 }
 
-impl Cell {
+impl Owned {
     fn value(&self) -> Value<'_> {
         match self {
-            Cell::Null => Value::Null,
-            Cell::Int(i) => Value::Int(*i),
-            Cell::Text(t) => Value::Text(t),
-            Cell::Blob(b) => Value::Blob(b),
+            Owned::Null => Value::Null,
+            Owned::Int(i) => Value::Int(*i),
+            Owned::Text(t) => Value::Text(t),
+            Owned::Blob(b) => Value::Blob(b),
         }
     }
 }
 
-/// What was copied: each table and its rows, in the order copied.
-pub type Copied = Vec<(&'static str, u64)>;
-
-/// Copy the SQLite log `from` into the empty PostgreSQL database `to`.
+/// Where `--to` points: `postgres://…` (or `postgresql://…`), or
+/// `sqlite://PATH` (`sqlite:///var/lib/crmgate/copy.db`). The URL holds
+/// no password; `password` is read from `--password-file`.
 ///
 /// # Errors
-/// `Invalid` when the source is not SQLite, the target not PostgreSQL, or
-/// the target holds rows already (it names them); a database error (the
-/// target is then left as it was).
-pub fn copy(from: &Db, to: &mut Db) -> Result<Copied> {
-    let Some(source) = from.sqlite() else {
-        return Err(StoreError::Invalid(
-            "store copy reads a SQLite log; for a PostgreSQL one, use pg_dump".into(),
-        ));
-    };
-    if !to.is_postgres() {
-        return Err(StoreError::Invalid(
-            "store copy writes into a PostgreSQL database (--to postgres://…)".into(),
-        ));
+/// `Invalid`, naming what is wrong, for any other URL.
+pub fn target(url: &str, password: Option<String>) -> Result<Location> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let config: postgres::Config = url
+            .parse()
+            .map_err(|e: postgres::Error| StoreError::Invalid(format!("--to: {e}")))?;
+        if config.get_password().is_some() {
+            return Err(StoreError::Invalid(
+                "--to: the URL holds a password, which any user may read in the process \
+                 list: put it in a file and give --password-file FILE"
+                    .into(),
+            ));
+        }
+        return Ok(Location::Postgres {
+            url: url.to_string(),
+            password,
+        });
     }
+    if let Some(path) = url.strip_prefix("sqlite://").filter(|p| !p.is_empty()) {
+        return Ok(Location::Sqlite(PathBuf::from(path)));
+    }
+    Err(StoreError::Invalid(format!(
+        "--to {url}: give a postgres://user@host:5432/dbname URL, or sqlite://PATH"
+    )))
+}
+
+/// Copy the log of `source` into the empty database at `target`; the rows
+/// copied, table by table. `progress(table, done, total)` is told after
+/// each batch.
+///
+/// # Errors
+/// `Invalid` when the target holds rows already (nothing is written to it
+/// then), or any database error (the target's transaction is rolled back).
+pub fn copy(
+    source: &Db,
+    target: &Location,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<Vec<(&'static str, u64)>> {
+    match target {
+        Location::Postgres { .. } => {
+            let db = super::connect_postgres(target, false)?;
+            refuse_rows(&db, target, true)?;
+            super::postgres_migrate(&db)?;
+            let Db::Postgres(pg) = &db else {
+                unreachable!("connect_postgres gives a PostgreSQL client")
+            };
+            let mut client = pg.client();
+            let mut tx = client.transaction()?;
+            // Nobody writes to the target meanwhile (a daemon started on it
+            // too early); readers may look.
+            let names: Vec<&str> = TABLES.iter().map(|t| t.name).collect();
+            tx.batch_execute(&format!(
+                "LOCK TABLE {} IN EXCLUSIVE MODE",
+                names.join(", ")
+            ))?;
+            let counts = in_snapshot(source, |source| {
+                let mut counts = Vec::new();
+                for table in TABLES {
+                    if exists_row(&mut tx, table.name)? {
+                        return Err(not_empty(target, &[format!("rows in {}", table.name)]));
+                    }
+                    let total = count(source, table.name)?;
+                    let copied = copy_to_postgres(source, &mut tx, table, total, progress)?;
+                    counts.push((table.name, copied));
+                }
+                Ok(counts)
+            })?;
+            for table in TABLES {
+                if let Some(col) = table.serial {
+                    // The next id is the one after the last copied (1 when
+                    // none was): `false`, it is not taken yet.
+                    tx.execute(
+                        &format!(
+                            "SELECT setval(pg_get_serial_sequence('{t}', '{col}'), COALESCE(MAX({col}), 0) + 1, false) FROM {t}",
+                            t = table.name
+                        ),
+                        &[],
+                    )?;
+                }
+            }
+            tx.commit()?;
+            Ok(counts)
+        }
+        Location::Sqlite(path) => {
+            if path.exists() {
+                let existing = rusqlite::Connection::open_with_flags(
+                    path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )?;
+                refuse_rows(&Db::Sqlite(existing), target, true)?;
+            }
+            let mut db = Db::Sqlite(super::open(path)?);
+            let tx = db.transaction()?;
+            // References are checked at the commit, when every row is in.
+            tx.batch("PRAGMA defer_foreign_keys = ON")?;
+            refuse_rows(&tx, target, false)?;
+            let counts = in_snapshot(source, |source| {
+                let mut counts = Vec::new();
+                for table in TABLES {
+                    let total = count(source, table.name)?;
+                    let copied = copy_to_sqlite(source, &tx, table, total, progress)?;
+                    counts.push((table.name, copied));
+                }
+                Ok(counts)
+            })?;
+            tx.commit()?;
+            Ok(counts)
+        }
+    }
+}
+
+/// Run `f` in one read-only snapshot of the source, so that a daemon that
+/// keeps writing meanwhile gives a copy as of one instant: every entry of a
+/// ticket copied, or none of the ticket.
+fn in_snapshot<T>(source: &Db, f: impl FnOnce(&Db) -> Result<T>) -> Result<T> {
+    let begin = match source {
+        // Deferred: a reader, which never holds the daemon's writer up.
+        Db::Sqlite(_) => "BEGIN",
+        Db::Postgres(_) => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+    };
+    source.exec(begin, &[])?;
+    let result = f(source);
+    // Read only: nothing to keep.
+    let end = source.exec("ROLLBACK", &[]);
+    let value = result?;
+    end?;
+    Ok(value)
+}
+
+fn not_empty(target: &Location, held: &[String]) -> StoreError {
+    StoreError::Invalid(format!(
+        "{target} is not empty ({}): nothing copied; store copy fills only an empty database",
+        held.join(", ")
+    ))
+}
+
+/// Refuse a target that holds any row of the log, naming what it holds.
+/// `maybe_missing`: the tables may not be there yet (a database just
+/// created).
+fn refuse_rows(db: &Db, target: &Location, maybe_missing: bool) -> Result<()> {
     let mut held = Vec::new();
     for table in TABLES {
-        let n: i64 = to.query_row(&format!("SELECT COUNT(*) FROM {}", table.name), &[], |r| {
-            r.get(0)
-        })?;
+        if maybe_missing {
+            let there = match db {
+                Db::Postgres(_) => db.query_row(
+                    "SELECT CAST(CASE WHEN to_regclass(?1) IS NULL THEN 0 ELSE 1 END AS BIGINT)",
+                    super::args![table.name],
+                    |r| r.get::<i64>(0),
+                )? > 0,
+                Db::Sqlite(_) => {
+                    db.query_row(
+                        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                        super::args![table.name],
+                        |r| r.get::<i64>(0),
+                    )? > 0
+                }
+            };
+            if !there {
+                continue;
+            }
+        }
+        let n = count(db, table.name)?;
         if n > 0 {
             held.push(format!("{n} in {}", table.name));
         }
     }
-    if !held.is_empty() {
-        return Err(StoreError::Invalid(format!(
-            "the target database is not empty ({}): nothing copied",
-            held.join(", ")
-        )));
+    if held.is_empty() {
+        Ok(())
+    } else {
+        Err(not_empty(target, &held))
     }
-    // A deferred transaction: a snapshot, without the write lock.
-    source.execute_batch("BEGIN")?;
-    let copied = (|| {
-        let tx = to.transaction()?;
-        let mut copied = Vec::new();
-        for table in TABLES {
-            copied.push((table.name, copy_table(source, &tx, table)?));
-        }
-        for (table, column) in SEQUENCES {
-            tx.batch(&format!(
-                "SELECT setval(pg_get_serial_sequence('{table}', '{column}'), \
-                 COALESCE((SELECT MAX({column}) FROM {table}), 0) + 1, false)"
-            ))?;
-        }
-        tx.commit()?;
-        Ok(copied)
-    })();
-    let _ = source.execute_batch("COMMIT");
-    copied
 }
 
-fn copy_table(source: &rusqlite::Connection, to: &Db, table: &Table) -> Result<u64> {
-    let names: Vec<&str> = table.columns.iter().map(|(n, _)| *n).collect();
-    let placeholders: Vec<String> = (1..=names.len()).map(|i| format!("?{i}")).collect();
+fn exists_row(tx: &mut postgres::Transaction<'_>, table: &str) -> Result<bool> {
+    Ok(tx
+        .query_one(&format!("SELECT EXISTS (SELECT 1 FROM {table})"), &[])?
+        .get(0))
+}
+
+fn count(source: &Db, table: &str) -> Result<u64> {
+    let n: i64 = source.query_row(&format!("SELECT COUNT(*) FROM {table}"), &[], |r| r.get(0))?;
+    Ok(n.max(0) as u64)
+}
+
+fn column_list(table: &Table) -> String {
+    table
+        .columns
+        .iter()
+        .map(|(c, _)| *c)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The rows of `table` after `last` (the key of the last row copied; none
+/// at the start), in key order: at most [`BATCH_ROWS`], and for tables of
+/// large rows at most [`BATCH_BYTES`] (or one row). Empty at the end.
+fn next_batch(source: &Db, table: &Table, last: Option<&[Owned]>) -> Result<Vec<Vec<Owned>>> {
+    let key = table.key.join(", ");
+    let after = match last {
+        None => String::new(),
+        Some(_) if table.key.len() == 1 => format!("WHERE {key} > ?1"),
+        Some(_) => {
+            let marks: Vec<String> = (1..=table.key.len()).map(|i| format!("?{i}")).collect();
+            format!("WHERE ({key}) > ({})", marks.join(", "))
+        }
+    };
+    let mut params: Vec<Value<'_>> =
+        last.map_or(Vec::new(), |k| k.iter().map(Owned::value).collect());
+    let mut bound = String::new();
+    let mut upper = None;
+    if let Some(size) = table.size {
+        // Sized tables have one integer key: how many of the next rows fit.
+        let sizes = source.query_all(
+            &format!(
+                "SELECT {key}, {size} FROM {t} {after} ORDER BY {key} LIMIT {BATCH_ROWS}",
+                t = table.name
+            ),
+            &params,
+            |r| Ok((r.get::<i64>(0)?, r.get::<Option<i64>>(1)?.unwrap_or(0))),
+        )?;
+        let mut total = 0;
+        for (id, bytes) in sizes {
+            if upper.is_some() && total + bytes > BATCH_BYTES {
+                break;
+            }
+            total += bytes;
+            upper = Some(id);
+        }
+        let Some(_) = upper else {
+            return Ok(Vec::new());
+        };
+        let mark = params.len() + 1;
+        bound = if after.is_empty() {
+            format!("WHERE {key} <= ?{mark}")
+        } else {
+            format!(" AND {key} <= ?{mark}")
+        };
+    }
+    let upper_value = upper.map(Owned::Int);
+    if let Some(u) = &upper_value {
+        params.push(u.value());
+    }
+    let limit = if table.size.is_some() {
+        String::new()
+    } else {
+        format!("LIMIT {BATCH_ROWS}")
+    };
+    let sql = format!(
+        "SELECT {cols} FROM {t} {after}{bound} ORDER BY {key} {limit}",
+        cols = column_list(table),
+        t = table.name,
+    );
+    source.query_all(&sql, &params, |row| read_row(row, table))
+}
+
+/// A row's values, each as its column's kind.
+fn read_row(row: &Row<'_>, table: &Table) -> Result<Vec<Owned>> {
+    let mut out = Vec::with_capacity(table.columns.len());
+    for (i, (name, kind)) in table.columns.iter().enumerate() {
+        let bad = |what: &str| {
+            StoreError::Invalid(format!(
+                "{}.{name}: {what} in a {kind:?} column",
+                table.name
+            ))
+        };
+        let value = match row {
+            Row::Sqlite(r) => {
+                use rusqlite::types::ValueRef;
+                match (r.get_ref(i)?, kind) {
+                    (ValueRef::Null, _) => Owned::Null,
+                    (ValueRef::Integer(v), Int) => Owned::Int(v),
+                    (ValueRef::Text(t) | ValueRef::Blob(t), Text) => Owned::Text(
+                        String::from_utf8(t.to_vec())
+                            .map_err(|_| bad("bytes that are not UTF-8"))?,
+                    ),
+                    (ValueRef::Text(b) | ValueRef::Blob(b), Bytes) => Owned::Blob(b.to_vec()),
+                    (other, _) => return Err(bad(&format!("{:?}", other.data_type()))),
+                }
+            }
+            Row::Postgres(r) => {
+                let got = match kind {
+                    Int => r.try_get::<_, Option<i64>>(i).map(|v| v.map(Owned::Int)),
+                    Text => r
+                        .try_get::<_, Option<String>>(i)
+                        .map(|v| v.map(Owned::Text)),
+                    Bytes => r
+                        .try_get::<_, Option<Vec<u8>>>(i)
+                        .map(|v| v.map(Owned::Blob)),
+                };
+                got.map_err(|e| bad(&e.to_string()))?.unwrap_or(Owned::Null)
+            }
+        };
+        out.push(value);
+    }
+    Ok(out)
+}
+
+/// The key of a row (its first columns).
+fn key_of(table: &Table, row: &[Owned]) -> Vec<Owned> {
+    row[..table.key.len()].to_vec()
+}
+
+fn copy_to_postgres(
+    source: &Db,
+    tx: &mut postgres::Transaction<'_>,
+    table: &Table,
+    total: u64,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<u64> {
+    let cols = column_list(table);
+    // The columns' types, as the binary COPY needs them (CITEXT included).
+    let marks: Vec<String> = (1..=table.columns.len()).map(|i| format!("${i}")).collect();
+    let types: Vec<Type> = tx
+        .prepare(&format!(
+            "INSERT INTO {} ({cols}) VALUES ({})",
+            table.name,
+            marks.join(", ")
+        ))?
+        .params()
+        .to_vec();
+    let sink = tx.copy_in(&format!(
+        "COPY {} ({cols}) FROM STDIN (FORMAT binary)",
+        table.name
+    ))?;
+    let mut writer = postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
+    let mut done = 0;
+    let mut last: Option<Vec<Owned>> = None;
+    loop {
+        let batch = next_batch(source, table, last.as_deref())?;
+        let Some(end) = batch.last() else {
+            break;
+        };
+        last = Some(key_of(table, end));
+        for row in &batch {
+            let values: Vec<Value<'_>> = row.iter().map(Owned::value).collect();
+            let refs: Vec<&(dyn ToSql + Sync)> =
+                values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+            writer.write(&refs)?;
+        }
+        done += batch.len() as u64;
+        progress(table.name, done, total);
+    }
+    let written = writer.finish()?;
+    if written != done {
+        return Err(StoreError::Invalid(format!(
+            "{}: {done} rows read, {written} written",
+            table.name
+        )));
+    }
+    Ok(done)
+}
+
+fn copy_to_sqlite(
+    source: &Db,
+    target: &Db,
+    table: &Table,
+    total: u64,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<u64> {
+    let marks: Vec<String> = (1..=table.columns.len()).map(|i| format!("?{i}")).collect();
     let insert = format!(
         "INSERT INTO {} ({}) VALUES ({})",
         table.name,
-        names.join(", "),
-        placeholders.join(", ")
+        column_list(table),
+        marks.join(", ")
     );
-    let select = match table.key {
-        Some(key) => format!(
-            "SELECT {} FROM {} WHERE {key} > ?1 ORDER BY {key} LIMIT {CHUNK}",
-            names.join(", "),
-            table.name
-        ),
-        None => format!("SELECT {} FROM {}", names.join(", "), table.name),
-    };
-    let key_index = table.key.and_then(|k| names.iter().position(|n| *n == k));
-    let mut after = i64::MIN;
-    let mut count = 0;
+    let mut done = 0;
+    let mut last: Option<Vec<Owned>> = None;
     loop {
-        let mut stmt = source.prepare_cached(&select)?;
-        let mut rows = match table.key {
-            Some(_) => stmt.query([after])?,
-            None => stmt.query([])?,
+        let batch = next_batch(source, table, last.as_deref())?;
+        let Some(end) = batch.last() else {
+            break;
         };
-        let mut chunk = Vec::new();
-        while let Some(row) = rows.next()? {
-            let mut cells = Vec::with_capacity(names.len());
-            for (i, (name, kind)) in table.columns.iter().enumerate() {
-                cells.push(
-                    cell(row, i, *kind).map_err(|why| {
-                        StoreError::Invalid(format!("{}.{name}: {why}", table.name))
-                    })?,
-                );
-            }
-            chunk.push(cells);
+        last = Some(key_of(table, end));
+        for row in &batch {
+            let values: Vec<Value<'_>> = row.iter().map(Owned::value).collect();
+            target.exec(&insert, &values)?;
         }
-        drop(rows);
-        drop(stmt);
-        let full = i64::try_from(chunk.len()).unwrap_or(0) == CHUNK;
-        for cells in &chunk {
-            let values: Vec<Value<'_>> = cells.iter().map(Cell::value).collect();
-            to.exec(&insert, &values)?;
-            count += 1;
-        }
-        match (key_index, chunk.last()) {
-            (Some(i), Some(last)) if full => match last[i] {
-                Cell::Int(k) => after = k,
-                _ => break,
-            },
-            _ => break,
-        }
+        done += batch.len() as u64;
+        progress(table.name, done, total);
     }
-    Ok(count)
-}
-
-/// Column `i` of a SQLite row as the target binds it: a long body, kept
-/// by SQLite as a blob of UTF-8, becomes text.
-fn cell(row: &rusqlite::Row<'_>, i: usize, kind: Kind) -> std::result::Result<Cell, String> {
-    use rusqlite::types::ValueRef;
-    let value = row.get_ref(i).map_err(|e| e.to_string())?;
-    Ok(match (value, kind) {
-        (ValueRef::Null, _) => Cell::Null,
-        (ValueRef::Integer(v), Int) => Cell::Int(v),
-        (ValueRef::Text(t) | ValueRef::Blob(t), Text) => {
-            Cell::Text(String::from_utf8(t.to_vec()).map_err(|e| e.to_string())?)
-        }
-        (ValueRef::Blob(b) | ValueRef::Text(b), Blob) => Cell::Blob(b.to_vec()),
-        (other, _) => return Err(format!("unexpected {:?}", other.data_type())),
-    })
+    Ok(done)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::TestLog;
     use super::*;
-    use crate::store::testing::TestLog;
+
+    /// The columns of `table` in the engine's catalogue, but the outbox
+    /// lease (PostgreSQL's, left out of a copy) and `rowid` (SQLite's
+    /// implicit key).
+    fn catalogue(db: &Db, table: &str) -> Vec<String> {
+        let mut cols = match db {
+            Db::Sqlite(_) => db
+                .query_all(
+                    "SELECT name FROM pragma_table_info(?1)",
+                    super::super::args![table],
+                    |r| r.get::<String>(0),
+                )
+                .unwrap(),
+            Db::Postgres(_) => db
+                .query_all(
+                    "SELECT CAST(column_name AS TEXT) FROM information_schema.columns
+                     WHERE table_schema = current_schema() AND table_name = ?1",
+                    super::super::args![table],
+                    |r| r.get::<String>(0),
+                )
+                .unwrap(),
+        };
+        cols.retain(|c| !matches!(c.as_str(), "rowid" | "leased_by" | "leased_until"));
+        cols.sort();
+        cols
+    }
 
     #[test]
-    fn every_table_of_both_schemas_is_copied_column_for_column() {
+    fn the_copy_walks_every_table_and_column_of_both_schemas() {
+        for log in TestLog::all() {
+            let db = &log.conn;
+            let mut tables = match db {
+                Db::Sqlite(_) => db
+                    .query_all(
+                        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+                        &[],
+                        |r| r.get::<String>(0),
+                    )
+                    .unwrap(),
+                Db::Postgres(_) => db
+                    .query_all(
+                        "SELECT CAST(table_name AS TEXT) FROM information_schema.tables
+                         WHERE table_schema = current_schema() AND table_name <> 'schema_version'",
+                        &[],
+                        |r| r.get::<String>(0),
+                    )
+                    .unwrap(),
+            };
+            tables.sort();
+            let mut ours: Vec<String> = TABLES.iter().map(|t| t.name.to_string()).collect();
+            ours.sort();
+            assert_eq!(tables, ours, "{}", log.engine);
+            for table in TABLES {
+                let mut ours: Vec<String> = table
+                    .columns
+                    .iter()
+                    .map(|(c, _)| c.to_string())
+                    .filter(|c| c != "rowid")
+                    .collect();
+                ours.sort();
+                assert_eq!(
+                    catalogue(db, table.name),
+                    ours,
+                    "{}: {}",
+                    log.engine,
+                    table.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_empty_log_copies_as_nothing_and_a_target_with_a_row_is_refused() {
         let Some(url) = crate::store::test_cluster::database() else {
             return;
         };
         let sqlite = TestLog::sqlite();
-        let columns = |table: &str| -> Vec<String> {
-            sqlite
-                .conn
-                .query_all(
-                    &format!("SELECT name FROM pragma_table_info('{table}') ORDER BY cid"),
-                    &[],
-                    |r| r.get(0),
-                )
-                .unwrap()
-        };
-        let tables: Vec<String> = sqlite
-            .conn
-            .query_all(
-                "SELECT name FROM sqlite_master WHERE type = 'table' \
-                 AND name NOT LIKE 'sqlite_%' ORDER BY name",
-                &[],
-                |r| r.get(0),
-            )
-            .unwrap();
-        let mut listed: Vec<&str> = TABLES.iter().map(|t| t.name).collect();
-        listed.sort_unstable();
-        assert_eq!(tables, listed, "a table the copy does not know");
-        for table in TABLES {
-            let mut known: Vec<String> = table
-                .columns
-                .iter()
-                .filter(|(n, _)| *n != "rowid")
-                .map(|(n, _)| n.to_string())
-                .collect();
-            known.sort();
-            let mut there = columns(table.name);
-            there.sort();
-            assert_eq!(known, there, "{}", table.name);
-        }
-
-        let location = crate::store::Location::Postgres {
+        let location = Location::Postgres {
             url,
             password: None,
         };
-        let mut pg = crate::store::connect(&location, crate::store::Durability::Full).unwrap();
-        let copied = copy(&sqlite.conn, &mut pg).unwrap();
+        let copied = copy(&sqlite.conn, &location, &mut |_, _, _| {}).unwrap();
+        assert_eq!(copied.len(), TABLES.len());
         assert!(copied.iter().all(|(_, n)| *n == 0), "an empty log");
+        let pg = crate::store::connect(&location, crate::store::Durability::Full).unwrap();
         crate::store::tickets::record_send(&pg, "a@x", 1, true, None, 10).unwrap();
-        let refused = copy(&sqlite.conn, &mut pg).unwrap_err().to_string();
+        let refused = copy(&sqlite.conn, &location, &mut |_, _, _| {})
+            .unwrap_err()
+            .to_string();
         assert!(refused.contains("not empty (1 in sends)"), "{refused}");
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_bytes_and_the_walk_at_the_end() {
+        let log = TestLog::sqlite();
+        let db = &log.conn;
+        let big = vec![7u8; 3 * 1024 * 1024];
+        for _ in 0..5 {
+            db.exec(
+                "INSERT INTO raw_messages (received_at, rcpt_to, data) VALUES (1, 'a@x', ?1)",
+                super::super::args![big.as_slice()],
+            )
+            .unwrap();
+        }
+        let table = TABLES.iter().find(|t| t.name == "raw_messages").unwrap();
+        let mut sizes = Vec::new();
+        let mut last: Option<Vec<Owned>> = None;
+        loop {
+            let batch = next_batch(db, table, last.as_deref()).unwrap();
+            let Some(end) = batch.last() else { break };
+            last = Some(key_of(table, end));
+            sizes.push(batch.len());
+        }
+        // 8 MiB: two rows of 3 MiB a batch.
+        assert_eq!(sizes, [2, 2, 1]);
+    }
+
+    #[test]
+    fn a_target_is_a_postgres_or_sqlite_url_without_a_password() {
+        assert!(matches!(
+            target("postgres://crm@db.example.org/crm", None).unwrap(),
+            Location::Postgres { .. }
+        ));
+        assert_eq!(
+            target("sqlite:///var/lib/crmgate/copy.db", None).unwrap(),
+            Location::Sqlite(PathBuf::from("/var/lib/crmgate/copy.db"))
+        );
+        let inline = target("postgres://crm:secret@db.example.org/crm", None).unwrap_err();
+        assert!(inline.to_string().contains("--password-file"), "{inline}");
+        let other = target("mysql://db/crm", None).unwrap_err();
+        assert!(other.to_string().contains("postgres://"), "{other}");
     }
 }
