@@ -280,11 +280,22 @@ fn lease_due(conn: &Db, now: i64, limit: i64, holder: &str) -> Result<Vec<RawRow
 /// # Errors
 /// A database error.
 pub fn next_due_at(conn: &Db) -> Result<Option<i64>> {
-    conn.query_row(
-        "SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'queued'",
-        &[],
-        |r| r.get(0),
-    )
+    match conn {
+        Db::Sqlite(_) => conn.query_row(
+            "SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'queued'",
+            &[],
+            |r| r.get(0),
+        ),
+        // A row another instance holds is due for this one when its lease
+        // runs out, not before: else the worker would ask again at once.
+        Db::Postgres(_) => conn.query_row(
+            "SELECT MIN(CASE WHEN leased_by <> ?1 AND leased_until > next_attempt_at
+                             THEN leased_until ELSE next_attempt_at END)
+             FROM outbox WHERE status = 'queued'",
+            args![instance_id()],
+            |r| r.get(0),
+        ),
+    }
 }
 
 /// How many rows wait for the relay: what a stopping daemon leaves for
