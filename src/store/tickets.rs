@@ -126,11 +126,19 @@ pub fn thread_refs(conn: &Db, ticket_id: i64) -> Result<Vec<ThreadRef>> {
     Ok(refs)
 }
 
-/// The duplicate check of a message with a Message-ID; along
-/// `entries_sender_hash`, as the one without (no index of its own).
-pub(crate) const DUPLICATE_BY_MESSAGE_ID: &str = "SELECT id FROM entries \
-     WHERE message_id = ?1 AND sender = ?2 AND body_hash = ?3 ORDER BY id LIMIT 1";
-/// The duplicate check of a message without a Message-ID.
+/// The duplicate check of a message with a Message-ID: along the
+/// threading's `thread_ids_message_id`, which holds every logged
+/// Message-ID with its ticket (and finds none for a new message), then
+/// that ticket's entries (`apply` keeps the Message-ID of every entry that
+/// has one there). So no index of entries is written for it: an
+/// index by sender and body, a random place for every message, would be
+/// read only by the duplicates it finds.
+pub(crate) const DUPLICATE_BY_MESSAGE_ID: &str = "SELECT e.id FROM thread_ids t \
+     JOIN entries e ON e.ticket_id = t.ticket_id \
+     WHERE t.message_id = ?1 AND e.message_id = ?1 AND e.sender = ?2 AND e.body_hash = ?3 \
+     ORDER BY e.id LIMIT 1";
+/// The duplicate check of a message without a Message-ID, along
+/// `entries_sender_hash` (which holds those entries only).
 pub(crate) const DUPLICATE_WITHOUT_MESSAGE_ID: &str = "SELECT e.id FROM entries e \
      JOIN raw_messages m ON m.id = e.raw_id \
      WHERE e.sender = ?1 AND e.body_hash = ?2 AND e.at >= ?3 AND e.message_id IS NULL \
@@ -1310,6 +1318,8 @@ mod tests {
                     ..comment(&alice, "Hello", 1_000)
                 },
             );
+            // Its Message-ID on the ticket, as `apply` keeps it with the entry.
+            insert_thread_id(&db.conn, "<a@x>", id, false, 1_000).unwrap();
             let without_id = db.entry(
                 id,
                 EntryRow {
