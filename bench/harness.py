@@ -113,11 +113,12 @@ def start_smtp_sink(sink: str, port: int) -> subprocess.Popen:
     return proc
 
 
-def write_config(directory: Path, listen_port: int, relay: str) -> Path:
+def write_config(directory: Path, listen_port: int, relay: str, store_url: str = "") -> Path:
     """A crmgate config for a load run: one agent on every work-notes list,
     caps raised so a load run is not throttled by the anti-ping-pong limits
     (a requester replying 20+ times an hour to one ticket is the load
-    itself, not an auto-responder). Durability stays the default (FULL)."""
+    itself, not an auto-responder). Durability stays the default (FULL).
+    `store_url`: the log in that PostgreSQL database instead of SQLite."""
     state = directory / "state"
     path = directory / "crmgate.toml"
     path.write_text(f"""\
@@ -145,6 +146,9 @@ max_per_address_per_hour = 1000000
 max_per_address_per_day = 1000000
 max_resends_per_ticket_hour = 1000000
 
+[store]
+url = "{store_url}"
+
 [[agents]]
 name = "Jane Agent"
 email = "jane.agent@example.org"
@@ -154,12 +158,15 @@ default_notes_list = true
 
 
 class Daemon:
-    """`crmgate serve` on a config; stderr goes to a log file in its directory."""
+    """`crmgate serve` on a config; stderr goes to a log file in its
+    directory. `ready`: how to tell its schema is there (default: the
+    SQLite log answers)."""
 
-    def __init__(self, binary: Path, config: Path, port: int):
+    def __init__(self, binary: Path, config: Path, port: int, ready=None):
         self.binary, self.config, self.port = binary, config, port
         self.proc: subprocess.Popen | None = None
         self.log_path = config.parent / "crmgate.log"
+        self.ready = ready
 
     @property
     def db(self) -> Path:
@@ -178,9 +185,12 @@ class Daemon:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
-                query(self.db, "SELECT COUNT(*) FROM outbox")
+                if self.ready is not None:
+                    self.ready()
+                else:
+                    query(self.db, "SELECT COUNT(*) FROM outbox")
                 return
-            except sqlite3.Error:
+            except (sqlite3.Error, subprocess.CalledProcessError):
                 time.sleep(0.05)
         raise RuntimeError(f"{self.db}: no schema 20 s after the listener was bound")
 
@@ -469,6 +479,133 @@ class Postfix:
             except (OSError, IndexError):
                 pass  # exited meanwhile: now counted in the master's
         return cpu, disk
+
+
+def process_tree_totals(pid: int) -> tuple[float, float]:
+    """CPU ms and KiB written so far by a process and all its children,
+    live or reaped (the kernel adds a reaped child's CPU and I/O to its
+    parent's)."""
+    cpu = cpu_ms(pid, children=True)
+    disk = written_kib(pid)
+    for kid in Postfix.children(pid):
+        try:
+            cpu += cpu_ms(kid, children=True)
+            disk += written_kib(kid)
+        except (OSError, IndexError):
+            pass  # exited meanwhile: now counted in the parent's
+    return cpu, disk
+
+
+class PgCluster:
+    """A throw-away PostgreSQL cluster, as the tests start one (src/store/
+    test_cluster.rs): Debian's initdb and postgres, in a temporary
+    directory, on a Unix socket there and nothing on the network, as
+    `nobody` when run as root. Unlike the tests' cluster it keeps the
+    server's defaults that make a commit durable (fsync, synchronous_commit
+    on, full_page_writes), so crmgate's `250` promises the same as on SQLite.
+    One database per run (`create`)."""
+
+    USER = "crmgate"
+
+    def __init__(self, root: Path):
+        self.bin = self.bin_dir()
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.owner = (65534, 65534) if os.geteuid() == 0 else None
+        if self.owner:
+            os.chown(self.root, *self.owner)
+        self.data = self.root / "data"
+        self.log = self.root / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def bin_dir() -> Path:
+        on_path = shutil.which("initdb")
+        if on_path:  # a link into Debian's directory, or a build of its own
+            directory = Path(on_path).resolve().parent
+            if all((directory / b).exists() for b in ("postgres", "psql")):
+                return directory
+        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                          key=lambda p: int(p.parent.parent.name))
+        if not versions:
+            log("installing Debian's postgresql (the benchmark starts a cluster of its own; "
+                "the system's service is not used)…")
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            subprocess.run(["apt-get", "install", "-y", "-qq", "postgresql"], check=True, env=env,
+                           stdout=subprocess.DEVNULL)
+            versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                              key=lambda p: int(p.parent.parent.name))
+        return versions[-1].parent
+
+    def _as_owner(self) -> dict:
+        if not self.owner:
+            return {}
+        uid, gid = self.owner
+        return {"user": uid, "group": gid, "extra_groups": []}
+
+    def start(self) -> None:
+        subprocess.run([str(self.bin / "initdb"), "-A", "trust", "-U", self.USER, "-E", "UTF8",
+                        "-D", str(self.data)], check=True, cwd=self.root,
+                       env=dict(os.environ, LC_ALL="C"), stdout=subprocess.DEVNULL,
+                       **self._as_owner())
+        logfile = open(self.log, "ab")
+        if self.owner:
+            os.chown(self.log, *self.owner)
+        # Two instances of crmgate and the commands: a few dozen clients.
+        self.proc = subprocess.Popen(
+            [str(self.bin / "postgres"), "-D", str(self.data), "-k", str(self.root),
+             "-c", "listen_addresses=", "-c", "max_connections=200"],
+            stdout=logfile, stderr=logfile, cwd=self.root, **self._as_owner())
+        logfile.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited: {self.log.read_text()[-2000:]}")
+            try:
+                self.sql("postgres", "SELECT 1")
+                return
+            except subprocess.CalledProcessError:
+                time.sleep(0.1)
+        raise RuntimeError("postgres did not answer in 60 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # fast shutdown
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def version(self) -> str:
+        return self.sql("postgres", "SHOW server_version")[0][0].split()[0]
+
+    def url(self, db: str) -> str:
+        """`postgres://crmgate@%2Fpath/db`: the socket directory as the host."""
+        from urllib.parse import quote
+        return f"postgres://{self.USER}@{quote(str(self.root), safe='')}/{db}"
+
+    def sql(self, db: str, statement: str) -> list[list[str]]:
+        """One statement through psql; its rows, each a list of fields."""
+        out = subprocess.run([str(self.bin / "psql"), "-X", "-q", "-A", "-t", "-F", "\t",
+                              "-h", str(self.root), "-U", self.USER, "-d", db,
+                              "-v", "ON_ERROR_STOP=1", "-c", statement],
+                             capture_output=True, text=True, check=True)
+        return [line.split("\t") for line in out.stdout.splitlines() if line]
+
+    def create(self, db: str) -> str:
+        self.sql("postgres", f"CREATE DATABASE {db}")
+        return self.url(db)
+
+    def drop(self, db: str) -> None:
+        self.sql("postgres", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+    def totals(self) -> tuple[float, float]:
+        """CPU ms and KiB written by the server's processes so far: the
+        postmaster, its background processes and every backend."""
+        assert self.proc is not None
+        return process_tree_totals(self.proc.pid)
 
 
 def written_kib(pid: int) -> float:
