@@ -226,6 +226,8 @@ pub struct Pg {
     /// Always there but while the client is dropped ([`Pg::drop`]).
     client: RefCell<Option<postgres::Client>>,
     statements: RefCell<HashMap<String, postgres::Statement>>,
+    /// To connect again when the server closed the connection.
+    config: Box<postgres::Config>,
 }
 
 /// The sync client holds a runtime of its own, which may not be dropped
@@ -287,7 +289,38 @@ impl Pg {
         Ok(Pg {
             client: RefCell::new(Some(client)),
             statements: RefCell::new(HashMap::new()),
+            config: Box::new(config.clone()),
         })
+    }
+
+    /// `BEGIN`. A connection the server closed (a restart, a failover,
+    /// an administrator's `pg_terminate_backend`) is opened again first,
+    /// its statements prepared anew; one that fails inside a transaction
+    /// fails that transaction (its messages are answered 451 and sent
+    /// again), and the next one connects again.
+    fn begin(&self) -> Result<()> {
+        if self.client().is_closed() {
+            self.reconnect()?;
+        }
+        let begun = self.client().batch_execute("BEGIN");
+        match begun {
+            // Not the server's answer: the connection is gone, which the
+            // client may learn only now.
+            Err(e) if e.as_db_error().is_none() => {
+                self.reconnect()?;
+                Ok(self.client().batch_execute("BEGIN")?)
+            }
+            done => Ok(done?),
+        }
+    }
+
+    fn reconnect(&self) -> Result<()> {
+        tracing::warn!("the PostgreSQL connection was closed: connecting again");
+        let fresh = self.config.connect(postgres::NoTls)?;
+        let old = self.client.replace(Some(fresh));
+        let statements = std::mem::take(&mut *self.statements.borrow_mut());
+        drop((statements, old));
+        Ok(())
     }
 
     fn statement(&self, sql: &str) -> Result<postgres::Statement> {
@@ -456,9 +489,14 @@ impl Db {
     pub fn transaction(&mut self) -> Result<Tx<'_>> {
         let begin = match self {
             Db::Sqlite(_) => "BEGIN IMMEDIATE",
-            Db::Postgres(_) => "BEGIN",
+            Db::Postgres(_) => "",
         };
-        self.exec(begin, &[])?;
+        match self {
+            Db::Sqlite(_) => {
+                self.exec(begin, &[])?;
+            }
+            Db::Postgres(pg) => pg.begin()?,
+        }
         Ok(Tx {
             db: self,
             open: true,

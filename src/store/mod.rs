@@ -715,6 +715,42 @@ mod tests {
     }
 
     #[test]
+    fn a_postgres_connection_the_server_closed_is_opened_again_at_the_next_transaction() {
+        let Some(url) = test_cluster::database() else {
+            return;
+        };
+        let location = Location::Postgres {
+            url,
+            password: None,
+        };
+        let mut db = connect(&location, Durability::Full).unwrap();
+        let admin = connect(&location, Durability::Full).unwrap();
+        let pid: i64 = db
+            .query_row("SELECT CAST(pg_backend_pid() AS BIGINT)", &[], |r| r.get(0))
+            .unwrap();
+        admin
+            .query_row(
+                "SELECT CAST(pg_terminate_backend(CAST(?1 AS INTEGER)) AS TEXT)",
+                args![pid],
+                |_| Ok(()),
+            )
+            .unwrap();
+        // The client learns of it at its next statement: that one fails.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while db.query_row("SELECT 1", &[], |_| Ok(())).is_ok() {
+            assert!(std::time::Instant::now() < deadline, "never closed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let tx = db.transaction().unwrap();
+        tickets::record_send(&tx, "a@x", 1, true, None, 10).unwrap();
+        tx.commit().unwrap();
+        let n: i64 = db
+            .query_row("SELECT COUNT(*) FROM sends", &[], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+
+    #[test]
     fn postgres_migrates_once_and_refuses_a_newer_schema() {
         let Some(url) = test_cluster::database() else {
             return;
