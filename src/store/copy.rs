@@ -469,7 +469,7 @@ fn next_batch(source: &Db, table: &Table, last: Option<&[Owned]>) -> Result<Vec<
         // Sized tables have one integer key: how many of the next rows fit.
         let sizes = source.query_all(
             &format!(
-                "SELECT {key}, {size} FROM {t} {after} ORDER BY {key} LIMIT {BATCH_ROWS}",
+                "SELECT {key}, CAST({size} AS BIGINT) FROM {t} {after} ORDER BY {key} LIMIT {BATCH_ROWS}",
                 t = table.name
             ),
             &params,
@@ -733,6 +733,103 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(refused.contains("not empty (1 in sends)"), "{refused}");
+    }
+
+    /// Every row of `table`, walked as the copy walks it.
+    fn dump(db: &Db, table: &Table) -> Vec<Vec<Owned>> {
+        let mut rows = Vec::new();
+        let mut last: Option<Vec<Owned>> = None;
+        loop {
+            let batch = next_batch(db, table, last.as_deref()).unwrap();
+            let Some(end) = batch.last() else { break };
+            last = Some(key_of(table, end));
+            rows.extend(batch);
+        }
+        rows
+    }
+
+    #[test]
+    fn a_postgres_log_copied_into_sqlite_and_back_keeps_every_value() {
+        let Some(url) = crate::store::test_cluster::database() else {
+            return;
+        };
+        let source = crate::store::connect(
+            &Location::Postgres {
+                url,
+                password: None,
+            },
+            crate::store::Durability::Full,
+        )
+        .unwrap();
+        let not_utf8: &[u8] = &[0xff, 0x00, 0xfe, b'\r', b'\n'];
+        let long = "é".repeat(70_000);
+        source
+            .batch(
+                "INSERT INTO tickets (id, number, subject, state, created_at, updated_at)
+                 VALUES (7, 'TKT0000007', 'Écran', 'open', 1, 2);
+                 INSERT INTO known_agents (address, name, first_seen) VALUES ('a@x', NULL, 3);",
+            )
+            .unwrap();
+        source
+            .exec(
+                "INSERT INTO raw_messages (id, received_at, rcpt_to, data) VALUES (3, 4, '[]', ?1)",
+                super::super::args![not_utf8],
+            )
+            .unwrap();
+        source
+            .exec(
+                "INSERT INTO entries (id, ticket_id, kind, from_addr, at, subject, body, raw_id, long_body)
+                 VALUES (9, 7, 'comment', 'b@x', 5, 'Écran', '', 3, ?1)",
+                super::super::args![long.as_str()],
+            )
+            .unwrap();
+        // More notices than a batch: the walk along a key of three columns.
+        for i in 0..(BATCH_ROWS + 500) {
+            source
+                .exec(
+                    "INSERT INTO reply_all_notices (ticket_id, agent, day) VALUES (7, ?1, ?2)",
+                    super::super::args![
+                        format!("agent{}@x", i % 7).as_str(),
+                        format!("2026-{i:05}").as_str()
+                    ],
+                )
+                .unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = Location::Sqlite(dir.path().join("copy.db"));
+        let copied = copy(&source, &file, &mut |_, _, _| {}).unwrap();
+        let notices = copied
+            .iter()
+            .find(|(t, _)| *t == "reply_all_notices")
+            .unwrap();
+        assert_eq!(notices.1, (BATCH_ROWS + 500) as u64);
+        let sqlite = crate::store::connect(&file, crate::store::Durability::Full).unwrap();
+        let back = Location::Postgres {
+            url: crate::store::test_cluster::database().unwrap(),
+            password: None,
+        };
+        copy(&sqlite, &back, &mut |_, _, _| {}).unwrap();
+        let again = crate::store::connect(&back, crate::store::Durability::Full).unwrap();
+        for table in TABLES {
+            let original = dump(&source, table);
+            assert_eq!(dump(&sqlite, table), original, "{} on SQLite", table.name);
+            assert_eq!(
+                dump(&again, table),
+                original,
+                "{} back on PostgreSQL",
+                table.name
+            );
+        }
+        // The next ticket after the copied one, on PostgreSQL.
+        let next: i64 = again
+            .query_row(
+                "INSERT INTO tickets (number, subject, state, created_at, updated_at)
+                 VALUES ('x', 's', 'new', 1, 1) RETURNING id",
+                &[],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(next, 8);
     }
 
     #[test]
