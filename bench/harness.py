@@ -557,16 +557,20 @@ class PgCluster:
              "-c", "listen_addresses=", "-c", "max_connections=200"],
             stdout=logfile, stderr=logfile, cwd=self.root, **self._as_owner())
         logfile.close()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"postgres exited: {self.log.read_text()[-2000:]}")
-            try:
-                self.sql("postgres", "SELECT 1")
-                return
-            except subprocess.CalledProcessError:
-                time.sleep(0.1)
-        raise RuntimeError("postgres did not answer in 60 s")
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"postgres exited: {self.log.read_text()[-2000:]}")
+                try:
+                    self.sql("postgres", "SELECT 1")
+                    return
+                except subprocess.CalledProcessError:
+                    time.sleep(0.1)
+            raise RuntimeError("postgres did not answer in 60 s")
+        except BaseException:
+            self.stop()  # not left running when the caller never gets it
+            raise
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
