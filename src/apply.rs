@@ -134,7 +134,7 @@ pub fn apply(
         }
         if let Some(mid) = &entry.message_id {
             let agents_only = threads_agents_only(rt, entry, sender);
-            tickets::insert_thread_id(conn, mid, view.id, agents_only, now)?;
+            tickets::insert_thread_id(conn, mid, view.id, agents_only, false, now)?;
         }
         entry_ids.push(id);
         entry_texts.push(text);
@@ -274,7 +274,12 @@ fn apply_bounce(
 ) -> Result<usize, ApplyError> {
     let id = match (bounce.outbox_id, &bounce.original_message_id) {
         (Some(id), _) => Some(id),
-        (None, Some(mid)) => outbox::first_with_message_id(conn, mid)?,
+        (None, Some(mid)) => {
+            match crate::thread::own_message_id_number(mid, &rt.config.ticket.prefix) {
+                Some(number) => outbox::first_with_message_id(conn, mid, &number)?,
+                None => None,
+            }
+        }
         (None, None) => None,
     };
     let row = match id {
@@ -482,12 +487,7 @@ pub fn queue(
     }
     let references = decide::references(thread, send.agents_only);
     let scrub = (!send.agents_only).then(|| rt.scrub.clone());
-    let message_id = format!(
-        "{}.{:016x}@{}",
-        view.number,
-        rand::random::<u64>(),
-        config.gateway.hostname
-    );
+    let message_id = crate::thread::own_message_id(&view.number, &config.gateway.hostname);
     let copy = CopyPlan {
         number: view.number.clone(),
         language: config.gateway.language,
@@ -524,7 +524,7 @@ pub fn queue(
         &copy.to_json()?,
         now,
     )?;
-    tickets::insert_thread_id(conn, &message_id, view.id, false, now)?;
+    tickets::insert_thread_id(conn, &message_id, view.id, false, true, now)?;
     Ok(Some(id))
 }
 

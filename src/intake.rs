@@ -737,7 +737,8 @@ fn find_ticket(
             .and_then(|r| r.original_message_id.clone());
         if found.is_none() {
             for id in c.message_ids.iter().chain(returned.as_ref()) {
-                if let Some(t) = tickets::find_by_message_id(conn, id)? {
+                let ours = crate::thread::own_message_id_number(id, &config.ticket.prefix);
+                if let Some(t) = tickets::find_by_message_id(conn, id, ours.as_deref())? {
                     found = Some(t);
                     break;
                 }

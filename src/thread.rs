@@ -238,6 +238,32 @@ pub fn reply_address(internal: &str, ticket_number: &str, key: Option<&[u8]>) ->
     Some(format!("{local}+{number}.{mac}@{domain}"))
 }
 
+/// The Message-ID of one of crmgate's outgoing copies on ticket `number`:
+/// `NUMBER.RANDOM@hostname`. The number in it lets threading find the
+/// ticket through its number (see [`own_message_id_number`]), so these IDs,
+/// random keys, are kept out of the index of Message-IDs.
+pub fn own_message_id(number: &str, hostname: &str) -> String {
+    format!("{number}.{:016x}@{hostname}", rand::random::<u64>())
+}
+
+/// The ticket number in a Message-ID shaped as one of ours
+/// ([`own_message_id`]: the prefix, digits, a dot and 16 hex digits before
+/// the `@`), upper-cased as numbers are stored. Only a hint of where to
+/// look: the store confirms the ID among that ticket's own, so an ID made
+/// up to look like ours threads nowhere. The domain is not compared: copies
+/// sent before `gateway.hostname` changed are ours too.
+pub fn own_message_id_number(message_id: &str, prefix: &str) -> Option<String> {
+    let (local, _domain) = message_id.rsplit_once('@')?;
+    let (number, random) = local.split_once('.')?;
+    let digits = number.get(prefix.len()..)?;
+    let ours = number.get(..prefix.len())?.eq_ignore_ascii_case(prefix)
+        && !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && random.len() == 16
+        && random.bytes().all(|b| b.is_ascii_hexdigit());
+    ours.then(|| number.to_ascii_uppercase())
+}
+
 /// crmgate's envelope sender for one outbox row: `public+bounce-ID-MAC@domain`
 /// (VERP), so a delivery report names the row it is about.
 pub fn bounce_address(public: &str, outbox_id: i64, key: Option<&[u8]>) -> String {
@@ -450,5 +476,38 @@ mod tests {
         let c = with("support-notes+TKT0000042@example.org", Some(key));
         assert_eq!(c.tag_numbers, ["TKT0000042"]);
         assert!(c.signed_numbers.is_empty());
+    }
+
+    #[test]
+    fn our_message_ids_name_their_ticket_and_others_do_not() {
+        let id = own_message_id("TKT0000042", "crm.example.com");
+        assert!(id.ends_with("@crm.example.com"), "{id}");
+        assert_eq!(
+            own_message_id_number(&id, "TKT").as_deref(),
+            Some("TKT0000042")
+        );
+        assert_ne!(
+            id,
+            own_message_id("TKT0000042", "crm.example.com"),
+            "random"
+        );
+        // Any case, any host (the hostname may have changed since).
+        assert_eq!(
+            own_message_id_number("tkt0000042.00000000deadbeef@old.example", "TKT").as_deref(),
+            Some("TKT0000042")
+        );
+        for other in [
+            "quick.00000000deadbeef@crm.example.com",
+            "TKT0000042.deadbeef@crm.example.com",
+            "TKT0000042.00000000deadbeeg@crm.example.com",
+            "TKT.00000000deadbeef@crm.example.com",
+            "TKT00x0042.00000000deadbeef@crm.example.com",
+            "ABC0000042.00000000deadbeef@crm.example.com",
+            "TKT0000042.00000000deadbeef",
+            "CAF1234@mail.example.com",
+            "",
+        ] {
+            assert_eq!(own_message_id_number(other, "TKT"), None, "{other}");
+        }
     }
 }

@@ -142,6 +142,7 @@ const TABLES: &[Table] = &[
             ("message_id", Text),
             ("ticket_id", Int),
             ("agent_inbound", Int),
+            ("ours", Int),
             ("at", Int),
         ],
         size: None,

@@ -165,6 +165,21 @@ fn migrations() -> Migrations<'static> {
              CREATE INDEX entries_sender_hash ON entries (sender, body_hash, at)
                  WHERE message_id IS NULL;",
         ),
+        // crmgate's own Message-IDs name their ticket
+        // (`thread::own_message_id`): they are found through the ticket's
+        // number, unique and sequential, and that ticket's rows, so they
+        // leave the index of Message-IDs, where each of these random keys
+        // wrote a page of its own for every copy; an outgoing row's
+        // Message-ID likewise, through `outbox_ticket`, which grows at its
+        // end. Rows from before keep `ours` = 0 and stay in the index.
+        // (PostgreSQL: 004.)
+        M::up(
+            "ALTER TABLE thread_ids ADD COLUMN ours INTEGER NOT NULL DEFAULT 0;
+             DROP INDEX thread_ids_message_id;
+             CREATE INDEX thread_ids_message_id ON thread_ids (message_id) WHERE ours = 0;
+             DROP INDEX outbox_message_id;
+             CREATE INDEX outbox_ticket ON outbox (ticket_id, id);",
+        ),
     ])
 }
 
@@ -260,6 +275,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("postgres/001_schema.sql"),
     include_str!("postgres/002_entry_text_in_raw.sql"),
     include_str!("postgres/003_entries_sender_hash_partial.sql"),
+    include_str!("postgres/004_own_message_ids_by_ticket.sql"),
 ];
 
 /// Bring a PostgreSQL schema up to date, in one transaction under an

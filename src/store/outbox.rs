@@ -313,14 +313,19 @@ pub fn queued_count(conn: &Db) -> Result<i64> {
 
 /// The first row sent with this Message-ID: a delivery report that names
 /// no outbox row (no signed bounce address) still returns the Message-ID
-/// of the message it is about.
+/// of the message it is about. `number`: the ticket the ID names
+/// (`thread::own_message_id_number`), whose rows are searched along
+/// `outbox_ticket`; there is no index of outgoing Message-IDs.
 ///
 /// # Errors
 /// A database error.
-pub fn first_with_message_id(conn: &Db, message_id: &str) -> Result<Option<i64>> {
+pub fn first_with_message_id(conn: &Db, message_id: &str, number: &str) -> Result<Option<i64>> {
+    let Some(ticket) = super::tickets::find_by_number(conn, number)? else {
+        return Ok(None);
+    };
     conn.query_opt(
-        "SELECT id FROM outbox WHERE message_id = ?1 ORDER BY id LIMIT 1",
-        args![message_id],
+        "SELECT id FROM outbox WHERE ticket_id = ?1 AND message_id = ?2 ORDER BY id LIMIT 1",
+        args![ticket, message_id],
         |r| r.get(0),
     )
 }
@@ -1120,16 +1125,70 @@ mod tests {
     }
 
     #[test]
-    fn a_message_id_finds_the_first_row_that_sent_it() {
+    fn a_message_id_finds_the_first_row_that_sent_it_on_the_ticket_it_names() {
+        use crate::decide::NewTicket;
+        use crate::store::tickets;
         for db in Log::all() {
-            // Every row of `Db::queue` carries the Message-ID <m@x>.
-            let first = db.queue(&["a@x"], 100);
-            db.queue(&["b@x"], 100);
-            assert_eq!(
-                first_with_message_id(&db.conn, "<m@x>").unwrap(),
-                Some(first)
+            let mine = |number: &str, message_id: &str| {
+                let ticket = tickets::find_by_number(&db.conn, number).unwrap().unwrap();
+                tickets::insert_outbox(
+                    &db.conn,
+                    Some(ticket),
+                    None,
+                    crate::helpdesk::OutboxKind::Send(crate::helpdesk::SendKind::PublicCopy),
+                    &["a@x".to_string()],
+                    message_id,
+                    b"a\r\n",
+                    100,
+                )
+                .unwrap()
+            };
+            let ticket = |subject: &str| {
+                let new = NewTicket {
+                    subject: subject.into(),
+                    requesters: Vec::new(),
+                    watch_list: Vec::new(),
+                    work_notes_list: Vec::new(),
+                    owner: None,
+                };
+                tickets::create(
+                    &db.conn,
+                    &new,
+                    crate::helpdesk::TicketState::New,
+                    "TKT",
+                    7,
+                    100,
+                )
+                .unwrap()
+                .0
+            };
+            let (one, two) = (ticket("One"), ticket("Two"));
+            assert_ne!(one, two);
+            let id = crate::thread::own_message_id("TKT0000001", "crm.example.com");
+            let sent = mine("TKT0000001", &id);
+            mine("TKT0000001", &id);
+            mine(
+                "TKT0000002",
+                &crate::thread::own_message_id("TKT0000002", "h"),
             );
-            assert_eq!(first_with_message_id(&db.conn, "<other@x>").unwrap(), None);
+            assert_eq!(
+                first_with_message_id(&db.conn, &id, "TKT0000001").unwrap(),
+                Some(sent)
+            );
+            // Looked for on its own ticket only; an unknown one, nowhere.
+            assert_eq!(
+                first_with_message_id(&db.conn, &id, "TKT0000002").unwrap(),
+                None
+            );
+            assert_eq!(
+                first_with_message_id(&db.conn, &id, "TKT0000099").unwrap(),
+                None
+            );
+            let other = crate::thread::own_message_id("TKT0000001", "crm.example.com");
+            assert_eq!(
+                first_with_message_id(&db.conn, &other, "TKT0000001").unwrap(),
+                None
+            );
         }
     }
 

@@ -28,10 +28,34 @@ pub fn find_by_number(conn: &Db, number: &str) -> Result<Option<i64>> {
     )
 }
 
-/// The ticket a Message-ID (inbound or outbound) belongs to.
-pub fn find_by_message_id(conn: &Db, message_id: &str) -> Result<Option<i64>> {
+/// The ticket a Message-ID (inbound or outbound) belongs to. `number`:
+/// the ticket an ID shaped as one of ours names
+/// (`thread::own_message_id_number`); ours are not in the index of
+/// Message-IDs, so such an ID is looked for among that ticket's own, along
+/// `thread_ids_ticket`, and found only there. Any other, or one of that
+/// shape the ticket does not have (an inbound message may carry it), is
+/// looked up in the index.
+pub fn find_by_message_id(
+    conn: &Db,
+    message_id: &str,
+    number: Option<&str>,
+) -> Result<Option<i64>> {
+    if let Some(ticket) = number
+        .map(|n| find_by_number(conn, n))
+        .transpose()?
+        .flatten()
+    {
+        let known = conn.query_opt(
+            "SELECT ticket_id FROM thread_ids WHERE ticket_id = ?1 AND message_id = ?2 LIMIT 1",
+            args![ticket, message_id],
+            |r| r.get::<i64>(0),
+        )?;
+        if known.is_some() {
+            return Ok(Some(ticket));
+        }
+    }
     conn.query_opt(
-        "SELECT ticket_id FROM thread_ids WHERE message_id = ?1 ORDER BY seq LIMIT 1",
+        "SELECT ticket_id FROM thread_ids WHERE message_id = ?1 AND ours = 0 ORDER BY seq LIMIT 1",
         args![message_id],
         |r| r.get(0),
     )
@@ -135,7 +159,7 @@ pub fn thread_refs(conn: &Db, ticket_id: i64) -> Result<Vec<ThreadRef>> {
 /// read only by the duplicates it finds.
 pub(crate) const DUPLICATE_BY_MESSAGE_ID: &str = "SELECT e.id FROM thread_ids t \
      JOIN entries e ON e.ticket_id = t.ticket_id \
-     WHERE t.message_id = ?1 AND e.message_id = ?1 AND e.sender = ?2 AND e.body_hash = ?3 \
+     WHERE t.message_id = ?1 AND t.ours = 0 AND e.message_id = ?1 AND e.sender = ?2 AND e.body_hash = ?3 \
      ORDER BY e.id LIMIT 1";
 /// The duplicate check of a message without a Message-ID, along
 /// `entries_sender_hash` (which holds those entries only).
@@ -594,17 +618,21 @@ pub fn insert_attachment(conn: &Db, entry_id: i64, a: &Attachment) -> Result<boo
     Ok(true)
 }
 
-/// Remember a Message-ID on a ticket, for threading both ways.
+/// Remember a Message-ID on a ticket, for threading both ways. `ours`:
+/// the Message-ID of one of our outgoing copies (`thread::own_message_id`),
+/// found through the ticket number in it rather than the index of
+/// Message-IDs, which it would write at a random place.
 pub fn insert_thread_id(
     conn: &Db,
     message_id: &str,
     ticket_id: i64,
     agent_inbound: bool,
+    ours: bool,
     now: i64,
 ) -> Result<()> {
     conn.exec(
-        "INSERT INTO thread_ids (message_id, ticket_id, agent_inbound, at) VALUES (?1, ?2, ?3, ?4)",
-        args![message_id, ticket_id, agent_inbound, now],
+        "INSERT INTO thread_ids (message_id, ticket_id, agent_inbound, ours, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        args![message_id, ticket_id, agent_inbound, ours, now],
     )?;
     Ok(())
 }
@@ -1271,19 +1299,74 @@ mod tests {
             let other = db.ticket("Other");
             // An agent's own Message-ID first: the first one kept is the
             // first that is not an agent's.
-            insert_thread_id(&db.conn, "<agent-0@x>", id, true, 100).unwrap();
-            insert_thread_id(&db.conn, "<first@x>", id, false, 100).unwrap();
+            insert_thread_id(&db.conn, "<agent-0@x>", id, true, false, 100).unwrap();
+            insert_thread_id(&db.conn, "<first@x>", id, false, false, 100).unwrap();
+            // One of our copies' Message-IDs (ticket 1 is TKT0000001).
+            let ours = crate::thread::own_message_id("TKT0000001", "crm.example.com");
+            insert_thread_id(&db.conn, &ours, id, false, true, 150).unwrap();
             for i in 0..40 {
-                insert_thread_id(&db.conn, &format!("<m{i}@x>"), id, i % 2 == 0, 100 + i).unwrap();
+                insert_thread_id(
+                    &db.conn,
+                    &format!("<m{i}@x>"),
+                    id,
+                    i % 2 == 0,
+                    false,
+                    100 + i,
+                )
+                .unwrap();
             }
-            insert_thread_id(&db.conn, "<elsewhere@x>", other, false, 200).unwrap();
+            insert_thread_id(&db.conn, "<elsewhere@x>", other, false, false, 200).unwrap();
 
-            assert_eq!(find_by_message_id(&db.conn, "<first@x>").unwrap(), Some(id));
             assert_eq!(
-                find_by_message_id(&db.conn, "<elsewhere@x>").unwrap(),
+                find_by_message_id(&db.conn, "<first@x>", None).unwrap(),
+                Some(id)
+            );
+            assert_eq!(
+                find_by_message_id(&db.conn, "<elsewhere@x>", None).unwrap(),
                 Some(other)
             );
-            assert_eq!(find_by_message_id(&db.conn, "<unknown@x>").unwrap(), None);
+            assert_eq!(
+                find_by_message_id(&db.conn, "<unknown@x>", None).unwrap(),
+                None
+            );
+
+            // Our own copies' Message-IDs: found through the ticket they
+            // name, and only when that ticket has them.
+            let number = |id: &str| crate::thread::own_message_id_number(id, "TKT");
+            assert_eq!(
+                find_by_message_id(&db.conn, &ours, number(&ours).as_deref()).unwrap(),
+                Some(id)
+            );
+            let made_up = crate::thread::own_message_id("TKT0000001", "crm.example.com");
+            assert_eq!(
+                find_by_message_id(&db.conn, &made_up, number(&made_up).as_deref()).unwrap(),
+                None,
+                "an unknown ID of our shape threads nowhere"
+            );
+            let moved = ours.replacen("TKT0000001", "TKT0000002", 1);
+            assert_eq!(
+                find_by_message_id(&db.conn, &moved, number(&moved).as_deref()).unwrap(),
+                None,
+                "nor on the ticket its number names when that ticket lacks it"
+            );
+            let unknown_ticket = ours.replacen("TKT0000001", "TKT0000099", 1);
+            assert_eq!(
+                find_by_message_id(
+                    &db.conn,
+                    &unknown_ticket,
+                    number(&unknown_ticket).as_deref()
+                )
+                .unwrap(),
+                None
+            );
+            // An inbound message of that shape (another crmgate's copy, or
+            // ours come back) is in the index like any other.
+            let foreign = crate::thread::own_message_id("TKT0000001", "other.example");
+            insert_thread_id(&db.conn, &foreign, other, false, false, 210).unwrap();
+            assert_eq!(
+                find_by_message_id(&db.conn, &foreign, number(&foreign).as_deref()).unwrap(),
+                Some(other)
+            );
 
             let refs = thread_refs(&db.conn, id).unwrap();
             assert_eq!(refs.len(), THREAD_TAIL as usize + 1);
@@ -1319,7 +1402,7 @@ mod tests {
                 },
             );
             // Its Message-ID on the ticket, as `apply` keeps it with the entry.
-            insert_thread_id(&db.conn, "<a@x>", id, false, 1_000).unwrap();
+            insert_thread_id(&db.conn, "<a@x>", id, false, false, 1_000).unwrap();
             let without_id = db.entry(
                 id,
                 EntryRow {
