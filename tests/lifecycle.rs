@@ -355,19 +355,7 @@ async fn a_postfix_dsn_marks_the_row_failed_and_tells_the_agents() {
     let bounce_to = receipt.mail_from.clone();
     let original_id = header(&receipt.text(), "Message-ID").unwrap().to_string();
     let before = Mark::after(&sent);
-    let dsn = format!(
-        "From: MAILER-DAEMON@mx.u.example (Mail Delivery System)\nTo: {bounce_to}\nSubject: Undelivered Mail Returned to Sender\n\
-         Auto-Submitted: auto-replied\nMIME-Version: 1.0\n\
-         Content-Type: multipart/report; report-type=delivery-status; boundary=\"B1\"\n\n\
-         --B1\nContent-Description: Notification\nContent-Type: text/plain; charset=us-ascii\n\n\
-         This is the mail system at host mx.u.example.\n\nI'm sorry to have to inform you that your message could not\nbe delivered.\n\n\
-         --B1\nContent-Description: Delivery report\nContent-Type: message/delivery-status\n\n\
-         Reporting-MTA: dns; mx.u.example\nArrival-Date: Fri, 27 Nov 2026 10:00:00 +0000\n\n\
-         Final-Recipient: rfc822; alice@u.example\nOriginal-Recipient: rfc822;alice@u.example\nAction: failed\nStatus: 5.1.1\n\
-         Diagnostic-Code: smtp; 550 5.1.1 <alice@u.example>: Recipient address rejected: User unknown\n\n\
-         --B1\nContent-Description: Undelivered Message Headers\nContent-Type: text/rfc822-headers\n\n\
-         From: Soutien TI <support@example.org>\nTo: alice@u.example\nMessage-ID: {original_id}\nSubject: receipt\n\n--B1--\n"
-    );
+    let dsn = postfix_dsn(&bounce_to, &original_id);
     let mut c = Client::connect(g.addr).await;
     c.expect("220").await;
     c.cmd("EHLO mx.u.example", "250").await;
@@ -406,6 +394,110 @@ async fn a_postfix_dsn_marks_the_row_failed_and_tells_the_agents() {
         kinds.iter().filter(|k| *k == "system").count() >= 2,
         "{kinds:?}"
     );
+    g.stop().await;
+}
+
+/// The report Postfix returns for a copy to alice@u.example that bounced:
+/// to `to`, about the message `original_id` (with its angle brackets).
+fn postfix_dsn(to: &str, original_id: &str) -> String {
+    format!(
+        "From: MAILER-DAEMON@mx.u.example (Mail Delivery System)\nTo: {to}\nSubject: Undelivered Mail Returned to Sender\n\
+         Auto-Submitted: auto-replied\nMIME-Version: 1.0\n\
+         Content-Type: multipart/report; report-type=delivery-status; boundary=\"B1\"\n\n\
+         --B1\nContent-Description: Notification\nContent-Type: text/plain; charset=us-ascii\n\n\
+         This is the mail system at host mx.u.example.\n\nI'm sorry to have to inform you that your message could not\nbe delivered.\n\n\
+         --B1\nContent-Description: Delivery report\nContent-Type: message/delivery-status\n\n\
+         Reporting-MTA: dns; mx.u.example\nArrival-Date: Fri, 27 Nov 2026 10:00:00 +0000\n\n\
+         Final-Recipient: rfc822; alice@u.example\nOriginal-Recipient: rfc822;alice@u.example\nAction: failed\nStatus: 5.1.1\n\
+         Diagnostic-Code: smtp; 550 5.1.1 <alice@u.example>: Recipient address rejected: User unknown\n\n\
+         --B1\nContent-Description: Undelivered Message Headers\nContent-Type: text/rfc822-headers\n\n\
+         From: Soutien TI <support@example.org>\nTo: alice@u.example\nMessage-ID: {original_id}\nSubject: receipt\n\n--B1--\n"
+    )
+}
+
+/// A report sent to the public address rather than to the copy's signed
+/// bounce address is matched by the Message-ID it returns, through the
+/// ticket number in that Message-ID.
+async fn a_dsn_without_bounce_address_finds_the_row_by_its_message_id() {
+    let mut g = Gateway::start("").await;
+    g.open_ticket().await;
+    let sent = g.settle().await;
+    let receipt = to(&sent, "alice@u.example").remove(0);
+    let original_id = header(&receipt.text(), "Message-ID").unwrap().to_string();
+    let dsn = postfix_dsn(PUBLIC, &original_id);
+    let mut c = Client::connect(g.addr).await;
+    c.expect("220").await;
+    c.cmd("EHLO mx.u.example", "250").await;
+    c.transaction("", &[PUBLIC], dsn.replace('\n', "\r\n").as_bytes(), "250")
+        .await;
+    let rows = g.json(&["outbox", "list", "--json"]);
+    let rows = rows.as_array().unwrap();
+    let receipt_row = rows.iter().find(|r| r["kind"] == "receipt").unwrap();
+    assert_eq!(receipt_row["status"], "failed", "{rows:?}");
+    assert!(
+        receipt_row["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("User unknown"),
+        "{receipt_row}"
+    );
+    assert_eq!(
+        g.json(&["ticket", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    g.stop().await;
+}
+
+/// A reply whose only link to its ticket is the Message-ID of the copy it
+/// answers (no number in the Subject, no tag) threads to that ticket; a
+/// Message-ID shaped as ours that no copy had threads nowhere.
+async fn a_reply_naming_only_our_copy_threads_and_a_lookalike_does_not() {
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    let sent = g.settle().await;
+    let receipt = to(&sent, "alice@u.example").remove(0);
+    let ours = header(&receipt.text(), "Message-ID").unwrap().to_string();
+    assert!(ours.starts_with(&format!("<{number}.")), "{ours}");
+    let entries = |g: &Gateway| g.show(&number)["entries"].as_array().unwrap().len();
+    let before = entries(&g);
+    let reply = format!(
+        "From: Alice Martin <alice@u.example>\nTo: support@example.org\nSubject: Re: merci\n\
+         Message-ID: <only-ours@u.example>\nIn-Reply-To: {ours}\n\nUne question encore.\n"
+    );
+    assert!(g
+        .send("alice@u.example", &[PUBLIC], &reply)
+        .await
+        .starts_with("250"));
+    g.settle().await;
+    assert_eq!(entries(&g), before + 1);
+    let t = g.show(&number);
+    assert_eq!(last_entry(&t)["message_id"], "only-ours@u.example", "{t}");
+
+    let (local, host) = ours.trim_matches(['<', '>']).split_once('@').unwrap();
+    let lookalike = format!(
+        "<{}.0123456789abcdef@{host}>",
+        local.split_once('.').unwrap().0
+    );
+    assert_ne!(lookalike, ours);
+    let stray = format!(
+        "From: Alice Martin <alice@u.example>\nTo: support@example.org\nSubject: Re: autre chose\n\
+         Message-ID: <lookalike@u.example>\nIn-Reply-To: {lookalike}\n\nAutre chose.\n"
+    );
+    assert!(g
+        .send("alice@u.example", &[PUBLIC], &stray)
+        .await
+        .starts_with("250"));
+    g.settle().await;
+    assert_eq!(
+        entries(&g),
+        before + 1,
+        "not on the ticket its number names"
+    );
+    let list = g.json(&["ticket", "list", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
     g.stop().await;
 }
 
@@ -842,6 +934,8 @@ both_engines!(
     a_requesters_reply_past_the_reopen_window_opens_a_new_ticket_naming_the_old_one,
     the_email_function_sends_attachments_and_a_partner_reply_reaches_only_agents,
     a_postfix_dsn_marks_the_row_failed_and_tells_the_agents,
+    a_dsn_without_bounce_address_finds_the_row_by_its_message_id,
+    a_reply_naming_only_our_copy_threads_and_a_lookalike_does_not,
     an_auto_responder_without_auto_headers_is_cut_off_by_the_cap,
     an_agent_who_replies_to_all_gets_the_notice_once_a_day,
     a_message_through_deliver_lands_like_one_over_smtp,
