@@ -818,6 +818,19 @@ mod tests {
                 && by_id.contains("SEARCH e USING INDEX entries_ticket"),
             "{sql}: {by_id}"
         );
+        // Our own Message-IDs through their ticket, the others along the
+        // partial index, a delivery report's row through its ticket.
+        for (sql, index) in [
+            (tickets::OWN_MESSAGE_ID, "thread_ids_ticket"),
+            (tickets::BY_MESSAGE_ID, "thread_ids_message_id"),
+            (outbox::FIRST_WITH_MESSAGE_ID, "outbox_ticket"),
+        ] {
+            let steps = plan(&conn, sql);
+            assert!(
+                steps.contains(&format!("USING INDEX {index}")),
+                "{sql}: {steps}"
+            );
+        }
         let indexes: Vec<String> = conn
             .prepare("SELECT name FROM sqlite_master WHERE type = 'index'")
             .unwrap()
@@ -829,6 +842,7 @@ mod tests {
             "participants_address",
             "entries_message_id",
             "tickets_state",
+            "outbox_message_id",
         ] {
             assert!(!indexes.iter().any(|i| i == gone), "{gone} in {indexes:?}");
         }

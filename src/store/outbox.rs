@@ -311,6 +311,10 @@ pub fn queued_count(conn: &Db) -> Result<i64> {
     )
 }
 
+/// A ticket's rows in id order, along `outbox_ticket`.
+pub(crate) const FIRST_WITH_MESSAGE_ID: &str =
+    "SELECT id FROM outbox WHERE ticket_id = ?1 AND message_id = ?2 ORDER BY id LIMIT 1";
+
 /// The first row sent with this Message-ID: a delivery report that names
 /// no outbox row (no signed bounce address) still returns the Message-ID
 /// of the message it is about. `number`: the ticket the ID names
@@ -323,11 +327,9 @@ pub fn first_with_message_id(conn: &Db, message_id: &str, number: &str) -> Resul
     let Some(ticket) = super::tickets::find_by_number(conn, number)? else {
         return Ok(None);
     };
-    conn.query_opt(
-        "SELECT id FROM outbox WHERE ticket_id = ?1 AND message_id = ?2 ORDER BY id LIMIT 1",
-        args![ticket, message_id],
-        |r| r.get(0),
-    )
+    conn.query_opt(FIRST_WITH_MESSAGE_ID, args![ticket, message_id], |r| {
+        r.get(0)
+    })
 }
 
 /// One row by id.

@@ -28,6 +28,13 @@ pub fn find_by_number(conn: &Db, number: &str) -> Result<Option<i64>> {
     )
 }
 
+/// One of our Message-IDs among its ticket's rows, along `thread_ids_ticket`.
+pub(crate) const OWN_MESSAGE_ID: &str =
+    "SELECT ticket_id FROM thread_ids WHERE ticket_id = ?1 AND message_id = ?2 LIMIT 1";
+/// Any other Message-ID, along the partial `thread_ids_message_id`.
+pub(crate) const BY_MESSAGE_ID: &str =
+    "SELECT ticket_id FROM thread_ids WHERE message_id = ?1 AND ours = 0 ORDER BY seq LIMIT 1";
+
 /// The ticket a Message-ID (inbound or outbound) belongs to. `number`:
 /// the ticket an ID shaped as one of ours names
 /// (`thread::own_message_id_number`); ours are not in the index of
@@ -45,20 +52,14 @@ pub fn find_by_message_id(
         .transpose()?
         .flatten()
     {
-        let known = conn.query_opt(
-            "SELECT ticket_id FROM thread_ids WHERE ticket_id = ?1 AND message_id = ?2 LIMIT 1",
-            args![ticket, message_id],
-            |r| r.get::<i64>(0),
-        )?;
+        let known = conn.query_opt(OWN_MESSAGE_ID, args![ticket, message_id], |r| {
+            r.get::<i64>(0)
+        })?;
         if known.is_some() {
             return Ok(Some(ticket));
         }
     }
-    conn.query_opt(
-        "SELECT ticket_id FROM thread_ids WHERE message_id = ?1 AND ours = 0 ORDER BY seq LIMIT 1",
-        args![message_id],
-        |r| r.get(0),
-    )
+    conn.query_opt(BY_MESSAGE_ID, args![message_id], |r| r.get(0))
 }
 
 /// The ticket of one of our outbox rows (a bounce names it).
@@ -151,8 +152,8 @@ pub fn thread_refs(conn: &Db, ticket_id: i64) -> Result<Vec<ThreadRef>> {
 }
 
 /// The duplicate check of a message with a Message-ID: along the
-/// threading's `thread_ids_message_id`, which holds every logged
-/// Message-ID with its ticket (and finds none for a new message), then
+/// threading's `thread_ids_message_id`, which holds every Message-ID of
+/// logged mail with its ticket (and finds none for a new message), then
 /// that ticket's entries (`apply` keeps the Message-ID of every entry that
 /// has one there). So no index of entries is written for it: an
 /// index by sender and body, a random place for every message, would be
