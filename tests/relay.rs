@@ -596,7 +596,10 @@ async fn a_4xx_recipient_is_retried_alone_and_the_others_get_the_message_once() 
 
     sink.accept_recipient("full@example.org");
     let row = h.wait_row(id, Duration::from_secs(5), is_sent).await;
-    assert_eq!(row.attempts, 2);
+    // On a busy machine the backoff may come round once more before the
+    // recipient is accepted: that attempt is refused at RCPT and carries
+    // no message, so what the sink received is the same.
+    assert!(row.attempts >= 2, "{row:?}");
     let rcpts: Vec<Vec<String>> = sink.messages().into_iter().map(|m| m.rcpt_to).collect();
     assert_eq!(
         rcpts,
