@@ -168,6 +168,18 @@ pub fn process(
 }
 
 impl IntakeError {
+    /// A deadlock or serialization failure with another instance
+    /// ([`StoreError::is_transient_conflict`]): the message may be written
+    /// again in a new transaction.
+    pub fn is_transient_conflict(&self) -> bool {
+        match self {
+            IntakeError::Store(e) | IntakeError::Apply(ApplyError::Store(e)) => {
+                e.is_transient_conflict()
+            }
+            _ => false,
+        }
+    }
+
     /// The message was logged by another instance meanwhile.
     fn already_logged(&self) -> bool {
         matches!(

@@ -4,9 +4,11 @@
 //! holds its message, so `250` still means "on disk" while one fsync serves
 //! many messages. Each message runs in a savepoint of its own
 //! ([`crate::intake::process`]), so one that fails is answered `451`
-//! without taking its batch down with it. The relay worker's outcomes
-//! ([`MarkRequest`]) join the same batches: one writer, so neither waits
-//! for the other's lock. A second thread syncs the WAL and answers.
+//! without taking its batch down with it; on PostgreSQL, one that meets a
+//! deadlock with another instance's batch is written again, with the rest
+//! of its batch, in a new transaction once those before it are committed.
+//! The relay worker's outcomes ([`MarkRequest`]) join the same batches:
+//! one writer, so neither waits for the other's lock. A second thread syncs the WAL and answers.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -310,51 +312,137 @@ fn write_batch(conn: &mut Db, rt: &Runtime, batch: &[Job]) -> Vec<Done> {
 /// cache ([`store::writer_cache`]).
 const LARGE_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
+/// How many times a job that met a deadlock or serialization failure on
+/// PostgreSQL is written again, each in a new transaction, before it is
+/// answered `451`.
+const CONFLICT_RETRIES: u32 = 3;
+
+/// The batch in as few transactions as it takes: one, unless a job meets
+/// a transient conflict with another instance's batch on PostgreSQL
+/// ([`store::StoreError::is_transient_conflict`]). Then the jobs before it
+/// are committed (the locks they hold are what the other batch waits for)
+/// and it, with the rest, is written again in a new transaction after a
+/// short jittered pause. Done again in the same transaction it would wait again
+/// for locks the other batch holds while holding its own. SQLite has one
+/// writer and never meets one.
 fn write_batch_in_transaction(conn: &mut Db, rt: &Runtime, batch: &[Job], now: i64) -> Vec<Done> {
-    let failed = |why: &str| -> Vec<Done> {
-        batch
-            .iter()
-            .map(|job| match job {
-                Job::Message { .. } => Done::Message(Outcome::not_stored()),
-                Job::Marks(_) => Done::Marks(Err(why.to_string())),
-            })
-            .collect()
-    };
+    let mut done = Vec::with_capacity(batch.len());
+    // The conflicts the first job not yet written has met.
+    let mut conflicts = 0;
+    loop {
+        let rest = &batch[done.len()..];
+        match write_in_transaction(conn, rt, rest, now, conflicts < CONFLICT_RETRIES) {
+            Written::All(written) => {
+                done.extend(written);
+                return done;
+            }
+            Written::Failed(why) => {
+                done.extend(failed(rest, &why));
+                return done;
+            }
+            Written::UpToConflict(written) => {
+                conflicts = if written.is_empty() { conflicts + 1 } else { 1 };
+                done.extend(written);
+                std::thread::sleep(std::time::Duration::from_millis(rand::random_range(5..=50)));
+            }
+        }
+    }
+}
+
+/// What one transaction of [`write_batch_in_transaction`] wrote.
+enum Written {
+    /// Every job, committed.
+    All(Vec<Done>),
+    /// The jobs before the one that met a transient conflict, committed;
+    /// that one and those after it are to be written again.
+    UpToConflict(Vec<Done>),
+    /// Nothing committed: every job is answered with this failure.
+    Failed(String),
+}
+
+/// What one job of a transaction came to.
+enum Step {
+    Done(Done),
+    /// A transient conflict: the savepoint is rolled back, the job is to be
+    /// written again in a new transaction.
+    Conflict(String),
+}
+
+fn failed(jobs: &[Job], why: &str) -> Vec<Done> {
+    jobs.iter()
+        .map(|job| match job {
+            Job::Message { .. } => Done::Message(Outcome::not_stored()),
+            Job::Marks(_) => Done::Marks(Err(why.to_string())),
+        })
+        .collect()
+}
+
+/// One transaction, one savepoint per job. `first_may_retry`: whether a
+/// transient conflict of the first job stops the transaction (the jobs
+/// after it always may), or is answered `451` as any failure.
+fn write_in_transaction(
+    conn: &mut Db,
+    rt: &Runtime,
+    jobs: &[Job],
+    now: i64,
+    first_may_retry: bool,
+) -> Written {
     let tx = match conn.transaction() {
         Ok(tx) => tx,
         Err(e) => {
             tracing::error!(error = %e, "cannot begin a transaction");
-            return failed(&format!("cannot begin a transaction: {e}"));
+            return Written::Failed(format!("cannot begin a transaction: {e}"));
         }
     };
-    let mut done = Vec::with_capacity(batch.len());
-    for job in batch {
+    let mut done = Vec::with_capacity(jobs.len());
+    for (i, job) in jobs.iter().enumerate() {
+        let may_retry = tx.is_postgres() && (i > 0 || first_may_retry);
         let result = match job {
-            Job::Message { arrival, .. } => {
-                store::in_savepoint(&tx, |conn| intake::process(conn, rt, arrival, now)).map(|r| {
-                    Done::Message(r.unwrap_or_else(|e| {
-                        tracing::error!(error = %e, "message not stored");
-                        Outcome::not_stored()
-                    }))
+            Job::Message { arrival, .. } => store::in_savepoint(&tx, |conn| {
+                intake::process(conn, rt, arrival, now)
+            })
+            .map(|r| match r {
+                Ok(outcome) => Step::Done(Done::Message(outcome)),
+                Err(e) if may_retry && e.is_transient_conflict() => Step::Conflict(e.to_string()),
+                Err(e) => {
+                    tracing::error!(error = %e, "message not stored");
+                    Step::Done(Done::Message(Outcome::not_stored()))
+                }
+            }),
+            Job::Marks(marks) => {
+                store::in_savepoint(&tx, |conn| marks.write(conn)).map(|r| match r {
+                    Err(e) if may_retry && e.is_transient_conflict() => {
+                        Step::Conflict(e.to_string())
+                    }
+                    r => Step::Done(Done::Marks(r.map_err(|e| e.to_string()))),
                 })
             }
-            Job::Marks(marks) => store::in_savepoint(&tx, |conn| marks.write(conn))
-                .map(|r| Done::Marks(r.map_err(|e| e.to_string()))),
         };
         match result {
-            Ok(d) => done.push(d),
+            Ok(Step::Done(d)) => done.push(d),
+            Ok(Step::Conflict(why)) => {
+                tracing::warn!(
+                    error = %why,
+                    "conflict with another transaction: the batch so far is committed, the rest written again"
+                );
+                if let Err(e) = tx.commit() {
+                    tracing::error!(error = %e, "commit failed: the whole batch is answered 451");
+                    return Written::Failed(format!("commit failed: {e}"));
+                }
+                return Written::UpToConflict(done);
+            }
             Err(e) => {
                 // Dropping `tx` rolls the whole batch back.
                 tracing::error!(error = %e, "savepoint failed: the whole batch is answered 451");
-                return failed(&format!("savepoint failed: {e}"));
+                return Written::Failed(format!("savepoint failed: {e}"));
             }
         }
     }
     if let Err(e) = tx.commit() {
         tracing::error!(error = %e, "commit failed: the whole batch is answered 451");
-        return failed(&format!("commit failed: {e}"));
+        return Written::Failed(format!("commit failed: {e}"));
     }
-    done
+    Written::All(done)
 }
 
 #[cfg(test)]
@@ -364,6 +452,127 @@ mod tests {
     fn synchronous(conn: &rusqlite::Connection) -> i64 {
         conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
             .unwrap()
+    }
+
+    fn arrival(id: &str, subject: &str) -> Arrival {
+        let envelope = crate::helpdesk::Envelope {
+            peer: std::net::IpAddr::from([127, 0, 0, 1]),
+            helo: "u.example".into(),
+            mail_from: Some(format!("r-{id}@u.example")),
+            rcpt_to: vec!["support@example.org".into()],
+        };
+        let raw = format!(
+            "From: Requester <r-{id}@u.example>\r\nTo: support@example.org\r\n\
+             Subject: {subject}\r\nMessage-ID: <{id}@u.example>\r\n\r\nLe message {id}.\r\n"
+        );
+        Arrival::new(envelope, raw.into_bytes())
+    }
+
+    fn message(id: &str, subject: &str) -> Job {
+        Job::Message {
+            arrival: arrival(id, subject),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn verdicts(done: &[Done]) -> Vec<Verdict> {
+        done.iter()
+            .map(|d| match d {
+                Done::Message(outcome) => outcome.verdict.clone(),
+                Done::Marks(_) => unreachable!("no marks in these batches"),
+            })
+            .collect()
+    }
+
+    /// Two instances' batches on two tickets in opposite order, the one
+    /// (driven by hand, as the other instance's writer does) made sure to
+    /// outwait the deadlock check so that the writer's is the transaction
+    /// PostgreSQL undoes: its message is written again once the message
+    /// before it is committed, and nothing is answered 451.
+    #[test]
+    fn on_postgres_a_deadlock_with_another_batch_is_written_again_not_answered_451() {
+        let Some(url) = store::test_cluster::database() else {
+            return;
+        };
+        let location = store::Location::Postgres {
+            url,
+            password: None,
+        };
+        let config = crate::config::Config::from_toml(
+            "[gateway]\nhostname = \"crm.example.org\"\n\
+             [addresses]\npublic = \"support@example.org\"\n\
+             internal = \"support-notes@example.org\"\n\
+             [security]\ntrusted_relays = [\"127.0.0.0/8\"]\n",
+            "test",
+        )
+        .unwrap();
+        let rt = Runtime::new(Arc::new(config)).unwrap();
+        let connect = || store::connect(&location, store::Durability::Full).unwrap();
+        let (mut a, mut b, watch) = (connect(), connect(), connect());
+
+        let numbers: Vec<String> = ["first", "second"]
+            .iter()
+            .map(|id| {
+                let done = write_batch(&mut a, &rt, &[message(id, id)]);
+                match &done[..] {
+                    [Done::Message(outcome)] => outcome.ticket.clone().unwrap(),
+                    _ => unreachable!("one message, one outcome"),
+                }
+            })
+            .collect();
+        let reply =
+            |id: &str, ticket: usize| arrival(id, &format!("Re: [{}] {id}", numbers[ticket]));
+
+        // The other instance's batch holds the second ticket.
+        let tx = b.transaction().unwrap();
+        tx.batch("SET LOCAL deadlock_timeout = '60s'").unwrap();
+        let other_first = intake::process(&tx, &rt, &reply("b-second", 1), 0).unwrap();
+        let (done, other_second) = std::thread::scope(|s| {
+            // The writer's batch takes the first ticket, then waits for
+            // the second.
+            let writer = s.spawn(|| {
+                let batch = [
+                    message("a-first", &format!("Re: [{}] a", numbers[0])),
+                    message("a-second", &format!("Re: [{}] a", numbers[1])),
+                ];
+                write_batch(&mut a, &rt, &batch)
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while watch
+                .query_row(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                    |r| r.get::<i64>(0),
+                )
+                .unwrap()
+                == 0
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the writer never waited"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            // …and the other batch now waits for the first: a deadlock.
+            let other_second = intake::process(&tx, &rt, &reply("b-first", 0), 0).unwrap();
+            tx.commit().unwrap();
+            (writer.join().unwrap(), other_second)
+        });
+
+        assert_eq!(verdicts(&done), [Verdict::Stored, Verdict::Stored]);
+        assert_eq!(other_first.verdict, Verdict::Stored);
+        assert_eq!(other_second.verdict, Verdict::Stored);
+        for id in ["a-first", "a-second", "b-first", "b-second"] {
+            let logged = watch
+                .query_row(
+                    "SELECT count(*) FROM entries WHERE message_id LIKE ?1",
+                    store::args![format!("%{id}@u.example%").as_str()],
+                    |r| r.get::<i64>(0),
+                )
+                .unwrap();
+            assert_eq!(logged, 1, "{id} logged once");
+        }
     }
 
     #[test]

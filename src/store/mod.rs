@@ -66,6 +66,23 @@ pub enum StoreError {
     Invalid(String),
 }
 
+impl StoreError {
+    /// PostgreSQL undid the statement for another transaction's sake: a
+    /// deadlock between two instances' batches (40P01) or a serialization
+    /// failure (40001). Nothing is wrong with the work itself: done again
+    /// in a new transaction, once the other has committed, it succeeds.
+    pub fn is_transient_conflict(&self) -> bool {
+        use postgres::error::SqlState;
+        match self {
+            StoreError::Postgres(e) => e.code().is_some_and(|code| {
+                *code == SqlState::T_R_DEADLOCK_DETECTED
+                    || *code == SqlState::T_R_SERIALIZATION_FAILURE
+            }),
+            _ => false,
+        }
+    }
+}
+
 /// Every store function answers with [`StoreError`].
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
