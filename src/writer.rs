@@ -491,12 +491,8 @@ mod tests {
     /// before it is committed, and nothing is answered 451.
     #[test]
     fn on_postgres_a_deadlock_with_another_batch_is_written_again_not_answered_451() {
-        let Some(url) = store::test_cluster::database() else {
+        let Some(location) = store::test_location() else {
             return;
-        };
-        let location = store::Location::Postgres {
-            url,
-            password: None,
         };
         let config = crate::config::Config::from_toml(
             "[gateway]\nhostname = \"crm.example.org\"\n\

@@ -578,6 +578,17 @@ pub fn now() -> i64 {
 #[cfg(test)]
 pub(crate) mod test_cluster;
 
+/// The test cluster's fresh database, as the location a store test
+/// connects to (no password: the cluster trusts its socket). `None` when
+/// `CRMGATE_TEST_NO_PG=1`.
+#[cfg(test)]
+pub(crate) fn test_location() -> Option<Location> {
+    test_cluster::database().map(|url| Location::Postgres {
+        url,
+        password: None,
+    })
+}
+
 /// The store's tests run on both engines: a fresh log on each.
 #[cfg(test)]
 pub(crate) mod testing {
@@ -749,12 +760,8 @@ mod tests {
 
     #[test]
     fn a_postgres_connection_the_server_closed_is_opened_again_at_the_next_transaction() {
-        let Some(url) = test_cluster::database() else {
+        let Some(location) = test_location() else {
             return;
-        };
-        let location = Location::Postgres {
-            url,
-            password: None,
         };
         let mut db = connect(&location, Durability::Full).unwrap();
         let admin = connect(&location, Durability::Full).unwrap();
@@ -785,12 +792,8 @@ mod tests {
 
     #[test]
     fn postgres_migrates_once_and_refuses_a_newer_schema() {
-        let Some(url) = test_cluster::database() else {
+        let Some(location) = test_location() else {
             return;
-        };
-        let location = Location::Postgres {
-            url,
-            password: None,
         };
         let db = connect(&location, Durability::Full).unwrap();
         let version = |db: &Db| -> i64 {

@@ -761,12 +761,8 @@ mod tests {
 
     #[test]
     fn on_postgres_a_row_is_leased_by_one_instance_until_its_lease_runs_out() {
-        let Some(url) = crate::store::test_cluster::database() else {
+        let Some(location) = crate::store::test_location() else {
             return;
-        };
-        let location = crate::store::Location::Postgres {
-            url,
-            password: None,
         };
         let db = Log {
             engine: "postgres",

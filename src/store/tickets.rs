@@ -1457,12 +1457,8 @@ mod tests {
 
     #[test]
     fn two_instances_logging_the_same_message_at_once_log_it_once() {
-        let Some(url) = crate::store::test_cluster::database() else {
+        let Some(location) = crate::store::test_location() else {
             return;
-        };
-        let location = crate::store::Location::Postgres {
-            url,
-            password: None,
         };
         let open = || crate::store::connect(&location, crate::store::Durability::Full).unwrap();
         let (mut a, mut b) = (open(), open());
@@ -1530,12 +1526,8 @@ mod tests {
 
     #[test]
     fn tickets_created_at_once_by_two_instances_get_two_numbers() {
-        let Some(url) = crate::store::test_cluster::database() else {
+        let Some(location) = crate::store::test_location() else {
             return;
-        };
-        let location = crate::store::Location::Postgres {
-            url,
-            password: None,
         };
         let new = NewTicket {
             subject: "Printer".into(),
