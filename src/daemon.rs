@@ -93,9 +93,9 @@ pub async fn serve(
     let location = store::Location::of(&config);
     // Off tokio's threads: the PostgreSQL client runs a runtime of its
     // own, which may be neither made, used nor dropped on them.
-    let (conn, first) = {
+    let (conns, first) = {
         let (location, config) = (location.clone(), config.clone());
-        tokio::task::spawn_blocking(move || -> anyhow::Result<(store::Db, Runtime)> {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<store::Db>, Runtime)> {
             let conn = store::connect(&location, store::Durability::Full)
                 .with_context(|| format!("opening {location}"))?;
             let removed = tickets::sync_agents(&conn, &config.agents, store::now())?;
@@ -107,7 +107,16 @@ pub async fn serve(
             }
             let mut first = Runtime::new(config)?;
             first.load_former_agents(&conn)?;
-            Ok((conn, first))
+            let mut conns = vec![conn];
+            if matches!(location, store::Location::Postgres { .. }) {
+                while conns.len() < crate::writer::POSTGRES_WRITERS {
+                    conns.push(
+                        store::connect(&location, store::Durability::Full)
+                            .with_context(|| format!("opening {location} for another writer"))?,
+                    );
+                }
+            }
+            Ok((conns, first))
         })
         .await??
     };
@@ -116,7 +125,7 @@ pub async fn serve(
     let progress = Arc::new(store::CheckpointProgress::default());
     let metrics = Arc::new(Metrics::new());
     let writer = Writer::spawn(
-        conn,
+        conns,
         runtime.clone(),
         wake.clone(),
         progress.clone(),
@@ -133,8 +142,8 @@ pub async fn serve(
                 .context("smtp.tls_cert / smtp.tls_key")?,
         );
     }
-    // The relay worker's outcomes go through the writer thread too: one
-    // writer, so neither waits for the other's lock.
+    // The relay worker's outcomes go through the writers' queue too: on
+    // SQLite one writer, so neither waits for the other's lock.
     let (marks, mut marks_in) = tokio::sync::mpsc::channel::<crate::store::outbox::MarkRequest>(16);
     let marks_writer = writer.clone();
     let relay_metrics = metrics.clone();

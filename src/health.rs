@@ -5,7 +5,9 @@
 //! The writer is asked, not watched: a ping goes through its queue and its
 //! transaction like any job (an empty set of relay marks), so a writer
 //! stuck on a lock, a disk or a bug stops answering and the pings to
-//! systemd stop with it.
+//! systemd stop with it. On PostgreSQL several writers share that queue
+//! and a ping reaches one of them: each of the others is watched too, so
+//! one that ended or is stuck in a batch is seen ([`Writer::all_running`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -53,7 +55,8 @@ impl Health {
                 "the relay worker is not running (it is started again after an error)".into(),
             );
         }
-        self.ping_writer(writer_within).await
+        self.ping_writer(writer_within).await?;
+        self.writer.all_running(writer_within)
     }
 
     /// [`Health::progress`], and the database takes a write on a

@@ -1,5 +1,7 @@
-//! Writer: the daemon's one database writer, between the SMTP sessions and
-//! the store. A single thread owns the writing connection and commits in
+//! Writer: the daemon's database writers, between the SMTP sessions and
+//! the store. On SQLite a single thread owns the writing connection; on
+//! PostgreSQL a few do ([`POSTGRES_WRITERS`]), each with its own
+//! connection, all taking jobs from the same queue. Each commits in
 //! batches (group commit): each SMTP session waits for the commit that
 //! holds its message, so `250` still means "on disk" while one fsync serves
 //! many messages. Each message runs in a savepoint of its own
@@ -8,9 +10,11 @@
 //! deadlock with another instance's batch is written again, with the rest
 //! of its batch, in a new transaction once those before it are committed.
 //! The relay worker's outcomes ([`MarkRequest`]) join the same batches:
-//! one writer, so neither waits for the other's lock. A second thread syncs the WAL and answers.
+//! on SQLite one writer, so neither waits for the other's lock. A last
+//! thread syncs the WAL (SQLite) and answers.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::{oneshot, Notify};
@@ -56,6 +60,101 @@ enum Done {
 #[derive(Clone)]
 pub struct Writer {
     jobs: tokio::sync::mpsc::Sender<Job>,
+    states: Arc<[WriterState]>,
+}
+
+/// How many writer threads the daemon runs on PostgreSQL. Each message is
+/// some 40 statements, each a round trip to the server: one writer spends
+/// most of its time waiting for the network, and the server serves several
+/// at once (the store's unique keys, advisory lock and the retry of a
+/// deadlocked message make concurrent writers safe). SQLite keeps one:
+/// one file, one write lock.
+pub const POSTGRES_WRITERS: usize = 4;
+
+/// What the health check reads of one writer thread.
+#[derive(Default)]
+struct WriterState {
+    /// When its current batch began (ms since the epoch), 0 while idle.
+    busy_since: AtomicU64,
+    /// Its thread has returned or panicked.
+    ended: AtomicBool,
+}
+
+/// Marks its writer ended when the thread returns or unwinds.
+struct Ended<'a>(&'a WriterState);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.ended.store(true, Ordering::Relaxed);
+    }
+}
+
+fn millis_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64)
+        .max(1)
+}
+
+/// One writer thread: take a batch off the shared queue (the lock held
+/// only while taking it), write it, hand it to the answering thread.
+/// `prunes`: one writer forgets old `sends`, so two never delete the same
+/// rows at once.
+fn write_from_queue(
+    mut conn: Db,
+    rx: &std::sync::Mutex<tokio::sync::mpsc::Receiver<Job>>,
+    runtime: &RwLock<Arc<Runtime>>,
+    committed: &std::sync::mpsc::Sender<Committed>,
+    checkpoints: &store::CheckpointProgress,
+    state: &WriterState,
+    prunes: bool,
+) {
+    let mut pruned_at = std::time::Instant::now();
+    loop {
+        let batch = {
+            let mut rx = match rx.lock() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let Some(first) = rx.blocking_recv() else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        state.busy_since.store(millis_now(), Ordering::Relaxed);
+        let rt = match runtime.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let done = write_batch(&mut conn, &rt, &batch);
+        // Without the answering thread the replies are dropped:
+        // each session then answers 451.
+        let _ = committed.send(Committed { batch, done });
+        if let Some(sqlite) = conn.sqlite() {
+            if let Err(e) = store::finish_checkpoint(sqlite, checkpoints) {
+                tracing::warn!(error = %e, "checkpoint failed: the WAL stays long a while");
+            }
+        }
+        if prunes && pruned_at.elapsed() >= PRUNE_EVERY {
+            pruned_at = std::time::Instant::now();
+            match tickets::prune_sends(&conn, store::now(), PRUNE_ROWS) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(
+                    rows = n,
+                    "forgot sends older than a day (no cap counts them)"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot prune old sends"),
+            }
+        }
+        state.busy_since.store(0, Ordering::Relaxed);
+    }
 }
 
 impl Writer {
@@ -66,57 +165,68 @@ impl Writer {
     /// A thread cannot be spawned, or the connection's durability cannot be
     /// set.
     pub fn spawn(
-        mut conn: Db,
+        conns: Vec<Db>,
         runtime: Arc<RwLock<Arc<Runtime>>>,
         wake: Arc<Notify>,
         checkpoints: Arc<store::CheckpointProgress>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> std::io::Result<Writer> {
-        let (jobs, mut rx) = tokio::sync::mpsc::channel::<Job>(4 * MAX_BATCH);
-        let wal = WalFile::take_over_syncs(&conn)?;
+        let (jobs, rx) = tokio::sync::mpsc::channel::<Job>(4 * MAX_BATCH);
+        // SQLite has one writer (one file, one write lock): the WAL synced
+        // here is its connection's.
+        let wal = match conns.first() {
+            Some(conn) if conns.len() == 1 => WalFile::take_over_syncs(conn)?,
+            _ => WalFile {
+                path: None,
+                open: None,
+            },
+        };
         let (committed, to_answer) = std::sync::mpsc::channel::<Committed>();
         std::thread::Builder::new()
             .name("crmgate-sync".into())
             .spawn(move || sync_and_answer(wal, &to_answer, &wake, &metrics))?;
-        std::thread::Builder::new()
-            .name("crmgate-writer".into())
-            .spawn(move || {
-                let mut pruned_at = std::time::Instant::now();
-                while let Some(first) = rx.blocking_recv() {
-                    let mut batch = vec![first];
-                    while batch.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(job) => batch.push(job),
-                            Err(_) => break,
-                        }
-                    }
-                    let rt = match runtime.read() {
-                        Ok(guard) => guard.clone(),
-                        Err(poisoned) => poisoned.into_inner().clone(),
-                    };
-                    let done = write_batch(&mut conn, &rt, &batch);
-                    // Without the answering thread the replies are dropped:
-                    // each session then answers 451.
-                    let _ = committed.send(Committed { batch, done });
-                    if let Some(sqlite) = conn.sqlite() {
-                        if let Err(e) = store::finish_checkpoint(sqlite, &checkpoints) {
-                            tracing::warn!(error = %e, "checkpoint failed: the WAL stays long a while");
-                        }
-                    }
-                    if pruned_at.elapsed() >= PRUNE_EVERY {
-                        pruned_at = std::time::Instant::now();
-                        match tickets::prune_sends(&conn, store::now(), PRUNE_ROWS) {
-                            Ok(0) => {}
-                            Ok(n) => tracing::debug!(
-                                rows = n,
-                                "forgot sends older than a day (no cap counts them)"
-                            ),
-                            Err(e) => tracing::warn!(error = %e, "cannot prune old sends"),
-                        }
-                    }
-                }
-            })?;
-        Ok(Writer { jobs })
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let states: Arc<[WriterState]> = conns.iter().map(|_| WriterState::default()).collect();
+        for (n, conn) in conns.into_iter().enumerate() {
+            let (rx, runtime, committed, checkpoints, states) = (
+                rx.clone(),
+                runtime.clone(),
+                committed.clone(),
+                checkpoints.clone(),
+                states.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("crmgate-writer-{n}"))
+                .spawn(move || {
+                    let state = &states[n];
+                    let _ended = Ended(state);
+                    write_from_queue(conn, &rx, &runtime, &committed, &checkpoints, state, n == 0);
+                })?;
+        }
+        Ok(Writer { jobs, states })
+    }
+
+    /// Every writer thread runs, and none has spent more than `within`
+    /// on one batch: each holds its sessions' messages, so one stuck or
+    /// ended writer must be seen even while the others answer pings.
+    ///
+    /// # Errors
+    /// The first writer that does not, in words.
+    pub fn all_running(&self, within: std::time::Duration) -> Result<(), String> {
+        let now = millis_now();
+        for (n, state) in self.states.iter().enumerate() {
+            if state.ended.load(Ordering::Relaxed) {
+                return Err(format!("database writer {n} has stopped"));
+            }
+            let since = state.busy_since.load(Ordering::Relaxed);
+            if since != 0 && now.saturating_sub(since) > within.as_millis() as u64 {
+                return Err(format!(
+                    "database writer {n} has spent more than {} s on one batch",
+                    within.as_secs()
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Hand a message over and wait for the commit that holds it.

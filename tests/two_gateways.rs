@@ -273,3 +273,81 @@ async fn two_instances_on_one_database_log_each_message_once_and_deliver_every_r
     b.child.kill().unwrap();
     b.child.wait().unwrap();
 }
+
+/// One instance, its several PostgreSQL writers and 16 SMTP sessions at
+/// once, each its own messages and copies of the same few messages sent by
+/// four sessions at the same moment: every message answered `250` is
+/// logged exactly once, its other deliveries counted as duplicates, and
+/// none is answered 451.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_instance_logs_each_message_of_sixteen_concurrent_sessions_once() {
+    let Some(url) = common::test_cluster::database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start().await;
+    let a = start(dir.path(), "a", &url, &sink.url()).await;
+
+    let mut answered: BTreeMap<String, usize> = BTreeMap::new();
+    let mut sent = 0;
+    for round in 0..3 {
+        let mut sessions = tokio::task::JoinSet::new();
+        for i in 0..16 {
+            for id in [
+                format!("own-{round}-{i}"),
+                format!("same-{round}-{}", i % 4),
+            ] {
+                let addr = a.addr;
+                sessions.spawn(async move {
+                    let text = message(&id, &id);
+                    let reply = send(addr, &format!("r-{id}@u.example"), PUBLIC, &text).await;
+                    (id, reply)
+                });
+                sent += 1;
+            }
+        }
+        while let Some(done) = sessions.join_next().await {
+            let (id, reply) = done.unwrap();
+            assert!(
+                reply.as_deref().is_some_and(|r| r.starts_with("250")),
+                "{id}: {reply:?}"
+            );
+            note_reply(&mut answered, &id, reply);
+        }
+    }
+
+    assert_eq!(answered.values().sum::<usize>(), sent);
+    assert_eq!(answered.len(), 3 * (16 + 4), "{answered:?}");
+    let tickets = json(&a.config, &["ticket", "list", "--json"]);
+    let mut logged: BTreeMap<String, (usize, i64)> = BTreeMap::new();
+    for t in tickets.as_array().unwrap() {
+        let shown = json(
+            &a.config,
+            &["ticket", "show", t["number"].as_str().unwrap(), "--json"],
+        );
+        for e in shown["entries"].as_array().unwrap() {
+            if let Some(mid) = e["message_id"].as_str() {
+                let id = mid.trim_end_matches("@u.example").to_string();
+                let entry = logged.entry(id).or_default();
+                entry.0 += 1;
+                entry.1 += e["duplicates"].as_i64().unwrap();
+            }
+        }
+    }
+    for (id, times) in &answered {
+        let (entries, duplicates) = logged.get(id).copied().unwrap_or_default();
+        assert_eq!(
+            entries, 1,
+            "{id}: answered 250 {times} time(s), logged {entries}"
+        );
+        assert_eq!(duplicates as usize, times - 1, "{id}");
+    }
+    assert_eq!(
+        tickets.as_array().unwrap().len(),
+        answered.len(),
+        "one ticket each"
+    );
+    let mut a = a;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+}
