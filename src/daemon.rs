@@ -132,6 +132,7 @@ pub async fn serve(
         metrics.clone(),
     )
     .context("starting the writer thread")?;
+    let writers = writer.threads();
     let health = Arc::new(Health::new(location.clone(), writer.clone()));
 
     let mut settings = crate::smtp::Settings::from_config(&config);
@@ -251,6 +252,13 @@ pub async fn serve(
     if let Err(e) = relay.await {
         tracing::error!(error = %e, "relay supervisor panicked");
     }
+    // The sessions and the relay worker are done: once the health checks
+    // let go of the last handle, every writer commits what its queue holds
+    // and ends.
+    drop(health);
+    if !writers.ended(WRITERS_END_WITHIN).await {
+        tracing::warn!("a database writer has not ended: its last batch may be lost");
+    }
     if let Some(checkpointer) = checkpointer {
         let _ = checkpointer.join();
     }
@@ -269,6 +277,10 @@ pub async fn serve(
     listened.context("SMTP listener")?;
     Ok(())
 }
+
+/// How long shutdown waits for the writers to commit their last batches
+/// (one batch is a few hundred milliseconds at most).
+const WRITERS_END_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long the supervisor waits before starting a relay worker that
 /// stopped with an error or panicked.

@@ -71,6 +71,28 @@ pub struct Writer {
 /// one file, one write lock.
 pub const POSTGRES_WRITERS: usize = 4;
 
+/// The writer threads, seen from outside: a thread ends once every
+/// [`Writer`] handle is dropped and the queue is empty, its last batch
+/// committed and handed to the answering thread.
+pub struct Threads(Arc<[WriterState]>);
+
+impl Threads {
+    /// Wait until every writer thread has ended, at most `within`;
+    /// whether they all did.
+    pub async fn ended(&self, within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if self.0.iter().all(|s| s.ended.load(Ordering::Relaxed)) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}
+
 /// What the health check reads of one writer thread.
 #[derive(Default)]
 struct WriterState {
@@ -227,6 +249,12 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// The writer threads, to wait for at shutdown, without holding their
+    /// queue open.
+    pub fn threads(&self) -> Threads {
+        Threads(self.states.clone())
     }
 
     /// Hand a message over and wait for the commit that holds it.
