@@ -132,6 +132,40 @@ fn json(config: &Path, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Every message answered `250` is logged exactly once, on a ticket of
+/// its own, its other deliveries counted as duplicates of that entry.
+fn assert_each_answer_logged_once(config: &Path, answered: &BTreeMap<String, usize>) {
+    let tickets = json(config, &["ticket", "list", "--json"]);
+    let mut logged: BTreeMap<String, (usize, i64)> = BTreeMap::new();
+    for t in tickets.as_array().unwrap() {
+        let shown = json(
+            config,
+            &["ticket", "show", t["number"].as_str().unwrap(), "--json"],
+        );
+        for e in shown["entries"].as_array().unwrap() {
+            if let Some(mid) = e["message_id"].as_str() {
+                let id = mid.trim_end_matches("@u.example").to_string();
+                let entry = logged.entry(id).or_default();
+                entry.0 += 1;
+                entry.1 += e["duplicates"].as_i64().unwrap();
+            }
+        }
+    }
+    for (id, times) in answered {
+        let (entries, duplicates) = logged.get(id).copied().unwrap_or_default();
+        assert_eq!(
+            entries, 1,
+            "{id}: answered 250 {times} time(s), logged {entries}"
+        );
+        assert_eq!(duplicates as usize, times - 1, "{id}");
+    }
+    assert_eq!(
+        tickets.as_array().unwrap().len(),
+        answered.len(),
+        "one ticket each"
+    );
+}
+
 fn note_reply(answered: &mut BTreeMap<String, usize>, id: &str, reply: Option<String>) {
     if reply.is_some_and(|r| r.starts_with("250")) {
         *answered.entry(id.to_string()).or_default() += 1;
@@ -216,35 +250,7 @@ async fn two_instances_on_one_database_log_each_message_once_and_deliver_every_r
     // Every message answered 250 is logged exactly once, its other
     // deliveries counted as duplicates.
     assert_eq!(answered.len(), 16 + 12 + 8, "{answered:?}");
-    let tickets = json(&b.config, &["ticket", "list", "--json"]);
-    let mut logged: BTreeMap<String, (usize, i64)> = BTreeMap::new();
-    for t in tickets.as_array().unwrap() {
-        let shown = json(
-            &b.config,
-            &["ticket", "show", t["number"].as_str().unwrap(), "--json"],
-        );
-        for e in shown["entries"].as_array().unwrap() {
-            if let Some(mid) = e["message_id"].as_str() {
-                let id = mid.trim_end_matches("@u.example").to_string();
-                let entry = logged.entry(id).or_default();
-                entry.0 += 1;
-                entry.1 += e["duplicates"].as_i64().unwrap();
-            }
-        }
-    }
-    for (id, times) in &answered {
-        let (entries, duplicates) = logged.get(id).copied().unwrap_or_default();
-        assert_eq!(
-            entries, 1,
-            "{id}: answered 250 {times} time(s), logged {entries}"
-        );
-        assert_eq!(duplicates as usize, times - 1, "{id}");
-    }
-    assert_eq!(
-        tickets.as_array().unwrap().len(),
-        answered.len(),
-        "one ticket each"
-    );
+    assert_each_answer_logged_once(&b.config, &answered);
 
     // Every row delivered at least once; the doubles (a row sent by A
     // whose mark died with it) counted.
@@ -318,35 +324,7 @@ async fn one_instance_logs_each_message_of_sixteen_concurrent_sessions_once() {
 
     assert_eq!(answered.values().sum::<usize>(), sent);
     assert_eq!(answered.len(), 3 * (16 + 4), "{answered:?}");
-    let tickets = json(&a.config, &["ticket", "list", "--json"]);
-    let mut logged: BTreeMap<String, (usize, i64)> = BTreeMap::new();
-    for t in tickets.as_array().unwrap() {
-        let shown = json(
-            &a.config,
-            &["ticket", "show", t["number"].as_str().unwrap(), "--json"],
-        );
-        for e in shown["entries"].as_array().unwrap() {
-            if let Some(mid) = e["message_id"].as_str() {
-                let id = mid.trim_end_matches("@u.example").to_string();
-                let entry = logged.entry(id).or_default();
-                entry.0 += 1;
-                entry.1 += e["duplicates"].as_i64().unwrap();
-            }
-        }
-    }
-    for (id, times) in &answered {
-        let (entries, duplicates) = logged.get(id).copied().unwrap_or_default();
-        assert_eq!(
-            entries, 1,
-            "{id}: answered 250 {times} time(s), logged {entries}"
-        );
-        assert_eq!(duplicates as usize, times - 1, "{id}");
-    }
-    assert_eq!(
-        tickets.as_array().unwrap().len(),
-        answered.len(),
-        "one ticket each"
-    );
+    assert_each_answer_logged_once(&a.config, &answered);
     let mut a = a;
     a.child.kill().unwrap();
     a.child.wait().unwrap();
