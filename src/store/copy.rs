@@ -558,6 +558,32 @@ fn key_of(table: &Table, row: &[Owned]) -> Vec<Owned> {
     row[..table.key.len()].to_vec()
 }
 
+/// Hand every row of `table` to `write`, batch after batch along its
+/// key, telling `progress` after each batch; the rows handed on.
+fn each_row(
+    source: &Db,
+    table: &Table,
+    total: u64,
+    progress: &mut dyn FnMut(&str, u64, u64),
+    mut write: impl FnMut(&[Value<'_>]) -> Result<()>,
+) -> Result<u64> {
+    let mut done = 0;
+    let mut last: Option<Vec<Owned>> = None;
+    loop {
+        let batch = next_batch(source, table, last.as_deref())?;
+        let Some(end) = batch.last() else {
+            return Ok(done);
+        };
+        last = Some(key_of(table, end));
+        for row in &batch {
+            let values: Vec<Value<'_>> = row.iter().map(Owned::value).collect();
+            write(&values)?;
+        }
+        done += batch.len() as u64;
+        progress(table.name, done, total);
+    }
+}
+
 fn copy_to_postgres(
     source: &Db,
     tx: &mut postgres::Transaction<'_>,
@@ -581,23 +607,11 @@ fn copy_to_postgres(
         table.name
     ))?;
     let mut writer = postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
-    let mut done = 0;
-    let mut last: Option<Vec<Owned>> = None;
-    loop {
-        let batch = next_batch(source, table, last.as_deref())?;
-        let Some(end) = batch.last() else {
-            break;
-        };
-        last = Some(key_of(table, end));
-        for row in &batch {
-            let values: Vec<Value<'_>> = row.iter().map(Owned::value).collect();
-            let refs: Vec<&(dyn ToSql + Sync)> =
-                values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-            writer.write(&refs)?;
-        }
-        done += batch.len() as u64;
-        progress(table.name, done, total);
-    }
+    let done = each_row(source, table, total, progress, |values| {
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        Ok(writer.write(&refs)?)
+    })?;
     let written = writer.finish()?;
     if written != done {
         return Err(StoreError::Invalid(format!(
@@ -622,22 +636,9 @@ fn copy_to_sqlite(
         column_list(table),
         marks.join(", ")
     );
-    let mut done = 0;
-    let mut last: Option<Vec<Owned>> = None;
-    loop {
-        let batch = next_batch(source, table, last.as_deref())?;
-        let Some(end) = batch.last() else {
-            break;
-        };
-        last = Some(key_of(table, end));
-        for row in &batch {
-            let values: Vec<Value<'_>> = row.iter().map(Owned::value).collect();
-            target.exec(&insert, &values)?;
-        }
-        done += batch.len() as u64;
-        progress(table.name, done, total);
-    }
-    Ok(done)
+    each_row(source, table, total, progress, |values| {
+        target.exec(&insert, values).map(drop)
+    })
 }
 
 #[cfg(test)]
