@@ -55,7 +55,7 @@ pub fn apply(
     let view = match &plan.ticket {
         TicketTarget::New(new) => {
             let state = plan.state.unwrap_or(TicketState::New);
-            let (id, _) = tickets::create(
+            let view = tickets::create_and_view(
                 conn,
                 new,
                 state,
@@ -63,7 +63,6 @@ pub fn apply(
                 config.ticket.digits,
                 now,
             )?;
-            let view = tickets::view(conn, id)?;
             if let Some(old) = &plan.follows {
                 // Rule 9: the resolved ticket a late reply left names the
                 // new one; it stays resolved and untouched otherwise.
@@ -95,6 +94,9 @@ pub fn apply(
     let mut entry_texts = Vec::with_capacity(plan.entries.len());
     let mut attachments_kept = false;
     let mut listed: Vec<(String, u64)> = Vec::new();
+    // The Message-IDs the message gives the ticket, its own and its
+    // copies', inserted together at the end.
+    let mut thread_ids: Vec<(String, bool, bool)> = Vec::new();
     for entry in &plan.entries {
         let text: std::borrow::Cow<'_, str> = match entry.kind {
             EntryKind::Receipt => render(rt, "receipt", &view, "", "")?.into(),
@@ -133,8 +135,7 @@ pub fn apply(
             attachments_kept = true;
         }
         if let Some(mid) = &entry.message_id {
-            let agents_only = threads_agents_only(rt, entry, sender);
-            tickets::insert_thread_id(conn, mid, view.id, agents_only, false, now)?;
+            thread_ids.push((mid.clone(), threads_agents_only(rt, entry, sender), false));
         }
         entry_ids.push(id);
         entry_texts.push(text);
@@ -142,6 +143,8 @@ pub fn apply(
 
     let mut queued = 0;
     if let Some(bounce) = &plan.bounce {
+        // Its notice's Message-ID threads after the message's.
+        insert_thread_ids(conn, view.id, &std::mem::take(&mut thread_ids), now)?;
         queued += apply_bounce(conn, rt, &view, bounce, now)?;
     }
 
@@ -207,7 +210,7 @@ pub fn apply(
             written_by_agent: entry.by_agent,
             copied_from: (!entry.by_agent).then(|| sender.to_ascii_lowercase()),
         };
-        let queued_id = queue(
+        let queued_copy = queue_copy(
             conn,
             rt,
             &view,
@@ -217,12 +220,33 @@ pub fn apply(
             Some(entry_ids[send.entry]),
             now,
         )?;
-        queued += usize::from(queued_id.is_some());
+        if let Some((_, message_id)) = queued_copy {
+            thread_ids.push((message_id, false, true));
+            queued += 1;
+        }
     }
+    insert_thread_ids(conn, view.id, &thread_ids, now)?;
     Ok(Applied {
         number: view.number,
         queued,
     })
+}
+
+fn insert_thread_ids(
+    conn: &Db,
+    ticket_id: i64,
+    ids: &[(String, bool, bool)],
+    now: i64,
+) -> Result<(), StoreError> {
+    let ids: Vec<tickets::ThreadId<'_>> = ids
+        .iter()
+        .map(|(message_id, agent_inbound, ours)| tickets::ThreadId {
+            message_id,
+            agent_inbound: *agent_inbound,
+            ours: *ours,
+        })
+        .collect();
+    tickets::insert_thread_ids(conn, ticket_id, &ids, now)
 }
 
 fn render(
@@ -415,21 +439,55 @@ pub fn queue(
     entry_id: Option<i64>,
     now: i64,
 ) -> Result<Option<i64>, ApplyError> {
+    let queued = queue_copy(conn, rt, view, thread, send, content, entry_id, now)?;
+    let Some((id, message_id)) = queued else {
+        return Ok(None);
+    };
+    tickets::insert_thread_id(conn, &message_id, view.id, false, true, now)?;
+    Ok(Some(id))
+}
+
+/// [`queue`], but the copy's Message-ID is left for the caller to remember
+/// on the ticket: the row's id and that Message-ID.
+#[allow(clippy::too_many_arguments)]
+fn queue_copy(
+    conn: &Db,
+    rt: &Runtime,
+    view: &TicketView,
+    thread: &[crate::decide::ThreadRef],
+    send: &PlannedSend,
+    content: Content<'_>,
+    entry_id: Option<i64>,
+    now: i64,
+) -> Result<Option<(i64, String)>, ApplyError> {
     let config = &rt.config;
     let cap = decide::cap(send.kind, content.written_by_agent);
+    // One sender's copies, all tickets together: a stranger who opens a
+    // new ticket each time is not bounded by the cap per ticket. Counted
+    // with the first address's.
+    let copied_from = content
+        .copied_from
+        .as_deref()
+        .filter(|_| cap == decide::Cap::Resend);
+    let limit = config.auto.max_resends_per_sender_hour;
+    let mut caused = 0;
     let mut envelope = Vec::with_capacity(send.envelope.len());
     let mut held_back = Vec::new();
-    for address in &send.envelope {
+    for (i, address) in send.envelope.iter().enumerate() {
         let sent = if cap == decide::Cap::Never {
             decide::SentCounts::default()
         } else {
-            tickets::sent_counts(
+            let copies_of = copied_from.filter(|_| i == 0).map(|s| (s, limit));
+            let (sent, copies) = tickets::sent_counts(
                 conn,
                 address,
                 view.id,
                 decide::SentCounts::caps(config),
+                copies_of,
                 now,
-            )?
+            )?;
+            caused += copies;
+            sent
         };
         if decide::within_cap(config, cap, sent) {
             envelope.push(address.clone());
@@ -443,15 +501,7 @@ pub fn queue(
         tickets::insert_system_entry(conn, view.id, &system, &view.subject, &text, now)?;
         tracing::warn!(ticket = %view.number, kind = send.kind.as_str(), held_back = ?held_back, "cap reached");
     }
-    // One sender's copies, all tickets together: a stranger who opens a
-    // new ticket each time is not bounded by the cap per ticket.
-    let copied_from = content
-        .copied_from
-        .as_deref()
-        .filter(|_| cap == decide::Cap::Resend);
     if let Some(sender) = copied_from {
-        let limit = config.auto.max_resends_per_sender_hour;
-        let mut caused = tickets::copies_caused_by(conn, sender, now - 3600, limit)?;
         let mut over = Vec::new();
         envelope.retain(|address| {
             if caused < limit {
@@ -524,8 +574,7 @@ pub fn queue(
         &copy.to_json()?,
         now,
     )?;
-    tickets::insert_thread_id(conn, &message_id, view.id, false, true, now)?;
-    Ok(Some(id))
+    Ok(Some((id, message_id)))
 }
 
 /// A notice to one agent about a quick action.

@@ -156,13 +156,13 @@ pub fn process(
     now: i64,
 ) -> Result<Outcome, IntakeError> {
     if !conn.is_postgres() {
-        return process_once(conn, rt, arrival, now);
+        return process_without_savepoint(conn, rt, arrival, now);
     }
     // Another instance may log the same message at the same moment: its
     // entry wins the unique key, this one undoes its own work and, the
     // other's entry committed and visible now, counts a duplicate.
-    match store::in_savepoint(conn, |c| process_once(c, rt, arrival, now))? {
-        Err(e) if e.already_logged() => process_once(conn, rt, arrival, now),
+    match store::in_savepoint(conn, |c| process_without_savepoint(c, rt, arrival, now))? {
+        Err(e) if e.already_logged() => process_without_savepoint(conn, rt, arrival, now),
         done => done,
     }
 }
@@ -190,7 +190,15 @@ impl IntakeError {
     }
 }
 
-fn process_once(
+/// [`process`] without the savepoint it takes on PostgreSQL (two round
+/// trips a message): a message another instance logged meanwhile fails
+/// with `AlreadyLogged` and leaves what it wrote in the transaction, which
+/// the caller then rolls back as a whole (the writer writes the batch
+/// again, each message through [`process`] in a savepoint of its own).
+///
+/// # Errors
+/// As [`process`]; then the transaction holds part of the message.
+pub fn process_without_savepoint(
     conn: &Db,
     rt: &Runtime,
     arrival: &Arrival,
@@ -226,7 +234,10 @@ fn process_once(
         .map(|m| m.address.clone())
         .or_else(|| env.mail_from.clone())
         .unwrap_or_default();
-    tickets::hold_duplicate_key(conn, &sender, &inbound.body_hash)?;
+    // Mail with a Message-ID is logged once by the unique key alone.
+    if inbound.message_id.is_none() {
+        tickets::hold_duplicate_key(conn, &sender, &inbound.body_hash)?;
+    }
     let duplicate_of = tickets::duplicate_of(
         conn,
         &sender,
@@ -710,6 +721,7 @@ fn find_ticket(
 ) -> Result<Option<TicketView>, IntakeError> {
     let config = &rt.config;
     let mut found = None;
+    let mut viewed = None;
     for rcpt in &env.rcpt_to {
         if let Some(id) = crate::thread::parse_bounce_address(
             rcpt,
@@ -738,8 +750,8 @@ fn find_ticket(
         );
         let numbers = c.signed_numbers.iter().chain(&c.subject_numbers);
         for number in numbers.chain(&c.tag_numbers) {
-            if let Some(id) = tickets::find_by_number(conn, number)? {
-                found = Some(id);
+            if let Some(view) = tickets::view_by_number(conn, number)? {
+                viewed = Some(view);
                 break;
             }
         }
@@ -747,7 +759,7 @@ fn find_ticket(
             .report
             .as_ref()
             .and_then(|r| r.original_message_id.clone());
-        if found.is_none() {
+        if viewed.is_none() {
             for id in c.message_ids.iter().chain(returned.as_ref()) {
                 let ours = crate::thread::own_message_id_number(id, &config.ticket.prefix);
                 if let Some(t) = tickets::find_by_message_id(conn, id, ours.as_deref())? {
@@ -757,9 +769,10 @@ fn find_ticket(
             }
         }
     }
-    Ok(match found {
-        Some(id) => Some(tickets::view(conn, id)?),
-        None => None,
+    Ok(match (viewed, found) {
+        (Some(view), _) => Some(view),
+        (None, Some(id)) => Some(tickets::view(conn, id)?),
+        (None, None) => None,
     })
 }
 

@@ -7,7 +7,7 @@
 //! PostgreSQL once per statement and keeps every statement prepared, on
 //! both engines. Rows are read by index through [`Row::get`].
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use postgres::types::{IsNull, ToSql, Type};
@@ -226,6 +226,8 @@ pub struct Pg {
     /// Always there but while the client is dropped ([`Pg::drop`]).
     client: RefCell<Option<postgres::Client>>,
     statements: RefCell<HashMap<String, postgres::Statement>>,
+    /// Round trips to the server so far ([`Db::round_trips`]).
+    round_trips: Cell<u64>,
     /// To connect again when the server closed the connection.
     config: Box<postgres::Config>,
 }
@@ -289,6 +291,7 @@ impl Pg {
         Ok(Pg {
             client: RefCell::new(Some(client)),
             statements: RefCell::new(HashMap::new()),
+            round_trips: Cell::new(0),
             config: Box::new(config.clone()),
         })
     }
@@ -302,6 +305,7 @@ impl Pg {
         if self.client().is_closed() {
             self.reconnect()?;
         }
+        self.trip("BEGIN");
         let begun = self.client().batch_execute("BEGIN");
         match begun {
             // Not the server's answer: the connection is gone, which the
@@ -323,10 +327,23 @@ impl Pg {
         Ok(())
     }
 
+    /// One more round trip, for `sql`: counted, and logged at the trace
+    /// level (`RUST_LOG=crmgate::store::statements=trace` lists every
+    /// statement a message costs).
+    fn trip(&self, sql: &str) {
+        self.round_trips.set(self.round_trips.get() + 1);
+        tracing::trace!(target: "crmgate::store::statements", sql);
+    }
+
+    /// The prepared statement of `sql`, prepared on its first use (one
+    /// round trip more, once per connection); its execution is counted.
     fn statement(&self, sql: &str) -> Result<postgres::Statement> {
         if let Some(s) = self.statements.borrow().get(sql) {
+            self.trip(sql);
             return Ok(s.clone());
         }
+        self.trip("-- prepare");
+        self.trip(sql);
         let prepared = self.client().prepare(&postgres_placeholders(sql))?;
         self.statements
             .borrow_mut()
@@ -438,7 +455,21 @@ impl Db {
     pub fn batch(&self, sql: &str) -> Result<()> {
         match self {
             Db::Sqlite(c) => Ok(c.execute_batch(sql)?),
-            Db::Postgres(pg) => Ok(pg.client().batch_execute(sql)?),
+            Db::Postgres(pg) => {
+                pg.trip(sql);
+                Ok(pg.client().batch_execute(sql)?)
+            }
+        }
+    }
+
+    /// How many round trips this connection has made to the server through
+    /// these functions (each statement is one; preparing one is one more,
+    /// the first time); 0 on SQLite, where a statement is a function call.
+    /// What a message costs on PostgreSQL is the difference around it.
+    pub fn round_trips(&self) -> u64 {
+        match self {
+            Db::Sqlite(_) => 0,
+            Db::Postgres(pg) => pg.round_trips.get(),
         }
     }
 

@@ -79,29 +79,47 @@ pub fn find_by_outbox_id(conn: &Db, outbox_id: i64) -> Result<Option<i64>> {
 /// # Errors
 /// `NotFound` when there is no such ticket; a database error.
 pub fn view(conn: &Db, ticket_id: i64) -> Result<TicketView> {
-    type Row = (String, String, String, Option<String>, Option<i64>);
-    let (number, subject, state, owner, resolved_at): Row = conn
-        .query_opt(
-            "SELECT number, subject, state, owner, resolved_at FROM tickets WHERE id = ?1",
-            args![ticket_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-        )?
-        .ok_or_else(|| StoreError::NotFound(format!("no ticket with id {ticket_id}")))?;
+    view_where(conn, "t.id = ?1", Value::Int(ticket_id))?
+        .ok_or_else(|| StoreError::NotFound(format!("no ticket with id {ticket_id}")))
+}
+
+/// [`view`] of the ticket a number names ([`find_by_number`]), if any.
+pub fn view_by_number(conn: &Db, number: &str) -> Result<Option<TicketView>> {
+    view_where(conn, "t.number = ?1", Value::Text(number))
+}
+
+/// [`view`] of the ticket `condition` on `tickets AS t` picks by `?1`.
+fn view_where(conn: &Db, condition: &str, key: Value<'_>) -> Result<Option<TicketView>> {
+    // The ticket's row on each of its participants' (once, with NULLs,
+    // when it has none): one statement.
+    type Row = (
+        (i64, String, String, String, Option<String>, Option<i64>),
+        Option<(String, String, Option<String>)>,
+    );
+    let rows: Vec<Row> = conn.query_all(
+        &format!(
+            "SELECT t.id, t.number, t.subject, t.state, t.owner, t.resolved_at, p.role, p.address, p.name
+             FROM tickets AS t LEFT JOIN participants AS p ON p.ticket_id = t.id
+             WHERE {condition} ORDER BY p.id"
+        ),
+        &[key],
+        |r| {
+            let ticket = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?);
+            let person = match r.get::<Option<String>>(6)? {
+                Some(role) => Some((role, r.get(7)?, r.get(8)?)),
+                None => None,
+            };
+            Ok((ticket, person))
+        },
+    )?;
+    let Some(((ticket_id, number, subject, state, owner, resolved_at), _)) = rows.first().cloned()
+    else {
+        return Ok(None);
+    };
     let mut requesters = Vec::new();
     let mut watch_list = Vec::new();
     let mut work_notes_list = Vec::new();
-    let rows = conn.query_all(
-        "SELECT role, address, name FROM participants WHERE ticket_id = ?1 ORDER BY id",
-        args![ticket_id],
-        |r| {
-            Ok((
-                r.get::<String>(0)?,
-                r.get::<String>(1)?,
-                r.get::<Option<String>>(2)?,
-            ))
-        },
-    )?;
-    for (role, address, name) in rows {
+    for (role, address, name) in rows.into_iter().filter_map(|(_, person)| person) {
         let mailbox = Mailbox { name, address };
         match Role::parse(&role) {
             Some(Role::Requester) => requesters.push(mailbox),
@@ -110,7 +128,7 @@ pub fn view(conn: &Db, ticket_id: i64) -> Result<TicketView> {
         }
     }
     let thread = thread_refs(conn, ticket_id)?;
-    Ok(TicketView {
+    Ok(Some(TicketView {
         id: ticket_id,
         number,
         subject,
@@ -121,29 +139,36 @@ pub fn view(conn: &Db, ticket_id: i64) -> Result<TicketView> {
         watch_list,
         work_notes_list,
         thread,
-    })
+    }))
 }
 
-/// The first Message-ID of the ticket and its most recent ones, oldest first.
+/// The first Message-ID of the ticket and its most recent ones, oldest
+/// first: both in one statement, the first marked 1.
 pub fn thread_refs(conn: &Db, ticket_id: i64) -> Result<Vec<ThreadRef>> {
-    let map = |r: &super::Row<'_>| {
-        Ok(ThreadRef {
-            message_id: r.get(0)?,
-            agent_inbound: r.get(1)?,
-        })
-    };
-    let mut refs: Vec<ThreadRef> = conn.query_all(
-        "SELECT message_id, agent_inbound FROM thread_ids WHERE ticket_id = ?1 ORDER BY seq DESC LIMIT ?2",
+    let rows: Vec<(bool, i64, ThreadRef)> = conn.query_all(
+        "SELECT CAST(0 AS BIGINT), seq, message_id, agent_inbound FROM (
+             SELECT seq, message_id, agent_inbound FROM thread_ids
+             WHERE ticket_id = ?1 ORDER BY seq DESC LIMIT ?2) AS latest
+         UNION ALL
+         SELECT CAST(1 AS BIGINT), seq, message_id, agent_inbound FROM (
+             SELECT seq, message_id, agent_inbound FROM thread_ids
+             WHERE ticket_id = ?1 AND agent_inbound = 0 ORDER BY seq LIMIT 1) AS first",
         args![ticket_id, THREAD_TAIL],
-        map,
+        |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                ThreadRef {
+                    message_id: r.get(2)?,
+                    agent_inbound: r.get(3)?,
+                },
+            ))
+        },
     )?;
-    refs.reverse();
-    let first: Vec<ThreadRef> = conn.query_all(
-        "SELECT message_id, agent_inbound FROM thread_ids WHERE ticket_id = ?1 AND agent_inbound = 0 ORDER BY seq LIMIT 1",
-        args![ticket_id],
-        map,
-    )?;
-    for f in first {
+    let (first, mut latest): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(first, ..)| *first);
+    latest.sort_by_key(|(_, seq, _)| *seq);
+    let mut refs: Vec<ThreadRef> = latest.into_iter().map(|(.., r)| r).collect();
+    for (.., f) in first {
         if !refs.iter().any(|r| r.message_id == f.message_id) {
             refs.insert(0, f);
         }
@@ -196,9 +221,11 @@ pub fn duplicate_of(
 /// of a message (its sender and body) until the transaction ends, so that
 /// an instance receiving the same message at the same moment runs its
 /// duplicate check after this one's entry has committed, and finds it.
-/// The unique `entries_once` covers mail with a Message-ID by itself; this
-/// covers the 24-hour window of mail without one, which no unique key
-/// can express. Nothing to do on SQLite, whose one writer serializes.
+/// The unique `entries_once` covers mail with a Message-ID by itself (the
+/// second instance's entry is refused, and its message counted a
+/// duplicate then), so only mail without one takes it: its 24-hour window
+/// is what no unique key can express. Nothing to do on SQLite, whose one
+/// writer serializes.
 pub fn hold_duplicate_key(conn: &Db, sender: &str, body_hash: &str) -> Result<()> {
     if conn.is_postgres() {
         conn.query_row(
@@ -287,6 +314,21 @@ pub fn create(
     digits: usize,
     now: i64,
 ) -> Result<(i64, String)> {
+    let view = create_and_view(conn, new, state, prefix, digits, now)?;
+    Ok((view.id, view.number))
+}
+
+/// [`create`], and what [`view`] would read of the new ticket, from what
+/// was written rather than read back: its lists in the order they were
+/// inserted, each address once, and no thread yet.
+pub fn create_and_view(
+    conn: &Db,
+    new: &NewTicket,
+    state: TicketState,
+    prefix: &str,
+    digits: usize,
+    now: i64,
+) -> Result<TicketView> {
     let placeholder = format!("#new-{:032x}", rand::random::<u128>());
     let id: i64 = conn.query_row(
         "INSERT INTO tickets (number, subject, state, owner, created_at, updated_at)
@@ -305,19 +347,69 @@ pub fn create(
         "UPDATE tickets SET number = ?2 WHERE id = ?1",
         args![id, &number],
     )?;
-    for m in &new.requesters {
-        add_participant(conn, id, Role::Requester, m, now)?;
+    let mut lists: Vec<(Role, Mailbox)> = Vec::new();
+    let people = (new.requesters.iter().map(|m| (Role::Requester, m.clone())))
+        .chain(new.watch_list.iter().map(|m| (Role::Watch, m.clone())))
+        .chain(
+            new.work_notes_list
+                .iter()
+                .chain(&new.owner)
+                .map(|a| (Role::Notes, Mailbox::new(None, a))),
+        );
+    for (role, who) in people {
+        if !lists
+            .iter()
+            .any(|(r, m)| *r == role && m.address == who.address)
+        {
+            lists.push((role, who));
+        }
     }
-    for m in &new.watch_list {
-        add_participant(conn, id, Role::Watch, m, now)?;
+    add_participants(conn, id, &lists, now)?;
+    let on = |role: Role| {
+        lists
+            .iter()
+            .filter(move |(r, _)| *r == role)
+            .map(|(_, m)| m)
+    };
+    Ok(TicketView {
+        id,
+        number,
+        subject: new.subject.clone(),
+        state,
+        resolved_at: None,
+        owner: new.owner.clone(),
+        requesters: on(Role::Requester).cloned().collect(),
+        watch_list: on(Role::Watch).cloned().collect(),
+        work_notes_list: on(Role::Notes).map(|m| m.address.clone()).collect(),
+        thread: Vec::new(),
+    })
+}
+
+/// Put several people on a ticket's lists in one statement (one row each,
+/// in order); those already on theirs stay as they are.
+fn add_participants(conn: &Db, ticket_id: i64, people: &[(Role, Mailbox)], now: i64) -> Result<()> {
+    if people.is_empty() {
+        return Ok(());
     }
-    for a in &new.work_notes_list {
-        add_participant(conn, id, Role::Notes, &Mailbox::new(None, a), now)?;
+    // ?1 the ticket, ?2 the time, then role, address and name of each.
+    let rows: Vec<String> = (0..people.len())
+        .map(|i| format!("(?1, ?{}, ?{}, ?{}, ?2)", 3 * i + 3, 3 * i + 4, 3 * i + 5))
+        .collect();
+    let sql = format!(
+        "INSERT INTO participants (ticket_id, role, address, name, added_at) VALUES {}
+         ON CONFLICT DO NOTHING",
+        rows.join(", ")
+    );
+    let mut params = vec![Value::Int(ticket_id), Value::Int(now)];
+    for (role, who) in people {
+        params.extend([
+            Value::Text(role.as_str()),
+            Value::Text(&who.address),
+            Value::from(&who.name),
+        ]);
     }
-    if let Some(owner) = &new.owner {
-        add_participant(conn, id, Role::Notes, &Mailbox::new(None, owner), now)?;
-    }
-    Ok((id, number))
+    conn.exec(&sql, &params)?;
+    Ok(())
 }
 
 /// Add someone to a list; `true` when they were not on it yet.
@@ -631,10 +723,52 @@ pub fn insert_thread_id(
     ours: bool,
     now: i64,
 ) -> Result<()> {
-    conn.exec(
-        "INSERT INTO thread_ids (message_id, ticket_id, agent_inbound, ours, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        args![message_id, ticket_id, agent_inbound, ours, now],
-    )?;
+    insert_thread_ids(
+        conn,
+        ticket_id,
+        &[ThreadId {
+            message_id,
+            agent_inbound,
+            ours,
+        }],
+        now,
+    )
+}
+
+/// A Message-ID to remember on a ticket ([`insert_thread_id`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ThreadId<'a> {
+    /// As it stands in the header, angle brackets and all.
+    pub message_id: &'a str,
+    /// An agent's own: never named to non-agents.
+    pub agent_inbound: bool,
+    /// One of our outgoing copies'.
+    pub ours: bool,
+}
+
+/// Several Message-IDs of one ticket (a message's and its copies'), in one
+/// statement; they thread in this order.
+pub fn insert_thread_ids(conn: &Db, ticket_id: i64, ids: &[ThreadId<'_>], now: i64) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    // ?1 the ticket, ?2 the time, then Message-ID, agent_inbound and ours of each.
+    let rows: Vec<String> = (0..ids.len())
+        .map(|i| format!("(?{}, ?1, ?{}, ?{}, ?2)", 3 * i + 3, 3 * i + 4, 3 * i + 5))
+        .collect();
+    let sql = format!(
+        "INSERT INTO thread_ids (message_id, ticket_id, agent_inbound, ours, at) VALUES {}",
+        rows.join(", ")
+    );
+    let mut params = vec![Value::Int(ticket_id), Value::Int(now)];
+    for id in ids {
+        params.extend([
+            Value::Text(id.message_id),
+            Value::from(id.agent_inbound),
+            Value::from(id.ours),
+        ]);
+    }
+    conn.exec(&sql, &params)?;
     Ok(())
 }
 
@@ -1015,44 +1149,53 @@ fn insert_outbox_row(
 /// How many capped messages went to `address` lately, each count stopped
 /// at its cap (see `decide::within_cap`): an agent who receives thousands
 /// of copies a day costs no more to check than one who received three.
+/// `copies_of`: a sender and `max_resends_per_sender_hour`, whose copies of
+/// the last hour (all tickets and addresses together) are counted in the
+/// same statement, up to that cap; 0 without one.
 pub fn sent_counts(
     conn: &Db,
     address: &str,
     ticket_id: i64,
     caps: crate::decide::SentCounts,
+    copies_of: Option<(&str, u32)>,
     now: i64,
-) -> Result<crate::decide::SentCounts> {
-    const AUTOMATIC: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM sends
-         WHERE address = ?1 AND automatic = 1 AND at >= ?2 LIMIT ?3) AS capped";
-    let count = |r: &super::Row<'_>| -> Result<u32> {
-        u32::try_from(r.get::<i64>(0)?).map_err(|e| StoreError::Invalid(e.to_string()))
+) -> Result<(crate::decide::SentCounts, u32)> {
+    let (sender, sender_cap) = copies_of.map_or((None, 0), |(s, cap)| (Some(s), cap));
+    let count = |r: &super::Row<'_>, i: usize| -> Result<u32> {
+        u32::try_from(r.get::<i64>(i)?).map_err(|e| StoreError::Invalid(e.to_string()))
     };
-    let automatic_last_hour = conn.query_row(
-        AUTOMATIC,
-        args![address, now - 3600, caps.automatic_last_hour],
-        count,
-    )?;
-    let automatic_last_day = conn.query_row(
-        AUTOMATIC,
-        args![address, now - 86_400, caps.automatic_last_day],
-        count,
-    )?;
-    let resends_on_ticket_last_hour = conn.query_row(
-        "SELECT COUNT(*) FROM (SELECT 1 FROM sends
-         WHERE ticket_id = ?1 AND address = ?2 AND automatic = 0 AND at >= ?3 LIMIT ?4) AS capped",
+    conn.query_row(
+        "SELECT
+           (SELECT COUNT(*) FROM (SELECT 1 FROM sends
+            WHERE address = ?1 AND automatic = 1 AND at >= ?2 LIMIT ?3) AS automatic_hour),
+           (SELECT COUNT(*) FROM (SELECT 1 FROM sends
+            WHERE address = ?1 AND automatic = 1 AND at >= ?4 LIMIT ?5) AS automatic_day),
+           (SELECT COUNT(*) FROM (SELECT 1 FROM sends
+            WHERE ticket_id = ?6 AND address = ?1 AND automatic = 0 AND at >= ?2 LIMIT ?7) AS resends),
+           (SELECT COUNT(*) FROM (SELECT 1 FROM sends
+            WHERE sender = ?8 AND at >= ?2 LIMIT ?9) AS copies)",
         args![
-            ticket_id,
             address,
             now - 3600,
-            caps.resends_on_ticket_last_hour
+            caps.automatic_last_hour,
+            now - 86_400,
+            caps.automatic_last_day,
+            ticket_id,
+            caps.resends_on_ticket_last_hour,
+            sender,
+            sender_cap
         ],
-        count,
-    )?;
-    Ok(crate::decide::SentCounts {
-        automatic_last_hour,
-        automatic_last_day,
-        resends_on_ticket_last_hour,
-    })
+        |r| {
+            Ok((
+                crate::decide::SentCounts {
+                    automatic_last_hour: count(r, 0)?,
+                    automatic_last_day: count(r, 1)?,
+                    resends_on_ticket_last_hour: count(r, 2)?,
+                },
+                count(r, 3)?,
+            ))
+        },
+    )
 }
 
 /// How long a `sends` row counts: the longest cap window, a day.
@@ -1105,17 +1248,6 @@ pub fn record_send(
         args![address, ticket_id, automatic, now, sender],
     )?;
     Ok(())
-}
-
-/// The copies `sender`'s mail caused since `since`, all tickets together,
-/// counted up to `limit` (the cap: no need to count further).
-pub fn copies_caused_by(conn: &Db, sender: &str, since: i64, limit: u32) -> Result<u32> {
-    let n: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM (SELECT 1 FROM sends WHERE sender = ?1 AND at >= ?2 LIMIT ?3) AS capped",
-        args![sender, since, limit],
-        |r| r.get(0),
-    )?;
-    u32::try_from(n).map_err(|e| StoreError::Invalid(e.to_string()))
 }
 
 #[cfg(test)]
@@ -1173,11 +1305,18 @@ mod tests {
                 work_notes_list: vec!["agent@crm.test".into()],
                 owner: Some("agent@crm.test".into()),
             };
-            let (id, number) = create(&db.conn, &new, TicketState::Open, "TKT", 7, 200).unwrap();
+            let created =
+                create_and_view(&db.conn, &new, TicketState::Open, "TKT", 7, 200).unwrap();
+            let (id, number) = (created.id, created.number.clone());
             assert_eq!(number, "TKT0000002");
             assert_ne!(id, first);
 
             let ticket = view(&db.conn, id).unwrap();
+            assert_eq!(
+                created, ticket,
+                "the view written is the view read ({})",
+                db.engine
+            );
             assert_eq!(ticket.number, "TKT0000002");
             assert_eq!(ticket.subject, "Printer");
             assert_eq!(ticket.state, TicketState::Open);
@@ -1915,8 +2054,17 @@ mod tests {
             record_send(&db.conn, "a@x", 2, false, None, now - 20).unwrap();
             record_send(&db.conn, "a@x", 2, false, None, now - 30).unwrap();
             record_send(&db.conn, "b@x", 1, true, None, now).unwrap();
+            for (ticket, at) in [
+                (1, now - 10),
+                (2, now - 20),
+                (3, now - 30),
+                (3, now - 4_000),
+            ] {
+                record_send(&db.conn, "ann@crm.test", ticket, false, Some("s@x"), at).unwrap();
+            }
 
-            let counts = sent_counts(&db.conn, "a@x", 1, caps, now).unwrap();
+            let (counts, copies) = sent_counts(&db.conn, "a@x", 1, caps, None, now).unwrap();
+            assert_eq!(copies, 0, "no sender, nothing counted");
             assert_eq!(
                 counts,
                 crate::decide::SentCounts {
@@ -1926,13 +2074,25 @@ mod tests {
                 }
             );
             assert_eq!(
-                sent_counts(&db.conn, "a@x", 2, caps, now)
+                sent_counts(&db.conn, "a@x", 2, caps, None, now)
                     .unwrap()
+                    .0
                     .resends_on_ticket_last_hour,
                 2
             );
-            let other = sent_counts(&db.conn, "c@x", 1, caps, now).unwrap();
-            assert_eq!(other, crate::decide::SentCounts::default());
+            let other = sent_counts(&db.conn, "c@x", 1, caps, None, now).unwrap();
+            assert_eq!(other, (crate::decide::SentCounts::default(), 0));
+            // A sender's copies of the last hour, to anyone on any ticket,
+            // stopped at their cap.
+            let copies = |cap| sent_counts(&db.conn, "c@x", 1, caps, Some(("s@x", cap)), now);
+            assert_eq!(copies(10).unwrap().1, 3);
+            assert_eq!(copies(2).unwrap().1, 2);
+            assert_eq!(
+                sent_counts(&db.conn, "c@x", 1, caps, Some(("t@x", 10)), now)
+                    .unwrap()
+                    .1,
+                0
+            );
         }
     }
 
