@@ -224,6 +224,10 @@ fresh database, before pointing it at the new one)."
         /// the source's). Without it, none is sent (trust or peer authentication).
         #[arg(long, value_name = "FILE")]
         password_file: Option<PathBuf>,
+        /// CA certificates (PEM) trusted for the target's TLS, on top of the web PKI's (the
+        /// configuration's [store] ca_file is the source's).
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -278,8 +282,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             print!("{}", dkim_record(&config)?);
             Ok(0)
         }
-        Command::Store(StoreCommand::Copy { to, password_file }) => {
-            store_copy(&config, &to, password_file.as_deref())?;
+        Command::Store(StoreCommand::Copy {
+            to,
+            password_file,
+            ca_file,
+        }) => {
+            store_copy(&config, &to, password_file.as_deref(), ca_file.as_deref())?;
             Ok(0)
         }
         command => {
@@ -873,7 +881,12 @@ fn release_quarantined(conn: &mut Db, rt: &Runtime, id: i64) -> anyhow::Result<(
 /// `crmgate store copy --to URL`: the configured log into an empty
 /// database; a progress line on a terminal, the rows copied per table at
 /// the end.
-fn store_copy(config: &Config, to: &str, password_file: Option<&Path>) -> anyhow::Result<()> {
+fn store_copy(
+    config: &Config,
+    to: &str,
+    password_file: Option<&Path>,
+    ca_file: Option<&Path>,
+) -> anyhow::Result<()> {
     use std::io::{IsTerminal as _, Write as _};
     let password = password_file
         .map(|f| {
@@ -882,7 +895,11 @@ fn store_copy(config: &Config, to: &str, password_file: Option<&Path>) -> anyhow
                 .with_context(|| format!("--password-file {}", f.display()))
         })
         .transpose()?;
-    let target = store::copy::target(to, password)?;
+    let ca_certificates = ca_file
+        .map(|f| crate::config::read_ca_bundle(f).map_err(|e| anyhow::anyhow!("--ca-file: {e}")))
+        .transpose()?
+        .unwrap_or_default();
+    let target = store::copy::target(to, password, ca_certificates)?;
     let source = open_existing(config)?;
     let from = Location::of(config);
     let terminal = std::io::stderr().is_terminal();

@@ -289,6 +289,7 @@ impl Default for RawAuth {
 pub struct RawStore {
     pub(crate) url: String,
     pub(crate) password_file: String,
+    pub(crate) ca_file: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -609,6 +610,9 @@ pub enum Store {
         url: String,
         /// Read once when the configuration is loaded; never printed.
         password: Option<String>,
+        /// `ca_file`: CA certificates trusted for the server's TLS on top
+        /// of the web PKI's.
+        ca_certificates: Vec<CertificateDer<'static>>,
     },
 }
 
@@ -616,10 +620,15 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Store::Sqlite => f.write_str("Sqlite"),
-            Store::Postgres { url, password } => f
+            Store::Postgres {
+                url,
+                password,
+                ca_certificates,
+            } => f
                 .debug_struct("Postgres")
                 .field("url", url)
                 .field("password", &password.as_ref().map(|_| "…"))
+                .field("ca_certificates", &ca_certificates.len())
                 .finish(),
         }
     }
@@ -1310,6 +1319,13 @@ impl RawStore {
                     "is only read with a PostgreSQL store.url".into(),
                 );
             }
+            if !self.ca_file.is_empty() {
+                p.bad(
+                    "store.ca_file",
+                    "is only read with a PostgreSQL store.url (crmgate store copy takes --ca-file)"
+                        .into(),
+                );
+            }
             return Store::Sqlite;
         }
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -1344,9 +1360,18 @@ impl RawStore {
                 }
             }
         };
+        let ca_certificates = if self.ca_file.is_empty() {
+            Vec::new()
+        } else {
+            read_ca_bundle(Path::new(&self.ca_file)).unwrap_or_else(|reason| {
+                p.bad("store.ca_file", reason);
+                Vec::new()
+            })
+        };
         Store::Postgres {
             url: url.to_string(),
             password,
+            ca_certificates,
         }
     }
 }
@@ -1457,7 +1482,7 @@ fn parse_net(text: &str) -> Option<IpNet> {
 /// # Errors
 /// The file cannot be read, is not PEM, holds no certificate, or holds one
 /// that rustls cannot use as a root; the reason names the file.
-fn read_ca_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn read_ca_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let certificates = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -1797,6 +1822,7 @@ mod tests {
             Store::Postgres {
                 url: "postgres://crmgate@db.example.org:5432/crm".into(),
                 password: Some("s3cret".into()),
+                ca_certificates: Vec::new(),
             }
         );
         assert!(
@@ -1818,6 +1844,48 @@ mod tests {
         assert_eq!(
             keys("[store]\nurl = \"postgres://u@h/db\"\npassword_file = \"/nonexistent/pass\""),
             ["store.password_file"]
+        );
+    }
+
+    #[test]
+    fn the_stores_ca_file_is_read_at_load_and_only_with_a_postgres_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["db.test".into()]).unwrap();
+        let pem = dir.path().join("ca.pem");
+        std::fs::write(&pem, ca.cert.pem()).unwrap();
+        let with = |url: &str, file: &Path| {
+            format!(
+                "[store]\nurl = {url:?}\nca_file = {:?}\n",
+                file.display().to_string()
+            )
+        };
+        let c = Config::from_toml(&with("postgres://crmgate@db.test/crm", &pem), "test").unwrap();
+        let Store::Postgres {
+            ca_certificates, ..
+        } = &c.store
+        else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(ca_certificates, &vec![ca.cert.der().clone()]);
+
+        let reasons = |text: &str| {
+            problems(text)
+                .into_iter()
+                .map(|p| format!("{}: {}", p.key, p.reason))
+                .collect::<Vec<_>>()
+        };
+        let r = reasons(&with(
+            "postgres://crmgate@db.test/crm",
+            &dir.path().join("missing.pem"),
+        ));
+        assert!(
+            r.len() == 1 && r[0].starts_with("store.ca_file: cannot read"),
+            "{r:?}"
+        );
+        let r = reasons(&with("", &pem));
+        assert!(
+            r.len() == 1 && r[0].starts_with("store.ca_file: is only read with a PostgreSQL"),
+            "{r:?}"
         );
     }
 }

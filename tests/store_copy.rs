@@ -453,3 +453,47 @@ fn the_manual_and_the_completions_name_store_copy() {
         "{help}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_over_tls_needs_the_servers_ca_and_the_log_is_read_there_with_store_ca_file() {
+    let Some((name, tls)) = common::test_cluster::tls_database() else {
+        return;
+    };
+    let mut g = Gateway::start("").await;
+    let number = g.open_ticket().await;
+    g.settle().await;
+    g.stop().await;
+    let url = format!(
+        "postgres://crmgate@localhost:{}/{name}?sslmode=require",
+        tls.port
+    );
+
+    let (code, _, err) = g.cli(&["store", "copy", "--to", &url]);
+    assert_eq!(code, 1, "copied to a server nobody vouched for");
+    assert!(
+        err.contains("not trusted") && err.contains("--ca-file"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+
+    let ca = g.dir.path().join("db-ca.pem");
+    std::fs::write(&ca, &tls.ca_pem).unwrap();
+    let ca = ca.display().to_string();
+    let (code, out, err) = g.cli(&["store", "copy", "--to", &url, "--ca-file", &ca]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("1 tickets") || out.contains("1 ticket"),
+        "{out}"
+    );
+
+    let text = std::fs::read_to_string(g.config_path()).unwrap();
+    let on_tls = text.replace(
+        "[store]\nurl = \"\"",
+        &format!("[store]\nurl = \"{url}\"\nca_file = {ca:?}"),
+    );
+    assert_ne!(on_tls, text);
+    let config = g.dir.path().join("on-tls.toml");
+    std::fs::write(&config, on_tls).unwrap();
+    let args = ["ticket", "show", number.as_str(), "--json"];
+    assert_eq!(json(&config, &args), json(&g.config_path(), &args));
+}

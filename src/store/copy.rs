@@ -257,7 +257,11 @@ impl Owned {
 ///
 /// # Errors
 /// `Invalid`, naming what is wrong, for any other URL.
-pub fn target(url: &str, password: Option<String>) -> Result<Location> {
+pub fn target(
+    url: &str,
+    password: Option<String>,
+    ca_certificates: Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
+) -> Result<Location> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let config: postgres::Config = url
             .parse()
@@ -272,6 +276,7 @@ pub fn target(url: &str, password: Option<String>) -> Result<Location> {
         return Ok(Location::Postgres {
             url: url.to_string(),
             password,
+            ca_certificates,
         });
     }
     if let Some(path) = url.strip_prefix("sqlite://").filter(|p| !p.is_empty()) {
@@ -725,6 +730,7 @@ mod tests {
         let location = Location::Postgres {
             url,
             password: None,
+            ca_certificates: Vec::new(),
         };
         let copied = copy(&sqlite.conn, &location, &mut |_, _, _| {}).unwrap();
         assert_eq!(copied.len(), TABLES.len());
@@ -759,6 +765,7 @@ mod tests {
             &Location::Postgres {
                 url,
                 password: None,
+                ca_certificates: Vec::new(),
             },
             crate::store::Durability::Full,
         )
@@ -809,6 +816,7 @@ mod tests {
         let back = Location::Postgres {
             url: crate::store::test_cluster::database().unwrap(),
             password: None,
+            ca_certificates: Vec::new(),
         };
         copy(&sqlite, &back, &mut |_, _, _| {}).unwrap();
         let again = crate::store::connect(&back, crate::store::Durability::Full).unwrap();
@@ -862,16 +870,17 @@ mod tests {
     #[test]
     fn a_target_is_a_postgres_or_sqlite_url_without_a_password() {
         assert!(matches!(
-            target("postgres://crm@db.example.org/crm", None).unwrap(),
+            target("postgres://crm@db.example.org/crm", None, Vec::new()).unwrap(),
             Location::Postgres { .. }
         ));
         assert_eq!(
-            target("sqlite:///var/lib/crmgate/copy.db", None).unwrap(),
+            target("sqlite:///var/lib/crmgate/copy.db", None, Vec::new()).unwrap(),
             Location::Sqlite(PathBuf::from("/var/lib/crmgate/copy.db"))
         );
-        let inline = target("postgres://crm:secret@db.example.org/crm", None).unwrap_err();
+        let inline =
+            target("postgres://crm:secret@db.example.org/crm", None, Vec::new()).unwrap_err();
         assert!(inline.to_string().contains("--password-file"), "{inline}");
-        let other = target("mysql://db/crm", None).unwrap_err();
+        let other = target("mysql://db/crm", None, Vec::new()).unwrap_err();
         assert!(other.to_string().contains("postgres://"), "{other}");
     }
 }

@@ -11,6 +11,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use postgres::types::{IsNull, ToSql, Type};
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 
 use super::{Result, StoreError};
 
@@ -230,6 +232,7 @@ pub struct Pg {
     round_trips: Cell<u64>,
     /// To connect again when the server closed the connection.
     config: Box<postgres::Config>,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
 }
 
 /// The sync client holds a runtime of its own, which may not be dropped
@@ -257,6 +260,50 @@ pub enum Db {
     Postgres(Pg),
 }
 
+/// rustls with the ring provider named (tokio-rustls is built with it
+/// alone, and no process-wide default is installed), the roots of the web
+/// PKI and the operator's own.
+fn tls_connector(
+    ca_certificates: &[CertificateDer<'static>],
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for certificate in ca_certificates {
+        roots
+            .add(certificate.clone())
+            .map_err(|e| StoreError::Invalid(format!("store.ca_file: {e}")))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StoreError::Invalid(format!("TLS: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// A certificate the client does not trust says what to do about it; any
+/// other error is the server's or the network's, as it came.
+fn explain_tls(e: postgres::Error) -> StoreError {
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        let rustls_error = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        if let Some(rustls::Error::InvalidCertificate(why)) = rustls_error {
+            return StoreError::Invalid(format!(
+                "store.url: the PostgreSQL server's TLS certificate is not trusted ({why:?}): \
+                 give its CA in store.ca_file (crmgate store copy: --ca-file), \
+                 or connect over a Unix socket or with sslmode=disable on a trusted network"
+            ));
+        }
+        source = cause.source();
+    }
+    StoreError::Postgres(e)
+}
+
 /// `?N` → `$N`, outside string literals and quoted names.
 pub fn postgres_placeholders(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len() + 8);
@@ -282,17 +329,27 @@ fn pg_params<'v>(params: &'v [Value<'_>]) -> Vec<&'v (dyn ToSql + Sync)> {
 }
 
 impl Pg {
-    /// Open a client on `config`.
+    /// Open a client on `config`, over TLS when its `sslmode` asks for it
+    /// (`require`) or allows it (`prefer`, the default, and the server
+    /// offers TLS): the server's certificate is always verified, against
+    /// the web PKI's roots and `ca_certificates`, and its name against the
+    /// URL's host. A Unix socket never carries TLS (the server declines).
     ///
     /// # Errors
-    /// The server cannot be reached or refuses.
-    pub fn connect(config: &postgres::Config) -> Result<Pg> {
-        let client = config.connect(postgres::NoTls)?;
+    /// The server cannot be reached or refuses; its certificate is not
+    /// trusted (`Invalid`, naming `store.ca_file`).
+    pub fn connect(
+        config: &postgres::Config,
+        ca_certificates: &[CertificateDer<'static>],
+    ) -> Result<Pg> {
+        let tls = tls_connector(ca_certificates)?;
+        let client = config.connect(tls.clone()).map_err(explain_tls)?;
         Ok(Pg {
             client: RefCell::new(Some(client)),
             statements: RefCell::new(HashMap::new()),
             round_trips: Cell::new(0),
             config: Box::new(config.clone()),
+            tls,
         })
     }
 
@@ -320,7 +377,7 @@ impl Pg {
 
     fn reconnect(&self) -> Result<()> {
         tracing::warn!("the PostgreSQL connection was closed: connecting again");
-        let fresh = self.config.connect(postgres::NoTls)?;
+        let fresh = self.config.connect(self.tls.clone()).map_err(explain_tls)?;
         let old = self.client.replace(Some(fresh));
         let statements = std::mem::take(&mut *self.statements.borrow_mut());
         drop((statements, old));

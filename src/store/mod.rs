@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 use rusqlite_migration::{Migrations, M};
+use tokio_rustls::rustls;
 
 pub mod copy;
 pub mod db;
@@ -211,6 +212,8 @@ pub enum Location {
         url: String,
         /// From `[store] password_file`.
         password: Option<String>,
+        /// From `[store] ca_file`: trusted for the server's TLS.
+        ca_certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
     },
 }
 
@@ -234,9 +237,14 @@ impl Location {
     pub fn of(config: &crate::config::Config) -> Location {
         match &config.store {
             crate::config::Store::Sqlite => Location::Sqlite(config.database_path()),
-            crate::config::Store::Postgres { url, password } => Location::Postgres {
+            crate::config::Store::Postgres {
+                url,
+                password,
+                ca_certificates,
+            } => Location::Postgres {
                 url: url.clone(),
                 password: password.clone(),
+                ca_certificates: ca_certificates.clone(),
             },
         }
     }
@@ -262,7 +270,12 @@ pub fn connect(location: &Location, durability: Durability) -> Result<Db> {
 /// The URL does not parse, the server cannot be reached, or the schema is
 /// from a newer crmgate.
 pub fn connect_postgres(location: &Location, migrate: bool) -> Result<Db> {
-    let Location::Postgres { url, password } = location else {
+    let Location::Postgres {
+        url,
+        password,
+        ca_certificates,
+    } = location
+    else {
         return Err(StoreError::Invalid(format!(
             "{location} is not a PostgreSQL URL"
         )));
@@ -279,7 +292,7 @@ pub fn connect_postgres(location: &Location, migrate: bool) -> Result<Db> {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(BUSY_TIMEOUT);
     }
-    let db = Db::Postgres(db::Pg::connect(&config)?);
+    let db = Db::Postgres(db::Pg::connect(&config, ca_certificates)?);
     if migrate {
         postgres_migrate(&db)?;
     }
@@ -586,6 +599,7 @@ pub(crate) fn test_location() -> Option<Location> {
     test_cluster::database().map(|url| Location::Postgres {
         url,
         password: None,
+        ca_certificates: Vec::new(),
     })
 }
 
@@ -611,6 +625,7 @@ pub(crate) mod testing {
                 let location = Location::Postgres {
                     url,
                     password: None,
+                    ca_certificates: Vec::new(),
                 };
                 logs.push(TestLog {
                     engine: "postgres",
@@ -636,6 +651,74 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postgres_over_tcp_speaks_tls_verified_against_the_ca_file() {
+        use rustls::pki_types::pem::PemObject as _;
+        let Some((name, tls)) = test_cluster::tls_database() else {
+            return;
+        };
+        let ca: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(tls.ca_pem.as_bytes())
+            .collect::<std::result::Result<_, _>>()
+            .unwrap();
+        let at = |host: &str, params: &str, ca_certificates: &[_]| Location::Postgres {
+            url: format!("postgres://crmgate@{host}:{}/{name}{params}", tls.port),
+            password: None,
+            ca_certificates: ca_certificates.to_vec(),
+        };
+        let transport = |db: &Db| -> String {
+            db.query_row(
+                "SELECT CASE WHEN ssl THEN version ELSE 'plain' END \
+                 FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+
+        // Required or preferred (the default), with the CA: TLS, whose
+        // certificate names the host (a name or an address).
+        for (host, params) in [
+            ("localhost", "?sslmode=require"),
+            ("localhost", ""),
+            ("127.0.0.1", "?sslmode=prefer"),
+        ] {
+            let db = connect(&at(host, params, &ca), Durability::Full).unwrap();
+            assert!(
+                transport(&db).starts_with("TLS"),
+                "{host}{params}: {}",
+                transport(&db)
+            );
+        }
+        // Without the CA, refused, and the reason says what to do.
+        for params in ["?sslmode=require", ""] {
+            let Err(refused) = connect(&at("localhost", params, &[]), Durability::Full) else {
+                panic!("{params}: connected without the CA");
+            };
+            let said = refused.to_string();
+            assert!(
+                said.contains("not trusted") && said.contains("store.ca_file"),
+                "{params}: {said}"
+            );
+        }
+        // A name the certificate does not hold (the server reached at its
+        // address all the same): refused too.
+        let wrong = Location::Postgres {
+            url: format!(
+                "postgres://crmgate@db.example.org:{}/{name}?hostaddr=127.0.0.1",
+                tls.port
+            ),
+            password: None,
+            ca_certificates: ca.clone(),
+        };
+        let Err(refused) = connect(&wrong, Durability::Full) else {
+            panic!("connected to a server whose certificate names another host");
+        };
+        assert!(refused.to_string().contains("NotValidForName"), "{refused}");
+        // sslmode=disable: the operator's choice, on a trusted network.
+        let plain = connect(&at("localhost", "?sslmode=disable", &[]), Durability::Full).unwrap();
+        assert_eq!(transport(&plain), "plain");
+    }
 
     #[test]
     fn migrations_are_valid() {

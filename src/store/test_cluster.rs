@@ -18,12 +18,23 @@ use std::sync::{Mutex, OnceLock};
 /// it (the shell that runs the server reads it; at exit the pipe closes).
 struct Cluster {
     dir: PathBuf,
+    /// Its socket's port number (5432 but for the TLS cluster).
+    port: u16,
     _stop: Mutex<std::process::ChildStdin>,
 }
 
 const USER: &str = "crmgate";
 
 static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+static TLS_CLUSTER: OnceLock<Result<(Cluster, Tls), String>> = OnceLock::new();
+
+/// The TLS cluster's port on 127.0.0.1 and the CA that signed its
+/// certificate (for `localhost` and `127.0.0.1`).
+#[derive(Clone)]
+pub struct Tls {
+    pub port: u16,
+    pub ca_pem: String,
+}
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// Whether the PostgreSQL half of the tests is to be skipped.
@@ -51,11 +62,41 @@ pub fn database() -> Option<String> {
     )
 }
 
+/// A fresh database on a second cluster that also listens on 127.0.0.1,
+/// with TLS, its certificate signed by a CA made for it: the database's
+/// name, the port and the CA. `None` only when `CRMGATE_TEST_NO_PG=1`.
+///
+/// # Panics
+/// As [`database`].
+pub fn tls_database() -> Option<(String, Tls)> {
+    if skipped() {
+        eprintln!("CRMGATE_TEST_NO_PG=1: the PostgreSQL half of this test is skipped");
+        return None;
+    }
+    Some(
+        std::thread::spawn(|| {
+            let (cluster, tls) = match TLS_CLUSTER.get_or_init(start_with_tls) {
+                Ok(c) => c,
+                Err(why) => panic!("cannot start a PostgreSQL cluster with TLS: {why}"),
+            };
+            (create_database_on(cluster).1, tls.clone())
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+    )
+}
+
 fn create_database() -> String {
-    let cluster = match CLUSTER.get_or_init(start) {
+    let cluster = match CLUSTER.get_or_init(|| start(None)) {
         Ok(c) => c,
         Err(why) => panic!("cannot start a PostgreSQL cluster for the tests: {why}"),
     };
+    let (dir, name) = create_database_on(cluster);
+    url(&dir, &name)
+}
+
+/// A database made on `cluster`: its socket directory and name.
+fn create_database_on(cluster: &Cluster) -> (PathBuf, String) {
     let name = format!(
         "t{}_{}",
         std::process::id(),
@@ -63,6 +104,7 @@ fn create_database() -> String {
     );
     let mut admin = postgres::Config::new()
         .host_path(&cluster.dir)
+        .port(cluster.port)
         .user(USER)
         .dbname("postgres")
         .connect(postgres::NoTls)
@@ -70,7 +112,7 @@ fn create_database() -> String {
     admin
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
-    url(&cluster.dir, &name)
+    (cluster.dir.clone(), name)
 }
 
 /// `postgres://crmgate@%2Fpath%2Fto%2Fdir/name`: a Unix socket directory as
@@ -137,7 +179,50 @@ fn as_owner(cmd: &mut Command, owner: Option<(u32, u32)>) -> &mut Command {
     cmd
 }
 
-fn start() -> Result<Cluster, String> {
+/// A CA and the server certificate it signs, a free port on 127.0.0.1,
+/// and a cluster listening there with TLS on.
+fn start_with_tls() -> Result<(Cluster, Tls), String> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let fail = |e: rcgen::Error| format!("test PKI: {e}");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "crmgate test database CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().map_err(fail)?)
+        .map_err(fail)?;
+    let server_key = KeyPair::generate().map_err(fail)?;
+    let server = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .map_err(fail)?
+        .signed_by(&server_key, &ca)
+        .map_err(fail)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("a free port: {e}"))?
+        .port();
+    let files = TlsFiles {
+        certificate: format!("{}{}", server.pem(), ca.pem()),
+        key: server_key.serialize_pem(),
+        port,
+    };
+    let cluster = start(Some(&files))?;
+    Ok((
+        cluster,
+        Tls {
+            port,
+            ca_pem: ca.pem(),
+        },
+    ))
+}
+
+/// The server's certificate chain and key (PEM), and its port on 127.0.0.1.
+struct TlsFiles {
+    certificate: String,
+    key: String,
+    port: u16,
+}
+
+fn start(tls: Option<&TlsFiles>) -> Result<Cluster, String> {
     let bin = bin_dir()?;
     let owner = unprivileged();
     let dir = tempfile::Builder::new()
@@ -164,10 +249,39 @@ fn start() -> Result<Cluster, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
+    // With TLS, also on 127.0.0.1: the key must be the server user's own,
+    // unreadable by others, or PostgreSQL refuses it.
+    let network = match tls {
+        None => "-c listen_addresses=".to_string(),
+        Some(files) => {
+            use std::os::unix::fs::PermissionsExt as _;
+            let (certificate, key) = (dir.join("server.crt"), dir.join("server.key"));
+            std::fs::write(&certificate, &files.certificate)
+                .and_then(|()| std::fs::write(&key, &files.key))
+                .and_then(|()| {
+                    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                })
+                .map_err(|e| format!("the server's certificate: {e}"))?;
+            if let Some((uid, gid)) = owner {
+                for file in [&certificate, &key] {
+                    std::os::unix::fs::chown(file, Some(uid), Some(gid))
+                        .map_err(|e| format!("chown {}: {e}", file.display()))?;
+                }
+            }
+            format!(
+                "-c listen_addresses=127.0.0.1 -c port={} -c ssl=on \
+                 -c ssl_cert_file={} -c ssl_key_file={}",
+                files.port,
+                certificate.display(),
+                key.display()
+            )
+        }
+    };
     // The shell runs the server until its stdin closes (this process
-    // exits), then stops it and removes the cluster.
+    // exits), then stops it and removes the cluster. `$3`: the network
+    // options, split into words.
     let script = r#"
-        "$1/postgres" -D "$2/data" -k "$2" -c listen_addresses= -c fsync=off \
+        "$1/postgres" -D "$2/data" -k "$2" $3 -c fsync=off \
             -c max_connections=200 -c shared_buffers=32MB >"$2/log" 2>&1 &
         pid=$!
         cat >/dev/null
@@ -179,6 +293,7 @@ fn start() -> Result<Cluster, String> {
         .arg("sh")
         .arg(&bin)
         .arg(&dir)
+        .arg(&network)
         .current_dir(&dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -186,10 +301,12 @@ fn start() -> Result<Cluster, String> {
         .spawn()
         .map_err(|e| format!("sh: {e}"))?;
     let stop = child.stdin.take().ok_or("no stdin")?;
+    let port = tls.map_or(5432, |files| files.port);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let ok = postgres::Config::new()
             .host_path(&dir)
+            .port(port)
             .user(USER)
             .dbname("postgres")
             .connect(postgres::NoTls)
@@ -207,6 +324,7 @@ fn start() -> Result<Cluster, String> {
     }
     Ok(Cluster {
         dir,
+        port,
         _stop: Mutex::new(stop),
     })
 }
