@@ -8,6 +8,12 @@
 //! systemd stop with it. On PostgreSQL several writers share that queue
 //! and a ping reaches one of them: each of the others is watched too, so
 //! one that ended or is stuck in a batch is seen ([`Writer::all_running`]).
+//!
+//! The database is asked on a connection of the probes' own. A SQLite file
+//! is opened anew each time (a kept one would go on answering for a file
+//! that was removed); a PostgreSQL connection is kept between probes, since
+//! each new one is a backend process, an authentication and perhaps a TLS
+//! handshake, every few seconds, for as long as the daemon runs.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,7 +22,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::outbox::{self, Backlog, MarkRequest};
-use crate::store::Location;
+use crate::store::{Db, Location, StoreError};
 use crate::writer::Writer;
 
 /// How long the writer may take to answer a ping.
@@ -25,6 +31,8 @@ pub const WRITER_ANSWER_WITHIN: Duration = Duration::from_secs(5);
 /// The parts a health check asks about; the daemon sets the flags.
 pub struct Health {
     location: Location,
+    /// The probes' PostgreSQL connection, once one has answered.
+    kept: Arc<std::sync::Mutex<Option<Db>>>,
     writer: Writer,
     /// The SMTP accept loop runs.
     pub listener: AtomicBool,
@@ -36,6 +44,7 @@ impl Health {
     pub fn new(location: Location, writer: Writer) -> Health {
         Health {
             location,
+            kept: Arc::new(std::sync::Mutex::new(None)),
             writer,
             listener: AtomicBool::new(false),
             relay: AtomicBool::new(false),
@@ -66,11 +75,7 @@ impl Health {
     /// The reason, for the 503's body.
     pub async fn check(&self) -> Result<(), String> {
         self.progress(WRITER_ANSWER_WITHIN).await?;
-        let location = self.location.clone();
-        let probe = tokio::task::spawn_blocking(move || {
-            outbox::connect_existing(&location).and_then(|conn| outbox::can_write(&conn))
-        })
-        .await;
+        let probe = self.ask_database(outbox::can_write).await;
         match probe {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!(
@@ -83,12 +88,9 @@ impl Health {
 
     /// The outbox for `/metrics`; zeros (and a warning) if it cannot be read.
     pub async fn backlog(&self) -> Backlog {
-        let location = self.location.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            outbox::connect_existing(&location)
-                .and_then(|conn| outbox::backlog(&conn, crate::store::now()))
-        })
-        .await;
+        let read = self
+            .ask_database(|conn| outbox::backlog(conn, crate::store::now()))
+            .await;
         match read {
             Ok(Ok(backlog)) => backlog,
             Ok(Err(e)) => {
@@ -100,6 +102,36 @@ impl Health {
                 Backlog::default()
             }
         }
+    }
+
+    /// `ask` on the probes' connection, on a blocking thread. A kept
+    /// PostgreSQL connection that fails is dropped and `ask` put once more
+    /// on a new one, so a server that restarted since the last probe is
+    /// not reported down; a new connection that fails is the answer.
+    async fn ask_database<T: Send + 'static>(
+        &self,
+        ask: fn(&Db) -> Result<T, StoreError>,
+    ) -> Result<Result<T, StoreError>, tokio::task::JoinError> {
+        let (location, kept) = (self.location.clone(), Arc::clone(&self.kept));
+        tokio::task::spawn_blocking(move || {
+            if let Location::Sqlite(_) = location {
+                return outbox::connect_existing(&location).and_then(|conn| ask(&conn));
+            }
+            let mut kept = kept
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(conn) = kept.take() {
+                if let Ok(answer) = ask(&conn) {
+                    *kept = Some(conn);
+                    return Ok(answer);
+                }
+            }
+            let conn = outbox::connect_existing(&location)?;
+            let answer = ask(&conn)?;
+            *kept = Some(conn);
+            Ok(answer)
+        })
+        .await
     }
 
     async fn ping_writer(&self, within: Duration) -> Result<(), String> {

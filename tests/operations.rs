@@ -41,10 +41,15 @@ fn config_text(dir: &Path, smtp: SocketAddr, http: SocketAddr) -> String {
 
 impl Daemon {
     fn start(env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with(env, "")
+    }
+
+    /// With `toml` added to the configuration (whole tables).
+    fn start_with(env: &[(&str, &str)], toml: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let (smtp, http) = (free_port(), free_port());
         let config = dir.path().join("crmgate.toml");
-        std::fs::write(&config, config_text(dir.path(), smtp, http)).unwrap();
+        std::fs::write(&config, config_text(dir.path(), smtp, http) + toml).unwrap();
         let log = dir.path().join("stderr.log");
         // systemd names the process the watchdog is for: the shell execs
         // crmgate, which keeps the shell's pid.
@@ -341,6 +346,85 @@ async fn healthz_is_200_then_503_when_the_database_cannot_be_written() {
     std::fs::remove_dir(d.db()).unwrap();
     std::fs::rename(&moved, d.db()).unwrap();
     assert_eq!(d.get("/healthz").await.0, 200);
+}
+
+/// `sql`'s one integer per row, on a connection of the test's own to the
+/// database at `url` (the sync client runs a runtime of its own: not on a
+/// tokio thread).
+fn admin_query(url: &str, sql: &'static str) -> Vec<i64> {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        admin
+            .query(sql, &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, i64>(0))
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+/// The backend pids of the daemon's connections.
+fn crmgate_backends(url: &str) -> std::collections::BTreeSet<i64> {
+    admin_query(
+        url,
+        "SELECT pid::bigint FROM pg_stat_activity \
+         WHERE application_name = 'crmgate' AND datname = current_database()",
+    )
+    .into_iter()
+    .collect()
+}
+
+/// Sessions ever opened on the database (each of these queries is one).
+fn sessions(url: &str) -> i64 {
+    admin_query(
+        url,
+        "SELECT sessions FROM pg_stat_database WHERE datname = current_database()",
+    )[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_on_postgresql_keeps_its_connection_and_opens_another_when_it_is_lost() {
+    let Some(url) = common::test_cluster::database() else {
+        return;
+    };
+    let d = Daemon::start_with(&[], &format!("[store]\nurl = \"{url}\"\n"));
+    wait_for("healthz", async || d.get("/healthz").await.0 == 200).await;
+    let after_one = crmgate_backends(&url);
+    let before = sessions(&url);
+    for _ in 0..10 {
+        assert_eq!(d.get("/healthz").await, (200, "ok\n".into()));
+        assert_eq!(d.get("/metrics").await.0, 200);
+    }
+    let opened = sessions(&url) - before;
+    assert!(
+        opened <= 2,
+        "twenty probes opened {opened} sessions (one is the test's own)"
+    );
+    assert_eq!(
+        crmgate_backends(&url),
+        after_one,
+        "twenty probes, the same connections"
+    );
+
+    // An administrator ends every connection of the daemon's: the next
+    // probe still answers 200, on a new one (the writers reconnect too).
+    let ended = admin_query(
+        &url,
+        "SELECT pg_terminate_backend(pid)::int::bigint FROM pg_stat_activity \
+         WHERE application_name = 'crmgate' AND datname = current_database()",
+    );
+    assert_eq!(ended.len(), after_one.len());
+    assert_eq!(d.get("/healthz").await, (200, "ok\n".into()));
+    let now = crmgate_backends(&url);
+    assert!(
+        !now.is_empty() && now.is_disjoint(&after_one),
+        "{now:?} after {after_one:?}"
+    );
+    let (code, log) = d.stop();
+    assert_eq!(code, Some(0), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

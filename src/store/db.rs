@@ -365,9 +365,12 @@ impl Pg {
         self.trip("BEGIN");
         let begun = self.client().batch_execute("BEGIN");
         match begun {
-            // Not the server's answer: the connection is gone, which the
-            // client may learn only now.
-            Err(e) if e.as_db_error().is_none() => {
+            // Not the server's answer, or its last (`FATAL: terminating
+            // connection due to administrator command`, which a server
+            // shutting down or `pg_terminate_backend` sends before it
+            // closes): the connection is gone, which the client may learn
+            // only now.
+            Err(e) if e.as_db_error().is_none_or(|db| db.severity() == "FATAL") => {
                 self.reconnect()?;
                 Ok(self.client().batch_execute("BEGIN")?)
             }
