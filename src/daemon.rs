@@ -105,8 +105,31 @@ pub async fn serve(
             if let Some(sqlite) = conn.sqlite() {
                 store::tune_for_writer(sqlite)?;
             }
-            let mut first = Runtime::new(config)?;
+            let mut first = Runtime::new(config.clone())?;
             first.load_former_agents(&conn)?;
+            if conn.is_postgres() {
+                match store::outbox::name_instance(&config.gateway.state_dir) {
+                    Ok(instance) => {
+                        let released =
+                            store::outbox::release_former_leases(&conn, instance, store::now())?;
+                        if released > 0 {
+                            tracing::info!(
+                                released,
+                                instance,
+                                "outgoing rows leased by this instance's former run taken back"
+                            );
+                        }
+                    }
+                    // Its rows wait for their leases to run out, as another
+                    // instance's would.
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        state_dir = %config.gateway.state_dir.display(),
+                        "cannot name this instance after its state directory: \
+                         after a restart, the rows it had leased wait 60 s"
+                    ),
+                }
+            }
             let mut conns = vec![conn];
             if matches!(location, store::Location::Postgres { .. }) {
                 while conns.len() < crate::writer::POSTGRES_WRITERS {

@@ -4,7 +4,7 @@
 //! outbox rows are leased. Every message answered `250` is in the log
 //! exactly once; every outbox row is delivered (at least once: the
 //! doubles are counted), the dead one's rows by the other once their
-//! lease has run out.
+//! lease has run out, or at once by the same instance started again.
 
 mod common;
 
@@ -328,4 +328,57 @@ async fn one_instance_logs_each_message_of_sixteen_concurrent_sessions_once() {
     let mut a = a;
     a.child.kill().unwrap();
     a.child.wait().unwrap();
+}
+
+/// An instance SIGKILLed while its rows are leased and started again on
+/// the same state directory takes them back at once: delivered well before
+/// their 60 s lease would have run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_started_again_after_sigkill_sends_its_leased_rows_at_once() {
+    let Some(url) = common::test_cluster::database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start().await;
+    sink.set_outage(true);
+    let mut a = start(dir.path(), "a", &url, &sink.url()).await;
+    let mut answered: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..6 {
+        let id = format!("leased-{i}");
+        let reply = send(
+            a.addr,
+            &format!("r-{id}@u.example"),
+            PUBLIC,
+            &message(&id, &id),
+        )
+        .await;
+        note_reply(&mut answered, &id, reply);
+    }
+    assert_eq!(answered.len(), 6, "{answered:?}");
+    // The relay worker has tried, and leased, every row by now.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    sink.set_outage(false);
+
+    let started = Instant::now();
+    let mut again = start(dir.path(), "a", &url, &sink.url()).await;
+    let within = Duration::from_secs(30);
+    loop {
+        let rows = json(&again.config, &["outbox", "list", "--json"]);
+        let rows = rows.as_array().unwrap();
+        if !rows.is_empty() && rows.iter().all(|r| r["status"] == "sent") {
+            break;
+        }
+        assert!(
+            started.elapsed() < within,
+            "rows still waiting after {within:?} (their lease is 60 s): {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let log = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
+    assert!(log.contains("former run taken back"), "{log}");
+    assert_each_answer_logged_once(&again.config, &answered);
+    again.child.kill().unwrap();
+    again.child.wait().unwrap();
 }

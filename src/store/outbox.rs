@@ -234,18 +234,95 @@ pub fn due(conn: &Db, now: i64, limit: usize) -> Result<Vec<OutboxRow>> {
 pub const LEASE_SECONDS: i64 = 60;
 
 /// This instance's name among those that share a PostgreSQL database: the
-/// lease holder of the rows its relay worker sends.
+/// lease holder of the rows its relay worker sends. `host/state:pid:random`
+/// once [`name_instance`] has read the state directory's name (the daemon
+/// does at start), `host:pid:random` before (the CLI, tests).
 pub fn instance_id() -> &'static str {
-    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ID.get_or_init(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!(
-            "{}:{}:{:08x}",
-            host.trim(),
-            std::process::id(),
-            rand::random::<u32>()
-        )
-    })
+    INSTANCE.get_or_init(|| instance_name(None))
+}
+
+static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn instance_name(state: Option<&str>) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let place = match state {
+        Some(state) => format!("{}/{state}", host.trim()),
+        None => host.trim().to_string(),
+    };
+    format!(
+        "{place}:{}:{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// Name this instance after its host and its state directory, whose
+/// `instance` file keeps a random name made at the first start: the same
+/// daemon started again (after a crash, a SIGKILL, a reboot) knows the
+/// rows leased by its former run ([`release_former_leases`]). Returns the
+/// instance's name.
+///
+/// # Errors
+/// The state directory cannot be made, or its `instance` file read or
+/// written.
+pub fn name_instance(state_dir: &std::path::Path) -> std::io::Result<&'static str> {
+    let state = instance_state(state_dir)?;
+    Ok(INSTANCE.get_or_init(|| instance_name(Some(&state))))
+}
+
+/// The random name in `state_dir/instance`, made the first time.
+fn instance_state(state_dir: &std::path::Path) -> std::io::Result<String> {
+    std::fs::create_dir_all(state_dir)?;
+    let file = state_dir.join("instance");
+    match std::fs::read_to_string(&file) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let state = format!("{:016x}", rand::random::<u64>());
+    std::fs::write(&file, format!("{state}\n"))?;
+    Ok(state)
+}
+
+/// PostgreSQL: give back at once the queued rows that a former run of this
+/// instance (same host, same state directory, a process no longer
+/// running) had leased, rather than leaving them 60 s to their lease: a
+/// daemon restarted after a crash sends them now. A holder whose process
+/// still runs (a second daemon on the same state directory, which it
+/// should not share) keeps its rows. Returns how many were given back.
+///
+/// # Errors
+/// A database error.
+pub fn release_former_leases(conn: &Db, current: &str, now: i64) -> Result<u64> {
+    let Some((place, _)) = current.split_once(':') else {
+        return Ok(0);
+    };
+    if !place.contains('/') || !conn.is_postgres() {
+        return Ok(0);
+    }
+    let prefix = format!("{place}:");
+    let holders: Vec<String> = conn.query_all(
+        "SELECT DISTINCT leased_by FROM outbox
+         WHERE status = 'queued' AND leased_until > ?1
+           AND starts_with(leased_by, ?2) AND leased_by <> ?3",
+        args![now, prefix.as_str(), current],
+        |r| r.get(0),
+    )?;
+    let mut released = 0;
+    for holder in holders {
+        let pid = holder[prefix.len()..].split(':').next().unwrap_or("");
+        let running = !pid.is_empty() && std::path::Path::new("/proc").join(pid).exists();
+        if running {
+            continue;
+        }
+        released += conn.exec(
+            "UPDATE outbox SET leased_by = NULL, leased_until = NULL
+             WHERE status = 'queued' AND leased_by = ?1",
+            args![holder.as_str()],
+        )?;
+    }
+    Ok(released)
 }
 
 /// PostgreSQL: take the due rows no other instance holds (`FOR UPDATE SKIP
@@ -793,6 +870,70 @@ mod tests {
         // A row marked sent is nobody's to take.
         mark_sent(&db.conn, rows[2], 170).unwrap();
         assert_eq!(taken(1_000, "b"), rows[..2]);
+    }
+
+    #[test]
+    fn on_postgres_a_restarted_instance_takes_back_the_rows_its_former_run_leased() {
+        let Some(location) = crate::store::test_location() else {
+            return;
+        };
+        let db = Log {
+            engine: "postgres",
+            conn: crate::store::connect(&location, crate::store::Durability::Full).unwrap(),
+            _dir: None,
+        };
+        let rows: Vec<i64> = (0..4).map(|i| db.queue(&["a@x"], 100 + i)).collect();
+        let lease = |row: i64, holder: &str| {
+            db.conn
+                .exec(
+                    "UPDATE outbox SET leased_by = ?1, leased_until = ?2 WHERE id = ?3",
+                    args![holder, 1_000_i64, row],
+                )
+                .unwrap();
+        };
+        // No process has a pid above the kernel's maximum (2^22).
+        let dead = "mx1/5eed:99999999:aaaaaaaa";
+        let alive = format!("mx1/5eed:{}:bbbbbbbb", std::process::id());
+        lease(rows[0], dead);
+        lease(rows[1], dead);
+        lease(rows[2], &alive);
+        lease(rows[3], "mx2/f00d:99999999:cccccccc");
+        let now = "mx1/5eed:4242:dddddddd";
+        assert_eq!(release_former_leases(&db.conn, now, 500).unwrap(), 2);
+        let taken: Vec<i64> = lease_due(&db.conn, 500, 10, now)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(
+            taken,
+            rows[..2],
+            "its former run's rows, not those of a running process nor another host's"
+        );
+        // Without a state directory in its name (the CLI), nothing.
+        lease(rows[0], dead);
+        assert_eq!(
+            release_former_leases(&db.conn, "mx1:4242:dddddddd", 500).unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn the_instance_file_names_the_same_daemon_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let first = instance_state(&state_dir).unwrap();
+        assert_eq!(first.len(), 16);
+        assert_eq!(instance_state(&state_dir).unwrap(), first, "kept");
+        let other = instance_state(&dir.path().join("elsewhere")).unwrap();
+        assert_ne!(other, first);
+        let name = instance_name(Some(&first));
+        let (place, rest) = name.split_once(':').unwrap();
+        assert!(place.ends_with(&format!("/{first}")), "{name}");
+        assert!(
+            rest.starts_with(&format!("{}:", std::process::id())),
+            "{name}"
+        );
     }
 
     #[test]
