@@ -164,6 +164,7 @@ const TABLES: &[Table] = &[
             ("last_error", Text),
             ("created_at", Int),
             ("sent_at", Int),
+            ("plan", Text),
         ],
         size: None,
         serial: Some("id"),

@@ -198,6 +198,42 @@ fn migrations() -> Migrations<'static> {
              DROP INDEX outbox_message_id;
              CREATE INDEX outbox_ticket ON outbox (ticket_id, id);",
         ),
+        // Fewer B-trees written for each outgoing copy (issue 16: each
+        // commit writes whole the last page of every B-tree it touches).
+        // A copy's plan, a few hundred bytes, goes in its outbox row, not
+        // in a row of `outbox_messages` of its own; rows from before keep
+        // theirs. The queued rows have one index, which the relay reads in
+        // id order and the worker's wake-up along `next_attempt_at`: a sent
+        // row leaves it, where `outbox_due` kept every row, sent ones too,
+        // and moved each at its every change of status. Failed rows, which
+        // `outbox retry` and `/metrics` look for, have an index of their
+        // own that holds only them. (PostgreSQL: 005.)
+        M::up(
+            "ALTER TABLE outbox ADD COLUMN plan TEXT;
+             DROP INDEX outbox_due;
+             DROP INDEX outbox_queued;
+             CREATE INDEX outbox_queued ON outbox (id, next_attempt_at) WHERE status = 'queued';
+             CREATE INDEX outbox_failed ON outbox (id) WHERE status = 'failed';",
+        ),
+        // The entries that the duplicate check of mail without a
+        // Message-ID reads have a sender: a receipt or a system entry,
+        // which has none, no longer writes the index. (PostgreSQL: 006.)
+        M::up(
+            "DROP INDEX entries_sender_hash;
+             CREATE INDEX entries_sender_hash ON entries (sender, body_hash, at)
+                 WHERE message_id IS NULL AND sender IS NOT NULL;",
+        ),
+        // One index of `sends` by address serves both counts by address:
+        // an address's automatic messages (at most the day's cap of them
+        // are kept: only those sent are counted, and a day's rows are
+        // pruned), and its re-sends on one ticket, the ticket before the
+        // time; where two indexes were written for every copy.
+        // (PostgreSQL: 007.)
+        M::up(
+            "DROP INDEX sends_automatic;
+             DROP INDEX sends_ticket;
+             CREATE INDEX sends_address ON sends (address, automatic, ticket_id, at);",
+        ),
     ])
 }
 
@@ -306,6 +342,9 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("postgres/002_entry_text_in_raw.sql"),
     include_str!("postgres/003_entries_sender_hash_partial.sql"),
     include_str!("postgres/004_own_message_ids_by_ticket.sql"),
+    include_str!("postgres/005_outbox_plan_in_row.sql"),
+    include_str!("postgres/006_entries_sender_hash_with_sender.sql"),
+    include_str!("postgres/007_sends_one_index_by_address.sql"),
 ];
 
 /// Bring a PostgreSQL schema up to date, in one transaction under an

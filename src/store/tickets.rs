@@ -1094,7 +1094,15 @@ pub fn insert_outbox(
     message: &[u8],
     now: i64,
 ) -> Result<i64> {
-    let id = insert_outbox_row(conn, ticket_id, entry_id, kind, recipients, message_id, now)?;
+    let id = insert_outbox_row(
+        conn,
+        (ticket_id, entry_id),
+        kind,
+        recipients,
+        message_id,
+        None,
+        now,
+    )?;
     conn.exec(
         "INSERT INTO outbox_messages (outbox_id, message) VALUES (?1, ?2)",
         args![id, Value::Large(message)],
@@ -1105,8 +1113,8 @@ pub fn insert_outbox(
 
 /// Queue an outgoing copy as its plan (`compose::plan::CopyPlan`, as
 /// JSON): the relay composes it when it sends it, from the plan and the
-/// row's entry. Beside the bytes' column, left empty, so a row has one
-/// place for what it sends, whichever it is.
+/// row's entry. In the row itself: a table of its own would be one more
+/// B-tree whose last page every commit writes whole.
 #[allow(clippy::too_many_arguments)]
 pub fn insert_outbox_plan(
     conn: &Db,
@@ -1118,29 +1126,33 @@ pub fn insert_outbox_plan(
     plan: &str,
     now: i64,
 ) -> Result<i64> {
-    let id = insert_outbox_row(conn, ticket_id, entry_id, kind, recipients, message_id, now)?;
-    conn.exec(
-        "INSERT INTO outbox_messages (outbox_id, message, plan) VALUES (?1, ?2, ?3)",
-        args![id, &b""[..], plan],
-    )?;
-    Ok(id)
+    insert_outbox_row(
+        conn,
+        (ticket_id, entry_id),
+        kind,
+        recipients,
+        message_id,
+        Some(plan),
+        now,
+    )
 }
 
+/// `on`: the row's ticket and entry.
 fn insert_outbox_row(
     conn: &Db,
-    ticket_id: Option<i64>,
-    entry_id: Option<i64>,
+    (ticket_id, entry_id): (Option<i64>, Option<i64>),
     kind: OutboxKind,
     recipients: &[String],
     message_id: &str,
+    plan: Option<&str>,
     now: i64,
 ) -> Result<i64> {
     let recipients =
         serde_json::to_string(recipients).map_err(|e| StoreError::Invalid(e.to_string()))?;
     let id: i64 = conn.query_row(
-        "INSERT INTO outbox (ticket_id, entry_id, kind, recipients, message_id, next_attempt_at, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) RETURNING id",
-        args![ticket_id, entry_id, kind.as_str(), &recipients, message_id, now],
+        "INSERT INTO outbox (ticket_id, entry_id, kind, recipients, message_id, next_attempt_at, created_at, plan)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7) RETURNING id",
+        args![ticket_id, entry_id, kind.as_str(), &recipients, message_id, now, plan],
         |r| r.get(0),
     )?;
     Ok(id)
