@@ -224,8 +224,13 @@ fn everything(config: &Path) -> Vec<Value> {
 
 /// A log with each kind of entry, an attachment, a long text, a
 /// quarantined message, a reply-all notice, outbox rows sent and one
-/// queued, made through the daemon and the commands.
+/// queued, a row sent as its bytes (mail to the postmaster, passed on to
+/// the operator; the copies are rows of their plans), made through the
+/// daemon and the commands.
 async fn a_full_log(g: &mut Gateway) -> String {
+    g.stop().await;
+    g.operator = Some("ops@example.org".into());
+    g.boot().await;
     let number = g.open_ticket().await; // email + receipt
     let pdf = format!(
         "From: Alice Martin <alice@u.example>\nTo: {PUBLIC}\nSubject: RE: [{number}] Imprimante\n\
