@@ -329,7 +329,9 @@ pub fn create_and_view(
     digits: usize,
     now: i64,
 ) -> Result<TicketView> {
-    let placeholder = format!("#new-{:032x}", rand::random::<u128>());
+    // After every number of the prefix (`~` sorts after the digits and
+    // the letters): on the index's last page, where the number goes.
+    let placeholder = format!("{prefix}~{:032x}", rand::random::<u128>());
     let id: i64 = conn.query_row(
         "INSERT INTO tickets (number, subject, state, owner, created_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?5) RETURNING id",
