@@ -66,6 +66,30 @@ async fn start(dir: &Path, name: &str, url: &str, relay: &str) -> Instance {
     }
 }
 
+impl Instance {
+    /// SIGKILL, and reap it.
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+/// `n` new messages of their own to `addr`, ids `{prefix}-{i}`, each
+/// reply noted.
+async fn send_own(
+    addr: SocketAddr,
+    prefix: &str,
+    n: usize,
+    answered: &mut BTreeMap<String, usize>,
+) {
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        let from = format!("r-{id}@u.example");
+        let reply = send(addr, &from, PUBLIC, &message(&id, &id)).await;
+        note_reply(answered, &id, reply);
+    }
+}
+
 /// One SMTP transaction; the reply to the end of data, or `None` when the
 /// instance is gone (refused, reset) or answered something else first.
 async fn send(addr: SocketAddr, from: &str, rcpt: &str, message: &str) -> Option<String> {
@@ -187,7 +211,7 @@ async fn two_instances_on_one_database_log_each_message_once_and_deliver_every_r
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start().await;
     let mut a = start(dir.path(), "a", &url, &sink.url()).await;
-    let b = start(dir.path(), "b", &url, &sink.url()).await;
+    let mut b = start(dir.path(), "b", &url, &sink.url()).await;
     // The relay is down: the rows stay queued, leased by whoever tried.
     sink.set_outage(true);
 
@@ -212,20 +236,9 @@ async fn two_instances_on_one_database_log_each_message_once_and_deliver_every_r
     }
     // Both have tried (and leased) their rows by now.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    a.child.kill().unwrap();
-    a.child.wait().unwrap();
+    a.kill();
     sink.set_outage(false);
-    for i in 0..8 {
-        let id = format!("after-{i}");
-        let reply = send(
-            b.addr,
-            &format!("r-{id}@u.example"),
-            PUBLIC,
-            &message(&id, &id),
-        )
-        .await;
-        note_reply(&mut answered, &id, reply);
-    }
+    send_own(b.addr, "after", 8, &mut answered).await;
 
     // B delivers its rows, then the dead one's once their lease ran out.
     let deadline = Instant::now() + Duration::from_secs(150);
@@ -275,9 +288,7 @@ async fn two_instances_on_one_database_log_each_message_once_and_deliver_every_r
         rows.len(),
         received.len()
     );
-    let mut b = b;
-    b.child.kill().unwrap();
-    b.child.wait().unwrap();
+    b.kill();
 }
 
 /// One instance, its several PostgreSQL writers and 16 SMTP sessions at
@@ -326,8 +337,7 @@ async fn one_instance_logs_each_message_of_sixteen_concurrent_sessions_once() {
     assert_eq!(answered.len(), 3 * (16 + 4), "{answered:?}");
     assert_each_answer_logged_once(&a.config, &answered);
     let mut a = a;
-    a.child.kill().unwrap();
-    a.child.wait().unwrap();
+    a.kill();
 }
 
 /// An instance SIGKILLed while its rows are leased and started again on
@@ -343,22 +353,11 @@ async fn an_instance_started_again_after_sigkill_sends_its_leased_rows_at_once()
     sink.set_outage(true);
     let mut a = start(dir.path(), "a", &url, &sink.url()).await;
     let mut answered: BTreeMap<String, usize> = BTreeMap::new();
-    for i in 0..6 {
-        let id = format!("leased-{i}");
-        let reply = send(
-            a.addr,
-            &format!("r-{id}@u.example"),
-            PUBLIC,
-            &message(&id, &id),
-        )
-        .await;
-        note_reply(&mut answered, &id, reply);
-    }
+    send_own(a.addr, "leased", 6, &mut answered).await;
     assert_eq!(answered.len(), 6, "{answered:?}");
     // The relay worker has tried, and leased, every row by now.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    a.child.kill().unwrap();
-    a.child.wait().unwrap();
+    a.kill();
     sink.set_outage(false);
 
     let started = Instant::now();
@@ -379,6 +378,5 @@ async fn an_instance_started_again_after_sigkill_sends_its_leased_rows_at_once()
     let log = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
     assert!(log.contains("former run taken back"), "{log}");
     assert_each_answer_logged_once(&again.config, &answered);
-    again.child.kill().unwrap();
-    again.child.wait().unwrap();
+    again.kill();
 }

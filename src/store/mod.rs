@@ -660,19 +660,19 @@ pub(crate) mod testing {
         /// (unless `CRMGATE_TEST_NO_PG=1`).
         pub(crate) fn all() -> Vec<TestLog> {
             let mut logs = vec![TestLog::sqlite()];
-            if let Some(url) = super::test_cluster::database() {
-                let location = Location::Postgres {
-                    url,
-                    password: None,
-                    ca_certificates: Vec::new(),
-                };
-                logs.push(TestLog {
-                    engine: "postgres",
-                    conn: connect(&location, Durability::Full).unwrap(),
-                    _dir: None,
-                });
-            }
+            logs.extend(TestLog::postgres());
             logs
+        }
+
+        /// A PostgreSQL database on the tests' cluster; `None` when
+        /// `CRMGATE_TEST_NO_PG=1`.
+        pub(crate) fn postgres() -> Option<TestLog> {
+            let location = super::test_location()?;
+            Some(TestLog {
+                engine: "postgres",
+                conn: connect(&location, Durability::Full).unwrap(),
+                _dir: None,
+            })
         }
 
         pub(crate) fn sqlite() -> TestLog {

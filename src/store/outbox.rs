@@ -852,13 +852,8 @@ mod tests {
 
     #[test]
     fn on_postgres_a_row_is_leased_by_one_instance_until_its_lease_runs_out() {
-        let Some(location) = crate::store::test_location() else {
+        let Some(db) = Log::postgres() else {
             return;
-        };
-        let db = Log {
-            engine: "postgres",
-            conn: crate::store::connect(&location, crate::store::Durability::Full).unwrap(),
-            _dir: None,
         };
         let rows: Vec<i64> = (0..3).map(|i| db.queue(&["a@x"], 100 + i)).collect();
         let taken = |now, holder| -> Vec<i64> {
@@ -888,13 +883,8 @@ mod tests {
 
     #[test]
     fn on_postgres_a_restarted_instance_takes_back_the_rows_its_former_run_leased() {
-        let Some(location) = crate::store::test_location() else {
+        let Some(db) = Log::postgres() else {
             return;
-        };
-        let db = Log {
-            engine: "postgres",
-            conn: crate::store::connect(&location, crate::store::Durability::Full).unwrap(),
-            _dir: None,
         };
         let rows: Vec<i64> = (0..4).map(|i| db.queue(&["a@x"], 100 + i)).collect();
         let lease = |row: i64, holder: &str| {
