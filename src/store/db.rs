@@ -388,7 +388,7 @@ impl Pg {
     }
 
     /// One more round trip, for `sql`: counted, and logged at the trace
-    /// level (`RUST_LOG=crmgate::store::statements=trace` lists every
+    /// level (`CRMGATE_LOG=info,crmgate::store::statements=trace` lists every
     /// statement a message costs).
     fn trip(&self, sql: &str) {
         self.round_trips.set(self.round_trips.get() + 1);
