@@ -815,6 +815,47 @@ mod tests {
         }
     }
 
+    /// A batch is first written without savepoints on PostgreSQL: a
+    /// message that fails there (text PostgreSQL cannot store: a NUL in
+    /// the Subject) rolls it back, and the batch is written again, a
+    /// savepoint per message, where that message alone is answered `451`
+    /// and the others are logged once.
+    #[test]
+    fn on_postgres_a_message_that_fails_is_answered_451_and_the_rest_of_its_batch_logged_once() {
+        let Some(location) = store::test_location() else {
+            return;
+        };
+        let config = crate::config::Config::from_toml(
+            "[gateway]\nhostname = \"crm.example.org\"\n\
+             [addresses]\npublic = \"support@example.org\"\n\
+             internal = \"support-notes@example.org\"\n",
+            "test",
+        )
+        .unwrap();
+        let rt = Runtime::new(Arc::new(config)).unwrap();
+        let mut conn = store::connect(&location, store::Durability::Full).unwrap();
+        let batch = [
+            message("before", "Printer"),
+            message("broken", "Printer\0 on fire"),
+            message("after", "Scanner"),
+        ];
+        let done = write_batch(&mut conn, &rt, &batch);
+        assert_eq!(
+            verdicts(&done),
+            [Verdict::Stored, Verdict::TempFailure, Verdict::Stored]
+        );
+        for (id, times) in [("before", 1), ("broken", 0), ("after", 1)] {
+            let logged = conn
+                .query_row(
+                    "SELECT count(*) FROM entries WHERE message_id LIKE ?1",
+                    store::args![format!("%{id}@u.example%").as_str()],
+                    |r| r.get::<i64>(0),
+                )
+                .unwrap();
+            assert_eq!(logged, times, "{id}");
+        }
+    }
+
     /// What a message costs in round trips to PostgreSQL, each kind the
     /// load of `bench/run` sends (bench/README.md lists the statements):
     /// one batch of one message, its statements prepared already, with
