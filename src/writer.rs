@@ -816,10 +816,10 @@ mod tests {
     }
 
     /// A batch is first written without savepoints on PostgreSQL: a
-    /// message that fails there (text PostgreSQL cannot store: a NUL in
-    /// the Subject) rolls it back, and the batch is written again, a
-    /// savepoint per message, where that message alone is answered `451`
-    /// and the others are logged once.
+    /// message that fails there (the test's trigger refuses its entry, as
+    /// a full disk or a broken row would) rolls it back, and the batch is
+    /// written again, a savepoint per message, where that message alone is
+    /// answered `451` and the others are logged once.
     #[test]
     fn on_postgres_a_message_that_fails_is_answered_451_and_the_rest_of_its_batch_logged_once() {
         let Some(location) = store::test_location() else {
@@ -834,9 +834,21 @@ mod tests {
         .unwrap();
         let rt = Runtime::new(Arc::new(config)).unwrap();
         let mut conn = store::connect(&location, store::Durability::Full).unwrap();
+        conn.batch(
+            "CREATE FUNCTION refuse_fire() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.subject LIKE '%on fire%' THEN
+                     RAISE EXCEPTION 'refused by the test';
+                 END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER refuse_fire BEFORE INSERT ON entries
+                 FOR EACH ROW EXECUTE FUNCTION refuse_fire();",
+        )
+        .unwrap();
         let batch = [
             message("before", "Printer"),
-            message("broken", "Printer\0 on fire"),
+            message("broken", "Printer on fire"),
             message("after", "Scanner"),
         ];
         let done = write_batch(&mut conn, &rt, &batch);

@@ -437,7 +437,34 @@ async fn mail_to_postmaster_reaches_the_operator_and_the_quarantine() {
     g.stop().await;
 }
 
+/// A NUL in the text (PostgreSQL's text holds none) is stored, not
+/// answered 451 at every attempt: there it becomes U+FFFD.
+async fn a_message_with_a_nul_in_its_subject_and_body_is_logged() {
+    let g = Gateway::start("").await;
+    let reply = g
+        .send(
+            "alice@u.example",
+            &[PUBLIC],
+            "From: Alice <alice@u.example>\r\nTo: support@example.org\r\n\
+             Subject: Imprimante\0 HS\r\nMessage-ID: <nul@u.example>\r\n\r\n\
+             Elle\0 ne marche plus.\r\n",
+        )
+        .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let t = g.show("TKT0000001");
+    let subject = t["subject"].as_str().unwrap();
+    assert!(
+        subject == "Imprimante\0 HS" || subject == "Imprimante\u{fffd} HS",
+        "{subject:?}"
+    );
+    let body = t["entries"][0]["body"].as_str().unwrap();
+    assert!(body.starts_with("Elle"), "{body:?}");
+    assert!(body.contains("ne marche plus."), "{body:?}");
+    g.settle().await;
+}
+
 both_engines!(
+    a_message_with_a_nul_in_its_subject_and_body_is_logged,
     a_requester_opens_a_ticket_and_gets_a_receipt,
     an_agents_comment_reaches_requesters_without_any_agent_address,
     a_work_note_reaches_only_the_other_agents_and_outsiders_are_refused,

@@ -132,6 +132,14 @@ impl ToSql for Value<'_> {
                 Type::BOOL => (i != 0).to_sql(ty, out),
                 _ => Err(format!("an integer bound to a {ty} parameter").into()),
             },
+            // PostgreSQL's text holds no NUL, which mail may carry (a
+            // broken client, a message made to test us): the character
+            // becomes U+FFFD there, or the message would be refused with
+            // 451 at every attempt of its sender. The raw message keeps
+            // the bytes as they came (bytea).
+            Value::Text(t) | Value::LargeText(t) if t.contains('\0') => {
+                t.replace('\0', "\u{fffd}").as_str().to_sql(ty, out)
+            }
             Value::Text(t) | Value::LargeText(t) => t.to_sql(ty, out),
             Value::Blob(b) | Value::Large(b) => b.to_sql(ty, out),
         }
