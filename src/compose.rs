@@ -159,8 +159,17 @@ pub fn compose(draft: &Draft) -> Result<Vec<u8>, ComposeError> {
         }
         _ => &[],
     };
-    let text = text_with_marker(&text_with_lines(&draft.text, &lines), markers);
-    let text = MimePart::new("text/plain", BodyPart::Text(clean(&text).into()));
+    // One copy of the text, scrubbed into a second that the first does not
+    // outlive: a 25 MB text is in memory three times at most while its
+    // copy is written (the entry's, this one, the message's bytes).
+    let text = {
+        let marked = text_with_marker(&text_with_lines(&draft.text, &lines), markers);
+        match &scrubber {
+            Some(scrubber) => scrubber.text(&marked),
+            None => marked,
+        }
+    };
+    let text = MimePart::new("text/plain", BodyPart::Text(text.into()));
     let html = draft.html.as_ref().map(|html| {
         let html = html_with_marker(&html_with_lines(html, &lines), markers);
         let html = match &scrubber {
@@ -313,9 +322,9 @@ fn header_mailboxes(
     out
 }
 
-fn text_with_lines(text: &str, lines: &[String]) -> String {
+fn text_with_lines<'t>(text: &'t str, lines: &[String]) -> std::borrow::Cow<'t, str> {
     if lines.is_empty() {
-        return text.to_string();
+        return text.into();
     }
     let mut out = text.trim_end().to_string();
     if !out.is_empty() {
@@ -325,17 +334,17 @@ fn text_with_lines(text: &str, lines: &[String]) -> String {
         out.push_str(line);
         out.push('\n');
     }
-    out
+    out.into()
 }
 
 /// The reply marker lines first, then a blank line: a reply's words above
 /// them are its entry (see `parse::reply`).
 fn text_with_marker(text: &str, markers: &[&str]) -> String {
-    if markers.is_empty() {
-        return text.to_string();
+    let mut out = String::with_capacity(text.len() + 64 * (markers.len() + 1));
+    if !markers.is_empty() {
+        out.push_str(&markers.join("\n"));
+        out.push_str("\n\n");
     }
-    let mut out = markers.join("\n");
-    out.push_str("\n\n");
     out.push_str(text);
     out
 }

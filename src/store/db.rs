@@ -214,6 +214,30 @@ impl Row<'_> {
         }
     }
 
+    /// A bytes column (or NULL) lent to `f`, not copied: a 25 MB raw
+    /// message's text is read from it without a second 25 MB.
+    ///
+    /// # Errors
+    /// The column holds neither bytes nor NULL.
+    pub fn with_bytes<T>(&self, i: usize, f: impl FnOnce(Option<&[u8]>) -> T) -> Result<T> {
+        match self {
+            Row::Sqlite(r) => match r.get_ref(i)? {
+                rusqlite::types::ValueRef::Null => Ok(f(None)),
+                rusqlite::types::ValueRef::Blob(bytes) => Ok(f(Some(bytes))),
+                other => Err(StoreError::Invalid(format!(
+                    "column {i}: {:?} where bytes were expected",
+                    other.data_type()
+                ))),
+            },
+            Row::Postgres(r) => {
+                let bytes: Option<&[u8]> = r
+                    .try_get(i)
+                    .map_err(|e| StoreError::Invalid(format!("column {i}: {e}")))?;
+                Ok(f(bytes))
+            }
+        }
+    }
+
     /// A text column that SQLite may hold as a blob of UTF-8 (a long body
     /// written in place).
     ///

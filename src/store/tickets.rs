@@ -587,8 +587,8 @@ pub const ENTRY_TEXT: &str = "COALESCE(e.long_body, e.body), \
 /// # Errors
 /// A column of another type, or a text that is not UTF-8.
 pub fn entry_text(r: &super::Row<'_>, index: usize) -> Result<String> {
-    match r.get::<Option<Vec<u8>>>(index + 1)? {
-        Some(bytes) => text_from_raw(&bytes)
+    match r.with_bytes(index + 1, |bytes| bytes.map(text_from_raw))? {
+        Some(text) => text
             .map_err(|e| StoreError::Invalid(format!("an entry's text in its raw message: {e}"))),
         None => r.text(index),
     }
