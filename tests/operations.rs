@@ -216,7 +216,9 @@ async fn metrics_move_by_exactly_what_was_sent() {
     c.cmd("QUIT", "221").await;
     drop(c);
 
-    // The three receipts, sent as .eml files.
+    // The three receipts, sent as .eml files, and their rows marked sent
+    // (the attempt is counted when it ends, its mark committed with the
+    // writer's next batch).
     wait_for("the receipts", async || {
         let now = d.scrape().await;
         delta(
@@ -225,6 +227,7 @@ async fn metrics_move_by_exactly_what_was_sent() {
             "crmgate_relay_attempts_total{result=\"sent\"}",
         ) >= 3.0
             && now.get("crmgate_smtp_sessions") == Some(&0.0)
+            && now.get("crmgate_outbox_rows{status=\"queued\"}") == Some(&0.0)
     })
     .await;
     let after = d.scrape().await;
