@@ -728,6 +728,24 @@ mod tests {
             .collect()
     }
 
+    /// A fresh database on the tests' PostgreSQL cluster, and the runtime
+    /// of a gateway named crm.example.org with `gateway` added to its
+    /// `[gateway]` table and `tables` after it; `None` when
+    /// `CRMGATE_TEST_NO_PG=1`.
+    fn postgres_runtime(gateway: &str, tables: &str) -> Option<(store::Location, Runtime)> {
+        let location = store::test_location()?;
+        let config = crate::config::Config::from_toml(
+            &format!(
+                "[gateway]\nhostname = \"crm.example.org\"\n{gateway}\
+                 [addresses]\npublic = \"support@example.org\"\n\
+                 internal = \"support-notes@example.org\"\n{tables}"
+            ),
+            "test",
+        )
+        .unwrap();
+        Some((location, Runtime::new(Arc::new(config)).unwrap()))
+    }
+
     /// Two instances' batches on two tickets in opposite order, the one
     /// (driven by hand, as the other instance's writer does) made sure to
     /// outwait the deadlock check so that the writer's is the transaction
@@ -735,18 +753,11 @@ mod tests {
     /// before it is committed, and nothing is answered 451.
     #[test]
     fn on_postgres_a_deadlock_with_another_batch_is_written_again_not_answered_451() {
-        let Some(location) = store::test_location() else {
+        let Some((location, rt)) =
+            postgres_runtime("", "[security]\ntrusted_relays = [\"127.0.0.0/8\"]\n")
+        else {
             return;
         };
-        let config = crate::config::Config::from_toml(
-            "[gateway]\nhostname = \"crm.example.org\"\n\
-             [addresses]\npublic = \"support@example.org\"\n\
-             internal = \"support-notes@example.org\"\n\
-             [security]\ntrusted_relays = [\"127.0.0.0/8\"]\n",
-            "test",
-        )
-        .unwrap();
-        let rt = Runtime::new(Arc::new(config)).unwrap();
         let connect = || store::connect(&location, store::Durability::Full).unwrap();
         let (mut a, mut b, watch) = (connect(), connect(), connect());
 
@@ -822,17 +833,9 @@ mod tests {
     /// answered `451` and the others are logged once.
     #[test]
     fn on_postgres_a_message_that_fails_is_answered_451_and_the_rest_of_its_batch_logged_once() {
-        let Some(location) = store::test_location() else {
+        let Some((location, rt)) = postgres_runtime("", "") else {
             return;
         };
-        let config = crate::config::Config::from_toml(
-            "[gateway]\nhostname = \"crm.example.org\"\n\
-             [addresses]\npublic = \"support@example.org\"\n\
-             internal = \"support-notes@example.org\"\n",
-            "test",
-        )
-        .unwrap();
-        let rt = Runtime::new(Arc::new(config)).unwrap();
         let mut conn = store::connect(&location, store::Durability::Full).unwrap();
         conn.batch(
             "CREATE FUNCTION refuse_fire() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -877,21 +880,16 @@ mod tests {
     /// the bounds keep them from growing back unseen.
     #[test]
     fn on_postgres_each_kind_of_message_costs_a_known_number_of_round_trips() {
-        let Some(location) = store::test_location() else {
-            return;
-        };
-        let config = crate::config::Config::from_toml(
-            "[gateway]\nhostname = \"crm.example.org\"\nlanguage = \"en\"\n\
-             [addresses]\npublic = \"support@example.org\"\n\
-             internal = \"support-notes@example.org\"\n\
+        let Some((location, rt)) = postgres_runtime(
+            "language = \"en\"\n",
+            "\
              [auto]\nmax_per_address_per_hour = 1000000\n\
              max_per_address_per_day = 1000000\nmax_resends_per_ticket_hour = 1000000\n\
              [[agents]]\nname = \"Jane Agent\"\nemail = \"jane.agent@example.org\"\n\
              default_notes_list = true\n",
-            "test",
-        )
-        .unwrap();
-        let rt = Runtime::new(Arc::new(config)).unwrap();
+        ) else {
+            return;
+        };
         let mut conn = store::connect(&location, store::Durability::Full).unwrap();
         let mut number = String::new();
         let cost = |conn: &mut Db, job: Job| {

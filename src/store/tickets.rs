@@ -387,6 +387,16 @@ pub fn create_and_view(
     })
 }
 
+/// The VALUES rows of a multi-row INSERT whose statement binds two shared
+/// parameters (?1, ?2) and then three of each row's own: `row` gets the
+/// placeholder numbers of row i's three.
+fn value_rows(count: usize, row: impl Fn([usize; 3]) -> String) -> String {
+    (0..count)
+        .map(|i| row([3 * i + 3, 3 * i + 4, 3 * i + 5]))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Put several people on a ticket's lists in one statement (one row each,
 /// in order); those already on theirs stay as they are.
 fn add_participants(conn: &Db, ticket_id: i64, people: &[(Role, Mailbox)], now: i64) -> Result<()> {
@@ -394,13 +404,12 @@ fn add_participants(conn: &Db, ticket_id: i64, people: &[(Role, Mailbox)], now: 
         return Ok(());
     }
     // ?1 the ticket, ?2 the time, then role, address and name of each.
-    let rows: Vec<String> = (0..people.len())
-        .map(|i| format!("(?1, ?{}, ?{}, ?{}, ?2)", 3 * i + 3, 3 * i + 4, 3 * i + 5))
-        .collect();
+    let rows = value_rows(people.len(), |[role, address, name]| {
+        format!("(?1, ?{role}, ?{address}, ?{name}, ?2)")
+    });
     let sql = format!(
-        "INSERT INTO participants (ticket_id, role, address, name, added_at) VALUES {}
-         ON CONFLICT DO NOTHING",
-        rows.join(", ")
+        "INSERT INTO participants (ticket_id, role, address, name, added_at) VALUES {rows}
+         ON CONFLICT DO NOTHING"
     );
     let mut params = vec![Value::Int(ticket_id), Value::Int(now)];
     for (role, who) in people {
@@ -755,12 +764,11 @@ pub fn insert_thread_ids(conn: &Db, ticket_id: i64, ids: &[ThreadId<'_>], now: i
         return Ok(());
     }
     // ?1 the ticket, ?2 the time, then Message-ID, agent_inbound and ours of each.
-    let rows: Vec<String> = (0..ids.len())
-        .map(|i| format!("(?{}, ?1, ?{}, ?{}, ?2)", 3 * i + 3, 3 * i + 4, 3 * i + 5))
-        .collect();
+    let rows = value_rows(ids.len(), |[message_id, agent_inbound, ours]| {
+        format!("(?{message_id}, ?1, ?{agent_inbound}, ?{ours}, ?2)")
+    });
     let sql = format!(
-        "INSERT INTO thread_ids (message_id, ticket_id, agent_inbound, ours, at) VALUES {}",
-        rows.join(", ")
+        "INSERT INTO thread_ids (message_id, ticket_id, agent_inbound, ours, at) VALUES {rows}"
     );
     let mut params = vec![Value::Int(ticket_id), Value::Int(now)];
     for id in ids {
