@@ -228,7 +228,7 @@ async fn an_attachment_already_on_the_ticket_is_stored_once_and_listed_once() {
     let db = rusqlite::Connection::open(g.dir.path().join("state/crmgate.db")).expect("db");
     let stored: i64 = db
         .query_row(
-            "SELECT count(*) FROM attachments WHERE length(data) > 0",
+            "SELECT count(*) FROM attachments WHERE length(data) + COALESCE(length(content), 0) > 0",
             [],
             |r| r.get(0),
         )

@@ -130,8 +130,9 @@ const TABLES: &[Table] = &[
             ("data", Bytes),
             ("sha256", Text),
             ("same_as", Int),
+            ("content", Bytes),
         ],
-        size: Some("length(data)"),
+        size: Some("length(data) + COALESCE(length(content), 0)"),
         serial: Some("id"),
     },
     Table {

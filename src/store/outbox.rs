@@ -462,7 +462,8 @@ pub fn entry_body(conn: &Db, entry_id: i64) -> Result<(String, Option<String>)> 
 pub fn entry_attachments(conn: &Db, entry_id: i64) -> Result<Vec<crate::parse::Attachment>> {
     conn.query_all(
         "SELECT a.filename, a.content_type,
-                CASE WHEN a.same_as IS NULL THEN a.data ELSE h.data END
+                CASE WHEN a.same_as IS NULL THEN COALESCE(a.content, a.data)
+                     ELSE COALESCE(h.content, h.data) END
          FROM attachments AS a LEFT JOIN attachments AS h ON h.id = a.same_as
          WHERE a.entry_id = ?1 ORDER BY a.id",
         args![entry_id],

@@ -705,20 +705,22 @@ pub fn insert_attachment(conn: &Db, entry_id: i64, a: &Attachment) -> Result<boo
         )?;
         return Ok(false);
     }
+    // The bytes last in the row: `content` (see the migration that made it).
     let id: i64 = conn.query_row(
-        "INSERT INTO attachments (entry_id, filename, content_type, size, data, sha256) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+        "INSERT INTO attachments (entry_id, filename, content_type, size, data, sha256, content) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
         args![
             entry_id,
             &a.filename,
             &a.content_type,
             size,
-            Value::Large(&a.data),
-            &sha256
+            &b""[..],
+            &sha256,
+            Value::Large(&a.data)
         ],
         |r| r.get(0),
     )?;
-    conn.fill_in_place("attachments", "data", id, &a.data)?;
+    conn.fill_in_place("attachments", "content", id, &a.data)?;
     Ok(true)
 }
 
@@ -1848,7 +1850,7 @@ mod tests {
             let stored: Vec<u8> = db
                 .conn
                 .query_row(
-                    "SELECT data FROM attachments WHERE filename = 'dump.bin'",
+                    "SELECT content FROM attachments WHERE filename = 'dump.bin'",
                     &[],
                     |r| r.get(0),
                 )
