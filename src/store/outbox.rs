@@ -442,6 +442,9 @@ pub fn get(conn: &Db, id: i64) -> Result<OutboxRow> {
 /// that is not UTF-8.
 pub fn entry_body(conn: &Db, entry_id: i64) -> Result<(String, Option<String>)> {
     use super::tickets::{entry_text, ENTRY_TEXT};
+    if let Some(sqlite) = conn.sqlite() {
+        return sqlite_entry_body(conn, sqlite, entry_id);
+    }
     conn.query_opt(
         &format!(
             "SELECT {ENTRY_TEXT}, e.html
@@ -451,6 +454,49 @@ pub fn entry_body(conn: &Db, entry_id: i64) -> Result<(String, Option<String>)> 
         |r| Ok((entry_text(r, 0)?, r.get::<Option<String>>(2)?)),
     )?
     .ok_or_else(|| StoreError::NotFound(format!("no entry {entry_id}")))
+}
+
+/// [`entry_body`] on SQLite: a long text kept in its raw message is read
+/// from it in pieces ([`super::tickets::text_from_raw_in_pieces`]), not as
+/// a column.
+fn sqlite_entry_body(
+    conn: &Db,
+    sqlite: &rusqlite::Connection,
+    entry_id: i64,
+) -> Result<(String, Option<String>)> {
+    use super::tickets::{entry_text, text_from_raw_in_pieces};
+    let (text, html, long) = conn
+        .query_opt(
+            "SELECT COALESCE(e.long_body, e.body),
+                    CASE WHEN e.raw_body_len <= ?2
+                         THEN substr(r.data, e.raw_body_at + 1, e.raw_body_len) END,
+                    e.html, e.raw_id, e.raw_body_at, e.raw_body_len
+             FROM entries AS e LEFT JOIN raw_messages AS r ON r.id = e.raw_id WHERE e.id = ?1",
+            args![entry_id, super::db::BLOB_IN_PLACE as i64],
+            |r| {
+                let long = match (
+                    r.get::<Option<i64>>(3)?,
+                    r.get::<Option<i64>>(4)?,
+                    r.get::<Option<i64>>(5)?,
+                ) {
+                    (Some(raw), Some(at), Some(len)) if len > super::db::BLOB_IN_PLACE as i64 => {
+                        Some((raw, at, len))
+                    }
+                    _ => None,
+                };
+                let text = match long {
+                    Some(_) => String::new(),
+                    None => entry_text(r, 0)?,
+                };
+                Ok((text, r.get::<Option<String>>(2)?, long))
+            },
+        )?
+        .ok_or_else(|| StoreError::NotFound(format!("no entry {entry_id}")))?;
+    let text = match long {
+        Some((raw, at, len)) => text_from_raw_in_pieces(sqlite, raw, at, len)?,
+        None => text,
+    };
+    Ok((text, html))
 }
 
 /// The attachments kept on an entry, in the order they were kept, each

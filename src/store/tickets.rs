@@ -571,15 +571,92 @@ pub fn text_in_raw(raw: &[u8], text: &str) -> Option<(usize, usize)> {
 /// # Errors
 /// Bytes that are not UTF-8 (not written by [`text_in_raw`]).
 pub fn text_from_raw(bytes: &[u8]) -> std::result::Result<String, std::string::FromUtf8Error> {
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut rest = bytes;
-    while let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
-        out.extend_from_slice(&rest[..i]);
-        out.push(b'\n');
-        rest = &rest[i + 2..];
+    let mut text = LineEnds::with_capacity(bytes.len());
+    text.push(bytes);
+    text.finish()
+}
+
+/// [`text_from_raw`] of `len` bytes at `at` of a raw message, read from
+/// SQLite in pieces: a column read would hold the whole raw message, then
+/// the bytes taken from it, in SQLite's memory beside the text (three
+/// times a 25 MB text at once, in the relay composing a copy of it).
+///
+/// # Errors
+/// A database error, a range outside the raw message, or bytes that are
+/// not UTF-8.
+pub fn text_from_raw_in_pieces(
+    conn: &rusqlite::Connection,
+    raw_id: i64,
+    at: i64,
+    len: i64,
+) -> Result<String> {
+    const PIECE: usize = 64 * 1024;
+    let invalid =
+        |what: String| StoreError::Invalid(format!("an entry's text in its raw message: {what}"));
+    let (Ok(at), Ok(len)) = (usize::try_from(at), usize::try_from(len)) else {
+        return Err(invalid(format!("{len} bytes at {at}")));
+    };
+    let blob = conn.blob_open(rusqlite::MAIN_DB, "raw_messages", "data", raw_id, true)?;
+    let mut text = LineEnds::with_capacity(len);
+    let mut piece = vec![0; PIECE.min(len)];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(PIECE);
+        blob.read_at_exact(&mut piece[..n], at + done)
+            .map_err(|e| invalid(format!("{len} bytes at {at}: {e}")))?;
+        text.push(&piece[..n]);
+        done += n;
     }
-    out.extend_from_slice(rest);
-    String::from_utf8(out)
+    text.finish().map_err(|e| invalid(e.to_string()))
+}
+
+/// Bytes with each CRLF turned into LF, given in pieces: a CR that ends
+/// one piece waits for the first byte of the next.
+struct LineEnds {
+    out: Vec<u8>,
+    cr: bool,
+}
+
+impl LineEnds {
+    fn with_capacity(len: usize) -> Self {
+        LineEnds {
+            out: Vec::with_capacity(len),
+            cr: false,
+        }
+    }
+
+    fn push(&mut self, mut piece: &[u8]) {
+        if std::mem::take(&mut self.cr) {
+            match piece.strip_prefix(b"\n") {
+                Some(rest) => {
+                    self.out.push(b'\n');
+                    piece = rest;
+                }
+                None if piece.is_empty() => {
+                    self.cr = true;
+                    return;
+                }
+                None => self.out.push(b'\r'),
+            }
+        }
+        if let Some(rest) = piece.strip_suffix(b"\r") {
+            self.cr = true;
+            piece = rest;
+        }
+        while let Some(i) = piece.windows(2).position(|w| w == b"\r\n") {
+            self.out.extend_from_slice(&piece[..i]);
+            self.out.push(b'\n');
+            piece = &piece[i + 2..];
+        }
+        self.out.extend_from_slice(piece);
+    }
+
+    fn finish(mut self) -> std::result::Result<String, std::string::FromUtf8Error> {
+        if self.cr {
+            self.out.push(b'\r');
+        }
+        String::from_utf8(self.out)
+    }
 }
 
 /// The two columns that give an entry's text, from `entries AS e LEFT
@@ -1797,6 +1874,78 @@ mod tests {
                 "{}",
                 db.engine
             );
+        }
+    }
+
+    proptest::proptest! {
+        /// Line ends turned in pieces, wherever the pieces end (a CRLF cut
+        /// in two, a CR alone at the end), give what the bytes whole give.
+        #[test]
+        fn line_ends_turned_in_pieces_are_those_of_the_whole(
+            bytes in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just(b'\r'),
+                    proptest::strategy::Just(b'\n'),
+                    proptest::strategy::Just(b'a'),
+                ],
+                0..40,
+            ),
+            cuts in proptest::collection::vec(0usize..40, 0..6),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|&c| c <= bytes.len()).collect();
+            cuts.sort_unstable();
+            let mut pieces = LineEnds::with_capacity(bytes.len());
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([bytes.len()]) {
+                pieces.push(&bytes[from..cut]);
+                from = cut;
+            }
+            let whole = String::from_utf8(bytes.clone()).unwrap().replace("\r\n", "\n");
+            proptest::prop_assert_eq!(pieces.finish().unwrap(), whole);
+        }
+    }
+
+    #[test]
+    fn a_long_text_in_its_raw_message_is_read_back_whole_for_a_copy() {
+        for db in Log::all() {
+            let ticket = db.ticket("Imprimante");
+            // Over the pieces it is read in, with a CRLF across each cut.
+            let line = "Le journal de l'imprimante : bourrage papier, bac 2.\r\n";
+            let body = line.repeat(3 * 64 * 1024 / line.len() + 1);
+            let raw = format!("Subject: x\r\n\r\n{body}");
+            let text = body.replace("\r\n", "\n");
+            let raw_id = insert_raw(&db.conn, 1, None, Some("a@x"), &[], raw.as_bytes()).unwrap();
+            let alice = Mailbox::new(None, "a@x");
+            let entry = db.entry(
+                ticket,
+                EntryRow {
+                    raw_id: Some(raw_id),
+                    raw: Some(raw.as_bytes()),
+                    ..comment(&alice, &text, 1)
+                },
+            );
+            let in_raw: Option<i64> = db
+                .conn
+                .query_row(
+                    "SELECT raw_body_len FROM entries WHERE id = ?1",
+                    args![entry],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert!(
+                in_raw.is_some_and(|len| len > BLOB_IN_PLACE as i64),
+                "{}: {in_raw:?}",
+                db.engine
+            );
+            let (read, html) = crate::store::outbox::entry_body(&db.conn, entry).unwrap();
+            assert!(
+                read == text,
+                "{}: {} bytes for {}",
+                db.engine,
+                read.len(),
+                text.len()
+            );
+            assert_eq!(html, None, "{}", db.engine);
         }
     }
 
