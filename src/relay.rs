@@ -511,6 +511,19 @@ pub fn compose_planned(
 /// Rows whose copy cannot be composed, each with why.
 pub type Unsendable = Vec<(OutboxRow, String)>;
 
+/// A batch of due rows with their copies composed, and those that could
+/// not be.
+type Composed = (Vec<OutboxRow>, Unsendable);
+
+/// Up to [`BATCH`] rows due after id `after`, composed.
+async fn fetch(db: &Shared, now: i64, after: i64) -> Result<Composed, RelayError> {
+    db.call(move |c| {
+        let due = outbox::due_after(c, now, after, BATCH)?;
+        composed(c, due)
+    })
+    .await
+}
+
 /// Compose the planned copies of `rows`. A row whose copy cannot be
 /// composed (its entry gone, a plan this version cannot read) comes back
 /// apart with why, to be failed; a database error fails the whole read, to
@@ -597,20 +610,33 @@ struct Worker {
 
 impl Worker {
     async fn run(&mut self, wake: &Notify, shutdown: &CancellationToken) {
+        // The next batch, read and composed on the blocking pool while the
+        // last one is sent: composing is most of the worker's time, and
+        // under a backlog the lanes would otherwise wait for it.
+        let mut ahead: Option<tokio::task::JoinHandle<Result<Composed, RelayError>>> = None;
         while !shutdown.is_cancelled() {
             self.record_unrecorded().await;
             let now = store::now();
             if let Some((_, until)) = self.relay_down.filter(|(_, until)| *until > now) {
                 // New rows wait too: sent before the older ones, they would
-                // overtake them.
+                // overtake them. A batch read ahead is read again later (on
+                // PostgreSQL its rows stay leased to this instance, which
+                // takes them back).
+                ahead = None;
                 pause(self::until(until), shutdown).await;
                 continue;
             }
-            let due = self.db.call(move |c| {
-                let due = outbox::due(c, now, BATCH)?;
-                composed(c, due)
-            });
-            let batch = match due.await {
+            let fetched = match ahead.take() {
+                Some(next) => match next.await {
+                    Ok(Ok((batch, unsendable))) if batch.is_empty() && unsendable.is_empty() => {
+                        self.fetch(now, 0).await
+                    }
+                    Ok(fetched) => fetched,
+                    Err(e) => Err(e.into()),
+                },
+                None => self.fetch(now, 0).await,
+            };
+            let batch = match fetched {
                 Ok((batch, unsendable)) => {
                     self.fail_unsendable(unsendable).await;
                     batch
@@ -634,8 +660,18 @@ impl Worker {
                 self.idle(wake, shutdown).await;
                 continue;
             }
+            if let Some(last) = batch.last().filter(|_| batch.len() == BATCH) {
+                // A full batch: more rows are likely queued behind it.
+                let (db, after) = (self.db.clone(), last.id);
+                ahead = Some(tokio::spawn(async move { fetch(&db, now, after).await }));
+            }
             self.send_batch(batch, shutdown).await;
         }
+    }
+
+    /// The rows due after id `after`, composed.
+    async fn fetch(&self, now: i64, after: i64) -> Result<Composed, RelayError> {
+        fetch(&self.db, now, after).await
     }
 
     /// Rows whose copy cannot be composed fail now, told on their ticket

@@ -222,19 +222,28 @@ fn into_row(raw: RawRow) -> Result<OutboxRow> {
 /// # Errors
 /// A database error, or a row whose recipients or status column is corrupt.
 pub fn due(conn: &Db, now: i64, limit: usize) -> Result<Vec<OutboxRow>> {
+    due_after(conn, now, 0, limit)
+}
+
+/// [`due`], from the rows after id `after` on: the relay's next batch,
+/// read while the rows up to `after` are still being sent.
+///
+/// # Errors
+/// As [`due`].
+pub fn due_after(conn: &Db, now: i64, after: i64, limit: usize) -> Result<Vec<OutboxRow>> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let raws = match conn {
         Db::Sqlite(_) => conn.query_all(
             &format!(
                 "SELECT {ROW_COLUMNS} FROM outbox AS o INDEXED BY outbox_queued
                      LEFT JOIN outbox_messages AS m ON m.outbox_id = o.id
-                 WHERE o.status = 'queued' AND o.next_attempt_at <= ?1
+                 WHERE o.status = 'queued' AND o.next_attempt_at <= ?1 AND o.id > ?3
                  ORDER BY o.id LIMIT ?2"
             ),
-            args![now, limit],
+            args![now, limit, after],
             raw_row,
         )?,
-        Db::Postgres(_) => lease_due(conn, now, limit, instance_id())?,
+        Db::Postgres(_) => lease_due(conn, now, after, limit, instance_id())?,
     };
     raws.into_iter().map(into_row).collect()
 }
@@ -340,14 +349,14 @@ pub fn release_former_leases(conn: &Db, current: &str, now: i64) -> Result<u64> 
 /// row is sent by one instance at a time; the rows of an instance that
 /// died are taken over once its lease has run out. The lease is one
 /// autocommitted statement: the rows are ours before any is sent.
-fn lease_due(conn: &Db, now: i64, limit: i64, holder: &str) -> Result<Vec<RawRow>> {
+fn lease_due(conn: &Db, now: i64, after: i64, limit: i64, holder: &str) -> Result<Vec<RawRow>> {
     conn.query_all(
         &format!(
             "WITH taken AS (
                  UPDATE outbox SET leased_by = ?3, leased_until = ?4
                  WHERE id IN (
                      SELECT id FROM outbox
-                     WHERE status = 'queued' AND next_attempt_at <= ?1
+                     WHERE status = 'queued' AND next_attempt_at <= ?1 AND id > ?5
                        AND (leased_until IS NULL OR leased_until <= ?1 OR leased_by = ?3)
                      ORDER BY id LIMIT ?2
                      FOR UPDATE SKIP LOCKED)
@@ -356,7 +365,7 @@ fn lease_due(conn: &Db, now: i64, limit: i64, holder: &str) -> Result<Vec<RawRow
                  LEFT JOIN outbox_messages AS m ON m.outbox_id = o.id
              ORDER BY o.id"
         ),
-        args![now, limit, holder, now.saturating_add(LEASE_SECONDS)],
+        args![now, limit, holder, now.saturating_add(LEASE_SECONDS), after],
         raw_row,
     )
 }
@@ -904,7 +913,7 @@ mod tests {
         };
         let rows: Vec<i64> = (0..3).map(|i| db.queue(&["a@x"], 100 + i)).collect();
         let taken = |now, holder| -> Vec<i64> {
-            lease_due(&db.conn, now, 10, holder)
+            lease_due(&db.conn, now, 0, 10, holder)
                 .unwrap()
                 .into_iter()
                 .map(|r| r.0)
@@ -951,7 +960,7 @@ mod tests {
         lease(rows[3], "mx2/f00d:99999999:cccccccc");
         let now = "mx1/5eed:4242:dddddddd";
         assert_eq!(release_former_leases(&db.conn, now, 500).unwrap(), 2);
-        let taken: Vec<i64> = lease_due(&db.conn, 500, 10, now)
+        let taken: Vec<i64> = lease_due(&db.conn, 500, 0, 10, now)
             .unwrap()
             .into_iter()
             .map(|r| r.0)
