@@ -261,6 +261,49 @@ async fn rows_are_sent_in_order_over_one_session_and_marked_sent() {
     worker.stop().await;
 }
 
+/// More rows than one batch: the next batch is read and composed while
+/// one is sent; each row still goes once, none is left behind.
+#[tokio::test]
+async fn a_backlog_of_several_batches_is_sent_once_each() {
+    let sink = Sink::start().await;
+    let h = Harness::new(&sink.url());
+    let count = 2 * 256 + 44;
+    let ids: Vec<i64> = (1..=count)
+        .map(|i| {
+            h.queue(
+                &[&format!("r{}@example.org", i % 7)],
+                &format!("backlog-{i}"),
+            )
+        })
+        .collect();
+    let worker = h.start();
+    worker.wake.notify_one();
+
+    let got = sink.wait_for(count, Duration::from_secs(30)).await;
+    for id in &ids {
+        let row = h.wait_row(*id, Duration::from_secs(10), is_sent).await;
+        assert_eq!(row.attempts, 1, "{row:?}");
+    }
+    // Nothing more arrives once every row is marked sent.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut subjects: Vec<String> = sink
+        .messages()
+        .iter()
+        .map(|m| subject_of(&m.data))
+        .collect();
+    assert_eq!(
+        subjects.len(),
+        count,
+        "{} then {}",
+        got.len(),
+        subjects.len()
+    );
+    subjects.sort();
+    subjects.dedup();
+    assert_eq!(subjects.len(), count, "a row was sent twice");
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn rows_queued_by_another_process_leave_within_a_second_without_a_wake() {
     let sink = Sink::start().await;
