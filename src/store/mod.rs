@@ -366,6 +366,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("postgres/007_sends_one_index_by_address.sql"),
     include_str!("postgres/008_sends_copies_by_sender_address.sql"),
     include_str!("postgres/009_attachment_content_last.sql"),
+    include_str!("postgres/010_no_foreign_keys.sql"),
 ];
 
 /// Bring a PostgreSQL schema up to date, in one transaction under an
