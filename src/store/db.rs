@@ -35,6 +35,9 @@ pub enum Value<'a> {
     /// Text that SQLite keeps as a blob written in place when it is large
     /// (an entry's `long_body`); PostgreSQL binds it as text.
     LargeText(&'a str),
+    /// A `BIGINT[]`, for what PostgreSQL does to many rows in one
+    /// statement (`id = ANY(?1)`); SQLite, which has no arrays, refuses it.
+    Ints(&'a [i64]),
 }
 
 /// Above this size SQLite writes a blob in place ([`Value::Large`]).
@@ -101,6 +104,11 @@ impl rusqlite::ToSql for Value<'_> {
             Value::Blob(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
             Value::Large(b) => room(b)?,
             Value::LargeText(t) => room(t.as_bytes())?,
+            Value::Ints(_) => {
+                return Err(rusqlite::Error::ToSqlConversionFailure(
+                    "an array bound on SQLite".into(),
+                ))
+            }
         })
     }
 }
@@ -142,6 +150,7 @@ impl ToSql for Value<'_> {
             }
             Value::Text(t) | Value::LargeText(t) => t.to_sql(ty, out),
             Value::Blob(b) | Value::Large(b) => b.to_sql(ty, out),
+            Value::Ints(v) => v.to_sql(ty, out),
         }
     }
 

@@ -11,7 +11,7 @@
 //! here, beside the updates that record them: in the daemon the writer
 //! thread records them in its batches, and needs nothing of the relay.
 
-use super::db::{args, Db, Row};
+use super::db::{args, Db, Row, Value};
 use serde::Serialize;
 
 use super::{Result, StoreError};
@@ -802,6 +802,30 @@ pub fn write_marks(
     now: i64,
     on_failed: &FailureHook,
 ) -> Result<(), StoreError> {
+    let mut settled: Vec<&(OutboxRow, Disposition)> = settled.iter().collect();
+    if conn.is_postgres() {
+        // The rows sent, nearly all of them, in one statement rather than
+        // one a row: each statement is a round trip and an executor's
+        // start-up on the server. SQLite's are function calls.
+        let sent: Vec<i64> = settled
+            .iter()
+            .filter(|(_, d)| matches!(d, Disposition::Sent))
+            .map(|(row, _)| row.id)
+            .collect();
+        if sent.len() > 1 {
+            let marked: Vec<i64> = conn.query_all(
+                "UPDATE outbox SET status = 'sent', sent_at = ?2, attempts = attempts + 1,
+                        last_error = NULL
+                 WHERE id = ANY(?1) AND status = 'queued' RETURNING id",
+                &[Value::Ints(&sent), Value::Int(now)],
+                |r| r.get(0),
+            )?;
+            for id in sent.iter().filter(|id| !marked.contains(id)) {
+                tracing::warn!(outbox_id = id, "outcome not recorded: no queued outbox row {id}");
+            }
+            settled.retain(|(_, d)| !matches!(d, Disposition::Sent));
+        }
+    }
     for (row, disposition) in settled {
         match record_one(conn, row, disposition, now, on_failed) {
             Ok(()) => {}
