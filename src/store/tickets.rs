@@ -329,26 +329,31 @@ pub fn create_and_view(
     digits: usize,
     now: i64,
 ) -> Result<TicketView> {
-    // After every number of the prefix (`~` sorts after the digits and
-    // the letters): on the index's last page, where the number goes.
-    let placeholder = format!("{prefix}~{:032x}", rand::random::<u128>());
-    let id: i64 = conn.query_row(
-        "INSERT INTO tickets (number, subject, state, owner, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5) RETURNING id",
-        args![
-            &placeholder,
-            new.subject.as_str(),
-            state.as_str(),
-            &new.owner,
-            now
-        ],
-        |r| r.get(0),
-    )?;
-    let number = format!("{prefix}{id:0digits$}");
-    conn.exec(
-        "UPDATE tickets SET number = ?2 WHERE id = ?1",
-        args![id, &number],
-    )?;
+    let (id, number) = if conn.is_postgres() {
+        insert_numbered(conn, new, state, prefix, digits, now)?
+    } else {
+        // After every number of the prefix (`~` sorts after the digits and
+        // the letters): on the index's last page, where the number goes.
+        let placeholder = format!("{prefix}~{:032x}", rand::random::<u128>());
+        let id: i64 = conn.query_row(
+            "INSERT INTO tickets (number, subject, state, owner, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5) RETURNING id",
+            args![
+                &placeholder,
+                new.subject.as_str(),
+                state.as_str(),
+                &new.owner,
+                now
+            ],
+            |r| r.get(0),
+        )?;
+        let number = format!("{prefix}{id:0digits$}");
+        conn.exec(
+            "UPDATE tickets SET number = ?2 WHERE id = ?1",
+            args![id, &number],
+        )?;
+        (id, number)
+    };
     let mut lists: Vec<(Role, Mailbox)> = Vec::new();
     let people = (new.requesters.iter().map(|m| (Role::Requester, m.clone())))
         .chain(new.watch_list.iter().map(|m| (Role::Watch, m.clone())))
@@ -385,6 +390,41 @@ pub fn create_and_view(
         work_notes_list: on(Role::Notes).map(|m| m.address.clone()).collect(),
         thread: Vec::new(),
     })
+}
+
+/// PostgreSQL: the ticket's row inserted with its number, the id taken
+/// from the sequence in the same statement (one statement, and no second
+/// version of the row as the update under a placeholder leaves). The
+/// number is padded as `format!("{prefix}{id:0digits$}")` pads it, never
+/// cut.
+fn insert_numbered(
+    conn: &Db,
+    new: &NewTicket,
+    state: TicketState,
+    prefix: &str,
+    digits: usize,
+    now: i64,
+) -> Result<(i64, String)> {
+    let digits = i64::try_from(digits)
+        .map_err(|_| StoreError::Invalid(format!("ticket number of {digits} digits")))?;
+    conn.query_row(
+        "INSERT INTO tickets (id, number, subject, state, owner, created_at, updated_at)
+         SELECT n.id,
+                ?5 || repeat('0', GREATEST(?6 - length(CAST(n.id AS TEXT)), 0))
+                   || CAST(n.id AS TEXT),
+                ?1, ?2, ?3, ?4, ?4
+         FROM (SELECT nextval(pg_get_serial_sequence('tickets', 'id')) AS id) AS n
+         RETURNING id, CAST(number AS TEXT)",
+        args![
+            new.subject.as_str(),
+            state.as_str(),
+            &new.owner,
+            now,
+            prefix,
+            digits
+        ],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
 }
 
 /// The VALUES rows of a multi-row INSERT whose statement binds two shared
