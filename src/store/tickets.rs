@@ -413,7 +413,7 @@ fn insert_numbered(
                 ?5 || repeat('0', GREATEST(?6 - length(CAST(n.id AS TEXT)), 0))
                    || CAST(n.id AS TEXT),
                 ?1, ?2, ?3, ?4, ?4
-         FROM (SELECT nextval(pg_get_serial_sequence('tickets', 'id')) AS id) AS n
+         FROM (SELECT nextval('tickets_id_seq') AS id) AS n
          RETURNING id, CAST(number AS TEXT)",
         args![
             new.subject.as_str(),
