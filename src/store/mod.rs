@@ -367,6 +367,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("postgres/008_sends_copies_by_sender_address.sql"),
     include_str!("postgres/009_attachment_content_last.sql"),
     include_str!("postgres/010_no_foreign_keys.sql"),
+    include_str!("postgres/011_outbox_room_for_the_lease.sql"),
 ];
 
 /// Bring a PostgreSQL schema up to date, in one transaction under an
