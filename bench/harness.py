@@ -506,6 +506,8 @@ class PgCluster:
     One database per run (`create`)."""
 
     USER = "crmgate"
+    # More `-c name=value` for the server (bench/pg-stats loads its statistics).
+    SETTINGS: tuple[str, ...] = ()
 
     def __init__(self, root: Path):
         self.bin = self.bin_dir()
@@ -554,7 +556,8 @@ class PgCluster:
         # Two instances of crmgate and the commands: a few dozen clients.
         self.proc = subprocess.Popen(
             [str(self.bin / "postgres"), "-D", str(self.data), "-k", str(self.root),
-             "-c", "listen_addresses=", "-c", "max_connections=200"],
+             "-c", "listen_addresses=", "-c", "max_connections=200",
+             *[arg for setting in self.SETTINGS for arg in ("-c", setting)]],
             stdout=logfile, stderr=logfile, cwd=self.root, **self._as_owner())
         logfile.close()
         try:
