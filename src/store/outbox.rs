@@ -821,7 +821,10 @@ pub fn write_marks(
                 |r| r.get(0),
             )?;
             for id in sent.iter().filter(|id| !marked.contains(id)) {
-                tracing::warn!(outbox_id = id, "outcome not recorded: no queued outbox row {id}");
+                tracing::warn!(
+                    outbox_id = id,
+                    "outcome not recorded: no queued outbox row {id}"
+                );
             }
             settled.retain(|(_, d)| !matches!(d, Disposition::Sent));
         }
