@@ -152,6 +152,7 @@ fn write_from_queue(
     state: &WriterState,
     prunes: bool,
 ) {
+    conn.wait_for_locks_at_most(LOCK_WAIT_MS);
     let mut pruned_at = std::time::Instant::now();
     // The messages of the last batch: their sessions, once answered, are
     // likely to send their next one soon.
@@ -488,6 +489,13 @@ fn write_batch(conn: &mut Db, rt: &Runtime, batch: &[Job]) -> Vec<Done> {
 /// Above this many bytes of raw mail, a batch is written with a small page
 /// cache ([`store::writer_cache`]).
 const LARGE_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// How long a writer's transaction on PostgreSQL waits for a lock another
+/// batch holds (a ticket both update, a message both log) before it is
+/// written again as after a deadlock: a batch commits in a few
+/// milliseconds, and two that wait for each other were otherwise found
+/// only by the server's deadlock check, after a second.
+const LOCK_WAIT_MS: u16 = 200;
 
 /// How many times a job that met a deadlock or serialization failure on
 /// PostgreSQL is written again, each in a new transaction, before it is

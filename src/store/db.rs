@@ -271,9 +271,13 @@ pub struct Pg {
     statements: RefCell<HashMap<String, postgres::Statement>>,
     /// Round trips to the server so far ([`Db::round_trips`]).
     round_trips: Cell<u64>,
-    /// To connect again when the server closed the connection.
-    config: Box<postgres::Config>,
-    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    /// How long each transaction waits for a lock at most, in ms
+    /// ([`Db::wait_for_locks_at_most`]); 0 for the server's default (as
+    /// `lock_timeout = 0`: no bound).
+    lock_wait_ms: Cell<u16>,
+    /// To connect again when the server closed the connection: its
+    /// configuration and TLS connector, boxed (a `Db` is moved around).
+    again: Box<(postgres::Config, tokio_postgres_rustls::MakeRustlsConnect)>,
 }
 
 /// The sync client holds a runtime of its own, which may not be dropped
@@ -389,8 +393,8 @@ impl Pg {
             client: RefCell::new(Some(client)),
             statements: RefCell::new(HashMap::new()),
             round_trips: Cell::new(0),
-            config: Box::new(config.clone()),
-            tls,
+            lock_wait_ms: Cell::new(0),
+            again: Box::new((config.clone(), tls)),
         })
     }
 
@@ -403,8 +407,13 @@ impl Pg {
         if self.client().is_closed() {
             self.reconnect()?;
         }
-        self.trip("BEGIN");
-        let begun = self.client().batch_execute("BEGIN");
+        // The bound, if any, in the same round trip.
+        let begin = match self.lock_wait_ms.get() {
+            0 => "BEGIN".to_string(),
+            ms => format!("BEGIN; SET LOCAL lock_timeout = {ms}"),
+        };
+        self.trip(&begin);
+        let begun = self.client().batch_execute(&begin);
         match begun {
             // Not the server's answer, or its last (`FATAL: terminating
             // connection due to administrator command`, which a server
@@ -413,7 +422,7 @@ impl Pg {
             // only now.
             Err(e) if e.as_db_error().is_none_or(|db| db.severity() == "FATAL") => {
                 self.reconnect()?;
-                Ok(self.client().batch_execute("BEGIN")?)
+                Ok(self.client().batch_execute(&begin)?)
             }
             done => Ok(done?),
         }
@@ -421,7 +430,8 @@ impl Pg {
 
     fn reconnect(&self) -> Result<()> {
         tracing::warn!("the PostgreSQL connection was closed: connecting again");
-        let fresh = self.config.connect(self.tls.clone()).map_err(explain_tls)?;
+        let (config, tls) = &*self.again;
+        let fresh = config.connect(tls.clone()).map_err(explain_tls)?;
         let old = self.client.replace(Some(fresh));
         let statements = std::mem::take(&mut *self.statements.borrow_mut());
         drop((statements, old));
@@ -571,6 +581,20 @@ impl Db {
         match self {
             Db::Sqlite(_) => 0,
             Db::Postgres(pg) => pg.round_trips.get(),
+        }
+    }
+
+    /// PostgreSQL: every transaction begun from now on, on this connection
+    /// and the ones it opens again, waits for a row or advisory lock at
+    /// most `ms` (`lock_timeout`), then fails with `55P03`, which
+    /// [`super::StoreError::is_transient_conflict`] counts as a conflict to
+    /// write again. Two instances' batches that lock two tickets in
+    /// opposite orders otherwise wait for the server's deadlock check
+    /// (`deadlock_timeout`, 1 s by default, which only a superuser may
+    /// change). Nothing on SQLite.
+    pub fn wait_for_locks_at_most(&self, ms: u16) {
+        if let Db::Postgres(pg) = self {
+            pg.lock_wait_ms.set(ms);
         }
     }
 

@@ -69,15 +69,18 @@ pub enum StoreError {
 
 impl StoreError {
     /// PostgreSQL undid the statement for another transaction's sake: a
-    /// deadlock between two instances' batches (40P01) or a serialization
-    /// failure (40001). Nothing is wrong with the work itself: done again
-    /// in a new transaction, once the other has committed, it succeeds.
+    /// deadlock between two instances' batches (40P01), a serialization
+    /// failure (40001), or a lock waited for longer than the connection's
+    /// bound (55P03, [`Db::wait_for_locks_at_most`]). Nothing is wrong with
+    /// the work itself: done again in a new transaction, once the other has
+    /// committed, it succeeds.
     pub fn is_transient_conflict(&self) -> bool {
         use postgres::error::SqlState;
         match self {
             StoreError::Postgres(e) => e.code().is_some_and(|code| {
                 *code == SqlState::T_R_DEADLOCK_DETECTED
                     || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *code == SqlState::LOCK_NOT_AVAILABLE
             }),
             _ => false,
         }
