@@ -727,6 +727,16 @@ mod tests {
         }
     }
 
+    /// How many entries hold the Message-ID of the test message `id`.
+    fn logged(conn: &Db, id: &str) -> i64 {
+        conn.query_row(
+            "SELECT count(*) FROM entries WHERE message_id LIKE ?1",
+            store::args![format!("%{id}@u.example%").as_str()],
+            |r| r.get::<i64>(0),
+        )
+        .unwrap()
+    }
+
     fn verdicts(done: &[Done]) -> Vec<Verdict> {
         done.iter()
             .map(|d| match d {
@@ -823,14 +833,7 @@ mod tests {
         assert_eq!(other_first.verdict, Verdict::Stored);
         assert_eq!(other_second.verdict, Verdict::Stored);
         for id in ["a-first", "a-second", "b-first", "b-second"] {
-            let logged = watch
-                .query_row(
-                    "SELECT count(*) FROM entries WHERE message_id LIKE ?1",
-                    store::args![format!("%{id}@u.example%").as_str()],
-                    |r| r.get::<i64>(0),
-                )
-                .unwrap();
-            assert_eq!(logged, 1, "{id} logged once");
+            assert_eq!(logged(&watch, id), 1, "{id} logged once");
         }
     }
 
@@ -868,14 +871,7 @@ mod tests {
             [Verdict::Stored, Verdict::TempFailure, Verdict::Stored]
         );
         for (id, times) in [("before", 1), ("broken", 0), ("after", 1)] {
-            let logged = conn
-                .query_row(
-                    "SELECT count(*) FROM entries WHERE message_id LIKE ?1",
-                    store::args![format!("%{id}@u.example%").as_str()],
-                    |r| r.get::<i64>(0),
-                )
-                .unwrap();
-            assert_eq!(logged, times, "{id}");
+            assert_eq!(logged(&conn, id), times, "{id}");
         }
     }
 

@@ -888,6 +888,21 @@ mod tests {
     use super::*;
     use crate::store::testing::TestLog as Log;
 
+    /// A receipt queued as its plan (`{}`), no bytes, at time 100.
+    fn queue_plan(conn: &Db) -> i64 {
+        crate::store::tickets::insert_outbox_plan(
+            conn,
+            None,
+            None,
+            crate::helpdesk::OutboxKind::Send(crate::helpdesk::SendKind::Receipt),
+            &["r@x".into()],
+            "<new@x>",
+            "{}",
+            100,
+        )
+        .unwrap()
+    }
+
     /// A way to queue rows the way the writer does.
     impl Log {
         fn queue(&self, recipients: &[&str], next_at: i64) -> i64 {
@@ -1289,17 +1304,7 @@ mod tests {
         assert_eq!((rows[0].id, &rows[0].message), (id, &message));
         assert_eq!(rows[0].plan, None);
         // Beside it, a row queued now is its plan, and no bytes.
-        let planned = crate::store::tickets::insert_outbox_plan(
-            &conn,
-            None,
-            None,
-            crate::helpdesk::OutboxKind::Send(crate::helpdesk::SendKind::Receipt),
-            &["r@x".into()],
-            "<new@x>",
-            "{}",
-            100,
-        )
-        .unwrap();
+        let planned = queue_plan(&conn);
         let row = get(&conn, planned).unwrap();
         assert_eq!((row.message.len(), row.plan.as_deref()), (0, Some("{}")));
     }
@@ -1349,17 +1354,7 @@ mod tests {
             (1, 1)
         );
         // A row queued now keeps its plan in its own row.
-        let planned = crate::store::tickets::insert_outbox_plan(
-            &conn,
-            None,
-            None,
-            crate::helpdesk::OutboxKind::Send(crate::helpdesk::SendKind::Receipt),
-            &["r@x".into()],
-            "<new@x>",
-            "{}",
-            100,
-        )
-        .unwrap();
+        let planned = queue_plan(&conn);
         let in_messages: i64 = conn
             .query_row(
                 "SELECT COUNT(*) FROM outbox_messages WHERE outbox_id = ?1",
