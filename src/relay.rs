@@ -629,12 +629,12 @@ impl Worker {
             let fetched = match ahead.take() {
                 Some(next) => match next.await {
                     Ok(Ok((batch, unsendable))) if batch.is_empty() && unsendable.is_empty() => {
-                        self.fetch(now, 0).await
+                        fetch(&self.db, now, 0).await
                     }
                     Ok(fetched) => fetched,
                     Err(e) => Err(e.into()),
                 },
-                None => self.fetch(now, 0).await,
+                None => fetch(&self.db, now, 0).await,
             };
             let batch = match fetched {
                 Ok((batch, unsendable)) => {
@@ -667,11 +667,6 @@ impl Worker {
             }
             self.send_batch(batch, shutdown).await;
         }
-    }
-
-    /// The rows due after id `after`, composed.
-    async fn fetch(&self, now: i64, after: i64) -> Result<Composed, RelayError> {
-        fetch(&self.db, now, after).await
     }
 
     /// Rows whose copy cannot be composed fail now, told on their ticket

@@ -302,10 +302,11 @@ pub fn sync_agents(conn: &Db, agents: &[crate::config::Agent], now: i64) -> Resu
 /// Create a ticket; its number is the prefix and the row id, zero-padded.
 ///
 /// The engine picks the id (SQLite the next rowid, PostgreSQL its
-/// sequence), so instances creating tickets at once never pick the same;
-/// the row is inserted under a placeholder number no other transaction
-/// uses, then numbered from its id: two statements, as the `MAX(id) + 1`
-/// and the insert were.
+/// sequence), so instances creating tickets at once never pick the same:
+/// on SQLite the row is inserted under a placeholder number, then
+/// numbered from its id ([`insert_then_number`]); on PostgreSQL it is
+/// inserted numbered, its id taken from the sequence in the same
+/// statement ([`insert_numbered`]).
 pub fn create(
     conn: &Db,
     new: &NewTicket,
@@ -332,27 +333,7 @@ pub fn create_and_view(
     let (id, number) = if conn.is_postgres() {
         insert_numbered(conn, new, state, prefix, digits, now)?
     } else {
-        // After every number of the prefix (`~` sorts after the digits and
-        // the letters): on the index's last page, where the number goes.
-        let placeholder = format!("{prefix}~{:032x}", rand::random::<u128>());
-        let id: i64 = conn.query_row(
-            "INSERT INTO tickets (number, subject, state, owner, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?5) RETURNING id",
-            args![
-                &placeholder,
-                new.subject.as_str(),
-                state.as_str(),
-                &new.owner,
-                now
-            ],
-            |r| r.get(0),
-        )?;
-        let number = format!("{prefix}{id:0digits$}");
-        conn.exec(
-            "UPDATE tickets SET number = ?2 WHERE id = ?1",
-            args![id, &number],
-        )?;
-        (id, number)
+        insert_then_number(conn, new, state, prefix, digits, now)?
     };
     let mut lists: Vec<(Role, Mailbox)> = Vec::new();
     let people = (new.requesters.iter().map(|m| (Role::Requester, m.clone())))
@@ -390,6 +371,39 @@ pub fn create_and_view(
         work_notes_list: on(Role::Notes).map(|m| m.address.clone()).collect(),
         thread: Vec::new(),
     })
+}
+
+/// SQLite: the row inserted under a placeholder number no other
+/// transaction uses, then numbered from the rowid it got.
+fn insert_then_number(
+    conn: &Db,
+    new: &NewTicket,
+    state: TicketState,
+    prefix: &str,
+    digits: usize,
+    now: i64,
+) -> Result<(i64, String)> {
+    // After every number of the prefix (`~` sorts after the digits and
+    // the letters): on the index's last page, where the number goes.
+    let placeholder = format!("{prefix}~{:032x}", rand::random::<u128>());
+    let id: i64 = conn.query_row(
+        "INSERT INTO tickets (number, subject, state, owner, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5) RETURNING id",
+        args![
+            &placeholder,
+            new.subject.as_str(),
+            state.as_str(),
+            &new.owner,
+            now
+        ],
+        |r| r.get(0),
+    )?;
+    let number = format!("{prefix}{id:0digits$}");
+    conn.exec(
+        "UPDATE tickets SET number = ?2 WHERE id = ?1",
+        args![id, &number],
+    )?;
+    Ok((id, number))
 }
 
 /// PostgreSQL: the ticket's row inserted with its number, the id taken
